@@ -1,0 +1,203 @@
+"""Compression: a fine-tune and its base in, a :class:`Delta` out, one module at a time.
+
+Checkpoints on disk are streamed tensor by tensor from their safetensors files, so peak host
+memory is a few modules (plus the packed delta, 1/16 of the model), never two full models.
+Every linear-like matrix (``nn.Linear``, GPT-2 ``Conv1D``) and the vocabulary matrices
+(embeddings, output head) become sign planes with scales; every other parameter that differs
+from the base (norms, biases, excluded modules) is kept dense with the fine-tune's value.
+
+    delta = compress("base_dir", "finetune_dir", scale="row", bits=1, exclude=["lm_head"])
+    delta.save_pretrained("ft.bitdelta")
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .binarize import SCALE_MODES, binarize
+from .delta import Delta, PackedModule
+from .errors import BitDeltaError, ShapeMismatchError
+from .fingerprint import Fingerprint, sample_weight
+from .pack import packed_width
+from .sources import WeightSource
+from .targets import CONV1D, plan_targets
+
+ModelLike = "str | os.PathLike | nn.Module"
+
+
+def _as_list(patterns) -> list[str] | None:
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        return [p for p in patterns.split(",") if p]
+    return list(patterns)
+
+
+def _parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+    name = aliases.get(name, name)
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise BitDeltaError(f"unknown dtype {dtype!r}; use float16, bfloat16 or float32")
+    return value
+
+
+def compress(
+    base: ModelLike,
+    finetuned: ModelLike,
+    scale: str = "scalar",
+    bits: int = 1,
+    target: list[str] | str | None = None,
+    exclude: list[str] | str | None = None,
+    dense_embeddings: bool = False,
+    dtype: str | torch.dtype | None = None,
+    base_revision: str | None = None,
+    finetuned_revision: str | None = None,
+    progress: bool = True,
+) -> Delta:
+    """Compresses ``finetuned`` against ``base`` into a 1-bit (or ``bits``-bit) delta.
+
+    Args:
+        base, finetuned: local model directories, hub ids, or loaded ``nn.Module`` models.
+        scale: ``scalar`` (one per matrix, the paper), ``row`` or ``col``; vocabulary matrices
+            always use per-row scales. ``auto`` needs calibration data: see ``distill_scales``.
+        bits: residual sign planes per matrix.
+        target, exclude: module-name patterns (globs or regexes) selecting what is compressed;
+            by default every linear-like matrix and embedding.
+        dense_embeddings: keep embeddings/output head dense, as the reference implementation did.
+        dtype: dtype of the dense extras (default: the fine-tune's own).
+        progress: show a progress bar.
+    """
+    if scale == "auto":
+        raise BitDeltaError(
+            "scale='auto' picks row or col per module by the loss on held-out calibration data, "
+            "so it needs distillation: use `bitdelta compress --scale auto --distill-steps N "
+            "--calibration FILE` (or bitdelta.distill_scales)."
+        )
+    if scale not in SCALE_MODES:
+        raise BitDeltaError(f"--scale must be one of {SCALE_MODES + ('auto',)}, got {scale!r}")
+    if not isinstance(bits, int) or bits < 1 or bits > 8:
+        raise BitDeltaError(f"bits must be an integer from 1 to 8, got {bits!r}")
+    dense_dtype = _parse_dtype(dtype)
+
+    base_src = WeightSource.load(base, base_revision)
+    ft_src = WeightSource.load(finetuned, finetuned_revision)
+    _check_compatible(base_src, ft_src)
+    plan = plan_targets(ft_src.module_tree, _as_list(target), _as_list(exclude), dense_embeddings)
+    base_ties = plan_targets(base_src.module_tree).ties
+    if set(plan.ties) != set(base_ties):
+        raise BitDeltaError(
+            f"base and fine-tune tie different weights (base: {sorted(base_ties) or 'none'}, "
+            f"fine-tune: {sorted(plan.ties) or 'none'}); compress a fine-tune with the base's "
+            "tie_word_embeddings setting."
+        )
+
+    modules: dict[str, PackedModule] = {}
+    samples: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
+    bar = tqdm(plan.targets, desc="compressing", unit="module", disable=not progress)
+    for t in bar:
+        w_ft = _canonical(ft_src.get(t.param), t.kind)
+        w_base = _canonical(base_src.get(t.param), t.kind)
+        base_rows = _check_shapes(t, w_base, w_ft)
+        mode = "row" if t.vocab else scale
+        sign, scl = binarize(w_ft[:base_rows].float() - w_base.float(), mode, bits)
+        extra = None
+        if w_ft.shape[0] > base_rows:
+            extra = w_ft[base_rows:].to(dense_dtype or w_ft.dtype).clone()
+        modules[t.name] = PackedModule(t.kind, mode, sign, scl, w_ft.shape[1], t.vocab, extra)
+        samples[t.name] = (tuple(w_base.shape), sample_weight(w_base).float())
+        del w_ft, w_base
+    dense = _dense_extras(plan.other_params, base_src, ft_src, dense_dtype, progress)
+    ft_params = _count_parameters(ft_src, plan)
+
+    info = {
+        "bitdelta_version": __version__,
+        "base_model_name_or_path": base_src.name,
+        "base_model_revision": base_src.revision,
+        "finetuned_model_name_or_path": ft_src.name,
+        "finetuned_model_revision": ft_src.revision,
+        "finetuned_num_parameters": ft_params,
+        "model_type": getattr(ft_src.config, "model_type", None),
+        "architectures": getattr(ft_src.config, "architectures", None),
+        "vocab_size": _vocab_size(ft_src.config),
+        "tied_parameters": dict(plan.ties),
+        "compression": {
+            "scale": scale,
+            "bits": bits,
+            "target": _as_list(target),
+            "exclude": _as_list(exclude),
+            "dense_embeddings": dense_embeddings,
+            "dense_dtype": str(dense_dtype).replace("torch.", "") if dense_dtype else None,
+        },
+        "distillation": None,
+    }
+    return Delta(modules, dense, Fingerprint.from_samples(samples), info, ft_src.tokenizer_files())
+
+
+def _canonical(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """Conv1D stores in × out; everything else is already out × in."""
+    return weight.t() if kind == CONV1D else weight
+
+
+def _check_shapes(t, w_base: torch.Tensor, w_ft: torch.Tensor) -> int:
+    if w_base.dim() != 2 or w_ft.dim() != 2:
+        raise ShapeMismatchError(f"{t.param}: expected 2-D weights, got {tuple(w_base.shape)} and {tuple(w_ft.shape)}")
+    same_in = w_base.shape[1] == w_ft.shape[1]
+    if t.vocab and same_in and w_ft.shape[0] >= w_base.shape[0]:
+        return int(w_base.shape[0])  # extra fine-tune rows (added tokens) are stored dense
+    if tuple(w_base.shape) != tuple(w_ft.shape):
+        raise ShapeMismatchError(
+            f"{t.param}: base is {tuple(w_base.shape)} but fine-tune is {tuple(w_ft.shape)}; "
+            "the fine-tune must come from this base (only vocabulary matrices may grow)."
+        )
+    return int(w_base.shape[0])
+
+
+def _check_compatible(base_src: WeightSource, ft_src: WeightSource) -> None:
+    b = getattr(base_src.config, "model_type", None)
+    f = getattr(ft_src.config, "model_type", None)
+    if b != f:
+        raise BitDeltaError(
+            f"base {base_src.name!r} is a {b!r} model but fine-tune {ft_src.name!r} is {f!r}; "
+            "a delta needs a fine-tune of the same base architecture."
+        )
+
+
+def _dense_extras(names, base_src, ft_src, dtype, progress) -> dict[str, torch.Tensor]:
+    dense = {}
+    for name in tqdm(names, desc="dense extras", unit="tensor", disable=not progress or len(names) < 200):
+        if not ft_src.has(name):
+            continue  # non-persistent or derived parameter absent from the checkpoint
+        value = ft_src.get(name)
+        if base_src.has(name):
+            ref = base_src.get(name)
+            if ref.shape == value.shape and ref.dtype == value.dtype and torch.equal(ref, value):
+                continue  # unchanged by fine-tuning: the base already has it
+        dense[name] = value.to(dtype or value.dtype).clone()
+    return dense
+
+
+def _count_parameters(src: WeightSource, plan) -> int:
+    total = 0
+    for name in [t.param for t in plan.targets] + plan.other_params:
+        if src.has(name):
+            n = 1
+            for s in src.shape(name):
+                n *= s
+            total += n
+    return total
+
+
+def _vocab_size(config) -> int | None:
+    v = getattr(config, "vocab_size", None)
+    if v is None and hasattr(config, "get_text_config"):
+        v = getattr(config.get_text_config(), "vocab_size", None)
+    return v

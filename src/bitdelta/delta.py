@@ -1,0 +1,162 @@
+"""The in-memory delta: packed 1-bit modules, dense extras, base fingerprint, and metadata.
+
+A :class:`Delta` is what :func:`bitdelta.compress` returns and what ``apply``/``merge`` consume.
+It knows nothing about any particular model class; it is keyed by the base model's own module
+and parameter names. Saving and loading live in ``artifact.py``.
+
+    delta = bitdelta.compress(base, finetuned)
+    delta.modules["model.layers.0.self_attn.q_proj"].dense()   # float32 Δ̂, out × in
+    delta.nbytes()                                             # bytes of tensors it stores
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .binarize import check_mode, reconstruct
+from .fingerprint import Fingerprint
+from .pack import packed_width
+from .targets import CONV1D, EMBEDDING, LINEAR
+
+
+@dataclass
+class PackedModule:
+    """One compressed matrix, in canonical out × in orientation.
+
+    ``sign`` is uint8 ``[bits, out, ceil(in/8)]``; ``scale`` float32 ``[bits]`` (scalar),
+    ``[bits, out]`` (row) or ``[bits, in]`` (col). ``out`` counts the base's rows; for
+    vocabulary matrices ``extra_rows`` holds, dense, the fine-tune's rows beyond them.
+    """
+
+    kind: str
+    mode: str
+    sign: torch.Tensor
+    scale: torch.Tensor
+    in_features: int
+    vocab: bool = False
+    extra_rows: torch.Tensor | None = None
+
+    def __post_init__(self):
+        check_mode(self.mode)
+        if self.kind not in (LINEAR, CONV1D, EMBEDDING):
+            raise ValueError(f"unknown module kind {self.kind!r}")
+
+    @property
+    def bits(self) -> int:
+        return int(self.sign.shape[0])
+
+    @property
+    def out_features(self) -> int:
+        """Rows of the base matrix this delta applies to."""
+        return int(self.sign.shape[1])
+
+    @property
+    def total_rows(self) -> int:
+        extra = 0 if self.extra_rows is None else int(self.extra_rows.shape[0])
+        return self.out_features + extra
+
+    def validate(self, name: str) -> None:
+        """Checks internal shape consistency (used after loading untrusted files)."""
+        from .errors import FormatError
+
+        bits, out = self.sign.shape[0], self.sign.shape[1]
+        want_scale = {"scalar": (bits,), "row": (bits, out), "col": (bits, self.in_features)}[self.mode]
+        problems = []
+        if self.sign.dtype != torch.uint8 or self.sign.dim() != 3:
+            problems.append(f"sign must be uint8 [bits, out, in/8], got {self.sign.dtype} {tuple(self.sign.shape)}")
+        elif self.sign.shape[2] != packed_width(self.in_features):
+            problems.append(f"sign has {self.sign.shape[2]} bytes per row, {self.in_features} columns need {packed_width(self.in_features)}")
+        if tuple(self.scale.shape) != want_scale:
+            problems.append(f"{self.mode} scale must have shape {want_scale}, got {tuple(self.scale.shape)}")
+        if self.extra_rows is not None and (self.extra_rows.dim() != 2 or self.extra_rows.shape[1] != self.in_features):
+            problems.append(f"extra_rows must be [n, {self.in_features}], got {tuple(self.extra_rows.shape)}")
+        if not torch.isfinite(self.scale).all():
+            problems.append("scale holds NaN or inf")
+        if problems:
+            raise FormatError(f"module {name}: " + "; ".join(problems))
+
+    def dense(self) -> torch.Tensor:
+        """Float32 Δ̂ for the base's rows, out × in."""
+        return reconstruct(self.sign, self.scale, self.in_features, self.mode)
+
+    def nbytes(self) -> int:
+        n = self.sign.numel() + self.scale.numel() * self.scale.element_size()
+        if self.extra_rows is not None:
+            n += self.extra_rows.numel() * self.extra_rows.element_size()
+        return n
+
+
+@dataclass
+class Delta:
+    """A fine-tune expressed as 1-bit modules plus dense extras against one base model.
+
+    Attributes:
+        modules: module FQN -> :class:`PackedModule`.
+        dense: parameter FQN -> the fine-tune's full value (norms, biases, modules kept dense).
+        fingerprint: samples of the base weights, checked before applying.
+        info: metadata recorded in ``delta_config.json`` (model ids, options, distillation...).
+        files: tokenizer and generation-config files of the fine-tune, by file name.
+    """
+
+    modules: dict[str, PackedModule]
+    dense: dict[str, torch.Tensor]
+    fingerprint: Fingerprint
+    info: dict = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def base_model_name_or_path(self) -> str:
+        return self.info.get("base_model_name_or_path", "?")
+
+    @property
+    def finetuned_model_name_or_path(self) -> str:
+        return self.info.get("finetuned_model_name_or_path", "?")
+
+    @property
+    def ties(self) -> dict[str, str]:
+        """Fine-tune parameter aliases (e.g. ``lm_head.weight`` -> ``model.embed_tokens.weight``)."""
+        return self.info.get("tied_parameters", {})
+
+    def nbytes(self) -> int:
+        """Bytes of all tensors the delta stores (what dominates the artifact on disk)."""
+        packed = sum(m.nbytes() for m in self.modules.values())
+        dense = sum(t.numel() * t.element_size() for t in self.dense.values())
+        return packed + dense + self.fingerprint.samples.numel() * 4
+
+    def to(self, device: str | torch.device) -> "Delta":
+        """Moves every tensor to ``device`` (in place) and returns self."""
+        for m in self.modules.values():
+            m.sign, m.scale = m.sign.to(device), m.scale.to(device)
+            if m.extra_rows is not None:
+                m.extra_rows = m.extra_rows.to(device)
+        self.dense = {k: v.to(device) for k, v in self.dense.items()}
+        return self
+
+    def save_pretrained(self, save_directory, max_shard_size: int | str = "5GB", overwrite: bool = True) -> None:
+        """Writes the artifact directory atomically (see ``artifact.py``)."""
+        from .artifact import save_delta
+
+        save_delta(self, save_directory, max_shard_size=max_shard_size, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, path, device: str | torch.device = "cpu", revision: str | None = None) -> "Delta":
+        """Loads an artifact directory (or hub id), validating every file."""
+        from .artifact import load_delta
+
+        return load_delta(path, device=device, revision=revision)
+
+    def summary(self) -> dict:
+        """Counts by kind/mode/bits, for ``inspect`` and model cards."""
+        by = {}
+        for m in self.modules.values():
+            key = f"{m.kind}/{m.mode}/{m.bits}bit"
+            by[key] = by.get(key, 0) + 1
+        return by
+
+    def __repr__(self) -> str:
+        return (
+            f"Delta(base={self.base_model_name_or_path!r}, finetuned={self.finetuned_model_name_or_path!r}, "
+            f"modules={len(self.modules)}, dense={len(self.dense)}, bytes={self.nbytes():,})"
+        )

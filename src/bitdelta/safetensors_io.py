@@ -1,0 +1,231 @@
+"""Streaming safetensors reading and atomic, optionally sharded writing.
+
+Reading uses plain positioned file reads rather than a memory map, so a tensor that has been
+read and dropped leaves nothing resident: compression of two large checkpoints keeps only the
+tensors in flight. Every read validates the header against the file size, so a truncated or
+corrupt file is reported by name instead of failing deep inside torch.
+
+    ckpt = SafetensorsCheckpoint.open("models/llama")        # a dir (single file or sharded index)
+    w = ckpt.get("model.layers.0.mlp.up_proj.weight")        # one tensor, read on demand
+    write_sharded(tensors, out_dir, "delta", max_shard_bytes=5_000_000_000, metadata={...})
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import FormatError
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        _DTYPES[_name] = getattr(torch, _attr)
+
+_MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: file, dtype, shape and absolute byte range."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Parses and validates one safetensors file's header. Returns (entries, metadata)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise FormatError(f"{path} is truncated (shorter than a safetensors header)")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
+                raise FormatError(
+                    f"{path} is truncated or not a safetensors file (header claims {header_len} "
+                    f"bytes, file has {size})"
+                )
+            header = json.loads(f.read(header_len))
+    except FileNotFoundError:
+        raise FormatError(f"{path} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path} has a corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path} has a corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, stop = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{path}: corrupt header entry for tensor {name!r}") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        if stop - begin != numel * dtype.itemsize or begin < 0:
+            raise FormatError(f"{path}: tensor {name!r} has inconsistent size in the header")
+        if data_start + stop > size:
+            raise FormatError(
+                f"{path} is truncated: tensor {name!r} ends at byte {data_start + stop} but the "
+                f"file has {size} bytes; re-create or re-download it"
+            )
+        entries[name] = TensorEntry(path, dtype, shape, data_start + begin, data_start + stop)
+    return entries, metadata
+
+
+def read_tensor(entry: TensorEntry) -> torch.Tensor:
+    """Reads one tensor from disk into a fresh CPU tensor."""
+    nbytes = entry.end - entry.start
+    buf = bytearray(nbytes)
+    with open(entry.file, "rb") as f:
+        f.seek(entry.start)
+        got = f.readinto(buf)
+    if got != nbytes:
+        raise FormatError(f"{entry.file} is truncated (short read); re-create or re-download it")
+    if nbytes == 0:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    flat = torch.frombuffer(buf, dtype=torch.uint8)
+    return flat.view(entry.dtype).reshape(entry.shape)
+
+
+class SafetensorsCheckpoint:
+    """Lazy view of a checkpoint made of one safetensors file or shards with an index."""
+
+    def __init__(self, entries: dict[str, TensorEntry], metadata: dict[str, str], files: list[Path]):
+        self.entries = entries
+        self.metadata = metadata
+        self.files = files
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, stem: str | None = None) -> "SafetensorsCheckpoint":
+        """Opens ``path`` (a directory or a ``.safetensors`` file). In a directory, looks for
+        ``{stem}.safetensors`` or ``{stem}.safetensors.index.json``; with no stem, for
+        ``model.safetensors`` (HF convention) or any single ``*.safetensors`` file."""
+        path = Path(path)
+        if path.is_file():
+            entries, meta = read_header(path)
+            return cls(entries, meta, [path])
+        if not path.is_dir():
+            raise FormatError(f"{path} is neither a directory nor a safetensors file")
+        stems = [stem] if stem else ["model"]
+        for s in stems:
+            index = path / f"{s}.safetensors.index.json"
+            if index.is_file():
+                return cls._open_index(index)
+            single = path / f"{s}.safetensors"
+            if single.is_file():
+                entries, meta = read_header(single)
+                return cls(entries, meta, [single])
+        if stem is None:
+            indexes = sorted(path.glob("*.safetensors.index.json"))
+            if len(indexes) == 1:
+                return cls._open_index(indexes[0])
+            singles = sorted(path.glob("*.safetensors"))
+            if len(singles) == 1:
+                entries, meta = read_header(singles[0])
+                return cls(entries, meta, singles)
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+            raise FormatError(
+                f"{path} holds only pickled weights (*.bin/*.pt); bitdelta reads safetensors "
+                "only. Convert it once with `model.save_pretrained(dir, safe_serialization=True)`."
+            )
+        want = f"{stem}.safetensors" if stem else "model.safetensors"
+        raise FormatError(f"no safetensors weights found in {path} (looked for {want} or an index)")
+
+    @classmethod
+    def _open_index(cls, index: Path) -> "SafetensorsCheckpoint":
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise FormatError(f"{index} is not a valid safetensors index ({e})") from None
+        entries: dict[str, TensorEntry] = {}
+        metadata: dict[str, str] = {}
+        files = sorted({index.parent / f for f in weight_map.values()})
+        for file in files:
+            if not file.is_file():
+                raise FormatError(f"{index} lists shard {file.name}, which is missing")
+            file_entries, meta = read_header(file)
+            entries.update(file_entries)
+            metadata.update(meta)
+        missing = [k for k in weight_map if k not in entries]
+        if missing:
+            raise FormatError(f"{index} lists tensors missing from its shards, e.g. {missing[0]!r}")
+        return cls(entries, metadata, files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def keys(self):
+        return self.entries.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name].shape
+
+    def get(self, name: str) -> torch.Tensor:
+        return read_tensor(self.entries[name])
+
+    def total_bytes(self) -> int:
+        return sum(e.end - e.start for e in self.entries.values())
+
+
+def write_sharded(
+    tensors: dict[str, torch.Tensor],
+    out_dir: Path,
+    stem: str,
+    max_shard_bytes: int,
+    metadata: dict[str, str],
+) -> list[str]:
+    """Writes ``tensors`` as ``{stem}.safetensors``, or as numbered shards plus
+    ``{stem}.safetensors.index.json`` when they exceed ``max_shard_bytes``. Keys are written in
+    sorted order so the output is deterministic. Returns the file names written."""
+    names = sorted(tensors)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    out_dir = Path(out_dir)
+    if len(shards) == 1:
+        file = f"{stem}.safetensors"
+        save_file({n: tensors[n].contiguous() for n in names}, str(out_dir / file), metadata)
+        return [file]
+    written, weight_map = [], {}
+    for i, shard in enumerate(shards, 1):
+        file = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensors[n].contiguous() for n in shard}, str(out_dir / file), metadata)
+        written.append(file)
+        weight_map.update({n: file for n in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+    (out_dir / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    return written + [f"{stem}.safetensors.index.json"]

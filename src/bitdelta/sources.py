@@ -1,0 +1,147 @@
+"""Where model weights come from: a local directory, a Hugging Face hub id, or a live nn.Module.
+
+A :class:`WeightSource` gives compression what it needs without ever holding a whole model:
+the model's config, a weightless (meta-device) module tree to discover linear layers in, and
+tensors read one at a time by their parameter names.
+
+    src = WeightSource.load("HuggingFaceTB/SmolLM2-135M")      # or a local dir, or a model
+    for name in src.parameter_names(): w = src.get(name)
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import FormatError
+from .safetensors_io import SafetensorsCheckpoint
+
+# Files that describe a fine-tune's tokenizer and generation defaults; copied into artifacts.
+TOKENIZER_FILE_PATTERNS = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "*.model",
+    "*.tiktoken",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", *TOKENIZER_FILE_PATTERNS]
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = None) -> tuple[Path, str | None]:
+    """Returns (local directory, resolved hub revision or None) for a path or a hub id."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path, None
+    name = str(name_or_path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FormatError(f"{name} is not a model directory (expected a folder with config.json)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(name, revision=revision, allow_patterns=_DOWNLOAD_PATTERNS))
+    except Exception as e:  # the hub client raises many types; all mean "could not get it"
+        raise FormatError(
+            f"{name} is not a local directory and could not be fetched from the Hugging Face hub "
+            f"({type(e).__name__}: {e}). Pass a local path, or check the id and your network."
+        ) from None
+    return local, local.name  # snapshot folders are named by commit sha
+
+
+def load_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    if not (model_dir / "config.json").is_file():
+        raise FormatError(f"{model_dir} has no config.json; is it a Hugging Face model directory?")
+    return AutoConfig.from_pretrained(model_dir)
+
+
+def meta_model(config) -> nn.Module:
+    """Builds the model's module tree on the meta device: no memory, no initialisation."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_config(config)
+
+
+class WeightSource:
+    """Named tensors of one model plus its module tree, read lazily where possible."""
+
+    def __init__(self, name: str, config, module_tree: nn.Module, model_dir: Path | None = None,
+                 revision: str | None = None, checkpoint: SafetensorsCheckpoint | None = None,
+                 live: nn.Module | None = None):
+        self.name = name
+        self.config = config
+        self.module_tree = module_tree
+        self.model_dir = model_dir
+        self.revision = revision
+        self._ckpt = checkpoint
+        self._live = dict(live.state_dict(keep_vars=False)) if live is not None else None
+        prefix = getattr(module_tree, "base_model_prefix", "") or ""
+        self._prefix = prefix + "." if prefix else ""
+
+    @classmethod
+    def load(cls, model: "str | os.PathLike | nn.Module", revision: str | None = None) -> "WeightSource":
+        if isinstance(model, nn.Module):
+            config = getattr(model, "config", None)
+            name = getattr(config, "_name_or_path", "") or type(model).__name__
+            return cls(name, config, model, live=model)
+        model_dir, resolved = resolve_model_dir(model, revision)
+        config = load_config(model_dir)
+        ckpt = SafetensorsCheckpoint.open(model_dir)
+        return cls(str(model), config, meta_model(config), model_dir, resolved or revision, ckpt)
+
+    def _key(self, name: str) -> str | None:
+        store = self._live if self._live is not None else self._ckpt.entries
+        candidates = [name]
+        if self._prefix and name.startswith(self._prefix):
+            candidates.append(name[len(self._prefix):])  # legacy checkpoints without the prefix
+        elif self._prefix:
+            candidates.append(self._prefix + name)
+        for c in candidates:
+            if c in store:
+                return c
+        return None
+
+    def has(self, name: str) -> bool:
+        return self._key(name) is not None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        key = self._require(name)
+        if self._live is not None:
+            return tuple(self._live[key].shape)
+        return self._ckpt.shape(key)
+
+    def get(self, name: str) -> torch.Tensor:
+        key = self._require(name)
+        if self._live is not None:
+            return self._live[key].detach().to("cpu")
+        return self._ckpt.get(key)
+
+    def _require(self, name: str) -> str:
+        key = self._key(name)
+        if key is None:
+            where = self.model_dir or self.name
+            raise FormatError(f"{where} has no tensor {name!r}; is it the same architecture?")
+        return key
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The fine-tune's tokenizer/generation files, by file name (empty for live models)."""
+        if self.model_dir is None:
+            return {}
+        found: dict[str, bytes] = {}
+        for pattern in TOKENIZER_FILE_PATTERNS:
+            for f in self.model_dir.glob(pattern):
+                if f.is_file():
+                    found[f.name] = f.read_bytes()
+        return found
