@@ -8,6 +8,7 @@
 
 __version__ = "0.1.0"
 
+from .apply import apply, merge, unapply, verify_base  # noqa: E402
 from .compress import compress  # noqa: E402
 from .delta import Delta, PackedModule  # noqa: E402
 from .errors import BitDeltaError, FormatError, ShapeMismatchError, WrongBaseError  # noqa: E402
@@ -20,7 +21,11 @@ __all__ = [
     "PackedModule",
     "ShapeMismatchError",
     "WrongBaseError",
+    "apply",
     "compress",
+    "merge",
+    "unapply",
+    "verify_base",
     "pack_signs",
     "unpack_signs",
 ]

@@ -1,0 +1,98 @@
+"""Modules that compute ``base(x) + Δ̂ x`` on the fly, leaving the base weights untouched.
+
+:class:`DeltaWrapper` stands in for one ``nn.Linear``, ``Conv1D`` or ``nn.Embedding``. It
+re-registers the wrapped module's own ``weight``/``bias`` parameters under the same names (so
+``state_dict`` keys and weight tying are unchanged), runs the wrapped module's own forward for
+the base term (keeping quirks such as Gemma's scaled embeddings), and adds the delta term:
+
+- linear / Conv1D: ``y = base(x) + x Δ̂ᵀ`` (via ``bitdelta.ops`` where available, else unpack+matmul)
+- embedding: ``y = base(ids) + Δ̂[ids]`` with rows the base lacks taken from ``extra_rows``
+- output head with added tokens: the extra rows' logits are appended.
+
+    wrapper = DeltaWrapper(model.model.layers[0].mlp.up_proj, packed, kind="linear")
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .binarize import expand_scale
+from .delta import PackedModule
+from .pack import unpack_signs
+from .targets import EMBEDDING
+
+
+def delta_rows(packed: PackedModule, rows: torch.Tensor) -> torch.Tensor:
+    """Float32 Δ̂[rows] for a vocabulary matrix (row scales): ``[..., in]``."""
+    flat = rows.reshape(-1)
+    total = None
+    for p in range(packed.bits):
+        signs = unpack_signs(packed.sign[p].index_select(0, flat), packed.in_features)
+        scale = packed.scale[p]
+        term = signs * (scale.index_select(0, flat)[:, None] if packed.mode == "row" else expand_scale(scale, packed.mode))
+        total = term if total is None else total + term
+    return total.reshape(*rows.shape, packed.in_features)
+
+
+def delta_matmul(x: torch.Tensor, packed: PackedModule) -> torch.Tensor:
+    """Reference ``x Δ̂ᵀ`` for one tenant: x ``[..., in]`` -> ``[..., out]`` in float32."""
+    return x.float() @ packed.dense().t()
+
+
+class DeltaWrapper(nn.Module):
+    """A compressed layer: the original module's forward plus a packed delta term."""
+
+    def __init__(self, base: nn.Module, packed: PackedModule, kind: str):
+        super().__init__()
+        # Kept out of the module tree on purpose: its parameters are re-registered below under
+        # their original names, so the wrapper is invisible to state_dict and weight tying.
+        object.__setattr__(self, "base_module", base)
+        self.kind = kind
+        self.weight = base.weight
+        if getattr(base, "bias", None) is not None:
+            self.bias = base.bias
+        self.packed = packed
+        self.base_rows = packed.out_features
+        for attr in ("in_features", "out_features", "num_embeddings", "embedding_dim", "padding_idx", "nf"):
+            if hasattr(base, attr):
+                setattr(self, attr, getattr(base, attr))
+
+    def extra_repr(self) -> str:
+        p = self.packed
+        extra = f", extra_rows={p.extra_rows.shape[0]}" if p.extra_rows is not None else ""
+        return f"kind={self.kind}, mode={p.mode}, bits={p.bits}, shape=({p.out_features}, {p.in_features}){extra}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == EMBEDDING:
+            return self._embed(x)
+        return self._linear(x)
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.packed
+        y = self.base_module(x)
+        y = y + delta_matmul(x, p).to(y.dtype)
+        if p.extra_rows is not None:
+            y = torch.cat([y, F.linear(x, p.extra_rows.to(x.dtype))], dim=-1)
+        return y
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        p = self.packed
+        in_base = ids < self.base_rows
+        safe = torch.where(in_base, ids, torch.zeros_like(ids))
+        y = self.base_module(safe)
+        # Scaled embeddings (Gemma) multiply inside their forward; scale the delta the same way.
+        scale = getattr(self.base_module, "embed_scale", None)
+        d = delta_rows(p, safe)
+        if scale is not None:
+            d = d * (scale.float() if torch.is_tensor(scale) else float(scale))
+        y = y + d.to(y.dtype)
+        if p.extra_rows is not None:
+            extra_ids = (ids - self.base_rows).clamp(min=0, max=p.extra_rows.shape[0] - 1)
+            extra = F.embedding(extra_ids, p.extra_rows).to(y.dtype)
+            if scale is not None:
+                extra = extra * scale
+            y = torch.where(in_base[..., None], y, extra)
+        return y
+
