@@ -13,6 +13,7 @@ from .compress import compress  # noqa: E402
 from .delta import Delta, PackedModule  # noqa: E402
 from .errors import BitDeltaError, FormatError, ShapeMismatchError, WrongBaseError  # noqa: E402
 from .pack import pack_signs, unpack_signs  # noqa: E402
+from .reference_import import import_reference  # noqa: E402
 
 __all__ = [
     "BitDeltaError",
@@ -23,6 +24,7 @@ __all__ = [
     "WrongBaseError",
     "apply",
     "compress",
+    "import_reference",
     "merge",
     "unapply",
     "verify_base",

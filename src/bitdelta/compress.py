@@ -38,7 +38,7 @@ def _as_list(patterns) -> list[str] | None:
     return list(patterns)
 
 
-def _parse_dtype(dtype) -> torch.dtype | None:
+def parse_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     name = str(dtype).replace("torch.", "")
@@ -86,7 +86,7 @@ def compress(
         raise BitDeltaError(f"--scale must be one of {SCALE_MODES + ('auto',)}, got {scale!r}")
     if not isinstance(bits, int) or bits < 1 or bits > 8:
         raise BitDeltaError(f"bits must be an integer from 1 to 8, got {bits!r}")
-    dense_dtype = _parse_dtype(dtype)
+    dense_dtype = parse_dtype(dtype)
 
     base_src = WeightSource.load(base, base_revision)
     ft_src = WeightSource.load(finetuned, finetuned_revision)

@@ -1,0 +1,84 @@
+"""What ``bitdelta inspect`` shows: an artifact's config, per-module modes, sizes, compression.
+
+The compression factor follows design.md: the fine-tune's fp16 bytes (2 per parameter) over the
+artifact's bytes on disk, decimal units on both sides. We report it for the whole artifact and
+for the weights file(s) alone (tokenizer files are the same size for any fine-tune).
+
+    info = describe_artifact("ft.bitdelta"); print(format_report(info))
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from .artifact import CONFIG_NAME, WEIGHTS_STEM, read_config
+from .model_card import compression_factor
+
+
+def describe_artifact(path) -> dict:
+    path = Path(path)
+    cfg = read_config(path)
+    files = {f.name: f.stat().st_size for f in path.iterdir() if f.is_file()}
+    weight_bytes = sum(s for n, s in files.items() if n.startswith(WEIGHTS_STEM) and ".safetensors" in n)
+    artifact_bytes = sum(files.values())
+    n = cfg.get("finetuned_num_parameters")
+    modes = Counter(f"{m['kind']}/{m['scale']}/{m['bits']}bit" for m in cfg["modules"].values())
+    return {
+        "path": str(path),
+        "format": f"{cfg['format']} v{cfg['format_version']} (bitdelta {cfg.get('bitdelta_version')})",
+        "base": cfg.get("base_model_name_or_path"),
+        "base_revision": cfg.get("base_model_revision"),
+        "base_fingerprint": cfg["base_fingerprint"].get("sha256"),
+        "finetuned": cfg.get("finetuned_model_name_or_path"),
+        "model_type": cfg.get("model_type"),
+        "compressed_modules": len(cfg["modules"]),
+        "modes": dict(sorted(modes.items())),
+        "dense_parameters": len(cfg.get("dense_parameters", [])),
+        "added_token_rows": {k: m["extra_rows"] for k, m in cfg["modules"].items() if m.get("extra_rows")},
+        "compression": cfg.get("compression"),
+        "distillation": cfg.get("distillation"),
+        "files": files,
+        "artifact_bytes": artifact_bytes,
+        "weight_bytes": weight_bytes,
+        "finetuned_fp16_bytes": 2 * n if n else None,
+        "compression_factor": compression_factor(n, artifact_bytes),
+        "compression_factor_weights_only": compression_factor(n, weight_bytes),
+    }
+
+
+def _mb(n) -> str:
+    return "?" if n is None else f"{n / 1e6:,.3f} MB"
+
+
+def format_report(info: dict) -> str:
+    lines = [
+        f"artifact          {info['path']}",
+        f"format            {info['format']}",
+        f"base              {info['base']}" + (f" @ {info['base_revision']}" if info["base_revision"] else ""),
+        f"base fingerprint  {info['base_fingerprint'][:16]}",
+        f"fine-tune         {info['finetuned']}",
+        f"model type        {info['model_type']}",
+        f"compressed        {info['compressed_modules']} modules",
+    ]
+    for mode, count in info["modes"].items():
+        lines.append(f"  {mode:<24}{count}")
+    lines.append(f"dense parameters  {info['dense_parameters']}")
+    for name, rows in info["added_token_rows"].items():
+        lines.append(f"added-token rows  {name}: {rows} (dense)")
+    if info["distillation"]:
+        d = info["distillation"]
+        lines.append("distillation      " + ", ".join(f"{k}={v}" for k, v in d.items() if not isinstance(v, (dict, list))))
+    lines += [
+        f"artifact size     {_mb(info['artifact_bytes'])} ({len(info['files'])} files; weights {_mb(info['weight_bytes'])})",
+        f"fine-tune fp16    {_mb(info['finetuned_fp16_bytes'])}",
+    ]
+    if info["compression_factor"]:
+        lines.append(
+            f"compression       {info['compression_factor']:.2f}x whole artifact, "
+            f"{info['compression_factor_weights_only']:.2f}x weights only"
+        )
+    return "\n".join(lines)
+
+
+__all__ = ["describe_artifact", "format_report", "CONFIG_NAME"]
