@@ -94,14 +94,7 @@ def apply(model: nn.Module, delta: Delta, check_base: bool = True) -> nn.Module:
         delta = Delta(dict(delta.modules), dict(delta.dense), delta.fingerprint, delta.info, delta.files)
         delta.modules = {k: _moved(m, device) for k, m in delta.modules.items()}
     restore = {"modules": {}, "params": [], "config_vocab": _current_vocab(model)}
-    for name, packed in delta.modules.items():
-        module = model.get_submodule(name)
-        # Tied matrices (embeddings shared with lm_head) get the same delta in every user.
-        for user in _modules_sharing_weight(model, module.weight):
-            original = model.get_submodule(user)
-            kind = "embedding" if isinstance(original, nn.Embedding) else ("conv1d" if packed.kind == CONV1D else "linear")
-            restore["modules"][user] = original
-            _set_module(model, user, DeltaWrapper(original, packed, kind))
+    # Dense parameters first, so the wrappers below pick up the fine-tune values too.
     for pname, value in delta.dense.items():
         owner, attr = _param_owner(model, pname)
         old = getattr(owner, attr)
@@ -115,6 +108,14 @@ def apply(model: nn.Module, delta: Delta, check_base: bool = True) -> nn.Module:
             for attr_name in ("num_embeddings", "out_features"):
                 if hasattr(owner, attr_name):
                     setattr(owner, attr_name, new.shape[0])
+    for name, packed in delta.modules.items():
+        module = model.get_submodule(name)
+        # Tied matrices (embeddings shared with lm_head) get the same delta in every user.
+        for user in _modules_sharing_weight(model, module.weight):
+            original = model.get_submodule(user)
+            kind = "embedding" if isinstance(original, nn.Embedding) else ("conv1d" if packed.kind == CONV1D else "linear")
+            restore["modules"][user] = original
+            _set_module(model, user, DeltaWrapper(original, packed, kind))
     _set_vocab_size(model, delta)
     object.__setattr__(model, _RESTORE_ATTR, restore)
     return model
