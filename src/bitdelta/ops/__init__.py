@@ -1,0 +1,164 @@
+"""Multi-tenant BitDelta linear ops: one base weight, many 1-bit deltas, each token picks its delta.
+
+Contract (semantics in :mod:`bitdelta.ops.reference`): ``y[t] = x[t] W^T + b + Δ̂_{ids[t]} x[t]``
+with ``ids[t] == -1`` meaning base only; fp32 accumulation, output in ``x``'s dtype. Backends:
+``torch`` (the reference, also the CPU path) and ``triton`` (CUDA kernels); ``auto`` picks Triton
+on CUDA tensors when Triton imports, and ``BITDELTA_BACKEND=torch|triton|auto`` overrides the
+argument. Both ops are registered as torch custom ops (``torch.ops.bitdelta.linear`` and
+``torch.ops.bitdelta.linear_segmented``) with fake implementations, so ``torch.compile`` traces
+them; the Triton decode path does no host sync and can be captured in a CUDA graph.
+
+    y = bitdelta_linear(x, w, b, signs, scales, "row", ids)                    # decode / any batch
+    y = bitdelta_linear_segmented(x, w, b, signs, scales, "row", starts, seg_ids)  # prefill
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from typing import Optional
+
+import torch
+
+from bitdelta.ops.reference import (
+    bitdelta_linear_dense64,
+    bitdelta_linear_ref,
+    bitdelta_linear_segmented_ref,
+    check_inputs,
+)
+
+__all__ = [
+    "Backend",
+    "bitdelta_linear",
+    "bitdelta_linear_segmented",
+    "bitdelta_linear_ref",
+    "bitdelta_linear_segmented_ref",
+    "bitdelta_linear_dense64",
+    "triton_available",
+]
+
+
+class Backend(str, Enum):
+    AUTO = "auto"
+    TRITON = "triton"
+    TORCH = "torch"
+
+
+_TRITON_OK: bool | None = None
+
+
+def triton_available() -> bool:
+    """True when the Triton kernels import (the triton package is installed)."""
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            from bitdelta.ops import triton_ops  # noqa: F401
+
+            _TRITON_OK = True
+        except Exception:  # ImportError, or a broken triton install
+            _TRITON_OK = False
+    return _TRITON_OK
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str | Backend, x: torch.Tensor) -> Backend:
+    """The backend a call runs on: env ``BITDELTA_BACKEND`` > argument; ``auto`` -> Triton on CUDA."""
+    choice = os.environ.get("BITDELTA_BACKEND") or backend
+    try:
+        b = Backend(choice.value if isinstance(choice, Backend) else str(choice).lower())
+    except ValueError:
+        raise ValueError(f"backend must be one of auto|triton|torch (got {choice!r})") from None
+    if b is Backend.AUTO:
+        return Backend.TRITON if (x.is_cuda and triton_available()) else Backend.TORCH
+    if b is Backend.TRITON:
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package; install bitdelta[triton] or use 'torch'")
+        if not x.is_cuda and not _interpreting():
+            raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1); use 'torch' on CPU")
+    return b
+
+
+def _linear_impl(x, weight, bias, signs, scales, mode, ids, backend):
+    if resolve_backend(backend, x) is Backend.TORCH:
+        return bitdelta_linear_ref(x, weight, bias, signs, scales, mode, ids)
+    from bitdelta.ops import triton_ops
+
+    return triton_ops.bitdelta_linear(x, weight, bias, signs, scales, mode, ids)
+
+
+def _segmented_impl(x, weight, bias, signs, scales, mode, seg_starts, seg_ids, backend):
+    if resolve_backend(backend, x) is Backend.TORCH:
+        return bitdelta_linear_segmented_ref(x, weight, bias, signs, scales, mode, seg_starts, seg_ids)
+    from bitdelta.ops import triton_ops
+
+    return triton_ops.bitdelta_segmented(x, weight, bias, signs, scales, mode, seg_starts, seg_ids)
+
+
+try:
+
+    @torch.library.custom_op("bitdelta::linear", mutates_args=())
+    def _linear_op(
+        x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], signs: torch.Tensor,
+        scales: torch.Tensor, mode: str, ids: torch.Tensor, backend: str,
+    ) -> torch.Tensor:
+        return _linear_impl(x, weight, bias, signs, scales, mode, ids, backend)
+
+    @_linear_op.register_fake
+    def _linear_fake(x, weight, bias, signs, scales, mode, ids, backend):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.custom_op("bitdelta::linear_segmented", mutates_args=())
+    def _segmented_op(
+        x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], signs: torch.Tensor,
+        scales: torch.Tensor, mode: str, seg_starts: torch.Tensor, seg_ids: torch.Tensor, backend: str,
+    ) -> torch.Tensor:
+        return _segmented_impl(x, weight, bias, signs, scales, mode, seg_starts, seg_ids, backend)
+
+    @_segmented_op.register_fake
+    def _segmented_fake(x, weight, bias, signs, scales, mode, seg_starts, seg_ids, backend):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    CUSTOM_OPS = True
+except Exception:  # older torch or a clash: plain functions still work, torch.compile graph-breaks
+    _linear_op, _segmented_op = _linear_impl, _segmented_impl
+    CUSTOM_OPS = False
+
+
+def bitdelta_linear(
+    x: torch.Tensor,  # [T, K] fp16/bf16/fp32
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None,  # [N] or None
+    signs: torch.Tensor,  # [D, bits, N, ceil(K/8)] uint8
+    scales: torch.Tensor,  # [D, bits] | [D, bits, N] | [D, bits, K] float32
+    mode: str,  # "scalar" | "row" | "col"
+    ids: torch.Tensor,  # [T] int32, -1 = base only
+    backend: str | Backend = "auto",
+) -> torch.Tensor:
+    """Multi-tenant BitDelta linear; returns ``[T, N]`` in ``x.dtype`` (see reference.py Semantics)."""
+    check_inputs(x, weight, bias, signs, scales, mode)  # shapes only: no host sync
+    if ids.shape != (x.shape[0],):
+        raise ValueError(f"ids must be [{x.shape[0]}] (one tenant index per token; got {tuple(ids.shape)})")
+    b = backend.value if isinstance(backend, Backend) else str(backend)
+    return _linear_op(x, weight, bias, signs, scales, mode, ids, b)
+
+
+def bitdelta_linear_segmented(
+    x: torch.Tensor,  # [T, K], rows grouped by tenant
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None,  # [N] or None
+    signs: torch.Tensor,  # [D, bits, N, ceil(K/8)] uint8
+    scales: torch.Tensor,  # scales of the mode, float32
+    mode: str,
+    seg_starts: torch.Tensor,  # [S+1] int32, seg_starts[0] == 0, seg_starts[S] == T
+    seg_ids: torch.Tensor,  # [S] int32 tenant per segment, -1 = base only
+    backend: str | Backend = "auto",
+) -> torch.Tensor:
+    """Segmented (prefill) form: rows seg_starts[s]:seg_starts[s+1] use tenant seg_ids[s]."""
+    check_inputs(x, weight, bias, signs, scales, mode)
+    if seg_ids.dim() != 1 or seg_starts.shape != (seg_ids.numel() + 1,):
+        raise ValueError(f"seg_starts must have one more entry than seg_ids (got {tuple(seg_starts.shape)}, {tuple(seg_ids.shape)})")
+    b = backend.value if isinstance(backend, Backend) else str(backend)
+    return _segmented_op(x, weight, bias, signs, scales, mode, seg_starts, seg_ids, b)

@@ -1,0 +1,197 @@
+"""Triton kernels for the multi-tenant BitDelta linear (``@triton.jit`` only; launch code is in triton_ops.py).
+
+Two kernels, both computing ``y[t] = x[t] W^T + b + Δ̂_{d(t)} x[t]`` with fp32 accumulation:
+
+* ``bitdelta_decode_kernel``: small batches (T <= 64). One program owns ``BN`` output rows and the
+  whole K range. It reads its W rows once for all tokens (tensor-core dot), then, for every
+  distinct tenant of the batch (found on the device, no host sync), reads that tenant's sign rows
+  once, unpacks them in registers and multiplies them with the tenant's tokens (compacted into
+  chunks of ``TG`` rows); the result is added into the token rows of the base accumulator.
+* ``bitdelta_segmented_kernel``: prefill. Token rows are grouped in segments of one tenant; each
+  program owns a ``BM x BN`` tile of one segment and rebuilds ``W_base + Δ̂`` tile by tile in
+  registers, so one segment costs one GEMM.
+
+Usage: see ``triton_ops.bitdelta_decode`` / ``triton_ops.bitdelta_segmented``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _unpack_pm1(sb, BN: tl.constexpr, BKD: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """uint8 [BN, BKD//8] packed signs -> [BN, BKD] of +1/-1 in OUT_DTYPE (bit j of byte b = column 8b+j)."""
+    j = tl.arange(0, 8)
+    b32 = sb.to(tl.int32)[:, :, None]
+    if OUT_DTYPE == tl.float16:
+        # bit 1 -> 0x3C00 (+1.0), bit 0 -> 0xBC00 (-1.0): one shift and one and/xor per element.
+        v = ((b32 << (15 - j)[None, None, :]) & 0x8000) ^ 0xBC00
+        s = v.to(tl.int16).to(tl.float16, bitcast=True)
+    elif OUT_DTYPE == tl.bfloat16:
+        v = ((b32 << (15 - j)[None, None, :]) & 0x8000) ^ 0xBF80
+        s = v.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        bit = (b32 >> j[None, None, :]) & 1
+        s = tl.where(bit != 0, 1.0, -1.0).to(OUT_DTYPE)
+    return tl.reshape(s, (BN, BKD))
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST (interpreter + bf16 only: its bf16 dot is wrong) multiplies in fp32."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _unpack_bits(sb, BN: tl.constexpr, BKD: tl.constexpr):
+    """uint8 [BN, BKD//8] packed signs -> int32 [BN, BKD] of 0/1 (bit j of byte b = column 8b+j)."""
+    j = tl.arange(0, 8)
+    bit = (sb.to(tl.int32)[:, :, None] >> j[None, None, :]) & 1
+    return tl.reshape(bit, (BN, BKD))
+
+
+@triton.jit
+def bitdelta_decode_kernel(
+    x_ptr, w_ptr, b_ptr, s_ptr, c_ptr, ids_ptr, y_ptr,
+    T, N, K, KB,
+    stride_xt, stride_wn, stride_yt,
+    stride_sd, stride_sp, stride_sn,
+    stride_cd, stride_cp,
+    HAS_BIAS: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr,
+    BT: tl.constexpr, TG: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """MODE: 0 scalar, 1 row, 2 col. Requires T <= BT; grid = (cdiv(N, BN),)."""
+    pid = tl.program_id(0)
+    dt = x_ptr.dtype.element_ty
+    offs_n = pid * BN + tl.arange(0, BN)
+    n_mask = offs_n < N
+    rows = tl.arange(0, BT)
+    r_mask = rows < T
+
+    # Base: W rows of this program are read once for the whole batch.
+    acc = tl.zeros((BT, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        k_mask = offs_k < K
+        xt = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :],
+                     mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                     mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = _dot(xt, tl.trans(wt), acc, PREC, UPCAST)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+
+    # Deltas: each distinct tenant's sign rows are read once per program.
+    ids_v = tl.load(ids_ptr + rows, mask=r_mask, other=-1)
+    for i in range(0, T):
+        d = tl.load(ids_ptr + i)
+        n_before = tl.sum(((ids_v == d) & (rows < i)).to(tl.int32), axis=0)
+        if (d >= 0) & (n_before == 0):
+            member = ids_v == d
+            pos = tl.cumsum(member.to(tl.int32), axis=0) - 1
+            cnt = tl.sum(member.to(tl.int32), axis=0)
+            s_base = s_ptr + d.to(tl.int64) * stride_sd
+            c_base = c_ptr + d.to(tl.int64) * stride_cd
+            for c0 in range(0, cnt, TG):
+                slots = c0 + tl.arange(0, TG)
+                sel = member[None, :] & (pos[None, :] == slots[:, None])  # [TG, BT]
+                tok = tl.sum(tl.where(sel, rows[None, :], 0), axis=1)  # [TG]
+                t_mask = slots < cnt
+                dsum = tl.zeros((TG, BN), dtype=tl.float32)
+                for p in tl.static_range(BITS):
+                    dacc = tl.zeros((TG, BN), dtype=tl.float32)
+                    for k0 in range(0, K, BKD):
+                        offs_k = k0 + tl.arange(0, BKD)
+                        k_mask = offs_k < K
+                        offs_b = k0 // 8 + tl.arange(0, BKD // 8)
+                        xt = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :],
+                                     mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+                        if MODE == 2:
+                            cs = tl.load(c_base + p * stride_cp + offs_k, mask=k_mask, other=0.0)
+                            xt = (xt.to(tl.float32) * cs[None, :]).to(dt)
+                        sb = tl.load(s_base + p * stride_sp + offs_n[:, None] * stride_sn + offs_b[None, :],
+                                     mask=n_mask[:, None] & (offs_b < KB)[None, :], other=0)
+                        sg = _unpack_pm1(sb, BN, BKD, dt)
+                        dacc = _dot(xt, tl.trans(sg), dacc, PREC, UPCAST)
+                    if MODE == 0:
+                        dacc = dacc * tl.load(c_base + p)
+                    elif MODE == 1:
+                        rs = tl.load(c_base + p * stride_cp + offs_n, mask=n_mask, other=0.0)
+                        dacc = dacc * rs[None, :]
+                    dsum += dacc
+                # Add the chunk's rows into their token rows of the accumulator.
+                hit = member[:, None] & (pos[:, None] == slots[None, :])  # [BT, TG]
+                acc += tl.sum(tl.where(hit[:, :, None], dsum[None, :, :], 0.0), axis=1)
+
+    tl.store(y_ptr + rows[:, None] * stride_yt + offs_n[None, :], acc.to(dt),
+             mask=r_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def bitdelta_segmented_kernel(
+    x_ptr, w_ptr, b_ptr, s_ptr, c_ptr, blk_seg_ptr, blk_m0_ptr, seg_starts_ptr, seg_ids_ptr, y_ptr,
+    N, K, KB,
+    stride_xt, stride_wn, stride_yt,
+    stride_sd, stride_sp, stride_sn,
+    stride_cd, stride_cp,
+    HAS_BIAS: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """grid = (max_blocks, cdiv(N, BN)); block b covers rows blk_m0[b]:+BM of segment blk_seg[b] (-1 = none)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    seg = tl.load(blk_seg_ptr + pid_m)
+    if seg >= 0:
+        dt = x_ptr.dtype.element_ty
+        m0 = tl.load(blk_m0_ptr + pid_m)
+        m_end = tl.load(seg_starts_ptr + seg + 1)
+        d = tl.load(seg_ids_ptr + seg)
+        rows = m0 + tl.arange(0, BM)
+        r_mask = rows < m_end
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_mask = offs_n < N
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if d >= 0:
+            s_base = s_ptr + d.to(tl.int64) * stride_sd
+            c_base = c_ptr + d.to(tl.int64) * stride_cd
+            for k0 in range(0, K, BK):
+                offs_k = k0 + tl.arange(0, BK)
+                k_mask = offs_k < K
+                offs_b = k0 // 8 + tl.arange(0, BK // 8)
+                xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xt + offs_k[None, :],
+                             mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+                wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                             mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                for p in tl.static_range(BITS):
+                    sb = tl.load(s_base + p * stride_sp + offs_n[:, None] * stride_sn + offs_b[None, :],
+                                 mask=n_mask[:, None] & (offs_b < KB)[None, :], other=0)
+                    bit = _unpack_bits(sb, BN, BK) != 0
+                    if MODE == 0:
+                        a = tl.load(c_base + p)
+                        wt += tl.where(bit, a, -a)
+                    elif MODE == 1:
+                        rs = tl.load(c_base + p * stride_cp + offs_n, mask=n_mask, other=0.0)[:, None]
+                        wt += tl.where(bit, rs, -rs)
+                    else:
+                        cs = tl.load(c_base + p * stride_cp + offs_k, mask=k_mask, other=0.0)[None, :]
+                        wt += tl.where(bit, cs, -cs)
+                acc = _dot(xt, tl.trans(wt.to(dt)), acc, PREC, UPCAST)
+        else:
+            for k0 in range(0, K, BK):
+                offs_k = k0 + tl.arange(0, BK)
+                k_mask = offs_k < K
+                xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xt + offs_k[None, :],
+                             mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+                wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                             mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+                acc = _dot(xt, tl.trans(wt), acc, PREC, UPCAST)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            acc += bias[None, :]
+        tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_yt + offs_n[None, :], acc.to(dt),
+                 mask=r_mask[:, None] & n_mask[None, :])
