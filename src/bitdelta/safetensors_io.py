@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .errors import FormatError
 
@@ -192,6 +191,32 @@ class SafetensorsCheckpoint:
 
     def total_bytes(self) -> int:
         return sum(e.end - e.start for e in self.entries.values())
+
+
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Writes a standard safetensors file deterministically (sorted keys and metadata), which
+    the ``safetensors`` library's own writer does not guarantee for metadata order."""
+    names = sorted(tensors)
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    blobs = []
+    for name in names:
+        t = tensors[name].detach().cpu().contiguous()
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        blobs.append(t)
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((-len(raw)) % 8)  # data starts 8-byte aligned, as the format recommends
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in blobs:
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def write_sharded(
