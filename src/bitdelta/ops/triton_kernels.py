@@ -125,8 +125,9 @@ def bitdelta_decode_kernel(
                         dacc = dacc * rs[None, :]
                     dsum += dacc
                 # Add the chunk's rows into their token rows of the accumulator.
-                hit = member[:, None] & (pos[:, None] == slots[None, :])  # [BT, TG]
-                acc += tl.sum(tl.where(hit[:, :, None], dsum[None, :, :], 0.0), axis=1)
+                # (a one-hot [BT, TG] x [TG, BN] product, exact in fp32 FMA arithmetic).
+                hit = (member[:, None] & (pos[:, None] == slots[None, :])).to(tl.float32)  # [BT, TG]
+                acc = tl.dot(hit, dsum, acc, input_precision="ieee")
 
     tl.store(y_ptr + rows[:, None] * stride_yt + offs_n[None, :], acc.to(dt),
              mask=r_mask[:, None] & n_mask[None, :])

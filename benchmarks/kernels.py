@@ -1,0 +1,269 @@
+"""GPU benchmark of the BitDelta kernels: correctness checks, copy bandwidth, decode and prefill timings.
+
+One run does everything, so the roofline and the timings come from the same machine state:
+  1. checks every kernel variant against the reference op on random inputs (never zeros);
+  2. measures copy bandwidth (device-to-device copy, bytes read + written);
+  3. sweeps a few launch configs, then times (triton.testing.do_bench, median) for Llama-2-7B
+     linear shapes, fp16 and bf16: decode with B tenants x 1 token (ours, roofline, % of roofline,
+     cuBLAS base-only, naive per-tenant unpack path) and prefill (2048 x 1 tenant, 16 x 128).
+Prints a short table last and writes markdown + JSON to $OUT when set.
+
+    python benchmarks/kernels.py            # full run (~3-5 min on an H100)
+    python benchmarks/kernels.py --quick    # fewer configs
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from bitdelta.ops import reference as ref  # noqa: E402
+from bitdelta.ops import triton_ops  # noqa: E402
+from bitdelta.pack import pack_signs, unpack_signs  # noqa: E402
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K in, N out): 4096->4096, 4096->11008, 11008->4096
+BATCHES = [1, 4, 16, 64]
+DTYPES = [torch.float16, torch.bfloat16]
+DEC_CONFIGS = [
+    {"BN": 16, "BK": 256, "BKD": 256, "TG": 16, "num_warps": 4, "num_stages": 3},
+    {"BN": 16, "BK": 512, "BKD": 512, "TG": 16, "num_warps": 4, "num_stages": 3},
+    {"BN": 16, "BK": 256, "BKD": 512, "TG": 16, "num_warps": 4, "num_stages": 4},
+    {"BN": 16, "BK": 512, "BKD": 1024, "TG": 16, "num_warps": 8, "num_stages": 2},
+    {"BN": 32, "BK": 256, "BKD": 256, "TG": 16, "num_warps": 4, "num_stages": 3},
+    {"BN": 32, "BK": 128, "BKD": 512, "TG": 16, "num_warps": 8, "num_stages": 4},
+    {"BN": 64, "BK": 128, "BKD": 256, "TG": 16, "num_warps": 8, "num_stages": 3},
+    {"BN": 16, "BK": 128, "BKD": 128, "TG": 16, "num_warps": 4, "num_stages": 5},
+]
+SEG_CONFIGS = [
+    {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
+    {"BM": 128, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4},
+    {"BM": 128, "BN": 256, "BK": 64, "num_warps": 8, "num_stages": 3},
+    {"BM": 256, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
+    {"BM": 64, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4},
+    {"BM": 128, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 4},
+]
+
+
+def bench(fn, warmup=10, rep=50):
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e3  # microseconds
+
+
+def make(t, n, k, d, bits, mode, dtype, ids, dev="cuda", seed=0):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.randn(t, k, device=dev, generator=g).to(dtype)
+    w = (torch.randn(n, k, device=dev, generator=g) / k**0.5).to(dtype)
+    signs = pack_signs(torch.rand(d, bits, n, k, device=dev, generator=g) > 0.5)
+    shape = {"scalar": (d, bits), "row": (d, bits, n), "col": (d, bits, k)}[mode]
+    sc = ((torch.rand(shape, device=dev, generator=g) + 0.5) * (2.0 / k**0.5)).float()
+    return x, w, None, signs, sc, torch.as_tensor(ids, dtype=torch.int32, device=dev)
+
+
+def rel_err(y, r):
+    return ((y.float() - r.float()).norm() / r.float().norm()).item()
+
+
+def naive_path(x, w, signs, sc, mode, tenants_rows):
+    """Reference-like two-pass path: cuBLAS base GEMM + per tenant unpack to dense + matmul."""
+    y = F.linear(x, w)
+    k = x.shape[1]
+    for d, rows in tenants_rows:
+        dense = ref.delta_dense(signs[d], sc[d], mode, k, dtype=x.dtype)
+        y[rows] += x[rows] @ dense.T
+    return y
+
+
+def copy_bandwidth():
+    n = 1 << 30  # 1 GiB
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src))
+    return 2 * n / (t * 1e-6) / 1e9  # GB/s
+
+
+def checks(log):
+    """Every variant vs the reference: modes, bits, dtypes, mixed/-1 ids, odd shapes, segmented."""
+    worst = 0.0
+    cases = []
+    for mode in ["scalar", "row", "col"]:
+        for bits in [1, 2]:
+            for dtype in DTYPES:
+                cases.append((mode, bits, dtype))
+    for mode, bits, dtype in cases:
+        for t, n, k in [(1, 4096, 4096), (13, 1000, 2056), (64, 11008, 4096), (40, 4096, 11008)]:
+            ids = torch.randint(-1, 6, (t,))
+            x, w, b, s, sc, ids = make(t, n, k, 6, bits, mode, dtype, ids, seed=t)
+            b = torch.randn(n, device="cuda").to(dtype)
+            y = triton_ops.bitdelta_linear(x, w, b, s, sc, mode, ids)
+            e = rel_err(y, ref.bitdelta_linear_ref(x, w, b, s, sc, mode, ids))
+            worst = max(worst, e)
+            assert e < 1e-2 and torch.isfinite(y).all(), (mode, bits, dtype, t, n, k, e)
+        # prefill / segmented, incl. a base-only segment, and the >64-token sort path
+        t, n, k = 700, 1000, 2056
+        starts = torch.tensor([0, 300, 300, 450, 700], dtype=torch.int32, device="cuda")
+        sids = torch.tensor([3, 1, -1, 0], dtype=torch.int32, device="cuda")
+        x, w, b, s, sc, _ = make(t, n, k, 4, bits, mode, dtype, [0], seed=5)
+        y = triton_ops.bitdelta_segmented(x, w, None, s, sc, mode, starts, sids)
+        e = rel_err(y, ref.bitdelta_linear_segmented_ref(x, w, None, s, sc, mode, starts, sids))
+        worst = max(worst, e)
+        assert e < 1e-2, ("segmented", mode, bits, dtype, e)
+        ids = torch.randint(-1, 4, (t,), device="cuda", dtype=torch.int32)
+        y = triton_ops.bitdelta_linear(x, w, None, s, sc, mode, ids)
+        e = rel_err(y, ref.bitdelta_linear_ref(x, w, None, s, sc, mode, ids))
+        worst = max(worst, e)
+        assert e < 1e-2, ("sorted", mode, bits, dtype, e)
+    # all -1 equals base-only
+    x, w, _, s, sc, _ = make(16, 4096, 4096, 2, 1, "row", torch.float16, [0])
+    ids = torch.full((16,), -1, dtype=torch.int32, device="cuda")
+    e = rel_err(triton_ops.bitdelta_linear(x, w, None, s, sc, "row", ids), F.linear(x.float(), w.float()))
+    assert e < 1e-3, e
+    # CUDA graph capture of the decode path
+    x, w, _, s, sc, ids = make(16, 4096, 4096, 16, 1, "row", torch.float16, list(range(16)))
+    triton_ops.bitdelta_linear(x, w, None, s, sc, "row", ids)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = triton_ops.bitdelta_linear(x, w, None, s, sc, "row", ids)
+    ids.copy_(ids.flip(0))
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    e = rel_err(yg, ref.bitdelta_linear_ref(x, w, None, s, sc, "row", ids))
+    assert e < 1e-2, e
+    log(f"checks passed: {len(cases)} mode/bits/dtype combos x 6 paths + graph capture; worst rel err {worst:.2e}")
+
+
+def decode_inputs(n, k, b, dtype, mode="row", bits=1):
+    return make(b, n, k, b, bits, mode, dtype, list(range(b)), seed=b)
+
+
+def sweep_decode(log, quick):
+    best = {}
+    cfgs = DEC_CONFIGS[:3] if quick else DEC_CONFIGS
+    for (k, n) in SHAPES:
+        for b in BATCHES:
+            x, w, _, s, sc, ids = decode_inputs(n, k, b, torch.float16)
+            times = []
+            for i, c in enumerate(cfgs):
+                try:
+                    times.append((bench(lambda: triton_ops.bitdelta_decode(x, w, None, s, sc, "row", ids, config=c)), i))
+                except Exception as exc:  # a config that does not compile (smem) is skipped
+                    log(f"  config {c} failed: {type(exc).__name__}: {str(exc)[:120]}")
+            times.sort()
+            best[(k, n, b)] = cfgs[times[0][1]]
+            log(f"sweep decode {k}->{n} B={b}: " + ", ".join(f"c{i}={t:.1f}" for t, i in sorted(times, key=lambda z: z[1])))
+    return best
+
+
+def sweep_seg(log, quick):
+    k, n = 4096, 4096
+    t = 2048
+    x, w, _, s, sc, _ = make(t, n, k, 1, 1, "row", torch.float16, [0])
+    starts = torch.tensor([0, t], dtype=torch.int32, device="cuda")
+    sids = torch.tensor([0], dtype=torch.int32, device="cuda")
+    res = []
+    for i, c in enumerate(SEG_CONFIGS[:2] if quick else SEG_CONFIGS):
+        try:
+            res.append((bench(lambda: triton_ops.bitdelta_segmented(x, w, None, s, sc, "row", starts, sids, config=c)), i))
+        except Exception as exc:
+            log(f"  seg config {c} failed: {type(exc).__name__}: {str(exc)[:120]}")
+    log("sweep prefill 2048x4096x4096: " + ", ".join(f"c{i}={t:.1f}" for t, i in sorted(res, key=lambda z: z[1])))
+    return SEG_CONFIGS[min(res)[1]]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    out_dir = os.environ.get("OUT")
+    lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+        if out_dir:
+            with open(Path(out_dir, "kernels.log"), "a") as f:
+                f.write(msg + "\n")
+
+    dev = torch.cuda.get_device_name()
+    log(f"device: {dev}; torch {torch.__version__}; triton {triton.__version__}; date {time.strftime('%Y-%m-%d')}")
+    t0 = time.time()
+    checks(log)
+    log(f"[{time.time() - t0:.0f}s] checks done")
+    bw = copy_bandwidth()
+    log(f"copy bandwidth: {bw:.0f} GB/s (1 GiB device-to-device copy, read + write)")
+
+    best_dec = sweep_decode(log, args.quick)
+    best_seg = sweep_seg(log, args.quick)
+    log(f"[{time.time() - t0:.0f}s] sweeps done; prefill config {best_seg}")
+
+    rows, records = [], []
+    for dtype in DTYPES:
+        dname = str(dtype).split(".")[-1]
+        for (k, n) in SHAPES:
+            for b in BATCHES:
+                x, w, _, s, sc, ids = decode_inputs(n, k, b, dtype)
+                cfg = best_dec[(k, n, b)]
+                ours = bench(lambda: triton_ops.bitdelta_decode(x, w, None, s, sc, "row", ids, config=cfg))
+                y = triton_ops.bitdelta_decode(x, w, None, s, sc, "row", ids, config=cfg)
+                err = rel_err(y, ref.bitdelta_linear_ref(x, w, None, s, sc, "row", ids))
+                cub = bench(lambda: F.linear(x, w))
+                tr = [(d, slice(d, d + 1)) for d in range(b)]
+                naive = bench(lambda: naive_path(x, w, s, sc, "row", tr), warmup=5, rep=30)
+                byts = 2 * n * k + b * n * k / 8
+                roof = byts / (bw * 1e9) * 1e6
+                rec = dict(kind="decode", dtype=dname, k=k, n=n, B=b, ours_us=ours, roofline_us=roof,
+                           pct_roofline=100 * roof / ours, gbps=byts / ours / 1e3, cublas_base_us=cub,
+                           naive_us=naive, rel_err=err, config=cfg)
+                records.append(rec)
+                rows.append(f"| decode | {dname} | {k}→{n} | B={b} | {ours:.1f} | {roof:.1f} | {100 * roof / ours:.0f}% "
+                            f"| {byts / ours / 1e3:.0f} | {cub:.1f} | {naive:.1f} |")
+        for (k, n) in SHAPES:
+            for name, segs in [("2048x1", [2048]), ("16x128", [128] * 16)]:
+                t = sum(segs)
+                d = len(segs)
+                starts = torch.tensor([0] + list(itertools.accumulate(segs)), dtype=torch.int32, device="cuda")
+                sids = torch.arange(d, dtype=torch.int32, device="cuda")
+                x, w, _, s, sc, _ = make(t, n, k, d, 1, "row", dtype, [0], seed=d)
+                ours = bench(lambda: triton_ops.bitdelta_segmented(x, w, None, s, sc, "row", starts, sids, config=best_seg))
+                y = triton_ops.bitdelta_segmented(x, w, None, s, sc, "row", starts, sids, config=best_seg)
+                err = rel_err(y, ref.bitdelta_linear_segmented_ref(x, w, None, s, sc, "row", starts, sids))
+                cub = bench(lambda: F.linear(x, w))
+                st = starts.tolist()
+                tr = [(i, slice(st[i], st[i + 1])) for i in range(d)]
+                naive = bench(lambda: naive_path(x, w, s, sc, "row", tr), warmup=5, rep=30)
+                tflops = 2 * t * n * k / ours / 1e6
+                rec = dict(kind="prefill", dtype=dname, k=k, n=n, case=name, ours_us=ours, cublas_base_us=cub,
+                           ratio=ours / cub, naive_us=naive, tflops=tflops, rel_err=err, config=best_seg)
+                records.append(rec)
+                rows.append(f"| prefill {name} | {dname} | {k}→{n} | T={t} | {ours:.1f} | – | {ours / cub:.2f}× cuBLAS "
+                            f"| {tflops:.0f} TFLOP/s | {cub:.1f} | {naive:.1f} |")
+        log(f"[{time.time() - t0:.0f}s] {dname} timed")
+
+    head = [
+        f"Device: {dev}. Copy bandwidth measured in this run: {bw:.0f} GB/s. Times in µs (do_bench median).",
+        "Decode: row scales, 1 bit, B tenants × 1 token; roofline = (2NK + B·NK/8 bytes) / copy bandwidth.",
+        "",
+        "| case | dtype | shape | batch | ours µs | roofline µs | % roofline / vs cuBLAS | GB/s or TFLOP/s | cuBLAS base-only µs | naive per-tenant µs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    table = "\n".join(head + rows)
+    log("\n" + table)
+    if out_dir:
+        Path(out_dir, "kernels.md").write_text("\n".join(lines) + "\n")
+        Path(out_dir, "kernels.json").write_text(json.dumps({"device": dev, "copy_gbps": bw, "records": records,
+                                                             "best_decode": {str(k): v for k, v in best_dec.items()}},
+                                                            indent=1))
+
+
+if __name__ == "__main__":
+    main()
