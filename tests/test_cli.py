@@ -1,0 +1,73 @@
+"""The `bitdelta` command end to end on local model directories (hub ids resolve the same way)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from bitdelta.cli import main
+from models import load, make_pair
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    base_dir, ft_dir = make_pair("qwen2", tmp, extra_vocab=2)
+    # give the fine-tune its own tokenizer files, which must travel with the delta
+    (ft_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}", "model_max_length": 64}))
+    (ft_dir / "special_tokens_map.json").write_text("{}")
+    return base_dir, ft_dir
+
+
+def test_compress_inspect_merge(pair, tmp_path, capsys):
+    base_dir, ft_dir = pair
+    out = tmp_path / "ft.bitdelta"
+    assert main(["compress", "--base", str(base_dir), "--finetuned", str(ft_dir), "--out", str(out),
+                 "--scale", "row", "--bits", "2", "--dtype", "bfloat16", "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "compression" in text and "linear/row/2bit" in text and "added-token rows" in text
+    assert (out / "tokenizer_config.json").is_file()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["compression"]["bits"] == 2 and info["compression_factor"] > 0
+    assert info["weight_bytes"] < info["finetuned_fp16_bytes"]
+
+    merged_dir = tmp_path / "merged"
+    assert main(["merge", "--base", str(base_dir), "--delta", str(out), "--out", str(merged_dir)]) == 0
+    # a normal HF directory, loadable by plain transformers, with the fine-tune's tokenizer files
+    merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert (merged_dir / "tokenizer_config.json").read_text() == (ft_dir / "tokenizer_config.json").read_text()
+    assert merged.config.vocab_size == load(ft_dir).config.vocab_size
+    ids = torch.tensor([[1, 2, 3, 98]])
+    with torch.no_grad():
+        err = (merged(ids).logits - load(ft_dir)(ids).logits).abs().mean()
+        base_logits = load(base_dir)(ids[:, :3]).logits
+        base_err = (base_logits - load(ft_dir)(ids[:, :3]).logits[..., :97]).abs().mean()
+    assert err < base_err
+    # merging again into the same place is refused rather than clobbering it
+    assert main(["merge", "--base", str(base_dir), "--delta", str(out), "--out", str(merged_dir)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_errors_are_one_line_with_exit_code_2(pair, tmp_path, capsys):
+    base_dir, ft_dir = pair
+    assert main(["inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err
+    assert main(["merge", "--base", str(ft_dir), "--delta", str(tmp_path / "missing"), "--out", str(tmp_path / "m")]) == 2
+    bad = tmp_path / "bad.bitdelta"
+    main(["compress", "--base", str(base_dir), "--finetuned", str(ft_dir), "--out", str(bad), "-q"])
+    capsys.readouterr()
+    # a delta merged onto the wrong base names both models
+    assert main(["merge", "--base", str(ft_dir), "--delta", str(bad), "--out", str(tmp_path / "m2")]) == 2
+    err = capsys.readouterr().err
+    assert str(base_dir) in err and str(ft_dir) in err and "Traceback" not in err
+    assert not (tmp_path / "m2").exists()
+
+
+def test_entry_point_runs_as_module(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bitdelta", "inspect", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "delta_config.json is missing" in r.stderr
