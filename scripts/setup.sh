@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv (if needed) and installs bitdelta with its test extras. Safe to run repeatedly.
+# PyTorch is installed explicitly first: a bare `torch` requirement would otherwise pull a
+# CUDA build (several GB) on machines that have a local CPU wheel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+if ! "$VPY" -c "import torch" 2>/dev/null; then
+  "$VPY" -m pip install -q --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
+fi
+"$VPY" -m pip install -q --disable-pip-version-check -e ".[test]"
+echo "bitdelta $("$VPY" -c 'import bitdelta; print(bitdelta.__version__)') ready in .venv (torch $("$VPY" -c 'import torch; print(torch.__version__)'))"
