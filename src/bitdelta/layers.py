@@ -5,7 +5,7 @@ re-registers the wrapped module's own ``weight``/``bias`` parameters under the s
 ``state_dict`` keys and weight tying are unchanged), runs the wrapped module's own forward for
 the base term (keeping quirks such as Gemma's scaled embeddings), and adds the delta term:
 
-- linear / Conv1D: ``y = base(x) + x Δ̂ᵀ`` (via ``bitdelta.ops`` where available, else unpack+matmul)
+- linear / Conv1D: ``y = base(x) + x Δ̂ᵀ`` (``delta_matmul.delta_linear``: differentiable, unpacks on the fly)
 - embedding: ``y = base(ids) + Δ̂[ids]`` with rows the base lacks taken from ``extra_rows``
 - output head with added tokens: the extra rows' logits are appended.
 
@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from .binarize import expand_scale
 from .delta import PackedModule
+from .delta_matmul import delta_linear
 from .pack import unpack_signs
 from .targets import EMBEDDING
 
@@ -34,11 +35,6 @@ def delta_rows(packed: PackedModule, rows: torch.Tensor) -> torch.Tensor:
         term = signs * (scale.index_select(0, flat)[:, None] if packed.mode == "row" else expand_scale(scale, packed.mode))
         total = term if total is None else total + term
     return total.reshape(*rows.shape, packed.in_features)
-
-
-def delta_matmul(x: torch.Tensor, packed: PackedModule) -> torch.Tensor:
-    """Reference ``x Δ̂ᵀ`` for one tenant: x ``[..., in]`` -> ``[..., out]`` in float32."""
-    return x.float() @ packed.dense().t()
 
 
 class DeltaWrapper(nn.Module):
@@ -72,7 +68,7 @@ class DeltaWrapper(nn.Module):
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         p = self.packed
         y = self.base_module(x)
-        y = y + delta_matmul(x, p).to(y.dtype)
+        y = y + delta_linear(x, p.sign, p.scale, p.mode, p.in_features).to(y.dtype)
         if p.extra_rows is not None:
             y = torch.cat([y, F.linear(x, p.extra_rows.to(x.dtype))], dim=-1)
         return y
