@@ -24,8 +24,10 @@ if DEVICE == "cpu" and type(triton_kernels.bitdelta_decode_kernel).__name__ != "
     importlib.reload(triton_ops)
 
 # Small launch configs so the CPU interpreter stays fast and masking/multi-block paths are hit.
-SMALL_DECODE = {"BN": 16, "BK": 32, "BKD": 64, "TG": 16, "num_warps": 4, "num_stages": 1}
-SMALL_SEG = {"BM": 16, "BN": 16, "BK": 32, "num_warps": 4, "num_stages": 1}
+SMALL_DECODE = {"BN": 16, "BK": 32, "BKD": 64, "TG": 16, "SPLIT_K": 1, "SWAP": False, "num_warps": 4, "num_stages": 1}
+# Variants: plain, swapped operands with a 2-way K split, auto split (atomics) with plain operands.
+DECODE_VARIANTS = [SMALL_DECODE, {**SMALL_DECODE, "SWAP": True, "SPLIT_K": 2}, {**SMALL_DECODE, "SPLIT_K": 0}]
+SMALL_SEG = {"BM": 16, "BN": 16, "BK": 32, "SWAP": False, "num_warps": 4, "num_stages": 1}
 SHAPES = [(24, 16), (40, 72), (24, 200)]  # (N, K): N not a multiple of BN, K not of BK/BKD
 
 
@@ -52,12 +54,13 @@ def _id_patterns(t, d):
 def test_decode_kernel_matches_reference(mode, bits, dtype):
     for i, t in enumerate([1, 3, 17]):
         n, k = SHAPES[i]
-        for name, ids in _id_patterns(t, 3).items():
+        for j, (name, ids) in enumerate(_id_patterns(t, 3).items()):
             if t == 1 and name == "one_tenant":
                 continue
+            cfg = DECODE_VARIANTS[(i + j) % 3]
             x, w, b, signs, sc, ids = make_inputs(t, n, k, 3, bits, mode, dtype, seed=i, ids=ids)
             expected = ref.bitdelta_linear_ref(x, w, b, signs, sc, mode, ids)
-            y = triton_ops.bitdelta_decode(*_to(DEVICE, x, w, b, signs, sc), mode, ids.to(DEVICE), config=SMALL_DECODE)
+            y = triton_ops.bitdelta_decode(*_to(DEVICE, x, w, b, signs, sc), mode, ids.to(DEVICE), config=cfg)
             _check(y, expected, dtype)
 
 
@@ -79,8 +82,9 @@ def test_segmented_kernel_matches_reference(mode, bits, dtype):
     seg_ids = torch.tensor([1, 0, -1, 2, 0], dtype=torch.int32)
     x, w, b, signs, sc, _ = make_inputs(37, n, k, 3, bits, mode, dtype, seed=bits)
     expected = ref.bitdelta_linear_segmented_ref(x, w, b, signs, sc, mode, starts, seg_ids)
+    cfg = {**SMALL_SEG, "SWAP": bits == 2}
     y = triton_ops.bitdelta_segmented(*_to(DEVICE, x, w, b, signs, sc), mode, starts.to(DEVICE),
-                                      seg_ids.to(DEVICE), config=SMALL_SEG)
+                                      seg_ids.to(DEVICE), config=cfg)
     _check(y, expected, dtype)
 
 

@@ -54,18 +54,47 @@ def _unpack_bits(sb, BN: tl.constexpr, BKD: tl.constexpr):
 
 
 @triton.jit
+def _mm(a, b, acc, SWAP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a [tokens, K], b [n, K] -> acc + a b^T ([tokens, n]), or acc + b a^T ([n, tokens]) when SWAP.
+
+    SWAP puts the weight/sign tile in the MMA's M slot (operand A, which can stay in registers),
+    so a freshly unpacked tile needs no shared-memory round trip and tokens only pad to 16."""
+    if SWAP:
+        return _dot(b, tl.trans(a), acc, PREC, UPCAST)
+    else:
+        return _dot(a, tl.trans(b), acc, PREC, UPCAST)
+
+
+@triton.jit
+def _bcast_n(v, SWAP: tl.constexpr):
+    """A per-output-row vector [BN] broadcast against the accumulator's layout."""
+    if SWAP:
+        return v[:, None]
+    else:
+        return v[None, :]
+
+
+@triton.jit
 def bitdelta_decode_kernel(
     x_ptr, w_ptr, b_ptr, s_ptr, c_ptr, ids_ptr, y_ptr,
-    T, N, K, KB,
+    T, N, K, KB, K_SPLIT,
     stride_xt, stride_wn, stride_yt,
     stride_sd, stride_sp, stride_sn,
     stride_cd, stride_cp,
     HAS_BIAS: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr,
     BT: tl.constexpr, TG: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    SWAP: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """MODE: 0 scalar, 1 row, 2 col. Requires T <= BT; grid = (cdiv(N, BN),)."""
+    """MODE: 0 scalar, 1 row, 2 col. Requires T <= BT. grid = (cdiv(N, BN), cdiv(K, K_SPLIT)).
+
+    Program (n, s) covers output rows n*BN:+BN and inputs s*K_SPLIT:+K_SPLIT (K_SPLIT a multiple
+    of BK and BKD). ATOMIC: partial sums are atomically added into an fp32 y (split-K), else stored.
+    The accumulator is [BT, BN], or [BN, BT] when SWAP.
+    """
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(K, k_lo + K_SPLIT)
     dt = x_ptr.dtype.element_ty
     offs_n = pid * BN + tl.arange(0, BN)
     n_mask = offs_n < N
@@ -73,18 +102,21 @@ def bitdelta_decode_kernel(
     r_mask = rows < T
 
     # Base: W rows of this program are read once for the whole batch.
-    acc = tl.zeros((BT, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    if SWAP:
+        acc = tl.zeros((BN, BT), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BT, BN), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_mask = offs_k < K
         xt = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :],
                      mask=r_mask[:, None] & k_mask[None, :], other=0.0)
         wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
                      mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = _dot(xt, tl.trans(wt), acc, PREC, UPCAST)
+        acc = _mm(xt, wt, acc, SWAP, PREC, UPCAST)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc += bias[None, :]
+        acc += _bcast_n(tl.where(pid_k == 0, bias, 0.0), SWAP)  # once, by the first K split
 
     # Deltas: each distinct tenant's sign rows are read once per program.
     ids_v = tl.load(ids_ptr + rows, mask=r_mask, other=-1)
@@ -102,10 +134,13 @@ def bitdelta_decode_kernel(
                 sel = member[None, :] & (pos[None, :] == slots[:, None])  # [TG, BT]
                 tok = tl.sum(tl.where(sel, rows[None, :], 0), axis=1)  # [TG]
                 t_mask = slots < cnt
-                dsum = tl.zeros((TG, BN), dtype=tl.float32)
+                if SWAP:
+                    dsum = tl.zeros((BN, TG), dtype=tl.float32)
+                else:
+                    dsum = tl.zeros((TG, BN), dtype=tl.float32)
                 for p in tl.static_range(BITS):
-                    dacc = tl.zeros((TG, BN), dtype=tl.float32)
-                    for k0 in range(0, K, BKD):
+                    dacc = tl.zeros_like(dsum)
+                    for k0 in range(k_lo, k_hi, BKD):
                         offs_k = k0 + tl.arange(0, BKD)
                         k_mask = offs_k < K
                         offs_b = k0 // 8 + tl.arange(0, BKD // 8)
@@ -117,20 +152,31 @@ def bitdelta_decode_kernel(
                         sb = tl.load(s_base + p * stride_sp + offs_n[:, None] * stride_sn + offs_b[None, :],
                                      mask=n_mask[:, None] & (offs_b < KB)[None, :], other=0)
                         sg = _unpack_pm1(sb, BN, BKD, dt)
-                        dacc = _dot(xt, tl.trans(sg), dacc, PREC, UPCAST)
+                        dacc = _mm(xt, sg, dacc, SWAP, PREC, UPCAST)
                     if MODE == 0:
                         dacc = dacc * tl.load(c_base + p)
                     elif MODE == 1:
                         rs = tl.load(c_base + p * stride_cp + offs_n, mask=n_mask, other=0.0)
-                        dacc = dacc * rs[None, :]
+                        dacc = dacc * _bcast_n(rs, SWAP)
                     dsum += dacc
-                # Add the chunk's rows into their token rows of the accumulator.
+                # Add the chunk's rows into their token rows of the accumulator
                 # (a one-hot [BT, TG] x [TG, BN] product, exact in fp32 FMA arithmetic).
                 hit = (member[:, None] & (pos[:, None] == slots[None, :])).to(tl.float32)  # [BT, TG]
-                acc = tl.dot(hit, dsum, acc, input_precision="ieee")
+                if SWAP:
+                    acc = tl.dot(dsum, tl.trans(hit), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(hit, dsum, acc, input_precision="ieee")
 
-    tl.store(y_ptr + rows[:, None] * stride_yt + offs_n[None, :], acc.to(dt),
-             mask=r_mask[:, None] & n_mask[None, :])
+    if SWAP:
+        y_ptrs = y_ptr + rows[None, :] * stride_yt + offs_n[:, None]
+        y_mask = r_mask[None, :] & n_mask[:, None]
+    else:
+        y_ptrs = y_ptr + rows[:, None] * stride_yt + offs_n[None, :]
+        y_mask = r_mask[:, None] & n_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=y_mask, sem="relaxed")
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit
@@ -141,7 +187,8 @@ def bitdelta_segmented_kernel(
     stride_sd, stride_sp, stride_sn,
     stride_cd, stride_cp,
     HAS_BIAS: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """grid = (max_blocks, cdiv(N, BN)); block b covers rows blk_m0[b]:+BM of segment blk_seg[b] (-1 = none)."""
     pid_m = tl.program_id(0)
@@ -156,7 +203,10 @@ def bitdelta_segmented_kernel(
         r_mask = rows < m_end
         offs_n = pid_n * BN + tl.arange(0, BN)
         n_mask = offs_n < N
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if SWAP:
+            acc = tl.zeros((BN, BM), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
         if d >= 0:
             s_base = s_ptr + d.to(tl.int64) * stride_sd
             c_base = c_ptr + d.to(tl.int64) * stride_cd
@@ -167,21 +217,25 @@ def bitdelta_segmented_kernel(
                 xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xt + offs_k[None, :],
                              mask=r_mask[:, None] & k_mask[None, :], other=0.0)
                 wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
-                             mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                             mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+                # W_base + Δ̂ rebuilt in registers (in the input dtype: one rounding per plane;
+                # in fp32 under the interpreter, whose bf16 arithmetic is wrong).
+                if UPCAST:
+                    wt = wt.to(tl.float32)
                 for p in tl.static_range(BITS):
                     sb = tl.load(s_base + p * stride_sp + offs_n[:, None] * stride_sn + offs_b[None, :],
                                  mask=n_mask[:, None] & (offs_b < KB)[None, :], other=0)
                     bit = _unpack_bits(sb, BN, BK) != 0
                     if MODE == 0:
-                        a = tl.load(c_base + p)
+                        a = tl.load(c_base + p).to(wt.dtype)
                         wt += tl.where(bit, a, -a)
                     elif MODE == 1:
-                        rs = tl.load(c_base + p * stride_cp + offs_n, mask=n_mask, other=0.0)[:, None]
+                        rs = tl.load(c_base + p * stride_cp + offs_n, mask=n_mask, other=0.0).to(wt.dtype)[:, None]
                         wt += tl.where(bit, rs, -rs)
                     else:
-                        cs = tl.load(c_base + p * stride_cp + offs_k, mask=k_mask, other=0.0)[None, :]
+                        cs = tl.load(c_base + p * stride_cp + offs_k, mask=k_mask, other=0.0).to(wt.dtype)[None, :]
                         wt += tl.where(bit, cs, -cs)
-                acc = _dot(xt, tl.trans(wt.to(dt)), acc, PREC, UPCAST)
+                acc = _mm(xt, wt, acc, SWAP, PREC, UPCAST)
         else:
             for k0 in range(0, K, BK):
                 offs_k = k0 + tl.arange(0, BK)
@@ -190,9 +244,13 @@ def bitdelta_segmented_kernel(
                              mask=r_mask[:, None] & k_mask[None, :], other=0.0)
                 wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
                              mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-                acc = _dot(xt, tl.trans(wt), acc, PREC, UPCAST)
+                acc = _mm(xt, wt, acc, SWAP, PREC, UPCAST)
         if HAS_BIAS:
             bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            acc += bias[None, :]
-        tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_yt + offs_n[None, :], acc.to(dt),
-                 mask=r_mask[:, None] & n_mask[None, :])
+            acc += _bcast_n(bias, SWAP)
+        if SWAP:
+            tl.store(y_ptr + rows[None, :].to(tl.int64) * stride_yt + offs_n[:, None], acc.to(dt),
+                     mask=r_mask[None, :] & n_mask[:, None])
+        else:
+            tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_yt + offs_n[None, :], acc.to(dt),
+                     mask=r_mask[:, None] & n_mask[None, :])

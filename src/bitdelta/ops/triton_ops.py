@@ -20,12 +20,16 @@ from bitdelta.ops import triton_kernels as K_
 
 MODE_CODE = {"scalar": 0, "row": 1, "col": 2}
 DECODE_MAX_TOKENS = 64
+TARGET_PROGRAMS = 1024
 
 # Launch configs; "decode" keyed by nothing (one config works across the three Llama shapes),
 # "segmented" likewise. Override per call with config=...
 DEFAULT_CONFIGS = {
-    "decode": {"BN": 16, "BK": 256, "BKD": 256, "TG": 16, "num_warps": 4, "num_stages": 3},
-    "segmented": {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
+    # SPLIT_K: programs along K (0 = auto: about TARGET_PROGRAMS programs in all); SWAP: weight
+    # tile as the MMA's A operand (see triton_kernels._mm).
+    "decode": {"BN": 32, "BK": 256, "BKD": 256, "TG": 16, "SPLIT_K": 0, "SWAP": False,
+               "num_warps": 4, "num_stages": 3},
+    "segmented": {"BM": 64, "BN": 128, "BK": 64, "SWAP": False, "num_warps": 4, "num_stages": 4},
 }
 
 
@@ -71,17 +75,25 @@ def bitdelta_decode(x, weight, bias, signs, scales, mode, ids, config: dict | No
     scales = scales.contiguous().float()
     ids = ids.to(torch.int32).contiguous()
     bt = max(16, triton.next_power_of_2(t))
-    grid = (triton.cdiv(n, cfg["BN"]),)
-    K_.bitdelta_decode_kernel[grid](
-        x, weight, bias if bias is not None else x, signs, scales, ids, y,
-        t, n, k, signs.shape[-1],
-        x.stride(0), weight.stride(0), y.stride(0),
+    n_blocks = triton.cdiv(n, cfg["BN"])
+    step = max(cfg["BK"], cfg["BKD"])
+    split = cfg["SPLIT_K"] or max(1, TARGET_PROGRAMS // n_blocks)
+    k_split = triton.cdiv(triton.cdiv(k, max(1, split)), step) * step
+    split = triton.cdiv(k, k_split)
+    out = torch.zeros((t, n), dtype=torch.float32, device=x.device) if split > 1 else y
+    K_.bitdelta_decode_kernel[(n_blocks, split)](
+        x, weight, bias if bias is not None else x, signs, scales, ids, out,
+        t, n, k, signs.shape[-1], k_split,
+        x.stride(0), weight.stride(0), out.stride(0),
         signs.stride(0), signs.stride(1), signs.stride(2),
         *_scale_strides(scales),
         HAS_BIAS=bias is not None, MODE=MODE_CODE[mode], BITS=signs.shape[1],
-        BT=bt, TG=cfg["TG"], BN=cfg["BN"], BK=cfg["BK"], BKD=cfg["BKD"], PREC=_prec(x.dtype), UPCAST=_upcast(x.dtype),
+        BT=bt, TG=cfg["TG"], BN=cfg["BN"], BK=cfg["BK"], BKD=cfg["BKD"], SWAP=cfg["SWAP"], ATOMIC=split > 1,
+        PREC=_prec(x.dtype), UPCAST=_upcast(x.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if split > 1:
+        y.copy_(out)
     return y
 
 
@@ -128,7 +140,7 @@ def bitdelta_segmented(x, weight, bias, signs, scales, mode, seg_starts, seg_ids
         signs.stride(0), signs.stride(1), signs.stride(2),
         *_scale_strides(scales),
         HAS_BIAS=bias is not None, MODE=MODE_CODE[mode], BITS=signs.shape[1],
-        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], PREC=_prec(x.dtype), UPCAST=_upcast(x.dtype),
+        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SWAP=cfg["SWAP"], PREC=_prec(x.dtype), UPCAST=_upcast(x.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y
