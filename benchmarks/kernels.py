@@ -36,23 +36,25 @@ from bitdelta.pack import pack_signs, unpack_signs  # noqa: E402
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K in, N out): 4096->4096, 4096->11008, 11008->4096
 BATCHES = [1, 4, 16, 64]
 DTYPES = [torch.float16, torch.bfloat16]
+_D = {"TG": 16, "SPLIT_K": 0, "num_stages": 3}
 DEC_CONFIGS = [
-    {"BN": 16, "BK": 256, "BKD": 256, "TG": 16, "num_warps": 4, "num_stages": 3},
-    {"BN": 16, "BK": 512, "BKD": 512, "TG": 16, "num_warps": 4, "num_stages": 3},
-    {"BN": 16, "BK": 256, "BKD": 512, "TG": 16, "num_warps": 4, "num_stages": 4},
-    {"BN": 16, "BK": 512, "BKD": 1024, "TG": 16, "num_warps": 8, "num_stages": 2},
-    {"BN": 32, "BK": 256, "BKD": 256, "TG": 16, "num_warps": 4, "num_stages": 3},
-    {"BN": 32, "BK": 128, "BKD": 512, "TG": 16, "num_warps": 8, "num_stages": 4},
-    {"BN": 64, "BK": 128, "BKD": 256, "TG": 16, "num_warps": 8, "num_stages": 3},
-    {"BN": 16, "BK": 128, "BKD": 128, "TG": 16, "num_warps": 4, "num_stages": 5},
+    {**_D, "BN": 32, "BK": 256, "BKD": 256, "SWAP": False, "num_warps": 4},
+    {**_D, "BN": 64, "BK": 256, "BKD": 256, "SWAP": True, "num_warps": 4},
+    {**_D, "BN": 64, "BK": 128, "BKD": 512, "SWAP": True, "num_warps": 4},
+    {**_D, "BN": 128, "BK": 128, "BKD": 256, "SWAP": True, "num_warps": 8},
+    {**_D, "BN": 16, "BK": 256, "BKD": 256, "SWAP": False, "num_warps": 4},
+    {**_D, "BN": 64, "BK": 256, "BKD": 256, "SWAP": True, "num_warps": 4, "SPLIT_K": 16},
+    {**_D, "BN": 32, "BK": 512, "BKD": 512, "SWAP": False, "num_warps": 4, "num_stages": 2},
+    {**_D, "BN": 64, "BK": 256, "BKD": 1024, "SWAP": True, "num_warps": 8, "num_stages": 2},
 ]
 SEG_CONFIGS = [
-    {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
-    {"BM": 128, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4},
-    {"BM": 128, "BN": 256, "BK": 64, "num_warps": 8, "num_stages": 3},
-    {"BM": 256, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
-    {"BM": 64, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4},
-    {"BM": 128, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 4},
+    {"BM": 64, "BN": 128, "BK": 64, "SWAP": False, "num_warps": 4, "num_stages": 4},
+    {"BM": 128, "BN": 128, "BK": 64, "SWAP": True, "num_warps": 8, "num_stages": 3},
+    {"BM": 256, "BN": 128, "BK": 64, "SWAP": True, "num_warps": 8, "num_stages": 3},
+    {"BM": 128, "BN": 64, "BK": 64, "SWAP": True, "num_warps": 4, "num_stages": 4},
+    {"BM": 256, "BN": 64, "BK": 64, "SWAP": True, "num_warps": 4, "num_stages": 3},
+    {"BM": 128, "BN": 128, "BK": 64, "SWAP": False, "num_warps": 8, "num_stages": 3},
+    {"BM": 128, "BN": 256, "BK": 64, "SWAP": True, "num_warps": 8, "num_stages": 3},
 ]
 
 
