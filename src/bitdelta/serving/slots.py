@@ -1,0 +1,431 @@
+"""DeltaSlots: the device pool of stacked deltas, with LRU tiers in host memory and on disk.
+
+Contract: each compressed matrix of the base has one stacked pool with ``max_gpu_deltas`` slots,
+``signs [slots, bits, out, ceil(in/8)]`` uint8 plus two scale tables, ``row [slots, bits, out]``
+and ``col [slots, bits, in]``. Scale modes are normalised on load: a scalar scale is broadcast into
+the row table (exact), row stays row, col goes to the col table, and a 1-bit delta in a 2-bit pool
+gets zero-scale padding planes (exact). So a step whose tenants are all row/scalar (the usual case)
+makes one ``bitdelta_linear`` call per module; a step mixing row and col tenants on a module makes
+two calls on disjoint token sets. Per-tenant 1-D parameters (norm weights, biases) live in tables
+``[slots + 1, dim]`` (row 0 = base) gathered per token; added-vocabulary rows are padded to
+``max_extra_vocab`` per slot.
+
+Residency: a registered delta is on disk (its artifact), optionally in host memory (prepared,
+pinned on CUDA, at most ``max_cpu_deltas``, LRU), optionally in a device slot (LRU among slots no
+running request uses). Disk loads run in a background thread; installing host -> slot happens on
+the engine thread between steps, so no step ever reads a slot being written.
+
+    slots = DeltaSlots(model, max_gpu_deltas=32, max_cpu_deltas=128)
+    slots.register("zephyr", "deltas/zephyr")     # validates + checks the base; raises BitDeltaError
+    slot = slots.acquire("zephyr")                # None while it loads: try again next step
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import BitDeltaError, ShapeMismatchError
+from ..ops import bitdelta_linear
+from ..pack import unpack_signs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HostDelta:
+    """A delta prepared for the pools: per module (signs, scales, is_col), 1-D params, extra rows."""
+
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, bool]]
+    params1d: dict[str, torch.Tensor]
+    extra_embed: torch.Tensor | None
+    extra_head: torch.Tensor | None
+
+    def nbytes(self) -> int:
+        n = sum(s.numel() + c.numel() * 4 for s, c, _ in self.modules.values())
+        return n + sum(p.numel() * p.element_size() for p in self.params1d.values())
+
+
+@dataclass
+class Entry:
+    name: str
+    path: str
+    info: dict
+    files: dict
+    host: HostDelta | None = None
+    slot: int | None = None
+    refs: int = 0
+    loading: bool = False
+    error: str | None = None
+    removed: bool = False
+    stats: dict = field(default_factory=lambda: {"loads": 0, "evictions": 0, "host_evictions": 0})
+
+
+class DeltaSlots:
+    """Device slot pools + host LRU + background loader, keyed by delta name."""
+
+    def __init__(self, model, max_gpu_deltas: int = 32, max_cpu_deltas: int = 128, max_bits: int = 1,
+                 max_extra_vocab: int = 0, backend: str = "auto"):
+        if max_gpu_deltas < 1:
+            raise ValueError("max_gpu_deltas must be at least 1")
+        self.model, self.backend = model, backend
+        self.num_slots, self.max_cpu, self.bits = max_gpu_deltas, max_cpu_deltas, max_bits
+        self.max_extra = max_extra_vocab
+        dev, s = model.device, max_gpu_deltas
+        self.pools = {}
+        for name, (n, k) in model.delta_modules().items():
+            self.pools[name] = {
+                "signs": torch.zeros((s, max_bits, n, (k + 7) // 8), dtype=torch.uint8, device=dev),
+                "row": torch.zeros((s, max_bits, n), dtype=torch.float32, device=dev),
+                "col": torch.zeros((s, max_bits, k), dtype=torch.float32, device=dev),
+                "is_col": torch.zeros(s, dtype=torch.bool, device=dev),
+                "n_col": 0, "col_slots": set(), "k": k,
+            }
+        self.tables = {n: p.unsqueeze(0).repeat(s + 1, 1).contiguous() for n, p in model.params1d.items()}
+        h = model.hidden
+        self.extra_embed = torch.zeros((s, max_extra_vocab, h), dtype=model.dtype, device=dev)
+        self.extra_head = torch.zeros((s, max_extra_vocab, h), dtype=model.dtype, device=dev)
+        self.n_extra = torch.zeros(s, dtype=torch.long, device=dev)
+        self.pin = model.device.type == "cuda"
+        self.entries: dict[str, Entry] = {}
+        self.slot_owner: list[str | None] = [None] * s
+        self.lru: OrderedDict[str, None] = OrderedDict()  # device-resident, least recent first
+        self.host_lru: OrderedDict[str, None] = OrderedDict()
+        self.lock = threading.RLock()
+        self.totals = {"loads": 0, "evictions": 0, "host_evictions": 0}
+        self._jobs: queue.Queue = queue.Queue()
+        self.on_ready = None  # callback(): wake the engine when a background load lands
+        self._thread = threading.Thread(target=self._loader, name="bitdelta-delta-loader", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ registry
+
+    def register(self, name: str, path, delta=None) -> Entry:
+        """Loads, validates and base-checks ``path`` now (raises on any problem); keeps it in host memory."""
+        with self.lock:
+            if name in self.entries:
+                why = "is still finishing requests after its removal" if self.entries[name].removed else "is already registered"
+                raise BitDeltaError(f"a delta named {name!r} {why}; DELETE it first or pick another name")
+        if delta is None:
+            delta = self._load(path)
+        host = self.prepare(delta, name)
+        entry = Entry(name, str(path), dict(delta.info), dict(delta.files))
+        with self.lock:
+            self.entries[name] = entry
+            entry.stats["loads"] += 1
+            self.totals["loads"] += 1
+            self._put_host(entry, host)
+        return entry
+
+    def unregister(self, name: str) -> None:
+        with self.lock:
+            e = self.entries.get(name)
+            if e is None or e.removed:
+                raise KeyError(name)
+            e.removed = True
+            self.host_lru.pop(name, None)
+            e.host = None
+            if e.refs == 0:
+                self._free_slot(e)
+                del self.entries[name]
+
+    def names(self) -> list[str]:
+        with self.lock:
+            return [n for n, e in self.entries.items() if not e.removed]
+
+    def get(self, name: str) -> Entry | None:
+        with self.lock:
+            e = self.entries.get(name)
+            return None if e is None or e.removed else e
+
+    # ------------------------------------------------------------------ loading
+
+    def _load(self, path):
+        from ..artifact import load_delta
+
+        if not Path(path).is_dir():
+            raise BitDeltaError(f"{path} is not a delta artifact directory")
+        delta = load_delta(path)
+        delta.info.setdefault("artifact_path", str(path))
+        live = {n: w for n, w in self.model.weights.items()}
+        if self.model.head_name == self.model.embed_name:
+            live["lm_head"] = self.model.weights[self.model.embed_name]
+        delta.fingerprint.verify(live, delta_name=str(path), base_name=delta.base_model_name_or_path,
+                                 model_name=str(getattr(self.model.config, "_name_or_path", "base")))
+        return delta
+
+    def prepare(self, delta, name: str = "?") -> HostDelta:
+        """Converts a :class:`Delta` to pool layout, or raises a clear error if it cannot be served."""
+        m = self.model
+        shapes = m.delta_modules()
+        modules, extra_embed, extra_head = {}, None, None
+        for fqn, pm in delta.modules.items():
+            target = fqn
+            if fqn == "lm_head" and m.head_name == m.embed_name:
+                raise BitDeltaError(f"delta {name!r} has its own lm_head, but the base ties it to the embeddings; "
+                                    "this server cannot serve an untied fine-tune of a tied base")
+            if target not in shapes:
+                raise BitDeltaError(f"delta {name!r} compresses {fqn!r}, which the serving model does not have")
+            n, k = shapes[target]
+            if pm.out_features != n or pm.in_features != k:
+                raise ShapeMismatchError(f"delta {name!r}: {fqn} is {pm.out_features}x{pm.in_features}, base is {n}x{k}")
+            if pm.bits > self.bits:
+                raise BitDeltaError(f"delta {name!r} has {pm.bits} sign planes but the pool holds {self.bits}; "
+                                    f"restart the server with --max-bits {pm.bits}")
+            signs = torch.zeros((self.bits, n, (k + 7) // 8), dtype=torch.uint8)
+            signs[:pm.bits] = pm.sign.cpu()
+            is_col = pm.mode == "col"
+            scales = torch.zeros((self.bits, k if is_col else n), dtype=torch.float32)
+            sc = pm.scale.float().cpu()
+            scales[:pm.bits] = sc[:, None].expand(pm.bits, n) if pm.mode == "scalar" else sc
+            if fqn == m.embed_name and is_col:
+                raise BitDeltaError(f"delta {name!r}: column-scaled embeddings are not supported; use row scales")
+            modules[target] = (self._pinned(signs), self._pinned(scales), is_col)
+            if pm.extra_rows is not None:
+                rows = pm.extra_rows.to(m.dtype).cpu()
+                if rows.shape[0] > self.max_extra:
+                    raise BitDeltaError(f"delta {name!r} adds {rows.shape[0]} tokens; the server was started with "
+                                        f"--max-extra-vocab {self.max_extra}")
+                if fqn == m.embed_name:
+                    extra_embed = rows
+                    if m.head_name == m.embed_name:
+                        extra_head = rows
+                else:
+                    extra_head = rows
+        params1d = {}
+        for pname, value in delta.dense.items():
+            key = delta.ties.get(pname, pname)
+            if key not in m.params1d:
+                raise BitDeltaError(f"delta {name!r} replaces {pname!r} densely; the server gathers only 1-D parameters "
+                                    "(norms, biases) per tenant: compress without --dense-embeddings/--exclude")
+            if tuple(value.shape) != tuple(m.params1d[key].shape):
+                raise ShapeMismatchError(f"delta {name!r}: {pname} has shape {tuple(value.shape)}, "
+                                         f"base has {tuple(m.params1d[key].shape)}")
+            params1d[key] = self._pinned(value.to(m.dtype).cpu())
+        if (extra_embed is None) != (extra_head is None) or (
+                extra_embed is not None and extra_embed.shape[0] != extra_head.shape[0]):
+            raise BitDeltaError(f"delta {name!r}: added-token rows of the embeddings and the head disagree")
+        return HostDelta(modules, params1d, extra_embed, extra_head)
+
+    def _pinned(self, t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory() if self.pin else t
+
+    def _put_host(self, e: Entry, host: HostDelta) -> None:
+        e.host = host
+        self.host_lru[e.name] = None
+        self.host_lru.move_to_end(e.name)
+        while len(self.host_lru) > self.max_cpu:
+            victim = next(iter(self.host_lru))
+            self.host_lru.pop(victim)
+            ve = self.entries.get(victim)
+            if ve is not None:
+                ve.host = None
+                ve.stats["host_evictions"] += 1
+                self.totals["host_evictions"] += 1
+
+    def _loader(self) -> None:
+        while True:
+            name = self._jobs.get()
+            with self.lock:
+                e = self.entries.get(name)
+                if e is None or e.removed or e.host is not None:
+                    if e is not None:
+                        e.loading = False
+                    continue
+                path = e.path
+            try:
+                host = self.prepare(self._load(path), name)
+                err = None
+            except Exception as ex:  # a file changed or vanished since registration
+                host, err = None, f"could not load delta {name!r} from {path}: {ex}"
+                logger.error(err)
+            with self.lock:
+                e.loading = False
+                if err:
+                    e.error = err
+                elif not e.removed:
+                    e.stats["loads"] += 1
+                    self.totals["loads"] += 1
+                    self._put_host(e, host)
+            if self.on_ready:
+                self.on_ready()
+
+    def prefetch(self, name: str) -> None:
+        """Starts bringing ``name`` into host memory in the background (no-op if it is there)."""
+        with self.lock:
+            e = self.entries.get(name)
+            if e is None or e.removed or e.host is not None or e.slot is not None or e.loading:
+                return
+            e.loading, e.error = True, None
+        self._jobs.put(name)
+
+    # ------------------------------------------------------------------ device slots (engine thread)
+
+    def acquire(self, name: str) -> int | None:
+        """The slot of ``name`` with a reference held, or None if it is not resident yet (loading starts)."""
+        with self.lock:
+            e = self.entries.get(name)
+            if e is None or e.removed:
+                raise KeyError(name)
+            if e.slot is None:
+                if e.host is None:
+                    self.prefetch(name)
+                    return None
+                slot = self._take_slot()
+                if slot is None:
+                    return None
+                self._install(slot, e)
+            e.refs += 1
+            self.lru[name] = None
+            self.lru.move_to_end(name)
+            return e.slot
+
+    def release(self, name: str) -> None:
+        with self.lock:
+            e = self.entries.get(name)
+            if e is None:
+                return
+            e.refs -= 1
+            if e.removed and e.refs == 0:
+                self._free_slot(e)
+                del self.entries[name]
+
+    def unload(self, name: str) -> bool:
+        """Evicts ``name`` from its device slot; False if running requests use it."""
+        with self.lock:
+            e = self.entries.get(name)
+            if e is None or e.removed:
+                raise KeyError(name)
+            if e.refs:
+                return False
+            if e.slot is not None:
+                self._free_slot(e, count=True)
+            return True
+
+    def load(self, name: str) -> int | None:
+        """Makes ``name`` device-resident now if possible (engine thread), without holding a reference."""
+        slot = self.acquire(name)
+        if slot is not None:
+            self.release(name)
+        return slot
+
+    def _take_slot(self) -> int | None:
+        for i, owner in enumerate(self.slot_owner):
+            if owner is None:
+                return i
+        for victim in self.lru:  # least recently used first
+            ve = self.entries[victim]
+            if ve.refs == 0:
+                slot = ve.slot
+                self._free_slot(ve, count=True)
+                return slot
+        return None
+
+    def _free_slot(self, e: Entry, count: bool = False) -> None:
+        if e.slot is None:
+            return
+        slot = e.slot
+        self.slot_owner[slot] = None
+        e.slot = None
+        self.lru.pop(e.name, None)
+        for pool in self.pools.values():
+            if slot in pool["col_slots"]:
+                pool["col_slots"].discard(slot)
+                pool["is_col"][slot] = False
+        if count:
+            e.stats["evictions"] += 1
+            self.totals["evictions"] += 1
+            if e.host is None and not e.removed:
+                logger.info("delta %s evicted to disk", e.name)
+
+    @torch.no_grad()
+    def _install(self, slot: int, e: Entry) -> None:
+        host = e.host
+        for name, pool in self.pools.items():
+            got = host.modules.get(name)
+            if got is None:  # this tenant leaves the module unchanged: zero scales
+                pool["row"][slot].zero_()
+                pool["col"][slot].zero_()
+                continue
+            signs, scales, is_col = got
+            pool["signs"][slot].copy_(signs, non_blocking=True)
+            (pool["col"] if is_col else pool["row"])[slot].copy_(scales, non_blocking=True)
+            (pool["row"] if is_col else pool["col"])[slot].zero_()
+            pool["is_col"][slot] = is_col
+            (pool["col_slots"].add if is_col else pool["col_slots"].discard)(slot)
+        for pname, table in self.tables.items():
+            table[slot + 1].copy_(host.params1d.get(pname, self.model.params1d[pname]), non_blocking=True)
+        n = 0 if host.extra_embed is None else host.extra_embed.shape[0]
+        if n:
+            self.extra_embed[slot, :n].copy_(host.extra_embed, non_blocking=True)
+            self.extra_head[slot, :n].copy_(host.extra_head, non_blocking=True)
+        self.n_extra[slot] = n
+        self.slot_owner[slot] = e.name
+        e.slot = slot
+        if e.host is not None:
+            self.host_lru[e.name] = None
+            self.host_lru.move_to_end(e.name)
+
+    # ------------------------------------------------------------------ per-step ops (model callbacks)
+
+    def linear(self, name: str, x: torch.Tensor, w: torch.Tensor, batch) -> torch.Tensor:
+        pool = self.pools[name]
+        ids = batch.ids
+        if not pool["col_slots"]:
+            return bitdelta_linear(x, w, None, pool["signs"], pool["row"], "row", ids, self.backend)
+        col = pool["is_col"][ids.clamp(min=0).long()] & (ids >= 0)
+        y = x.new_empty((x.shape[0], w.shape[0]))
+        for mask, mode in ((~col, "row"), (col, "col")):
+            if bool(mask.any()):
+                y[mask] = bitdelta_linear(x[mask], w, None, pool["signs"], pool[mode], mode, ids[mask], self.backend)
+        return y
+
+    def gather1d(self, name: str, batch) -> torch.Tensor:
+        return self.tables[name][batch.gather]
+
+    def embed(self, x: torch.Tensor, batch) -> torch.Tensor:
+        """Adds each token's tenant embedding delta (and added-token rows) to the base rows ``x``."""
+        if not batch.any_delta:
+            return x
+        pool, v = self.pools[self.model.embed_name], self.model.vocab_size
+        ids, tok = batch.ids.long(), batch.tokens
+        has = ids >= 0
+        slot = ids.clamp(min=0)
+        row = tok.clamp(max=v - 1)
+        signs = unpack_signs(pool["signs"][slot, :, row], pool["k"])  # [T, bits, H]
+        scales = pool["row"][slot, :, row]  # [T, bits]
+        d = (signs * scales[..., None]).sum(1) * has[:, None]
+        x = x + d.to(x.dtype)
+        if self.max_extra:
+            is_extra = (tok >= v) & has
+            extra = self.extra_embed[slot, (tok - v).clamp(min=0, max=self.max_extra - 1)]
+            x = torch.where(is_extra[:, None], extra, x)
+        return x
+
+    def extra_logits(self, h: torch.Tensor, logits: torch.Tensor, batch) -> torch.Tensor:
+        """Appends added-token logits (``-inf`` where a tenant has fewer, or none)."""
+        if not self.max_extra:
+            return logits
+        ids = batch.ids.long()
+        slot = ids.clamp(min=0)
+        extra = torch.einsum("th,teh->te", h.float(), self.extra_head[slot].float())
+        valid = (torch.arange(self.max_extra, device=h.device)[None, :] < self.n_extra[slot][:, None]) & (ids >= 0)[:, None]
+        return torch.cat([logits, extra.masked_fill(~valid, float("-inf"))], dim=-1)
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> list[dict]:
+        with self.lock:
+            return [{"name": e.name, "path": e.path, "device_slot": e.slot, "in_host_memory": e.host is not None,
+                     "loading": e.loading, "running_requests": e.refs, "error": e.error, **e.stats}
+                    for e in self.entries.values() if not e.removed]
+
+    def resident(self) -> int:
+        with self.lock:
+            return sum(o is not None for o in self.slot_owner)

@@ -1,0 +1,98 @@
+"""Fixtures for the serving tests: the embedded default model set (models/tiny) and its deltas.
+
+When models/tiny has not been built, a stand-in with the same layout is made locally: a random tiny
+Llama base with a byte-level tokenizer and two noisy "fine-tunes" carrying their own chat templates.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = Path(__file__).resolve().parents[2] / "models" / "tiny"
+NAMES = ("base", "shakespeare", "gsm8k")
+TEMPLATES = {
+    "shakespeare": "{{ bos_token }}{% for m in messages %}{{ m['content'] }}\n{% endfor %}",
+    "gsm8k": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}Question: {{ m['content'] }}\n"
+             "{% endif %}{% endfor %}{% if add_generation_prompt %}Answer:{% endif %}",
+}
+
+
+def _byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|bos|>", "<|eos|>", "<|pad|>"]
+    vocab = {s: i for i, s in enumerate(specials)}
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0], eos_token=specials[1],
+                                   pad_token=specials[2], model_max_length=256, clean_up_tokenization_spaces=False)
+
+
+def _build_standin(out: Path) -> dict[str, Path]:
+    import transformers
+
+    tok = _byte_tokenizer()
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = transformers.LlamaForCausalLM(cfg).eval()
+    dirs = {}
+    for i, name in enumerate(NAMES):
+        model = copy.deepcopy(base)
+        if name != "base":
+            g = torch.Generator().manual_seed(10 + i)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.3 * (p.std() if p.numel() > 1 else 1.0))
+        d = out / name
+        model.save_pretrained(d)
+        t = copy.deepcopy(tok)
+        t.chat_template = TEMPLATES.get(name)
+        t.save_pretrained(d)
+        dirs[name] = d
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Directories of the base and the two fine-tunes (models/tiny when it exists)."""
+    if all((TINY / n / "config.json").exists() for n in NAMES):
+        return {n: TINY / n for n in NAMES}
+    return _build_standin(tmp_path_factory.mktemp("tiny-standin"))
+
+
+@pytest.fixture(scope="session")
+def delta_dir(tiny_models, tmp_path_factory) -> Path:
+    """An allow-listed directory with the two default deltas (row scales)."""
+    import bitdelta
+
+    d = tmp_path_factory.mktemp("deltas")
+    for name in ("shakespeare", "gsm8k"):
+        bitdelta.compress(tiny_models["base"], tiny_models[name], scale="row", progress=False).save_pretrained(d / name)
+    return d
+
+
+@pytest.fixture(scope="session")
+def corrupt_delta(delta_dir) -> Path:
+    """A copy of a delta with its tensor file truncated."""
+    bad = delta_dir / "corrupt"
+    if not bad.exists():
+        shutil.copytree(delta_dir / "gsm8k", bad)
+        for f in bad.glob("*.safetensors"):
+            data = f.read_bytes()
+            f.write_bytes(data[: len(data) // 2])
+    return bad
