@@ -1,0 +1,265 @@
+"""Scale distillation: train only a delta's scales so base + delta matches the fine-tune's logits.
+
+The student is the base model with the delta applied on the fly (no third model copy); its only
+trainable tensors are the scales, and every base parameter is frozen and left bit-identical.
+The teacher's logits come from the fine-tune batch by batch, or from a cache precomputed to disk
+(:func:`precompute_teacher_logits`) for machines that cannot hold both models. The loss (MSE on
+logits as the paper, or KL) counts real tokens only, never padding. Gradients flow through the
+1-bit path (``delta_matmul``) into earlier layers.
+
+``choose_auto`` implements ``--scale auto``: distil row and col scales, then per module keep
+whichever gives the lower loss on a held-out split (not the training loss).
+
+    cal = load_calibration("calibration.jsonl", tok)
+    delta = distill_scales(delta, base_model, finetuned_model, cal, steps=200, lr=1e-4)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from .apply import apply, unapply
+from .calibration import Calibration, TokenBatches
+from .delta import Delta, PackedModule
+from .errors import BitDeltaError
+from .layers import DeltaWrapper
+
+
+def logits_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Loss over real tokens: student/teacher ``[B, L, V]``, mask ``[B, L]`` (0 = padding)."""
+    keep = mask.bool()
+    s = student[keep].float()
+    t = teacher[keep].float()
+    if kind == "mse":
+        return F.mse_loss(s, t)
+    if kind == "kl":
+        return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+    raise BitDeltaError(f"loss must be 'mse' or 'kl', got {kind!r}")
+
+
+class TeacherLogits:
+    """Teacher logits for a fixed set of samples: from a live model, a float16 cache on disk,
+    or a tensor held in memory."""
+
+    def __init__(self, model: nn.Module | None = None, cache: Path | None = None, shape=None,
+                 tensor: torch.Tensor | None = None, samples: TokenBatches | None = None):
+        self.model, self.cache, self._mm, self.tensor = model, cache, None, tensor
+        self.samples = samples  # what a cache or tensor holds logits for
+        if cache is not None:
+            self._mm = np.memmap(cache, dtype=np.float16, mode="r", shape=shape)
+
+    def covers(self, samples: TokenBatches) -> bool:
+        return self.model is not None or samples is self.samples
+
+    @torch.no_grad()
+    def get(self, samples: TokenBatches, index: torch.Tensor, device) -> torch.Tensor:
+        if not self.covers(samples):
+            raise BitDeltaError("these teacher logits were precomputed for other samples")
+        if self.tensor is not None:
+            return self.tensor[index.to(self.tensor.device)].to(device)
+        if self._mm is not None:
+            return torch.from_numpy(np.asarray(self._mm[index.cpu().numpy()])).to(device)
+        ids, mask = samples.batch(index)
+        dev = next(self.model.parameters()).device
+        return self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.to(device)
+
+
+@torch.no_grad()
+def precompute_teacher_logits(model: nn.Module, samples: TokenBatches, path, batch_size: int = 8,
+                              progress: bool = True) -> TeacherLogits:
+    """Writes the teacher's logits for every sample to ``path`` (float16 memmap) and returns a
+    :class:`TeacherLogits` reading them, so the fine-tune can be freed before distillation."""
+    dev = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    shape = (len(samples), samples.input_ids.shape[1], vocab)
+    mm = np.memmap(path, dtype=np.float16, mode="w+", shape=shape)
+    for start in tqdm(range(0, len(samples), batch_size), desc="teacher logits", disable=not progress):
+        idx = torch.arange(start, min(start + batch_size, len(samples)))
+        ids, mask = samples.batch(idx)
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+        mm[start:start + len(idx)] = logits.float().clamp(-65000, 65000).cpu().numpy().astype(np.float16)
+    mm.flush()
+    del mm
+    return TeacherLogits(cache=Path(path), shape=shape, samples=samples)
+
+
+def _wrappers(model: nn.Module) -> list[DeltaWrapper]:
+    return [m for m in model.modules() if isinstance(m, DeltaWrapper)]
+
+
+def _trainable_scales(model: nn.Module) -> list[nn.Parameter]:
+    """Turns each distinct packed module's scale into a leaf parameter (tied users share it)."""
+    params, seen = [], set()
+    for w in _wrappers(model):
+        if id(w.packed) in seen:
+            continue
+        seen.add(id(w.packed))
+        w.packed.scale = nn.Parameter(w.packed.scale.detach().float().clone())
+        params.append(w.packed.scale)
+    return params
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, teacher: TeacherLogits, samples: TokenBatches, batch_size: int, kind: str) -> float:
+    """Mean loss over ``samples`` (weighted by real tokens)."""
+    dev = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(samples), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(samples)))
+        ids, mask = samples.batch(idx)
+        ids, mask = ids.to(dev), mask.to(dev)
+        s = model(input_ids=ids, attention_mask=mask).logits
+        n = int(mask.sum())
+        total += float(logits_loss(s, teacher.get(samples, idx, dev), mask, kind)) * n
+        count += n
+    return total / max(count, 1)
+
+
+def distill_scales(
+    delta: Delta,
+    base: nn.Module,
+    finetuned: nn.Module | None,
+    calibration: Calibration | TokenBatches,
+    steps: int = 200,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    loss: str = "mse",
+    seed: int = 0,
+    teacher: TeacherLogits | None = None,
+    progress: bool = True,
+) -> Delta:
+    """Returns a copy of ``delta`` whose scales minimise the logit distance to the fine-tune.
+
+    Args:
+        base: the base model (modules are swapped during training and restored after; its
+            weights are never written).
+        finetuned: the teacher, or None when ``teacher`` holds precomputed logits.
+        calibration: samples (``Calibration.train`` is used for training and ``.heldout`` for
+            the held-out loss recorded before and after).
+    """
+    if steps < 1:
+        raise BitDeltaError(f"distillation needs at least one step, got {steps}")
+    train = calibration.train if isinstance(calibration, Calibration) else calibration
+    held = calibration.heldout if isinstance(calibration, Calibration) else None
+    if teacher is None:
+        if finetuned is None:
+            raise BitDeltaError("distillation needs the fine-tuned model or precomputed teacher logits")
+        teacher = TeacherLogits(model=finetuned.eval())
+    work = Delta({k: _copy(m) for k, m in delta.modules.items()}, dict(delta.dense), delta.fingerprint,
+                 dict(delta.info), dict(delta.files))
+    home = next(iter(delta.modules.values())).sign.device if delta.modules else torch.device("cpu")
+    work.to(next(base.parameters()).device)  # so apply() uses these very objects, not copies
+    frozen = {p: p.requires_grad for p in base.parameters()}
+    for p in base.parameters():
+        p.requires_grad_(False)
+    was_training = base.training
+    base.eval()
+    apply(base, work)
+    try:
+        scales = _trainable_scales(base)
+        dev = next(base.parameters()).device
+        opt = torch.optim.AdamW(scales, lr=lr)
+        gen = torch.Generator().manual_seed(seed)
+        can_hold = held is not None and len(held) and teacher.covers(held)
+        held_before = heldout_loss(base, teacher, held, batch_size * 4, loss) if can_hold else None
+        order = torch.randperm(len(train), generator=gen)
+        cursor, history = 0, []
+        started = time.perf_counter()
+        bar = tqdm(range(steps), desc="distilling scales", disable=not progress)
+        for _ in bar:
+            if cursor + batch_size > len(order):
+                order, cursor = torch.randperm(len(train), generator=gen), 0
+            idx = order[cursor:cursor + batch_size]
+            cursor += batch_size
+            ids, mask = train.batch(idx)
+            ids, mask = ids.to(dev), mask.to(dev)
+            target = teacher.get(train, idx, dev)
+            logits = base(input_ids=ids, attention_mask=mask).logits
+            value = logits_loss(logits, target, mask, loss)
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            history.append(float(value.detach()))
+            bar.set_postfix(loss=f"{history[-1]:.5f}")
+        elapsed = time.perf_counter() - started
+        held_after = heldout_loss(base, teacher, held, batch_size * 4, loss) if held_before is not None else None
+    finally:
+        unapply(base)
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+        base.train(was_training)
+    for m in work.modules.values():
+        m.scale = m.scale.detach().float()
+        if not torch.isfinite(m.scale).all():
+            raise BitDeltaError("distillation diverged (non-finite scales); lower --distill-lr")
+    work.to(home)
+    tail = history[-max(1, min(10, len(history))):]
+    work.info["distillation"] = {
+        "steps": steps, "lr": lr, "batch_size": batch_size, "seq_len": int(train.input_ids.shape[1]),
+        "num_samples": len(train), "loss": loss, "seed": seed,
+        "dataset": getattr(calibration, "source", None),
+        "initial_loss": history[0], "final_loss": sum(tail) / len(tail),
+        "heldout_loss_before": held_before, "heldout_loss_after": held_after,
+        "seconds": round(elapsed, 2),
+    }
+    return work
+
+
+def _copy(m: PackedModule) -> PackedModule:
+    return PackedModule(m.kind, m.mode, m.sign, m.scale.detach().clone(), m.in_features, m.vocab, m.extra_rows)
+
+
+@torch.no_grad()
+def choose_auto(row_delta: Delta, col_delta: Delta, base: nn.Module, teacher: TeacherLogits,
+                heldout: TokenBatches, batch_size: int = 16, loss: str = "mse", progress: bool = True) -> Delta:
+    """Per module, keeps row or col scales, whichever lowers the held-out loss (greedy, in
+    module order, starting from all-row). Vocabulary matrices always keep per-row scales."""
+    if heldout is None or not len(heldout):
+        raise BitDeltaError("--scale auto needs a held-out calibration split")
+    dev = next(base.parameters()).device
+    row_delta.to(dev)
+    col_delta.to(dev)
+    chosen = Delta(dict(row_delta.modules), dict(row_delta.dense), row_delta.fingerprint, dict(row_delta.info),
+                   dict(row_delta.files))
+    # The held-out teacher logits are reused for every trial: compute them once.
+    cached = torch.cat([teacher.get(heldout, torch.arange(i, min(i + batch_size, len(heldout))), dev)
+                        for i in range(0, len(heldout), batch_size)])
+    teacher = TeacherLogits(tensor=cached, samples=heldout)
+    apply(base, chosen)
+    choices = {}
+    try:
+        by_name = {}
+        for name, _ in chosen.modules.items():
+            by_name[name] = base.get_submodule(name)
+        best = heldout_loss(base, teacher, heldout, batch_size, loss)
+        start_loss = best
+        names = [n for n, m in chosen.modules.items() if not m.vocab]
+        for name in tqdm(names, desc="auto: row or col", disable=not progress):
+            wrapper = by_name[name]
+            row_packed = wrapper.packed
+            wrapper.packed = col_delta.modules[name]
+            trial = heldout_loss(base, teacher, heldout, batch_size, loss)
+            if trial < best and math.isfinite(trial):
+                best = trial
+                chosen.modules[name] = col_delta.modules[name]
+                choices[name] = "col"
+            else:
+                wrapper.packed = row_packed
+                choices[name] = "row"
+    finally:
+        unapply(base)
+    chosen.info["compression"] = dict(chosen.info.get("compression") or {}, scale="auto")
+    chosen.info["distillation"] = dict(row_delta.info.get("distillation") or {}, auto={
+        "heldout_loss_all_row": start_loss, "heldout_loss_chosen": best,
+        "col_modules": sum(v == "col" for v in choices.values()), "row_modules": sum(v == "row" for v in choices.values()),
+        "col_heldout_loss_all_col": (col_delta.info.get("distillation") or {}).get("heldout_loss_after"),
+    })
+    return chosen
