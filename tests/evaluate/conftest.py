@@ -120,3 +120,12 @@ def manual_logprobs(model, ids: list[int]) -> torch.Tensor:
         logits = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits
     logp = torch.log_softmax(logits[0, :-1].double(), dim=-1)
     return logp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and far faster than with many on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
