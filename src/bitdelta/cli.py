@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None)
     g.add_argument("--device", default=None)
     g.set_defaults(func=cmd_generate)
+    from .serving.cli import add_serve_parser
+    add_serve_parser(sub)
     return p
 
 

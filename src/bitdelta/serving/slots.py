@@ -112,8 +112,7 @@ class DeltaSlots:
             if name in self.entries:
                 why = "is still finishing requests after its removal" if self.entries[name].removed else "is already registered"
                 raise BitDeltaError(f"a delta named {name!r} {why}; DELETE it first or pick another name")
-        if delta is None:
-            delta = self._load(path)
+        delta = self._load(path) if delta is None else self._verify(delta, path)
         host = self.prepare(delta, name)
         entry = Entry(name, str(path), dict(delta.info), dict(delta.files))
         with self.lock:
@@ -151,7 +150,9 @@ class DeltaSlots:
 
         if not Path(path).is_dir():
             raise BitDeltaError(f"{path} is not a delta artifact directory")
-        delta = load_delta(path)
+        return self._verify(load_delta(path), path)
+
+    def _verify(self, delta, path):
         delta.info.setdefault("artifact_path", str(path))
         live = {n: w for n, w in self.model.weights.items()}
         if self.model.head_name == self.model.embed_name:

@@ -1,0 +1,466 @@
+"""OpenAI-compatible HTTP API over a :class:`~bitdelta.serving.runtime.ServingRuntime` (FastAPI).
+
+``model`` names a registered delta or the base itself. Endpoints: ``GET /v1/models``,
+``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE with ``stream: true``), ``GET /health``,
+``GET /metrics`` (Prometheus), ``GET /`` (side-by-side web page), and, with runtime deltas enabled
+and the admin key, ``GET/POST /v1/deltas``, ``DELETE /v1/deltas/{name}``,
+``POST /v1/deltas/{name}/load|unload``. Errors use OpenAI's body:
+``{"error": {"message", "type", "param", "code"}}``.
+
+    app = create_app(runtime, ServerConfig(api_keys={"sk-a": {"zephyr"}}, admin_key="adm", delta_dir="deltas"))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import BitDeltaError
+from .engine import QueueFull
+from .engine import Request as EngineRequest
+from .engine import SamplingParams
+from .page import INDEX_HTML
+from .text import Detokenizer
+
+logger = logging.getLogger(__name__)
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 409: "conflict_error", 422: "invalid_request_error",
+          429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+def error_body(status: int, message: str, code=None, param=None) -> dict:
+    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"), "param": param,
+                      "code": code}}
+
+
+@dataclass
+class ServerConfig:
+    api_keys: dict[str, set[str]] | None = None  # key -> allowed model names ("*" = all)
+    admin_key: str | None = None
+    allow_runtime_deltas: bool = False
+    delta_dir: str | None = None  # allow-list for runtime registration
+    request_timeout_s: float = 600.0
+
+
+def load_api_keys(path) -> dict[str, set[str]]:
+    """Reads ``[keys]`` from a TOML file: ``"sk-..." = ["tenant", ...]`` (``"*"`` = every model)."""
+    import tomllib
+
+    data = tomllib.loads(Path(path).read_text())
+    keys = data.get("keys")
+    if not isinstance(keys, dict) or not keys:
+        raise BitDeltaError(f'{path}: expected a [keys] table mapping each key to its models, e.g. "sk-abc" = ["zephyr"]')
+    out = {}
+    for k, v in keys.items():
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise BitDeltaError(f"{path}: key {k[:6]}...: the value must be a list of model names")
+        out[k] = set(v)
+    return out
+
+
+# ---------------------------------------------------------------------------------- request bodies
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: Optional[dict] = None
+    stop: Union[str, list[str], None] = None
+    stop_token_ids: Optional[list[int]] = None
+    seed: Optional[int] = None
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: Union[bool, int, None] = None
+
+
+class CompletionBody(_Base):
+    prompt: Union[str, list[str], list[int]]
+    echo: bool = False
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[dict], None] = None
+
+
+class ChatBody(_Base):
+    messages: list[Message]
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+
+class DeltaBody(BaseModel):
+    name: str
+    path: str
+
+
+# ---------------------------------------------------------------------------------- app
+
+
+def create_app(rt, config: ServerConfig | None = None) -> FastAPI:
+    cfg = config or ServerConfig()
+    app = FastAPI(title="bitdelta serve", version="0.1.0", docs_url=None, redoc_url=None)
+    app.state.runtime, app.state.config = rt, cfg
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return JSONResponse(error_body(e.status, e.message, e.code, e.param), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', []) if x != 'body')}: {er.get('msg')}" for er in errs[:5])
+        return JSONResponse(error_body(422, msg or "invalid request body", "invalid_value", ".".join(loc) or None), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        return JSONResponse(error_body(e.status_code, str(e.detail)), status_code=e.status_code)
+
+    def bearer(request: Request) -> str | None:
+        h = request.headers.get("authorization", "")
+        return h[7:].strip() if h.lower().startswith("bearer ") else None
+
+    def check_access(request: Request, model: str | None) -> None:
+        if cfg.api_keys is None:
+            return
+        key = bearer(request)
+        if not key:
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+        allowed = next((v for k, v in cfg.api_keys.items() if hmac.compare_digest(k, key)), None)
+        if allowed is None:
+            raise ApiError(401, "invalid API key", "invalid_api_key")
+        if model is not None and "*" not in allowed and model not in allowed:
+            raise ApiError(403, f"this API key may not use model {model!r}", "model_not_allowed", "model")
+
+    def visible_models(request: Request) -> list[str]:
+        names = rt.models()
+        if cfg.api_keys is None:
+            return names
+        key = bearer(request)
+        allowed = next((v for k, v in cfg.api_keys.items() if hmac.compare_digest(k, key or "")), set())
+        return [n for n in names if "*" in allowed or n in allowed]
+
+    def model_card(name: str) -> dict:
+        e = rt.slots.get(name)
+        return {"id": name, "object": "model", "created": int(app.state.started), "owned_by": "bitdelta",
+                "parent": None if e is None else rt.base_name,
+                "root": rt.base_path if e is None else e.info.get("finetuned_model_name_or_path", name)}
+
+    app.state.started = time.time()
+
+    # ------------------------------------------------------------------ read-only endpoints
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(INDEX_HTML)
+
+    @app.get("/health")
+    async def health():
+        if not rt.engine.alive:
+            return JSONResponse({"status": "error", "error": rt.engine.error or "engine not running"}, status_code=503)
+        return {"status": "ok", "models": len(rt.models()), **rt.engine.stats()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(rt.metrics.render(rt.engine, rt.slots), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        check_access(request, None)
+        return {"object": "list", "data": [model_card(n) for n in visible_models(request)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str, request: Request):
+        check_access(request, None)
+        if not rt.has(name) or name not in visible_models(request):
+            raise ApiError(404, f"the model {name!r} does not exist", "model_not_found", "model")
+        return model_card(name)
+
+    # ------------------------------------------------------------------ generation
+
+    def resolve(request: Request, body: _Base) -> str:
+        check_access(request, body.model)
+        if not rt.has(body.model):
+            rt.metrics.rejected(body.model, 404)
+            raise ApiError(404, f"the model {body.model!r} does not exist; GET /v1/models lists them",
+                           "model_not_found", "model")
+        if body.n != 1:
+            raise ApiError(400, "only n=1 is supported", "unsupported_parameter", "n")
+        if body.logprobs:
+            raise ApiError(400, "logprobs are not supported", "unsupported_parameter", "logprobs")
+        if body.presence_penalty or body.frequency_penalty:
+            raise ApiError(400, "presence/frequency penalties are not supported", "unsupported_parameter",
+                           "presence_penalty" if body.presence_penalty else "frequency_penalty")
+        return body.model
+
+    def stops(body: _Base) -> list[str]:
+        s = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(s) > 16:
+            raise ApiError(400, "at most 16 stop sequences", "invalid_value", "stop")
+        return s
+
+    def params(body: _Base, name: str, prompt: list[int], max_tokens: int | None) -> SamplingParams:
+        room = rt.engine.max_len - len(prompt)
+        text = rt.text(name)
+        return SamplingParams(max_tokens=min(max_tokens or room, room), temperature=body.temperature, top_p=body.top_p,
+                              top_k=body.top_k, seed=body.seed, ignore_eos=body.ignore_eos,
+                              stop_token_ids=tuple(set(text.eos_ids) | set(body.stop_token_ids or ())))
+
+    def check_prompt(name: str, prompt: list[int]) -> None:
+        if not prompt:
+            raise ApiError(400, "the prompt is empty", "invalid_value", "prompt")
+        if len(prompt) >= rt.engine.max_len:
+            rt.metrics.rejected(name, 400)
+            raise ApiError(400, f"this model's maximum context length is {rt.engine.max_len} tokens; the prompt has "
+                                f"{len(prompt)} tokens (at least one must be left to generate)",
+                           "context_length_exceeded", "messages" if False else "prompt")
+        vocab = rt.model.vocab_size + rt.slots.max_extra
+        if any(t < 0 or t >= vocab for t in prompt):
+            raise ApiError(400, f"prompt token ids must be in [0, {vocab})", "invalid_value", "prompt")
+
+    async def run(request: Request, name: str, prompt: list[int], sp: SamplingParams, stop: list[str], chat: bool,
+                  stream: bool, include_usage: bool):
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        ereq = EngineRequest(prompt=prompt, tenant=None if name == rt.base_name else name, params=sp,
+                             on_event=lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+        try:
+            rt.engine.submit(ereq)
+        except QueueFull as e:
+            rt.metrics.rejected(name, 429)
+            raise ApiError(429, str(e), "queue_full") from None
+        except KeyError:
+            raise ApiError(404, f"the model {name!r} does not exist", "model_not_found", "model") from None
+        except ValueError as e:
+            raise ApiError(400, str(e), "context_length_exceeded", "prompt") from None
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        det = Detokenizer(rt.text(name), stop)
+
+        async def events():
+            """Yields (text piece, None) ... then (None, finish_reason); raises ApiError on engine errors."""
+            while True:
+                try:
+                    ev = await asyncio.wait_for(q.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if not stream and await request.is_disconnected():
+                        rt.engine.cancel(ereq)
+                        return
+                    continue
+                if ev.token is not None:
+                    piece, hit = det.push(ev.token)
+                    if piece:
+                        yield piece, None
+                    if hit:
+                        rt.engine.cancel(ereq, "stop")
+                        yield None, "stop"
+                        return
+                    continue
+                if ev.finish == "error":
+                    raise ApiError(500, ev.error or "generation failed", "engine_error")
+                rest = det.flush()
+                if rest:
+                    yield rest, None
+                yield None, "stop" if ev.finish == "stop" else "length"
+                return
+
+        def usage():
+            n = len(det.ids)
+            return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
+
+        if not stream:
+            parts, finish = [], None
+            try:
+                async for piece, fin in events():
+                    if piece:
+                        parts.append(piece)
+                    finish = fin or finish
+            finally:
+                if ereq.finish_reason is None and finish is None:
+                    rt.engine.cancel(ereq)
+            text = "".join(parts)
+            if chat:
+                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                          "finish_reason": finish}
+                return {"id": rid, "object": "chat.completion", "created": created, "model": name,
+                        "choices": [choice], "usage": usage()}
+            return {"id": rid, "object": "text_completion", "created": created, "model": name,
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], "usage": usage()}
+
+        def chunk(piece, finish, first=False):
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else ({"content": piece} if piece else {})
+                obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                       "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            else:
+                obj = {"id": rid, "object": "text_completion", "created": created, "model": name,
+                       "choices": [{"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}]}
+            if include_usage:
+                obj["usage"] = None
+            return f"data: {json.dumps(obj)}\n\n"
+
+        async def sse():
+            done = False
+            try:
+                if chat:
+                    yield chunk(None, None, first=True)
+                async for piece, fin in events():
+                    yield chunk(piece, fin)
+                done = True
+                if include_usage:
+                    obj = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                           "created": created, "model": name, "choices": [], "usage": usage()}
+                    yield f"data: {json.dumps(obj)}\n\n"
+                yield "data: [DONE]\n\n"
+            except ApiError as e:
+                done = True
+                yield f"data: {json.dumps(error_body(e.status, e.message, e.code))}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                if not done and ereq.finish_reason is None:  # client went away: free the slot
+                    rt.engine.cancel(ereq)
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request):
+        name = resolve(request, body)
+        if body.echo:
+            raise ApiError(400, "echo is not supported", "unsupported_parameter", "echo")
+        p = body.prompt
+        if isinstance(p, list) and p and isinstance(p[0], str):
+            if len(p) != 1:
+                raise ApiError(400, "send one prompt per request (batched prompts are not supported)", "invalid_value", "prompt")
+            p = p[0]
+        prompt = rt.text(name).encode_prompt(p) if isinstance(p, str) else list(p)
+        check_prompt(name, prompt)
+        sp = params(body, name, prompt, body.max_tokens or 16)
+        return await run(request, name, prompt, sp, stops(body), False, body.stream,
+                         bool((body.stream_options or {}).get("include_usage")))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody, request: Request):
+        name = resolve(request, body)
+        if not body.messages:
+            raise ApiError(400, "messages must not be empty", "invalid_value", "messages")
+        msgs = []
+        for m in body.messages:
+            content = m.content
+            if isinstance(content, list):
+                content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
+            msgs.append({"role": m.role, "content": content or ""})
+        try:
+            prompt = rt.text(name).encode_chat(msgs)
+        except Exception as e:  # template errors (e.g. role order a template rejects)
+            raise ApiError(400, f"the chat template of {name!r} rejected these messages: {e}", "invalid_value", "messages")
+        check_prompt(name, prompt)
+        sp = params(body, name, prompt, body.max_completion_tokens or body.max_tokens)
+        return await run(request, name, prompt, sp, stops(body), True, body.stream,
+                         bool((body.stream_options or {}).get("include_usage")))
+
+    # ------------------------------------------------------------------ admin
+
+    def admin(request: Request) -> None:
+        if not cfg.allow_runtime_deltas or not cfg.admin_key:
+            raise ApiError(404, "runtime delta management is disabled; start the server with "
+                                "--allow-runtime-deltas --admin-key KEY", "admin_disabled")
+        key = bearer(request)
+        if not key:
+            raise ApiError(401, "admin endpoints need 'Authorization: Bearer <admin key>'", "invalid_api_key")
+        if not hmac.compare_digest(key, cfg.admin_key):
+            raise ApiError(403, "wrong admin key", "invalid_api_key")
+
+    def known_delta(name: str):
+        if name == rt.base_name:
+            raise ApiError(400, f"{name!r} is the base model; it cannot be loaded, unloaded or removed", "invalid_value", "name")
+        if rt.slots.get(name) is None:
+            raise ApiError(404, f"no delta named {name!r}", "model_not_found", "name")
+
+    @app.get("/v1/deltas")
+    async def list_deltas(request: Request):
+        admin(request)
+        return {"object": "list", "data": rt.slots.status(), "base": rt.base_name,
+                "device_slots": rt.slots.num_slots}
+
+    @app.post("/v1/deltas", status_code=201)
+    async def add_delta(body: DeltaBody, request: Request):
+        admin(request)
+        if not cfg.delta_dir:
+            raise ApiError(403, "no allow-listed directory: start the server with --delta-dir DIR", "path_not_allowed", "path")
+        root = Path(cfg.delta_dir).resolve()
+        target = Path(body.path)
+        target = (target if target.is_absolute() else root / target).resolve()
+        if not target.is_relative_to(root):
+            raise ApiError(403, f"{body.path!r} is outside the allow-listed delta directory", "path_not_allowed", "path")
+        if rt.has(body.name):
+            raise ApiError(409, f"a model named {body.name!r} already exists; DELETE /v1/deltas/{body.name} first",
+                           "name_taken", "name")
+        if not target.is_dir():
+            raise ApiError(400, f"{body.path!r} is not a delta artifact directory under the allow-listed directory",
+                           "invalid_delta", "path")
+        try:
+            await run_in_threadpool(rt.register, body.name, str(target))
+        except BitDeltaError as e:
+            raise ApiError(400, f"could not register {body.name!r}: {e}", "invalid_delta", "path") from None
+        except Exception as e:  # any other failure of a user-supplied file is still that file's problem
+            logger.exception("registering %s failed", body.name)
+            raise ApiError(400, f"could not register {body.name!r}: {type(e).__name__}: {e}", "invalid_delta", "path") from None
+        return {**model_card(body.name), "status": "registered"}
+
+    @app.delete("/v1/deltas/{name:path}")
+    async def remove_delta(name: str, request: Request):
+        admin(request)
+        known_delta(name)
+        rt.unregister(name)
+        return {"id": name, "object": "model", "deleted": True}
+
+    @app.post("/v1/deltas/{name:path}/load")
+    async def load_delta_ep(name: str, request: Request):
+        admin(request)
+        known_delta(name)
+        rt.slots.prefetch(name)
+        return {"id": name, "status": "loading"}
+
+    @app.post("/v1/deltas/{name:path}/unload")
+    async def unload_delta_ep(name: str, request: Request):
+        admin(request)
+        known_delta(name)
+        if not rt.slots.unload(name):
+            raise ApiError(409, f"{name!r} is serving requests; try again when they finish", "in_use", "name")
+        return {"id": name, "status": "unloaded"}
+
+    return app

@@ -1,0 +1,119 @@
+"""``bitdelta serve``: argument parsing and the :func:`serve` function it calls.
+
+    bitdelta serve --base models/tiny/base --delta shakespeare=deltas/shakespeare --delta gsm8k=deltas/gsm8k
+    bitdelta serve --base BASE --delta-dir deltas/ --api-keys keys.toml --host 0.0.0.0 --port 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+from pathlib import Path
+
+from ..errors import BitDeltaError
+
+logger = logging.getLogger("bitdelta.serve")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_deltas(values) -> dict[str, str]:
+    out = {}
+    for v in values or []:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise BitDeltaError(f"--delta expects NAME=PATH (got {v!r})")
+        if name in out:
+            raise BitDeltaError(f"--delta name {name!r} given twice")
+        out[name] = path
+    return out
+
+
+def scan_delta_dir(delta_dir) -> dict[str, str]:
+    """Artifact directories (with ``delta_config.json``) directly under ``delta_dir``, by directory name."""
+    root = Path(delta_dir)
+    if not root.is_dir():
+        raise BitDeltaError(f"--delta-dir {delta_dir} is not a directory")
+    return {p.name: str(p) for p in sorted(root.iterdir()) if (p / "delta_config.json").is_file()}
+
+
+def build_app(args):
+    """The runtime and FastAPI app for parsed ``serve`` arguments (no network yet)."""
+    from .api import ServerConfig, create_app, load_api_keys
+    from .runtime import build_runtime
+
+    deltas = _parse_deltas(args.delta)
+    api_keys = load_api_keys(args.api_keys) if args.api_keys else None
+    if args.allow_runtime_deltas and not args.admin_key:
+        raise BitDeltaError("--allow-runtime-deltas needs --admin-key KEY (admin endpoints are never open)")
+    if args.allow_runtime_deltas:
+        logger.warning("runtime delta registration is enabled: holders of the admin key can load artifacts from %s",
+                       args.delta_dir or "(no --delta-dir: nothing can be registered)")
+    rt = build_runtime(args.base, deltas, base_name=args.base_name, dtype=args.dtype, device=args.device,
+                       max_gpu_deltas=args.max_gpu_deltas, max_cpu_deltas=args.max_cpu_deltas, max_bits=args.max_bits,
+                       max_extra_vocab=args.max_extra_vocab, max_batch=args.max_batch, max_queue=args.max_queue,
+                       max_model_len=args.max_model_len, kv_cache_mb=args.kv_cache_mb)
+    if args.delta_dir:  # every artifact in the allow-listed directory is served under its directory name
+        for name, path in scan_delta_dir(args.delta_dir).items():
+            if rt.has(name):
+                continue
+            try:
+                rt.register(name, path)
+            except BitDeltaError as e:
+                logger.error("skipping %s: %s", path, e)
+    cfg = ServerConfig(api_keys=api_keys, admin_key=args.admin_key, allow_runtime_deltas=args.allow_runtime_deltas,
+                       delta_dir=args.delta_dir)
+    return rt, create_app(rt, cfg)
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    if not args.api_keys and not _is_loopback(args.host):
+        logger.warning("binding to %s without --api-keys: anyone who can reach this address can use every model",
+                       args.host)
+    rt, app = build_app(args)
+    print(f"serving {rt.base_name!r} + {len(rt.models()) - 1} deltas ({', '.join(rt.models()[1:]) or 'none'}) "
+          f"on http://{args.host}:{args.port}  (KV slots {rt.engine.max_batch} x {rt.engine.max_len} tokens)", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        rt.shutdown()
+
+
+def add_serve_parser(sub) -> argparse.ArgumentParser:
+    s = sub.add_parser("serve", help="serve the base and many deltas over an OpenAI-compatible HTTP API")
+    s.add_argument("--base", required=True, help="base model: local directory or hub id")
+    s.add_argument("--delta", action="append", metavar="NAME=PATH", help="serve an artifact under NAME (repeatable)")
+    s.add_argument("--delta-dir", default=None,
+                   help="allow-listed directory: its artifacts are served by directory name, and runtime registration "
+                        "may only use paths inside it")
+    s.add_argument("--base-name", default=None, help="model name of the plain base (default: its directory name)")
+    s.add_argument("--max-gpu-deltas", type=int, default=32, help="device slots for deltas (default 32)")
+    s.add_argument("--max-cpu-deltas", type=int, default=128, help="deltas kept in host memory (default 128)")
+    s.add_argument("--max-bits", type=int, default=None, help="sign planes per pool slot (default: max of startup deltas)")
+    s.add_argument("--max-extra-vocab", type=int, default=None,
+                   help="added tokens a delta may carry (default: max of startup deltas)")
+    s.add_argument("--max-batch", type=int, default=64, help="max running sequences (KV slots; capped by memory)")
+    s.add_argument("--max-queue", type=int, default=256, help="max waiting requests before answering 429")
+    s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    s.add_argument("--kv-cache-mb", type=float, default=None,
+                   help="KV cache budget in MiB (default: free GPU memory, or 1024 on CPU)")
+    s.add_argument("--api-keys", default=None, help='TOML file: [keys] "sk-..." = ["model", ...] ("*" = all)')
+    s.add_argument("--admin-key", default=None, help="bearer key of the admin endpoints")
+    s.add_argument("--allow-runtime-deltas", action="store_true", help="enable POST/DELETE /v1/deltas (needs --admin-key)")
+    s.add_argument("--dtype", default="float32", help="dtype of the base weights (float32, bfloat16, float16)")
+    s.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
+    return s

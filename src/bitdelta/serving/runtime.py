@@ -1,0 +1,108 @@
+"""ServingRuntime: one base, its delta slots, the engine, per-tenant text handling and metrics.
+
+What ``bitdelta serve`` builds before handing it to the HTTP app; tests build it the same way.
+Deltas are registered by name (validated and base-checked at registration: a corrupt or
+wrong-base artifact raises and changes nothing).
+
+    rt = build_runtime("models/tiny/base", {"shakespeare": "deltas/shakespeare"}, max_gpu_deltas=4)
+    rt.register("gsm8k", "deltas/gsm8k")    # also what POST /v1/deltas calls
+    app = create_app(rt)                     # bitdelta.serving.api
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import BitDeltaError
+from .engine import Engine
+from .metrics import Metrics
+from .model import DeltaLlama
+from .slots import DeltaSlots
+from .text import TenantText
+
+logger = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+
+
+@dataclass
+class ServingRuntime:
+    base_name: str
+    base_path: str
+    model: DeltaLlama
+    slots: DeltaSlots
+    engine: Engine
+    metrics: Metrics
+    texts: dict[str, TenantText] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def models(self) -> list[str]:
+        return [self.base_name] + self.slots.names()
+
+    def has(self, name: str) -> bool:
+        return name == self.base_name or self.slots.get(name) is not None
+
+    def text(self, name: str) -> TenantText:
+        return self.texts[name]
+
+    def register(self, name: str, path, delta=None) -> None:
+        """Loads + checks ``path`` as tenant ``name`` (raises ``BitDeltaError`` with the reason)."""
+        if not NAME_RE.match(name or ""):
+            raise BitDeltaError(f"invalid model name {name!r}: use letters, digits and . _ - : @ / (max 128)")
+        if name == self.base_name:
+            raise BitDeltaError(f"{name!r} is the base model's name; pick another name for the delta")
+        with self.lock:
+            self.slots.register(name, path, delta=delta)
+            try:
+                self.texts[name] = TenantText.load(path, fallback=self.base_path)
+            except Exception as e:
+                self.slots.unregister(name)
+                raise BitDeltaError(f"delta {name!r}: could not load its tokenizer: {e}") from None
+        logger.info("registered delta %s from %s", name, path)
+
+    def unregister(self, name: str) -> None:
+        with self.lock:
+            self.slots.unregister(name)
+            self.texts.pop(name, None)
+        logger.info("removed delta %s", name)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def build_runtime(base, deltas: dict[str, str] | None = None, *, base_name: str | None = None,
+                  dtype: str | None = None, device: str | None = None, max_gpu_deltas: int = 32,
+                  max_cpu_deltas: int = 128, max_bits: int | None = None, max_extra_vocab: int | None = None,
+                  max_batch: int = 64, max_queue: int = 256, max_model_len: int | None = None,
+                  kv_cache_mb: float | None = None, start: bool = True) -> ServingRuntime:
+    """Loads the base (with transformers), builds the engine, registers ``deltas`` (name -> path)."""
+    from ..artifact import load_delta
+    from ..hf import load_model
+
+    deltas = dict(deltas or {})
+    hf = load_model(base, dtype=dtype or "float32", device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = DeltaLlama.from_hf(hf)
+    del hf
+    loaded = {name: load_delta(path) for name, path in deltas.items()}  # fail fast on a bad startup delta
+    bits = max_bits or max([1] + [m.bits for d in loaded.values() for m in d.modules.values()])
+    extra = max_extra_vocab if max_extra_vocab is not None else max(
+        [0] + [m.extra_rows.shape[0] for d in loaded.values() for m in d.modules.values() if m.extra_rows is not None])
+    slots = DeltaSlots(model, max_gpu_deltas=max_gpu_deltas, max_cpu_deltas=max_cpu_deltas, max_bits=bits,
+                       max_extra_vocab=extra)
+    metrics = Metrics()
+    metrics.base_name = base_name or Path(str(base)).name or "base"
+    engine = Engine(model, slots, max_batch=max_batch, max_queue=max_queue, max_len=max_model_len,
+                    kv_cache_mb=kv_cache_mb, metrics=metrics)
+    rt = ServingRuntime(metrics.base_name, str(base), model, slots, engine, metrics)
+    rt.texts[rt.base_name] = TenantText.load(base)
+    for name, path in deltas.items():
+        rt.register(name, path, delta=loaded[name])
+    if start:
+        engine.start()
+    return rt
