@@ -27,9 +27,10 @@ TARGET_PROGRAMS = 1024
 DEFAULT_CONFIGS = {
     # SPLIT_K: programs along K (0 = auto: about TARGET_PROGRAMS programs in all); SWAP: weight
     # tile as the MMA's A operand (see triton_kernels._mm).
-    "decode": {"BN": 32, "BK": 256, "BKD": 256, "TG": 16, "SPLIT_K": 0, "SWAP": False,
+    # Best on H100 in benchmarks/kernels.py sweeps (docs/benchmarks.md): split-K did not help.
+    "decode": {"BN": 32, "BK": 256, "BKD": 256, "TG": 16, "SPLIT_K": 1, "SWAP": False,
                "num_warps": 4, "num_stages": 3},
-    "segmented": {"BM": 64, "BN": 128, "BK": 64, "SWAP": False, "num_warps": 4, "num_stages": 4},
+    "segmented": {"BM": 256, "BN": 128, "BK": 64, "SWAP": True, "num_warps": 8, "num_stages": 3},
 }
 
 
