@@ -28,12 +28,24 @@ def _patterns(values):
 
 def cmd_compress(args) -> None:
     from .compress import compress
+    from .errors import BitDeltaError
 
-    delta = compress(
-        args.base, args.finetuned, scale=args.scale, bits=args.bits, target=_patterns(args.target),
-        exclude=_patterns(args.exclude), dense_embeddings=args.dense_embeddings, dtype=args.dtype,
-        base_revision=args.base_revision, finetuned_revision=args.finetuned_revision, progress=not args.quiet,
-    )
+    options = dict(target=_patterns(args.target), exclude=_patterns(args.exclude), dense_embeddings=args.dense_embeddings,
+                   dtype=args.dtype, base_revision=args.base_revision, finetuned_revision=args.finetuned_revision)
+    if args.distill_steps or args.scale == "auto":
+        from .pipeline import compress_distilled
+
+        if not args.calibration:
+            raise BitDeltaError("scale distillation (--distill-steps or --scale auto) needs --calibration FILE")
+        delta = compress_distilled(
+            args.base, args.finetuned, args.calibration, scale=args.scale, bits=args.bits,
+            steps=args.distill_steps or 200, lr=args.distill_lr, batch_size=args.distill_batch_size,
+            num_samples=args.num_samples, seq_len=args.seq_len, heldout=args.heldout_samples, loss=args.distill_loss,
+            seed=args.seed, device=args.device, teacher_cache=args.teacher_cache, progress=not args.quiet,
+            model_dtype=args.model_dtype, **options,
+        )
+    else:
+        delta = compress(args.base, args.finetuned, scale=args.scale, bits=args.bits, progress=not args.quiet, **options)
     delta.save_pretrained(args.out, max_shard_size=args.max_shard_size)
     _print_inspect(args.out)
 
@@ -92,6 +104,86 @@ def cmd_generate(args) -> None:
     print(args.prompt + text)
 
 
+def _model_with_delta(model_path, delta_path, dtype, device):
+    from .apply import apply
+    from .artifact import load_delta
+    from .hf import load_model, load_tokenizer
+
+    model = load_model(model_path, dtype=dtype, device=device)
+    if delta_path:
+        apply(model, load_delta(delta_path))
+    return model, load_tokenizer(delta_path, model_path)
+
+
+def _read_docs(path) -> list[str]:
+    from .calibration import read_texts
+
+    return read_texts(str(path))
+
+
+def cmd_eval_ppl(args) -> None:
+    from pathlib import Path
+
+    from .evaluate import perplexity, perplexity_of_documents
+
+    model, tok = _model_with_delta(args.model, args.delta, args.dtype, args.device)
+    if Path(args.data).suffix == ".jsonl":
+        result = perplexity_of_documents(model, tok, _read_docs(args.data), max_length=args.window,
+                                         batch_size=args.batch_size)
+    else:
+        text = Path(args.data).read_text(encoding="utf-8")
+        result = perplexity(model, tok, text, window=args.window, stride=args.stride, batch_size=args.batch_size)
+    print(json.dumps({"model": args.model, "delta": args.delta, "data": args.data, **result.to_dict()}, indent=2))
+
+
+def cmd_eval_fidelity(args) -> None:
+    from .evaluate import fidelity
+    from .hf import load_model
+
+    student, tok = _model_with_delta(args.base, args.delta, args.dtype, args.device)
+    teacher = load_model(args.finetuned, dtype=args.dtype, device=args.device)
+    docs = _read_docs(args.data)[: args.limit] if args.limit else _read_docs(args.data)
+    result = fidelity(student, teacher, tok, docs, max_length=args.max_length, batch_size=args.batch_size)
+    print(json.dumps({"base": args.base, "finetuned": args.finetuned, "delta": args.delta, **result.to_dict()}, indent=2))
+
+
+def cmd_eval_tasks(args) -> None:
+    from .evaluate import evaluate_tasks
+
+    model, tok = _model_with_delta(args.model, args.delta, args.dtype, args.device)
+    result = evaluate_tasks(model, tok, args.tasks, args.data_dir, limit=args.limit, batch_size=args.batch_size)
+    print(json.dumps({"model": args.model, "delta": args.delta, "tasks": result.to_dict()}, indent=2))
+
+
+def _add_eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="perplexity, fidelity to the fine-tune, zero-shot tasks (--delta optional)")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--delta", default=None, help="apply this delta artifact to the model first")
+    common.add_argument("--dtype", default=None)
+    common.add_argument("--device", default=None)
+    common.add_argument("--batch-size", type=int, default=8)
+    p = esub.add_parser("ppl", parents=[common], help="sliding-window perplexity of a text file (or per-document for .jsonl)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's context)")
+    p.add_argument("--stride", type=int, default=None, help="new tokens scored per window (default: window/2)")
+    p.set_defaults(func=cmd_eval_ppl)
+    f = esub.add_parser("fidelity", parents=[common], help="KL(ft||delta), top-1 agreement, ppl of both")
+    f.add_argument("--base", required=True)
+    f.add_argument("--finetuned", required=True)
+    f.add_argument("--data", required=True, help=".jsonl (text field) or .txt (blank-line separated documents)")
+    f.add_argument("--max-length", type=int, default=None)
+    f.add_argument("--limit", type=int, default=None)
+    f.set_defaults(func=cmd_eval_fidelity)
+    t = esub.add_parser("tasks", parents=[common], help="zero-shot multiple choice (llm-foundry JSONL), acc and acc_norm")
+    t.add_argument("--model", required=True)
+    t.add_argument("--tasks", required=True, help="comma-separated, e.g. arc_easy,piqa,hellaswag,winogrande,lambada_openai")
+    t.add_argument("--data-dir", required=True)
+    t.add_argument("--limit", type=int, default=None)
+    t.set_defaults(func=cmd_eval_tasks)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -115,6 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--base-revision", default=None)
     c.add_argument("--finetuned-revision", default=None)
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    d = c.add_argument_group("scale distillation (the paper: 200 steps, batch 4, 128 tokens, AdamW lr 1e-4, MSE)")
+    d.add_argument("--distill-steps", type=int, default=0, help="train the scales for this many steps (0 = no distillation)")
+    d.add_argument("--calibration", default=None, help="calibration text: .jsonl (text field), .txt, or a datasets name")
+    d.add_argument("--distill-lr", type=float, default=1e-4)
+    d.add_argument("--distill-batch-size", type=int, default=4)
+    d.add_argument("--num-samples", type=int, default=800, help="calibration samples")
+    d.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sample")
+    d.add_argument("--heldout-samples", type=int, default=32, help="held-out samples (loss before/after; auto's choice)")
+    d.add_argument("--distill-loss", choices=["mse", "kl"], default="mse")
+    d.add_argument("--teacher-cache", default=None, help="precompute teacher logits to this file and free the fine-tune")
+    d.add_argument("--model-dtype", default=None, help="dtype to load the models in for distillation (e.g. bfloat16)")
+    d.add_argument("--device", default=None, help="device for distillation (default: cuda if available)")
+    d.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_compress)
 
     i = sub.add_parser("inspect", help="show an artifact's config, modes, sizes and compression factor")
@@ -150,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None)
     g.add_argument("--device", default=None)
     g.set_defaults(func=cmd_generate)
+    _add_eval_parser(sub)
     from .serving.cli import add_serve_parser
     add_serve_parser(sub)
     return p

@@ -32,7 +32,7 @@ def compress_distilled(
     heldout: int = 32,
     loss: str = "mse",
     seed: int = 0,
-    dtype=None,
+    model_dtype=None,
     device: str | None = None,
     teacher_cache: str | None = None,
     progress: bool = True,
@@ -42,8 +42,8 @@ def compress_distilled(
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(finetuned, base)
     cal = load_calibration(calibration, tokenizer, num_samples=num_samples, seq_len=seq_len, heldout=heldout, seed=seed)
-    base_model = load_model(base, dtype=dtype, device=device)
-    ft_model = load_model(finetuned, dtype=dtype, device=device)
+    base_model = load_model(base, dtype=model_dtype, device=device)
+    ft_model = load_model(finetuned, dtype=model_dtype, device=device)
     teacher = TeacherLogits(model=ft_model)
     if teacher_cache:
         teacher = precompute_teacher_logits(ft_model, cal.train, teacher_cache, progress=progress)
@@ -58,6 +58,6 @@ def compress_distilled(
                                          loss=loss, seed=seed, teacher=teacher, progress=progress)
     if scale != "auto":
         return distilled[scale]
-    held_teacher = teacher if teacher.model is not None else TeacherLogits(model=load_model(finetuned, dtype=dtype, device=device))
+    held_teacher = teacher if teacher.model is not None else TeacherLogits(model=load_model(finetuned, dtype=model_dtype, device=device))
     return choose_auto(distilled["row"], distilled["col"], base_model, held_teacher, cal.heldout, loss=loss,
                        progress=progress).to("cpu")
