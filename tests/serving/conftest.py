@@ -96,3 +96,80 @@ def corrupt_delta(delta_dir) -> Path:
             data = f.read_bytes()
             f.write_bytes(data[: len(data) // 2])
     return bad
+
+
+# ---------------------------------------------------------------------------------- live servers
+
+
+class LiveServer:
+    """A real uvicorn server on a random loopback port, in a background thread."""
+
+    def __init__(self, argv: list[str]):
+        import socket
+        import threading
+
+        import uvicorn
+
+        from bitdelta.cli import build_parser
+        from bitdelta.serving.cli import build_app
+
+        self.runtime, app = build_app(build_parser().parse_args(["serve", *argv]))
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        import time
+
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.runtime.shutdown()
+
+
+@pytest.fixture(scope="session")
+def wrong_base_delta(delta_dir, tiny_models, tmp_path_factory) -> Path:
+    """A well-formed delta made against a different base of the same shapes."""
+    import bitdelta
+    from transformers import AutoModelForCausalLM
+
+    tmp = tmp_path_factory.mktemp("other-base")
+    other = AutoModelForCausalLM.from_pretrained(tiny_models["base"], dtype=torch.float32)
+    g = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    other.save_pretrained(tmp / "base")
+    out = delta_dir / "wrongbase"
+    if not out.exists():
+        bitdelta.compress(tmp / "base", tiny_models["shakespeare"], scale="row", progress=False).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def server(tiny_models, delta_dir, corrupt_delta, wrong_base_delta):
+    """The main server: base + every artifact of the allow-listed dir, runtime deltas on (admin key 'adm')."""
+    s = LiveServer(["--base", str(tiny_models["base"]), "--base-name", "base", "--delta-dir", str(delta_dir),
+                    "--allow-runtime-deltas", "--admin-key", "adm", "--max-gpu-deltas", "3", "--max-batch", "16",
+                    "--kv-cache-mb", "256"])
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def keyed_server(tiny_models, delta_dir, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "keys.toml"
+    keys.write_text('[keys]\n"sk-shk" = ["shakespeare"]\n"sk-all" = ["*"]\n')
+    s = LiveServer(["--base", str(tiny_models["base"]), "--base-name", "base",
+                    "--delta", f"shakespeare={delta_dir / 'shakespeare'}", "--delta", f"gsm8k={delta_dir / 'gsm8k'}",
+                    "--api-keys", str(keys), "--kv-cache-mb", "64"])
+    yield s
+    s.close()

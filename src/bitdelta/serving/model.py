@@ -180,41 +180,47 @@ class DeltaLlama:
         return x * cos + _rotate_half(x) * sin
 
     def _attention(self, q, k, v, layer, batch, kv: KVCache):
-        """q [T, H, D]; k/v [T, KV, D] for the new tokens; returns [T, H*D]."""
+        """q [T, H, D]; k/v [T, KV, D] for the new tokens; returns [T, H*D].
+
+        Query head h reads KV head h // (H / KV) (grouped-query attention, as Hugging Face's repeat_kv).
+        """
         kc, vc = kv.k[layer], kv.v[layer]
         kc[batch.kv_slots, batch.positions] = k
         vc[batch.kv_slots, batch.positions] = v
-        rep = self.num_heads // self.kv_heads
+        nkv, rep, d = self.kv_heads, self.num_heads // self.kv_heads, self.head_dim
+        scale = d ** -0.5
         out = q.new_empty(q.shape)
-        decode = [i for i, s in enumerate(batch.seqs) if s[2] == 1]
         offsets, off = [], 0
         for s in batch.seqs:
             offsets.append(off)
             off += s[2]
+        decode = [i for i, s in enumerate(batch.seqs) if s[2] == 1]
+        done = set()
         if len(decode) > 1:  # batched single-token attention over the gathered cache rows
             rows = torch.tensor([offsets[i] for i in decode], device=q.device)
             slots = batch.kv_slots[rows]
             lens = batch.positions[rows] + 1
             span = int(max(batch.seqs[i][1] for i in decode)) + 1
-            keys = kc[slots, :span].repeat_interleave(rep, dim=2).transpose(1, 2)  # [B, H, L, D]
-            vals = vc[slots, :span].repeat_interleave(rep, dim=2).transpose(1, 2)
+            keys = kc[slots, :span].float().permute(0, 2, 1, 3)  # [B, KV, L, D]
+            vals = vc[slots, :span].float().permute(0, 2, 1, 3)
+            qb = q[rows].float().view(-1, nkv, rep, d)  # [B, KV, rep, D]
+            scores = torch.einsum("bkrd,bkld->bkrl", qb, keys) * scale
             mask = torch.arange(span, device=q.device)[None, :] < lens[:, None]  # [B, L]
-            o = F.scaled_dot_product_attention(q[rows][:, :, None, :], keys, vals, attn_mask=mask[:, None, None, :])
-            out[rows] = o[:, :, 0, :]
+            probs = scores.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
+            out[rows] = torch.einsum("bkrl,bkld->bkrd", probs, vals).reshape(-1, self.num_heads, d).to(q.dtype)
             done = set(decode)
-        else:
-            done = set()
         for i, (slot, start, n) in enumerate(batch.seqs):
             if i in done:
                 continue
-            o0 = offsets[i]
-            total = start + n
-            keys = kc[slot, :total].repeat_interleave(rep, dim=1).transpose(0, 1)  # [H, L, D]
-            vals = vc[slot, :total].repeat_interleave(rep, dim=1).transpose(0, 1)
-            qi = q[o0:o0 + n].transpose(0, 1)  # [H, n, D]
+            o0, total = offsets[i], start + n
+            keys = kc[slot, :total].float().permute(1, 0, 2)  # [KV, L, D]
+            vals = vc[slot, :total].float().permute(1, 0, 2)
+            qi = q[o0:o0 + n].float().view(n, nkv, rep, d).permute(1, 2, 0, 3)  # [KV, rep, n, D]
+            scores = torch.matmul(qi, keys[:, None].transpose(-1, -2)) * scale  # [KV, rep, n, L]
             mask = torch.arange(total, device=q.device)[None, :] <= (start + torch.arange(n, device=q.device))[:, None]
-            o = F.scaled_dot_product_attention(qi, keys, vals, attn_mask=mask)
-            out[o0:o0 + n] = o.transpose(0, 1)
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+            o = torch.matmul(probs, vals[:, None])  # [KV, rep, n, D]
+            out[o0:o0 + n] = o.permute(2, 0, 1, 3).reshape(n, self.num_heads, d).to(q.dtype)
         return out.reshape(q.shape[0], -1)
 
     # ------------------------------------------------------------------ forward
