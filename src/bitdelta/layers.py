@@ -67,11 +67,36 @@ class DeltaWrapper(nn.Module):
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         p = self.packed
+        if self._fused_ok(x):
+            return self._fused(x)
         y = self.base_module(x)
         y = y + delta_linear(x, p.sign, p.scale, p.mode, p.in_features).to(y.dtype)
         if p.extra_rows is not None:
             y = torch.cat([y, F.linear(x, p.extra_rows.to(x.dtype))], dim=-1)
         return y
+
+    def _fused_ok(self, x: torch.Tensor) -> bool:
+        """On CUDA, inference through plain nn.Linear goes to the fused multi-tenant kernels."""
+        p = self.packed
+        return (x.is_cuda and self.kind == "linear" and type(self.base_module) is nn.Linear
+                and p.extra_rows is None and x.dtype in (torch.float16, torch.bfloat16)
+                and not (torch.is_grad_enabled() and (p.scale.requires_grad or x.requires_grad)))
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        from .ops import bitdelta_linear, bitdelta_linear_segmented
+
+        p = self.packed
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        signs, scales = p.sign.unsqueeze(0), p.scale.float().unsqueeze(0)
+        t = x2.shape[0]
+        if t <= 64:  # decode-sized: the batched kernel with every token on tenant 0
+            ids = torch.zeros(t, dtype=torch.int32, device=x.device)
+            y = bitdelta_linear(x2, self.weight, self.bias, signs, scales, p.mode, ids)
+        else:  # prefill: one segment of one tenant
+            starts = torch.tensor([0, t], dtype=torch.int32, device=x.device)
+            seg = torch.zeros(1, dtype=torch.int32, device=x.device)
+            y = bitdelta_linear_segmented(x2, self.weight, self.bias, signs, scales, p.mode, starts, seg)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         p = self.packed
