@@ -135,6 +135,7 @@ def distill_scales(
     seed: int = 0,
     teacher: TeacherLogits | None = None,
     progress: bool = True,
+    train_dense: bool = False,
 ) -> Delta:
     """Returns a copy of ``delta`` whose scales minimise the logit distance to the fine-tune.
 
@@ -144,6 +145,11 @@ def distill_scales(
         finetuned: the teacher, or None when ``teacher`` holds precomputed logits.
         calibration: samples (``Calibration.train`` is used for training and ``.heldout`` for
             the held-out loss recorded before and after).
+        train_dense: the reference recipe, for comparison only: also train the delta's dense
+            extras that are embeddings, the output head or norms (as the reference code did by
+            accident; with ``compress(dense_embeddings=True)`` these are the embedding/lm_head
+            and every norm). The trained values are stored as the returned delta's dense extras;
+            the base's own parameters are still never written.
     """
     if steps < 1:
         raise BitDeltaError(f"distillation needs at least one step, got {steps}")
@@ -165,8 +171,9 @@ def distill_scales(
     apply(base, work)
     try:
         scales = _trainable_scales(base)
+        dense_params = _trainable_dense(base, work) if train_dense else {}
         dev = next(base.parameters()).device
-        opt = torch.optim.AdamW(scales, lr=lr)
+        opt = torch.optim.AdamW(scales + list(dense_params.values()), lr=lr)
         gen = torch.Generator().manual_seed(seed)
         can_hold = held is not None and len(held) and teacher.covers(held)
         held_before = heldout_loss(base, teacher, held, batch_size * 4, loss) if can_hold else None
@@ -191,6 +198,8 @@ def distill_scales(
             bar.set_postfix(loss=f"{history[-1]:.5f}")
         elapsed = time.perf_counter() - started
         held_after = heldout_loss(base, teacher, held, batch_size * 4, loss) if held_before is not None else None
+        for name, param in dense_params.items():
+            work.dense[name] = param.detach().to(work.dense[name].dtype).clone()
     finally:
         unapply(base)
         for p, flag in frozen.items():
@@ -210,7 +219,32 @@ def distill_scales(
         "heldout_loss_before": held_before, "heldout_loss_after": held_after,
         "seconds": round(elapsed, 2),
     }
+    if train_dense:
+        work.info["distillation"]["train_dense"] = sorted(dense_params)
     return work
+
+
+def _is_reference_dense(name: str) -> bool:
+    lowered = name.lower()
+    return any(k in lowered for k in ("embed", "wte", "wpe", "lm_head", "norm", "ln_"))
+
+
+def _trainable_dense(model: nn.Module, work: Delta) -> dict[str, nn.Parameter]:
+    """The applied copies of ``work``'s dense extras that the reference recipe trains
+    (embeddings, output head, norms), made trainable. ``apply`` installed them as new
+    parameters, so training them never touches the base's own tensors."""
+    owned = dict(model.named_parameters(remove_duplicate=False))
+    out = {}
+    for name in work.dense:
+        if not _is_reference_dense(name) or name not in owned:
+            continue
+        param = owned[name]
+        if not param.is_floating_point():
+            continue
+        param.data = param.data.clone()  # apply() may share storage with the caller's delta
+        param.requires_grad_(True)
+        out[name] = param
+    return out
 
 
 def _copy(m: PackedModule) -> PackedModule:
