@@ -20,19 +20,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import uuid
 import warnings
 from pathlib import Path
 
 import torch
 
 from . import __version__
+from .atomic import atomic_directory
 from .delta import Delta, PackedModule
 from .errors import FormatError
 from .fingerprint import SAMPLES_PER_MODULE, Fingerprint
+from .model_card import model_card
 from .safetensors_io import SafetensorsCheckpoint, write_sharded
 from .sources import resolve_model_dir
 
@@ -119,10 +118,7 @@ def save_delta(delta: Delta, save_directory, max_shard_size: int | str = "5GB", 
             raise FileExistsError(f"{out} exists and is not a bitdelta artifact; choose an empty or new path")
         if not overwrite:
             raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(out) as tmp:
         cfg = delta_to_config(delta)
         metadata = {"format": "pt", "bitdelta_format_version": str(FORMAT_VERSION)}
         written = write_sharded(delta_tensors(delta), tmp, WEIGHTS_STEM, parse_size(max_shard_size), metadata)
@@ -131,32 +127,12 @@ def save_delta(delta: Delta, save_directory, max_shard_size: int | str = "5GB", 
                 continue
             (tmp / fname).write_bytes(data)
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        from .model_card import model_card
-
         (tmp / "README.md").write_text(model_card(delta, cfg, artifact_bytes=_dir_bytes(tmp)))
-        _fsync_dir(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 def read_config(path: Path) -> dict:
