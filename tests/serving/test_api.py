@@ -302,3 +302,14 @@ def test_health_and_metrics(http):
     assert _metric(text, "bitdelta_requests_total", model="shakespeare") >= 1
     assert _metric(text, "bitdelta_generation_tokens_total", model="gsm8k") >= 1
     assert re.search(r'^bitdelta_queue_depth \d+', text, re.M)
+
+
+def test_non_streaming_disconnect_frees_slot(http, server):
+    _wait_idle(http)
+    before = _metric(http.get("/metrics").text, "bitdelta_requests_total", finish_reason="abort")
+    body = {"model": "shakespeare", "prompt": "Once", "max_tokens": 250, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.3))
+    h = _wait_idle(http, timeout=20)
+    assert h["free_kv_slots"] == h["max_batch"]
+    assert _metric(http.get("/metrics").text, "bitdelta_requests_total", finish_reason="abort") == before + 1

@@ -272,13 +272,18 @@ def create_app(rt, config: ServerConfig | None = None) -> FastAPI:
 
         async def events():
             """Yields (text piece, None) ... then (None, finish_reason); raises ApiError on engine errors."""
+            checked = time.monotonic()
             while True:
                 try:
-                    ev = await asyncio.wait_for(q.get(), timeout=1.0)
+                    ev = await asyncio.wait_for(q.get(), timeout=0.2)
                 except asyncio.TimeoutError:
-                    if not stream and await request.is_disconnected():
+                    ev = None
+                if not stream and time.monotonic() - checked > 0.2:  # streams notice hang-ups by themselves
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
                         rt.engine.cancel(ereq)
                         return
+                if ev is None:
                     continue
                 if ev.token is not None:
                     piece, hit = det.push(ev.token)
