@@ -24,7 +24,14 @@ MATCH_FRACTION = 0.95  # tolerate rare double-rounding (e.g. fp32 -> fp16 -> bf1
 
 
 def sample_positions(numel: int) -> torch.Tensor:
-    return torch.linspace(0, max(numel - 1, 0), SAMPLES_PER_MODULE).round().long()
+    """SAMPLES_PER_MODULE evenly spread flat indices in [0, numel), rounded half up.
+
+    Integer arithmetic: a float32 linspace rounds the last index of a matrix with more than
+    2**24 elements (a 7B embedding) up to ``numel``, out of bounds."""
+    last = max(numel - 1, 0)
+    i = torch.arange(SAMPLES_PER_MODULE, dtype=torch.int64)
+    span = SAMPLES_PER_MODULE - 1
+    return (2 * i * last + span) // (2 * span)
 
 
 def sample_weight(weight: torch.Tensor) -> torch.Tensor:
