@@ -149,3 +149,22 @@ def test_cuda_mixed_batch(tiny_models, tenants, dtype):
         agree += first_diff
         total += len(want)
     assert agree >= 0.5 * total  # bf16: greedy paths may part after a near-tie, but mostly agree
+
+
+def test_waiting_tenant_is_not_starved(tiny_models, tenants):
+    """With every delta slot busy, a stream of requests for resident tenants cannot starve another."""
+    model = DeltaLlama.from_hf(_load(tiny_models["base"]))
+    slots = DeltaSlots(model, max_gpu_deltas=1, max_cpu_deltas=8, max_bits=2, max_extra_vocab=4)
+    for name in ("shk_row", "gsm_scalar"):
+        slots.register(name, f"<memory:{name}>", delta=tenants[name])
+    engine = Engine(model, slots, max_batch=4, kv_cache_mb=16)
+    p = SamplingParams(max_tokens=4, temperature=0)
+    first = engine.submit(Request(prompt=[5, 6], tenant="shk_row", params=p))
+    engine.step()
+    other = engine.submit(Request(prompt=[5, 6], tenant="gsm_scalar", params=p))
+    for i in range(40):
+        engine.submit(Request(prompt=[7, 8], tenant="shk_row", params=p)) if i < 20 else None
+        engine.step()
+        if other.finish_reason:
+            break
+    assert first.finish_reason == "length" and other.finish_reason == "length"

@@ -230,9 +230,13 @@ class Engine:
     def _admit(self) -> list[Request]:
         admitted, budget = [], self.max_prefill_tokens
         keep = deque()
+        # An older request waiting for a free delta slot (its delta is in host memory, every slot is
+        # held by running requests) holds back later delta requests, so a stream of requests for
+        # resident tenants cannot keep the slots busy forever. A delta still loading blocks nobody.
+        slot_blocked = False
         while self.waiting:
             r = self.waiting.popleft()
-            if not self.free_kv or (admitted and len(r.prompt) > budget):
+            if not self.free_kv or (admitted and len(r.prompt) > budget) or (slot_blocked and r.tenant is not None):
                 keep.append(r)
                 continue
             if r.tenant is not None:
@@ -244,7 +248,8 @@ class Engine:
                     self._finish(r, "error", error=e.error)
                     continue
                 slot = self.slots.acquire(r.tenant)
-                if slot is None:  # loading in the background, or every slot is busy: wait, others go on
+                if slot is None:  # loading in the background, or every slot is busy: wait
+                    slot_blocked = slot_blocked or (e.slot is None and e.host is not None)
                     keep.append(r)
                     continue
                 r.delta_slot = slot
