@@ -10,6 +10,12 @@ extras (norm weights, biases) and embedding rows are gathered per token by
 :class:`bitdelta.serving.slots.DeltaSlots`. Keys/values go to a slotted cache
 ``[max_batch, max_len, kv_heads, head_dim]`` per layer.
 
+Every index tensor a step needs (token ids, positions, tenant ids, the attention plan) is built
+once per step in :meth:`BatchMapping.build` and reaches the device in one copy, so the forward
+itself never waits for the GPU: on CUDA the host can queue the whole step ahead of the device.
+Attention uses ``scaled_dot_product_attention``: fresh prompts attend causally among their own
+new tokens, single-token (decode) rows read their sequences' cache rows in one batched call.
+
     model = DeltaLlama.from_hf(hf_model, device="cpu")
     batch = BatchMapping.build([(kv_slot, start_pos, new_token_ids, delta_slot), ...], device)
     logits = model.forward(batch, kv, deltas)   # [num_sequences, vocab (+ extra rows)]
@@ -17,7 +23,7 @@ extras (norm weights, biases) and embedding rows are gathered per token by
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
@@ -28,12 +34,35 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 
 
 @dataclass
+class AttentionPlan:
+    """How one step's attention is computed, decided on the host when the step is built.
+
+    ``prefill``: runs of fresh prompts (start 0) of equal length, ``(first_row, num_seqs, length)``,
+    each run one causal attention call over its own new tokens. ``decode``: the single-token rows,
+    attended in one call over ``span`` cache positions; ``dec_rows`` is None when they are all rows
+    of the step in order, ``dec_slot0`` the first KV slot when their slots are consecutive (the
+    cache is then read in place, no gather), ``dec_lens`` None when every context is ``span`` long
+    (no mask). ``other``: sequences continuing with several tokens, attended one by one.
+    """
+
+    prefill: list[tuple[int, int, int]]
+    decode: list[int]
+    dec_rows: torch.Tensor | None  # [B] int64
+    dec_slots: torch.Tensor | None  # [B] int64
+    dec_slot0: int | None
+    dec_lens: torch.Tensor | None  # [B] int64
+    span: int
+    other: list[int]
+    offsets: list[int]
+
+
+@dataclass
 class BatchMapping:
     """One step's token layout, built once per step (like vLLM's punica mapping).
 
     ``ids`` is the delta slot of each token (-1 = base); ``seqs`` lists, per sequence in token
     order, ``(kv_slot, start_position, num_new_tokens)``; ``last`` indexes each sequence's last
-    token (where logits are taken).
+    token (where logits are taken); ``seq_slots`` is each sequence's delta slot on the host.
     """
 
     tokens: torch.Tensor  # [T] int64
@@ -44,30 +73,69 @@ class BatchMapping:
     seqs: list[tuple[int, int, int]]
     last: torch.Tensor  # [S] int64
     any_delta: bool
+    seq_slots: list[int] = field(default_factory=list)
+    attn: AttentionPlan | None = None
+    cache: dict = field(default_factory=dict)  # per-step values derived by callers (e.g. tenant row groups)
 
     @classmethod
     def build(cls, entries: list[tuple[int, int, list[int], int]], device) -> "BatchMapping":
         """entries: ``(kv_slot, start_position, new_token_ids, delta_slot)`` per sequence."""
-        toks, pos, ids, kvs, seqs, last = [], [], [], [], [], []
+        toks, pos, ids, kvs, seqs, last, offsets = [], [], [], [], [], [], []
         for kv_slot, start, new, slot in entries:
             n = len(new)
+            offsets.append(len(toks))
             toks += new
             pos += range(start, start + n)
             ids += [slot] * n
             kvs += [kv_slot] * n
             seqs.append((kv_slot, start, n))
             last.append(len(toks) - 1)
-        t = lambda v, dt: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
-        ids_t = t(ids, torch.int32)
-        return cls(t(toks, torch.long), t(pos, torch.long), ids_t, ids_t.long() + 1, t(kvs, torch.long),
-                   seqs, t(last, torch.long), any(s >= 0 for *_, s in entries))
+        # The attention plan, from host values only.
+        decode = [i for i, s in enumerate(seqs) if s[2] == 1]
+        prefill, other = [], []
+        i = 0
+        while i < len(seqs):
+            kv_slot, start, n = seqs[i]
+            if n > 1 and start == 0:
+                j = i + 1
+                while j < len(seqs) and seqs[j][1] == 0 and seqs[j][2] == n:
+                    j += 1
+                prefill.append((offsets[i], j - i, n))
+                i = j
+                continue
+            if n > 1:
+                other.append(i)
+            i += 1
+        dec_rows = [offsets[i] for i in decode]
+        dec_slots = [seqs[i][0] for i in decode]
+        dec_lens = [seqs[i][1] + 1 for i in decode]
+        span = max(dec_lens, default=0)
+        slot0 = dec_slots[0] if dec_slots and dec_slots == list(range(dec_slots[0], dec_slots[0] + len(decode))) else None
+        rows_all = dec_rows == list(range(len(toks)))
+        lens_all = all(n == span for n in dec_lens)
+        # One host buffer, one copy to the device (pinned and asynchronous on CUDA).
+        parts = [toks, pos, ids, kvs, last, dec_rows, dec_slots, dec_lens]
+        buf = torch.tensor([v for part in parts for v in part], dtype=torch.long)
+        if torch.device(device).type == "cuda":
+            buf = buf.pin_memory().to(device, non_blocking=True)
+        else:
+            buf = buf.to(device)
+        views, at = [], 0
+        for part in parts:
+            views.append(buf[at:at + len(part)])
+            at += len(part)
+        tok_t, pos_t, ids64, kv_t, last_t, rows_t, slots_t, lens_t = views
+        plan = AttentionPlan(prefill, decode, None if rows_all else rows_t, slots_t, slot0,
+                             None if lens_all else lens_t, span, other, offsets)
+        return cls(tok_t, pos_t, ids64.to(torch.int32), ids64 + 1, kv_t, seqs, last_t,
+                   any(s >= 0 for *_, s in entries), [s for *_, s in entries], plan)
 
     def take_last(self) -> "BatchMapping":
         """The mapping restricted to each sequence's last token (for the output head)."""
         ids = self.ids[self.last]
         return BatchMapping(self.tokens[self.last], self.positions[self.last], ids, ids.long() + 1,
                             self.kv_slots[self.last], [(k, s + n - 1, 1) for k, s, n in self.seqs],
-                            torch.arange(len(self.seqs), device=ids.device), self.any_delta)
+                            torch.arange(len(self.seqs), device=ids.device), self.any_delta, self.seq_slots)
 
 
 class KVCache:
@@ -172,11 +240,16 @@ class DeltaLlama:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self._param(name, batch, deltas) * xf.to(x.dtype)
 
-    def _rope(self, x, positions):  # x [T, heads, head_dim]
+    def _rope_tables(self, positions, dtype):
+        """cos/sin ``[T, 1, head_dim]`` for the step's positions (once per step, shared by every layer)."""
         freqs = positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.attention_scaling).to(x.dtype)[:, None, :]
-        sin = (emb.sin() * self.attention_scaling).to(x.dtype)[:, None, :]
+        cos = (emb.cos() * self.attention_scaling).to(dtype)[:, None, :]
+        sin = (emb.sin() * self.attention_scaling).to(dtype)[:, None, :]
+        return cos, sin
+
+    @staticmethod
+    def _rope(x, cos, sin):  # x [T, heads, head_dim]
         return x * cos + _rotate_half(x) * sin
 
     def _attention(self, q, k, v, layer, batch, kv: KVCache):
@@ -187,32 +260,26 @@ class DeltaLlama:
         kc, vc = kv.k[layer], kv.v[layer]
         kc[batch.kv_slots, batch.positions] = k
         vc[batch.kv_slots, batch.positions] = v
-        nkv, rep, d = self.kv_heads, self.num_heads // self.kv_heads, self.head_dim
-        scale = d ** -0.5
+        plan = batch.attn
+        nkv, h, d = self.kv_heads, self.num_heads, self.head_dim
+        gqa = nkv != h
+        t = q.shape[0]
+        if plan.decode and plan.dec_rows is None:  # a pure decode step: no scatter needed
+            return self._decode_attention(q, kc, vc, plan, gqa).reshape(t, -1)
         out = q.new_empty(q.shape)
-        offsets, off = [], 0
-        for s in batch.seqs:
-            offsets.append(off)
-            off += s[2]
-        decode = [i for i, s in enumerate(batch.seqs) if s[2] == 1]
-        done = set()
-        if len(decode) > 1:  # batched single-token attention over the gathered cache rows
-            rows = torch.tensor([offsets[i] for i in decode], device=q.device)
-            slots = batch.kv_slots[rows]
-            lens = batch.positions[rows] + 1
-            span = int(max(batch.seqs[i][1] for i in decode)) + 1
-            keys = kc[slots, :span].float().permute(0, 2, 1, 3)  # [B, KV, L, D]
-            vals = vc[slots, :span].float().permute(0, 2, 1, 3)
-            qb = q[rows].float().view(-1, nkv, rep, d)  # [B, KV, rep, D]
-            scores = torch.einsum("bkrd,bkld->bkrl", qb, keys) * scale
-            mask = torch.arange(span, device=q.device)[None, :] < lens[:, None]  # [B, L]
-            probs = scores.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
-            out[rows] = torch.einsum("bkrl,bkld->bkrd", probs, vals).reshape(-1, self.num_heads, d).to(q.dtype)
-            done = set(decode)
-        for i, (slot, start, n) in enumerate(batch.seqs):
-            if i in done:
-                continue
-            o0, total = offsets[i], start + n
+        for row0, g, n in plan.prefill:  # fresh prompts: their cache rows are exactly k, v
+            rows = slice(row0, row0 + g * n)
+            qs = q[rows].view(g, n, h, d).transpose(1, 2)
+            ks = k[rows].view(g, n, nkv, d).transpose(1, 2)
+            vs = v[rows].view(g, n, nkv, d).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+            out[rows] = o.transpose(1, 2).reshape(g * n, h, d)
+        if plan.decode:
+            out[plan.dec_rows] = self._decode_attention(q[plan.dec_rows], kc, vc, plan, gqa)
+        rep, scale = h // nkv, d ** -0.5
+        for i in plan.other:  # a sequence continuing with several tokens: its own causal mask over the cache
+            slot, start, n = batch.seqs[i]
+            o0, total = plan.offsets[i], start + n
             keys = kc[slot, :total].float().permute(1, 0, 2)  # [KV, L, D]
             vals = vc[slot, :total].float().permute(1, 0, 2)
             qi = q[o0:o0 + n].float().view(n, nkv, rep, d).permute(1, 2, 0, 3)  # [KV, rep, n, D]
@@ -220,8 +287,23 @@ class DeltaLlama:
             mask = torch.arange(total, device=q.device)[None, :] <= (start + torch.arange(n, device=q.device))[:, None]
             probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
             o = torch.matmul(probs, vals[:, None])  # [KV, rep, n, D]
-            out[o0:o0 + n] = o.permute(2, 0, 1, 3).reshape(n, self.num_heads, d).to(q.dtype)
-        return out.reshape(q.shape[0], -1)
+            out[o0:o0 + n] = o.permute(2, 0, 1, 3).reshape(n, h, d).to(q.dtype)
+        return out.reshape(t, -1)
+
+    @staticmethod
+    def _decode_attention(qd, kc, vc, plan: AttentionPlan, gqa: bool):
+        """Single-token rows ``qd [B, H, D]`` over their cache rows; returns ``[B, H, D]``."""
+        b, span = qd.shape[0], plan.span
+        if plan.dec_slot0 is not None:  # consecutive slots: read the cache in place
+            keys, vals = kc[plan.dec_slot0:plan.dec_slot0 + b, :span], vc[plan.dec_slot0:plan.dec_slot0 + b, :span]
+        else:
+            keys, vals = kc[plan.dec_slots, :span], vc[plan.dec_slots, :span]
+        mask = None
+        if plan.dec_lens is not None:  # contexts of different lengths
+            mask = (torch.arange(span, device=qd.device)[None, :] < plan.dec_lens[:, None])[:, None, None, :]
+        o = F.scaled_dot_product_attention(qd.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2),
+                                           attn_mask=mask, enable_gqa=gqa)  # [B, H, 1, D]
+        return o.squeeze(2)
 
     # ------------------------------------------------------------------ forward
 
@@ -232,13 +314,14 @@ class DeltaLlama:
         if deltas is not None:
             x = deltas.embed(x, batch)
         t = x.shape[0]
+        cos, sin = self._rope_tables(batch.positions, x.dtype)
         for i in range(self.num_layers):
             p = f"model.layers.{i}."
             h = self._norm(p + "input_layernorm.weight", x, batch, deltas)
             q = self._linear(p + "self_attn.q_proj", h, batch, deltas).view(t, self.num_heads, self.head_dim)
             k = self._linear(p + "self_attn.k_proj", h, batch, deltas).view(t, self.kv_heads, self.head_dim)
             v = self._linear(p + "self_attn.v_proj", h, batch, deltas).view(t, self.kv_heads, self.head_dim)
-            q, k = self._rope(q, batch.positions), self._rope(k, batch.positions)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             a = self._attention(q, k, v, i, batch, kv)
             x = x + self._linear(p + "self_attn.o_proj", a, batch, deltas)
             h = self._norm(p + "post_attention_layernorm.weight", x, batch, deltas)
