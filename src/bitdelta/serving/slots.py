@@ -71,10 +71,13 @@ class DeltaSlots:
     """Device slot pools + host LRU + background loader, keyed by delta name."""
 
     def __init__(self, model, max_gpu_deltas: int = 32, max_cpu_deltas: int = 128, max_bits: int = 1,
-                 max_extra_vocab: int = 0, backend: str = "auto"):
+                 max_extra_vocab: int = 0, backend: str = "auto", linear_fn=None):
+        """``linear_fn(name, x, w, pool, batch) -> y`` replaces the fused op for every module when given
+        (e.g. :func:`bitdelta.serving.unfused.unfused_linear`, the reference-style baseline that
+        benchmarks compare against); None uses :func:`bitdelta.ops.bitdelta_linear`."""
         if max_gpu_deltas < 1:
             raise ValueError("max_gpu_deltas must be at least 1")
-        self.model, self.backend = model, backend
+        self.model, self.backend, self.linear_fn = model, backend, linear_fn
         self.num_slots, self.max_cpu, self.bits = max_gpu_deltas, max_cpu_deltas, max_bits
         self.max_extra = max_extra_vocab
         dev, s = model.device, max_gpu_deltas
@@ -377,6 +380,8 @@ class DeltaSlots:
 
     def linear(self, name: str, x: torch.Tensor, w: torch.Tensor, batch) -> torch.Tensor:
         pool = self.pools[name]
+        if self.linear_fn is not None:
+            return self.linear_fn(name, x, w, pool, batch)
         ids = batch.ids
         if not pool["col_slots"]:
             return bitdelta_linear(x, w, None, pool["signs"], pool["row"], "row", ids, self.backend)
