@@ -2,6 +2,7 @@
 
     bitdelta serve --base models/tiny/base --delta shakespeare=deltas/shakespeare --delta gsm8k=deltas/gsm8k
     bitdelta serve --base BASE --delta-dir deltas/ --api-keys keys.toml --host 0.0.0.0 --port 8000
+    bitdelta serve --ray --base BASE --delta-store s3://bucket/deltas --replicas 4 --gpus-per-replica 1
 """
 
 from __future__ import annotations
@@ -74,9 +75,41 @@ def build_app(args):
     return rt, create_app(rt, cfg)
 
 
+def ray_settings(args):
+    """:class:`~bitdelta.serving.ray_serve.RaySettings` for parsed ``serve --ray`` arguments."""
+    from .ray_serve import RaySettings
+
+    if args.delta:
+        raise BitDeltaError("--delta is not used with --ray: replicas load deltas on demand from --delta-store "
+                            "(a directory or URL holding one artifact directory per model name)")
+    if args.allow_runtime_deltas:
+        raise BitDeltaError("--allow-runtime-deltas is not used with --ray: add artifacts to --delta-store instead")
+    store = args.delta_store or args.delta_dir
+    if not store:
+        raise BitDeltaError("--ray needs --delta-store DIR_OR_URL (e.g. deltas/ or s3://bucket/deltas)")
+    return RaySettings(base=args.base, store=store, base_name=args.base_name, replicas=args.replicas,
+                       gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
+                       deltas_per_replica=args.deltas_per_replica, max_gpu_deltas=args.max_gpu_deltas,
+                       max_cpu_deltas=args.max_cpu_deltas, max_bits=args.max_bits, max_extra_vocab=args.max_extra_vocab,
+                       max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
+                       kv_cache_mb=args.kv_cache_mb, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir,
+                       api_keys_file=args.api_keys)
+
+
+def cmd_serve_ray(args) -> None:
+    from .ray_serve import run
+
+    if not args.api_keys and not _is_loopback(args.host):
+        logger.warning("binding to %s without --api-keys: anyone who can reach this address can use every model",
+                       args.host)
+    run(ray_settings(args), host=args.host, port=args.port, address=args.ray_address)
+
+
 def cmd_serve(args) -> None:
     import uvicorn
 
+    if args.ray:
+        return cmd_serve_ray(args)
     if not args.api_keys and not _is_loopback(args.host):
         logger.warning("binding to %s without --api-keys: anyone who can reach this address can use every model",
                        args.host)
@@ -115,5 +148,19 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    r = s.add_argument_group("scale-out on Ray Serve (install bitdelta[ray]; see docs/scale_out.md)")
+    r.add_argument("--ray", action="store_true", help="deploy engine replicas on Ray Serve, routed by tenant")
+    r.add_argument("--replicas", type=int, default=None, help="engine replicas (default: one per GPU of the cluster)")
+    r.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="GPUs per replica, at most 1 (default: 1 if the cluster has GPUs, else 0)")
+    r.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
+    r.add_argument("--deltas-per-replica", type=int, default=None,
+                   help="tenants a replica holds before evicting the least recently used (default: --max-gpu-deltas)")
+    r.add_argument("--delta-store", default=None,
+                   help="directory or fsspec URL (s3://, gs://, file://) with one artifact per model name "
+                        "(default: --delta-dir)")
+    r.add_argument("--cache-dir", default=None, help="local directory for artifacts copied from a URL store")
+    r.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join, e.g. auto or ray://head:10001 (default: $RAY_ADDRESS, else a local one)")
     s.set_defaults(func=cmd_serve)
     return s

@@ -1,0 +1,193 @@
+"""Scale-out on Ray Serve: R engine replicas behind one OpenAI-compatible endpoint, routed by tenant.
+
+Three deployments make the application: ``BitDeltaIngress`` (reads each request's ``model`` and
+forwards it with that tenant as Ray Serve's multiplexed model id), ``BitDeltaEngine`` (R replicas,
+each the single-GPU engine and its delta pool; ``serve.multiplexed`` loads tenants from the delta
+store on demand and evicts the least recently used past ``deltas_per_replica``) and
+``BitDeltaReplicaBoard`` (each replica's own metrics, for ``/metrics`` and ``/v1/replicas``).
+Ray Serve sends a tenant's requests to replicas that already hold its delta.
+
+    bitdelta serve --ray --base models/tiny/base --delta-store deltas/ --replicas 2 --gpus-per-replica 1
+    serve run bitdelta.serving.ray_serve:app_builder base=models/tiny/base store=s3://bucket/deltas replicas=4
+    app = build_app(RaySettings(base="models/tiny/base", store="deltas/", replicas=2)); serve.run(app)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BitDeltaError
+
+logger = logging.getLogger("bitdelta.serve")
+
+APP_NAME = "bitdelta"
+
+
+@dataclass
+class RaySettings:
+    """Everything a replica needs to build itself (plain values: it travels to every Ray worker)."""
+
+    base: str
+    store: str
+    base_name: str | None = None
+    replicas: int | None = None  # None: one per GPU of the cluster (1 without GPUs)
+    gpus_per_replica: float | None = None  # None: 1 if the cluster has GPUs, else 0
+    cpus_per_replica: float = 1.0
+    deltas_per_replica: int | None = None  # None: max_gpu_deltas (each tenant keeps its device slot)
+    max_gpu_deltas: int = 32
+    max_cpu_deltas: int = 128
+    max_bits: int | None = None
+    max_extra_vocab: int | None = None
+    max_batch: int = 64
+    max_queue: int = 256
+    max_model_len: int | None = None
+    kv_cache_mb: float | None = None
+    dtype: str = "float32"
+    device: str | None = None
+    cache_dir: str | None = None
+    storage_options: dict | None = None
+    api_keys: dict[str, list[str]] | None = None
+    api_keys_file: str | None = None
+    max_ongoing_requests: int | None = None  # None: max_batch; beyond it Serve may send a tenant to a second replica
+    ingress_replicas: int = 1
+    retries: int = 3
+    report_interval_s: float = 1.0
+    torch_threads: int | None = None
+    name: str = APP_NAME
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RaySettings":
+        """Builds settings from a dict whose values may be strings (``serve run ... key=value``)."""
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise BitDeltaError(f"unknown Ray serve setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        out = {}
+        for k, v in d.items():
+            out[k] = _coerce(k, v, hints[k])
+        if "base" not in out or "store" not in out:
+            raise BitDeltaError("Ray serving needs base=<base model> and store=<delta directory or URL>")
+        return cls(**out)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def served_base_name(self) -> str:
+        return self.base_name or Path(str(self.base)).name or "base"
+
+    @property
+    def capacity(self) -> int:
+        return self.deltas_per_replica or self.max_gpu_deltas
+
+    def key_scopes(self) -> dict[str, set[str]] | None:
+        return None if self.api_keys is None else {k: set(v) for k, v in self.api_keys.items()}
+
+    def resolved(self) -> "RaySettings":
+        """Fills cluster-dependent defaults (GPUs per replica, replica count) and loads the key file."""
+        s = dataclasses.replace(self)
+        gpus = _cluster_gpus()
+        if s.gpus_per_replica is None:
+            s.gpus_per_replica = 1.0 if gpus >= 1 else 0.0
+        if s.replicas is None:
+            s.replicas = max(1, int(gpus // s.gpus_per_replica)) if s.gpus_per_replica else 1
+        if s.api_keys_file and s.api_keys is None:
+            from .api import load_api_keys
+
+            s.api_keys = {k: sorted(v) for k, v in load_api_keys(s.api_keys_file).items()}
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        if self.replicas is not None and self.replicas < 1:
+            raise BitDeltaError(f"replicas must be at least 1 (got {self.replicas})")
+        if self.gpus_per_replica is not None and not 0 <= self.gpus_per_replica <= 1:
+            raise BitDeltaError(f"gpus_per_replica is {self.gpus_per_replica}: each replica's engine uses one device, "
+                                "so use a value in [0, 1] (fractions share a GPU) and more replicas instead")
+        if self.capacity < 1:
+            raise BitDeltaError("deltas_per_replica must be at least 1")
+        if self.ingress_replicas < 1:
+            raise BitDeltaError("ingress_replicas must be at least 1")
+
+
+def _coerce(name, value, hint):
+    if value is None or not isinstance(value, str):
+        return value
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    target = args[0]
+    if value.lower() in ("none", "null", "") and type(None) in typing.get_args(hint):
+        return None
+    try:
+        if target is bool:
+            return value.lower() in ("1", "true", "yes", "on")
+        if target in (int, float):
+            return target(value)
+        if typing.get_origin(target) is dict or target is dict:
+            return json.loads(value)
+    except ValueError as e:
+        raise BitDeltaError(f"setting {name}={value!r}: {e}") from None
+    return value
+
+
+def _cluster_gpus() -> float:
+    try:
+        import ray
+
+        return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+    except Exception:  # no Ray connection yet: decide as on a CPU cluster
+        return 0.0
+
+
+def build_app(settings: RaySettings):
+    """The Ray Serve application (ingress -> engine replicas, plus the metrics board); not yet running."""
+    from .ray_board import ReplicaBoard
+    from .ray_ingress import Ingress
+    from .ray_replica import EngineReplica
+
+    s = settings.resolved()
+    conf = s.to_dict()
+    board = ReplicaBoard.options(num_replicas=1, ray_actor_options={"num_cpus": 0}).bind()
+    engine = EngineReplica.options(
+        num_replicas=s.replicas, max_ongoing_requests=s.max_ongoing_requests or s.max_batch,
+        ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
+    ).bind(conf, board)
+    return Ingress.options(num_replicas=s.ingress_replicas, max_ongoing_requests=4096,
+                           ray_actor_options={"num_cpus": 0}).bind(conf, engine, board)
+
+
+def app_builder(args: dict):
+    """Entry point for ``serve run bitdelta.serving.ray_serve:app_builder key=value ...`` and Serve config files."""
+    return build_app(RaySettings.from_dict(dict(args)))
+
+
+def run(settings: RaySettings, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
+        blocking: bool = True, init_kwargs: dict | None = None):
+    """Connects to (or starts) a Ray cluster, deploys the application and serves until Ctrl-C."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address=address, **(init_kwargs or {}))
+    s = settings.resolved()
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(s), name=s.name, route_prefix="/")
+    print(f"serving {s.served_base_name!r} + deltas from {s.store} on http://{host}:{port} with {s.replicas} "
+          f"engine replica(s) x {s.capacity} deltas ({s.gpus_per_replica:g} GPU, {s.cpus_per_replica:g} CPU each)",
+          flush=True)
+    if not blocking:
+        return s
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete(s.name)
+    return s
