@@ -36,17 +36,20 @@ from bitdelta.pack import pack_signs, unpack_signs  # noqa: E402
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K in, N out): 4096->4096, 4096->11008, 11008->4096
 BATCHES = [1, 4, 16, 64]
 DTYPES = [torch.float16, torch.bfloat16]
-_D = {"TG": 16, "SPLIT_K": 0, "num_stages": 3}
+_D = {"BK": 256, "BKD": 256, "TG": 16, "DOT_MIN": 4, "SPLIT_K": 0, "num_stages": 3}
+# Decode: B distinct tenants x 1 token take the CUDA-core sign GEMV unless DOT_MIN <= 1.
 DEC_CONFIGS = [
-    {**_D, "BN": 32, "BK": 256, "BKD": 256, "SWAP": False, "num_warps": 4},
-    {**_D, "BN": 64, "BK": 256, "BKD": 256, "SWAP": True, "num_warps": 4},
-    {**_D, "BN": 64, "BK": 128, "BKD": 512, "SWAP": True, "num_warps": 4},
-    {**_D, "BN": 128, "BK": 128, "BKD": 256, "SWAP": True, "num_warps": 8},
-    {**_D, "BN": 16, "BK": 256, "BKD": 256, "SWAP": False, "num_warps": 4},
-    {**_D, "BN": 64, "BK": 256, "BKD": 256, "SWAP": True, "num_warps": 4, "SPLIT_K": 16},
-    {**_D, "BN": 32, "BK": 512, "BKD": 512, "SWAP": False, "num_warps": 4, "num_stages": 2},
-    {**_D, "BN": 64, "BK": 256, "BKD": 1024, "SWAP": True, "num_warps": 8, "num_stages": 2},
+    {**_D, "BN": 64, "BKW": 8, "num_warps": 4},
+    {**_D, "BN": 32, "BKW": 8, "num_warps": 4},
+    {**_D, "BN": 64, "BKW": 4, "num_warps": 4},
+    {**_D, "BN": 128, "BK": 128, "BKW": 4, "num_warps": 8},
+    {**_D, "BN": 64, "BKW": 16, "num_warps": 8},
+    {**_D, "BN": 64, "BKW": 8, "num_warps": 4, "DOT_MIN": 1},
+    {**_D, "BN": 128, "BK": 128, "BKW": 8, "num_warps": 8, "DOT_MIN": 1},
+    {**_D, "BN": 64, "BKW": 8, "num_warps": 4, "SPLIT_K": 1},
+    {**_D, "BN": 16, "BKW": 16, "num_warps": 2},
 ]
+# Fused segmented kernel (EXPAND_MIN 0); long segments are timed with the default EXPAND_MIN.
 SEG_CONFIGS = [
     {"BM": 64, "BN": 128, "BK": 64, "SWAP": False, "num_warps": 4, "num_stages": 4},
     {"BM": 128, "BN": 128, "BK": 64, "SWAP": True, "num_warps": 8, "num_stages": 3},
@@ -169,17 +172,18 @@ def sweep_decode(log, quick):
 def sweep_seg(log, quick):
     k, n = 4096, 4096
     t = 2048
-    x, w, _, s, sc, _ = make(t, n, k, 1, 1, "row", torch.float16, [0])
-    starts = torch.tensor([0, t], dtype=torch.int32, device="cuda")
-    sids = torch.tensor([0], dtype=torch.int32, device="cuda")
+    x, w, _, s, sc, _ = make(t, n, k, 16, 1, "row", torch.float16, [0])
+    starts = torch.arange(0, t + 1, 128, dtype=torch.int32, device="cuda")
+    sids = torch.arange(16, dtype=torch.int32, device="cuda")
     res = []
     for i, c in enumerate(SEG_CONFIGS[:2] if quick else SEG_CONFIGS):
+        c = {**c, "EXPAND_MIN": 0}
         try:
             res.append((bench(lambda: triton_ops.bitdelta_segmented(x, w, None, s, sc, "row", starts, sids, config=c)), i))
         except Exception as exc:
             log(f"  seg config {c} failed: {type(exc).__name__}: {str(exc)[:120]}")
-    log("sweep prefill 2048x4096x4096: " + ", ".join(f"c{i}={t:.1f}" for t, i in sorted(res, key=lambda z: z[1])))
-    return SEG_CONFIGS[min(res)[1]]
+    log("sweep prefill 16x128 tokens, 4096x4096: " + ", ".join(f"c{i}={t:.1f}" for t, i in sorted(res, key=lambda z: z[1])))
+    return {**SEG_CONFIGS[min(res)[1]], "EXPAND_MIN": triton_ops.DEFAULT_CONFIGS["segmented"]["EXPAND_MIN"]}
 
 
 def main():
@@ -243,12 +247,15 @@ def main():
                 st = starts.tolist()
                 tr = [(i, slice(st[i], st[i + 1])) for i in range(d)]
                 naive = bench(lambda: naive_path(x, w, s, sc, "row", tr), warmup=5, rep=30)
+                fused_cfg = {**best_seg, "EXPAND_MIN": 0}
+                fused = bench(lambda: triton_ops.bitdelta_segmented(x, w, None, s, sc, "row", starts, sids, config=fused_cfg))
                 tflops = 2 * t * n * k / ours / 1e6
                 rec = dict(kind="prefill", dtype=dname, k=k, n=n, case=name, ours_us=ours, cublas_base_us=cub,
-                           ratio=ours / cub, naive_us=naive, tflops=tflops, rel_err=err, config=best_seg)
+                           ratio=ours / cub, naive_us=naive, fused_only_us=fused, tflops=tflops, rel_err=err,
+                           config=best_seg)
                 records.append(rec)
                 rows.append(f"| prefill {name} | {dname} | {k}→{n} | T={t} | {ours:.1f} | – | {ours / cub:.2f}× cuBLAS "
-                            f"| {tflops:.0f} TFLOP/s | {cub:.1f} | {naive:.1f} |")
+                            f"| {tflops:.0f} TFLOP/s | {cub:.1f} | {naive:.1f} (fused-only {fused:.1f}) |")
         log(f"[{time.time() - t0:.0f}s] {dname} timed")
 
     head = [

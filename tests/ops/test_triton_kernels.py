@@ -24,11 +24,14 @@ if DEVICE == "cpu" and type(triton_kernels.bitdelta_decode_kernel).__name__ != "
     importlib.reload(triton_ops)
 
 # Small launch configs so the CPU interpreter stays fast and masking/multi-block paths are hit.
-SMALL_DECODE = {"BN": 16, "BK": 32, "BKD": 64, "TG": 16, "SPLIT_K": 1, "SWAP": False, "num_warps": 4, "num_stages": 1}
-# Variants: plain, swapped operands with a 2-way K split, auto split (atomics) with plain operands.
-DECODE_VARIANTS = [SMALL_DECODE, {**SMALL_DECODE, "SWAP": True, "SPLIT_K": 2}, {**SMALL_DECODE, "SPLIT_K": 0}]
+SMALL_DECODE = {"BN": 16, "BK": 32, "BKD": 64, "BKW": 2, "TG": 16, "DOT_MIN": 4, "SPLIT_K": 1,
+                "num_warps": 4, "num_stages": 1}
+# Variants: CUDA-core GEMV for tenants of < 4 tokens (else tensor cores); tensor cores for every
+# tenant with a 2-way K split; CUDA cores for every tenant with the auto split.
+DECODE_VARIANTS = [SMALL_DECODE, {**SMALL_DECODE, "DOT_MIN": 0, "SPLIT_K": 2},
+                   {**SMALL_DECODE, "DOT_MIN": 65, "SPLIT_K": 0}]
 SMALL_SEG = {"BM": 16, "BN": 16, "BK": 32, "SWAP": False, "num_warps": 4, "num_stages": 1}
-SHAPES = [(24, 16), (40, 72), (24, 200)]  # (N, K): N not a multiple of BN, K not of BK/BKD
+SHAPES = [(24, 16), (40, 96), (24, 200)]  # (N, K): N not a multiple of BN, K not of BK/BKD; 96: int32 sign words
 
 
 def _to(dev, *ts):
@@ -82,7 +85,10 @@ def test_segmented_kernel_matches_reference(mode, bits, dtype):
     seg_ids = torch.tensor([1, 0, -1, 2, 0], dtype=torch.int32)
     x, w, b, signs, sc, _ = make_inputs(37, n, k, 3, bits, mode, dtype, seed=bits)
     expected = ref.bitdelta_linear_segmented_ref(x, w, b, signs, sc, mode, starts, seg_ids)
-    cfg = {**SMALL_SEG, "SWAP": bits == 2}
+    # EXPAND_MIN 3 (bits 1): the 20- and 13-row tenant segments run as a GEMM against W + Δ̂
+    # expanded, the 3-row base-only one against W; the 1-row one stays in the fused kernel.
+    # EXPAND_MIN 0 (bits 2): everything in the fused kernel.
+    cfg = {**SMALL_SEG, "SWAP": bits == 2, "EXPAND_MIN": 3 if bits == 1 else 0}
     y = triton_ops.bitdelta_segmented(*_to(DEVICE, x, w, b, signs, sc), mode, starts.to(DEVICE),
                                       seg_ids.to(DEVICE), config=cfg)
     _check(y, expected, dtype)
@@ -133,3 +139,13 @@ def test_decode_cuda_graph_capture(t):
     torch.cuda.synchronize()
     _check(y_g, ref.bitdelta_linear_ref(x, w, b, signs, sc, "row", ids), torch.float16)
     assert not torch.equal(y, y_g) or t == 1
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+@pytest.mark.parametrize("mode", ["scalar", "row", "col"])
+def test_expand_delta_matches_reference(mode, bits):
+    n, k = 37, 200  # N and K not multiples of the 32 x 256 tile
+    x, w, b, signs, sc, _ = make_inputs(1, n, k, 3, bits, mode, torch.float32, seed=bits)
+    want = w + ref.delta_dense(signs[2], sc[2], mode, k, dtype=torch.float32)
+    got = triton_ops.expand_delta(*_to(DEVICE, w, signs[2], sc[2]), mode)
+    _check(got, want, torch.float32)

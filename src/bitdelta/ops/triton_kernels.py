@@ -2,11 +2,12 @@
 
 Two kernels, both computing ``y[t] = x[t] W^T + b + Δ̂_{d(t)} x[t]`` with fp32 accumulation:
 
-* ``bitdelta_decode_kernel``: small batches (T <= 64). One program owns ``BN`` output rows and the
-  whole K range. It reads its W rows once for all tokens (tensor-core dot), then, for every
-  distinct tenant of the batch (found on the device, no host sync), reads that tenant's sign rows
-  once, unpacks them in registers and multiplies them with the tenant's tokens (compacted into
-  chunks of ``TG`` rows); the result is added into the token rows of the base accumulator.
+* ``bitdelta_decode_kernel``: small batches (T <= 64). The base product and every distinct
+  tenant's delta product are separate programs of one launch (grid: N blocks x (1 + T) roles x
+  K splits), all adding atomically into an fp32 output, so the whole GPU works on every tenant at
+  once; the base W and each tenant's bits are read once per (N block, K split).
+* ``expand_delta_kernel``: W_base + Δ̂_d written out dense, so a long single-tenant prefill
+  segment costs one cuBLAS GEMM plus one pass over W.
 * ``bitdelta_segmented_kernel``: prefill. Token rows are grouped in segments of one tenant; each
   program owns a ``BM x BN`` tile of one segment and rebuilds ``W_base + Δ̂`` tile by tile in
   registers, so one segment costs one GEMM.
@@ -75,108 +76,133 @@ def _bcast_n(v, SWAP: tl.constexpr):
 
 
 @triton.jit
+def _sign_gemv(x_ptr, s_ptr, c_ptr, t, offs_n, n_mask, k_lo, k_hi, K, KW,
+               stride_xt, stride_sp, stride_sn, stride_cp,
+               MODE: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, WB: tl.constexpr):
+    """Δ̂ x[t] for rows offs_n on CUDA cores: [BN] fp32 (scales applied).
+
+    Signs are read as words of WB bits (int32 when the row length allows, else bytes), bit i of word w
+    being column WB*w + i, and summed as ``where(bit, x, -x)``: no ±1 tile, no MMA padding to 16 tokens.
+    """
+    jw = tl.arange(0, WB)
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BKW * WB):
+        offs_w = k0 // WB + tl.arange(0, BKW)
+        offs_k = (k0 + tl.arange(0, BKW)[:, None] * WB + jw[None, :])  # [BKW, WB]
+        k_mask = offs_k < K
+        xk = tl.load(x_ptr + t * stride_xt + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        for p in tl.static_range(BITS):
+            xp = xk
+            if MODE == 2:
+                xp = xk * tl.load(c_ptr + p * stride_cp + offs_k, mask=k_mask, other=0.0)
+            sw = tl.load(s_ptr + p * stride_sp + offs_n[:, None] * stride_sn + offs_w[None, :],
+                         mask=n_mask[:, None] & (offs_w < KW)[None, :], other=0).to(tl.int32)
+            bit = ((sw[:, :, None] >> jw[None, None, :]) & 1) != 0  # [BN, BKW, WB]
+            part = tl.sum(tl.sum(tl.where(bit, xp[None, :, :], -xp[None, :, :]), axis=2), axis=1)
+            if MODE == 0:
+                part = part * tl.load(c_ptr + p)
+            elif MODE == 1:
+                part = part * tl.load(c_ptr + p * stride_cp + offs_n, mask=n_mask, other=0.0)
+            acc += part
+    return acc
+
+
+@triton.jit
 def bitdelta_decode_kernel(
-    x_ptr, w_ptr, b_ptr, s_ptr, c_ptr, ids_ptr, y_ptr,
-    T, N, K, KB, K_SPLIT,
+    x_ptr, w_ptr, b_ptr, s_ptr, sw_ptr, c_ptr, ids_ptr, y_ptr,
+    T, N, K, KB, KW, K_SPLIT,
     stride_xt, stride_wn, stride_yt,
     stride_sd, stride_sp, stride_sn,
+    stride_swd, stride_swp, stride_swn,
     stride_cd, stride_cp,
     HAS_BIAS: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr,
     BT: tl.constexpr, TG: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr,
-    SWAP: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BKW: tl.constexpr, WB: tl.constexpr, DOT_MIN: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """MODE: 0 scalar, 1 row, 2 col. Requires T <= BT. grid = (cdiv(N, BN), cdiv(K, K_SPLIT)).
+    """Small batches (T <= BT). grid = (cdiv(N, BN), 1 + T, cdiv(K, K_SPLIT)); y is fp32, zeroed, and
+    every program atomically adds its partial sums into it.
 
-    Program (n, s) covers output rows n*BN:+BN and inputs s*K_SPLIT:+K_SPLIT (K_SPLIT a multiple
-    of BK and BKD). ATOMIC: partial sums are atomically added into an fp32 y (split-K), else stored.
-    The accumulator is [BT, BN], or [BN, BT] when SWAP.
+    Program (n, r, s) covers output rows n*BN:+BN and inputs s*K_SPLIT:+K_SPLIT. Role r == 0 is the
+    base: its W rows are read once for every token (tensor-core dot, weights as operand A). Role
+    r == i + 1 is the delta of token i's tenant, done only by the tenant's first token in the batch
+    (later ones exit at once), so each distinct tenant's bits are read once per (n, s) and every
+    tenant runs in parallel with the others and with the base. A tenant with at least DOT_MIN tokens
+    multiplies an unpacked ±1 tile with its tokens on tensor cores (TG tokens at a time); with fewer,
+    each token is a CUDA-core sign GEMV (see _sign_gemv).
     """
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_n = tl.program_id(0)
+    role = tl.program_id(1)
+    pid_k = tl.program_id(2)
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(K, k_lo + K_SPLIT)
     dt = x_ptr.dtype.element_ty
-    offs_n = pid * BN + tl.arange(0, BN)
+    offs_n = pid_n * BN + tl.arange(0, BN)
     n_mask = offs_n < N
     rows = tl.arange(0, BT)
     r_mask = rows < T
 
-    # Base: W rows of this program are read once for the whole batch.
-    if SWAP:
+    if role == 0:
         acc = tl.zeros((BN, BT), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            k_mask = offs_k < K
+            xt = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :],
+                         mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                         mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            acc = _mm(xt, wt, acc, True, PREC, UPCAST)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            acc += tl.where(pid_k == 0, bias, 0.0)[:, None]  # once, by the first K split
+        tl.atomic_add(y_ptr + rows[None, :] * stride_yt + offs_n[:, None], acc,
+                      mask=r_mask[None, :] & n_mask[:, None], sem="relaxed")
     else:
-        acc = tl.zeros((BT, BN), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        k_mask = offs_k < K
-        xt = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :],
-                     mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-        wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
-                     mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = _mm(xt, wt, acc, SWAP, PREC, UPCAST)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc += _bcast_n(tl.where(pid_k == 0, bias, 0.0), SWAP)  # once, by the first K split
-
-    # Deltas: each distinct tenant's sign rows are read once per program.
-    ids_v = tl.load(ids_ptr + rows, mask=r_mask, other=-1)
-    for i in range(0, T):
+        i = role - 1
         d = tl.load(ids_ptr + i)
+        ids_v = tl.load(ids_ptr + rows, mask=r_mask, other=-1)
         n_before = tl.sum(((ids_v == d) & (rows < i)).to(tl.int32), axis=0)
         if (d >= 0) & (n_before == 0):
             member = ids_v == d
             pos = tl.cumsum(member.to(tl.int32), axis=0) - 1
             cnt = tl.sum(member.to(tl.int32), axis=0)
-            s_base = s_ptr + d.to(tl.int64) * stride_sd
             c_base = c_ptr + d.to(tl.int64) * stride_cd
-            for c0 in range(0, cnt, TG):
-                slots = c0 + tl.arange(0, TG)
-                sel = member[None, :] & (pos[None, :] == slots[:, None])  # [TG, BT]
-                tok = tl.sum(tl.where(sel, rows[None, :], 0), axis=1)  # [TG]
-                t_mask = slots < cnt
-                if SWAP:
+            if cnt < DOT_MIN:
+                sw_base = sw_ptr + d.to(tl.int64) * stride_swd
+                for c in range(0, cnt):
+                    t = tl.sum(tl.where(member & (pos == c), rows, 0), axis=0)
+                    part = _sign_gemv(x_ptr, sw_base, c_base, t, offs_n, n_mask, k_lo, k_hi, K, KW,
+                                      stride_xt, stride_swp, stride_swn, stride_cp, MODE, BITS, BN, BKW, WB)
+                    tl.atomic_add(y_ptr + t * stride_yt + offs_n, part, mask=n_mask, sem="relaxed")
+            else:
+                s_base = s_ptr + d.to(tl.int64) * stride_sd
+                for c0 in range(0, cnt, TG):
+                    slots = c0 + tl.arange(0, TG)
+                    sel = member[None, :] & (pos[None, :] == slots[:, None])  # [TG, BT]
+                    tok = tl.sum(tl.where(sel, rows[None, :], 0), axis=1)  # [TG]
+                    t_mask = slots < cnt
                     dsum = tl.zeros((BN, TG), dtype=tl.float32)
-                else:
-                    dsum = tl.zeros((TG, BN), dtype=tl.float32)
-                for p in tl.static_range(BITS):
-                    dacc = tl.zeros_like(dsum)
-                    for k0 in range(k_lo, k_hi, BKD):
-                        offs_k = k0 + tl.arange(0, BKD)
-                        k_mask = offs_k < K
-                        offs_b = k0 // 8 + tl.arange(0, BKD // 8)
-                        xt = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :],
-                                     mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-                        if MODE == 2:
-                            cs = tl.load(c_base + p * stride_cp + offs_k, mask=k_mask, other=0.0)
-                            xt = (xt.to(tl.float32) * cs[None, :]).to(dt)
-                        sb = tl.load(s_base + p * stride_sp + offs_n[:, None] * stride_sn + offs_b[None, :],
-                                     mask=n_mask[:, None] & (offs_b < KB)[None, :], other=0)
-                        sg = _unpack_pm1(sb, BN, BKD, dt)
-                        dacc = _mm(xt, sg, dacc, SWAP, PREC, UPCAST)
-                    if MODE == 0:
-                        dacc = dacc * tl.load(c_base + p)
-                    elif MODE == 1:
-                        rs = tl.load(c_base + p * stride_cp + offs_n, mask=n_mask, other=0.0)
-                        dacc = dacc * _bcast_n(rs, SWAP)
-                    dsum += dacc
-                # Add the chunk's rows into their token rows of the accumulator
-                # (a one-hot [BT, TG] x [TG, BN] product, exact in fp32 FMA arithmetic).
-                hit = (member[:, None] & (pos[:, None] == slots[None, :])).to(tl.float32)  # [BT, TG]
-                if SWAP:
-                    acc = tl.dot(dsum, tl.trans(hit), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(hit, dsum, acc, input_precision="ieee")
-
-    if SWAP:
-        y_ptrs = y_ptr + rows[None, :] * stride_yt + offs_n[:, None]
-        y_mask = r_mask[None, :] & n_mask[:, None]
-    else:
-        y_ptrs = y_ptr + rows[:, None] * stride_yt + offs_n[None, :]
-        y_mask = r_mask[:, None] & n_mask[None, :]
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=y_mask, sem="relaxed")
-    else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+                    for p in tl.static_range(BITS):
+                        dacc = tl.zeros_like(dsum)
+                        for k0 in range(k_lo, k_hi, BKD):
+                            offs_k = k0 + tl.arange(0, BKD)
+                            k_mask = offs_k < K
+                            offs_b = k0 // 8 + tl.arange(0, BKD // 8)
+                            xt = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :],
+                                         mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+                            if MODE == 2:
+                                cs = tl.load(c_base + p * stride_cp + offs_k, mask=k_mask, other=0.0)
+                                xt = (xt.to(tl.float32) * cs[None, :]).to(dt)
+                            sb = tl.load(s_base + p * stride_sp + offs_n[:, None] * stride_sn + offs_b[None, :],
+                                         mask=n_mask[:, None] & (offs_b < KB)[None, :], other=0)
+                            dacc = _mm(xt, _unpack_pm1(sb, BN, BKD, dt), dacc, True, PREC, UPCAST)
+                        if MODE == 0:
+                            dacc = dacc * tl.load(c_base + p)
+                        elif MODE == 1:
+                            dacc = dacc * tl.load(c_base + p * stride_cp + offs_n, mask=n_mask, other=0.0)[:, None]
+                        dsum += dacc
+                    tl.atomic_add(y_ptr + tok[None, :] * stride_yt + offs_n[:, None], dsum,
+                                  mask=t_mask[None, :] & n_mask[:, None], sem="relaxed")
 
 
 @triton.jit
@@ -254,3 +280,34 @@ def bitdelta_segmented_kernel(
         else:
             tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_yt + offs_n[None, :], acc.to(dt),
                      mask=r_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def expand_delta_kernel(
+    w_ptr, s_ptr, c_ptr, out_ptr, N, K, KB,
+    stride_wn, stride_on, stride_sp, stride_sn, stride_cp,
+    MODE: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """out = W + Σ_p Δ̂_p for one tenant (s_ptr/c_ptr already offset to it), summed in fp32, one
+    rounding to out's dtype. grid = (cdiv(N, BN), cdiv(K, BK))."""
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    n_mask = offs_n < N
+    k_mask = offs_k < K
+    m = n_mask[:, None] & k_mask[None, :]
+    w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :], mask=m, other=0.0).to(tl.float32)
+    offs_b = tl.program_id(1) * (BK // 8) + tl.arange(0, BK // 8)
+    for p in tl.static_range(BITS):
+        sb = tl.load(s_ptr + p * stride_sp + offs_n[:, None].to(tl.int64) * stride_sn + offs_b[None, :],
+                     mask=n_mask[:, None] & (offs_b < KB)[None, :], other=0)
+        bit = _unpack_bits(sb, BN, BK) != 0
+        if MODE == 0:
+            a = tl.load(c_ptr + p)
+            w += tl.where(bit, a, -a)
+        elif MODE == 1:
+            rs = tl.load(c_ptr + p * stride_cp + offs_n, mask=n_mask, other=0.0)[:, None]
+            w += tl.where(bit, rs, -rs)
+        else:
+            cs = tl.load(c_ptr + p * stride_cp + offs_k, mask=k_mask, other=0.0)[None, :]
+            w += tl.where(bit, cs, -cs)
+    tl.store(out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=m)

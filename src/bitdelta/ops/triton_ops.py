@@ -1,12 +1,13 @@
 """Launch wrappers for the Triton BitDelta kernels: asserts, allocation, config lookup, launch.
 
-Shapes and semantics are those of :mod:`bitdelta.ops.reference`. Nothing here syncs with the
-host or allocates a data-dependent amount of memory, so the decode path can be captured in a CUDA
-graph. Configs come from ``DEFAULT_CONFIGS`` (tuned on an H100) unless a ``config`` dict is given.
+Shapes and semantics are those of :mod:`bitdelta.ops.reference`. The decode path neither syncs
+with the host nor allocates a data-dependent amount of memory, so it can be captured in a CUDA
+graph; the prefill path reads its segment table on the host to route long segments to cuBLAS. Configs come from ``DEFAULT_CONFIGS`` (tuned on an H100) unless a ``config`` dict is given.
 
-    y = bitdelta_decode(x, w, b, signs, scales, "row", ids)            # T <= 64
-    y = bitdelta_segmented(x, w, b, signs, scales, "col", starts, seg_ids)
-    y = bitdelta_linear(x, w, b, signs, scales, "scalar", ids)         # picks one of the two
+    y = bitdelta_decode(x, w, b, signs, scales, "row", ids)                  # T <= 64
+    y = bitdelta_segmented(x, w, b, signs, scales, "col", starts, seg_ids)   # prefill
+    w_d = expand_delta(w, signs[d], scales[d], "row")                        # W + Δ̂_d, dense
+    y = bitdelta_linear(x, w, b, signs, scales, "scalar", ids)               # picks one of the two
 """
 
 from __future__ import annotations
@@ -27,10 +28,14 @@ TARGET_PROGRAMS = 1024
 DEFAULT_CONFIGS = {
     # SPLIT_K: programs along K (0 = auto: about TARGET_PROGRAMS programs in all); SWAP: weight
     # tile as the MMA's A operand (see triton_kernels._mm).
-    # Best on H100 in benchmarks/kernels.py sweeps (docs/benchmarks.md): split-K did not help.
-    "decode": {"BN": 32, "BK": 256, "BKD": 256, "TG": 16, "SPLIT_K": 1, "SWAP": False,
+    # BKW: sign words per K step of the CUDA-core GEMV; DOT_MIN: tokens of one tenant from which
+    # its delta goes to tensor cores instead.
+    "decode": {"BN": 64, "BK": 256, "BKD": 256, "BKW": 8, "TG": 16, "DOT_MIN": 4, "SPLIT_K": 0,
                "num_warps": 4, "num_stages": 3},
-    "segmented": {"BM": 256, "BN": 128, "BK": 64, "SWAP": True, "num_warps": 8, "num_stages": 3},
+    # EXPAND_MIN: segments of at least this many rows go to cuBLAS against W + Δ̂ expanded once.
+    "segmented": {"BM": 256, "BN": 128, "BK": 64, "SWAP": True, "num_warps": 8, "num_stages": 3,
+                  "EXPAND_MIN": 512},
+    "expand": {"BN": 32, "BK": 256, "num_warps": 4},
 }
 
 
@@ -62,48 +67,61 @@ def _scale_strides(scales: torch.Tensor):
     return scales.stride(0), (scales.stride(1) if scales.dim() > 1 else 0)
 
 
+def _word_view(signs: torch.Tensor):
+    """The sign planes as int32 words (32 columns each) when rows are a whole number of words."""
+    if signs.shape[-1] % 4 == 0:
+        return signs.view(torch.int32), 32
+    return signs, 8
+
+
 def bitdelta_decode(x, weight, bias, signs, scales, mode, ids, config: dict | None = None):
-    """Small-batch kernel (T <= 64): base read once, each distinct tenant's bits once per N block."""
+    """Small-batch kernel (T <= 64): base and each distinct tenant's delta as parallel programs.
+
+    One launch plus a zero-fill and (for 16-bit inputs) a cast of the fp32 accumulator; no host
+    sync, fixed-size allocations: CUDA-graph safe.
+    """
     _common_asserts(x, weight, bias, signs, scales, mode)
     t, k = x.shape
     n = weight.shape[0]
     assert t <= DECODE_MAX_TOKENS, f"decode kernel takes at most {DECODE_MAX_TOKENS} tokens (got {t})"
     cfg = get_config("decode", config)
-    y = torch.empty((t, n), dtype=x.dtype, device=x.device)
     if t == 0:
-        return y
+        return torch.empty((0, n), dtype=x.dtype, device=x.device)
     signs = signs.contiguous()
+    words, wb = _word_view(signs)
     scales = scales.contiguous().float()
     ids = ids.to(torch.int32).contiguous()
     bt = max(16, triton.next_power_of_2(t))
     n_blocks = triton.cdiv(n, cfg["BN"])
-    step = max(cfg["BK"], cfg["BKD"])
-    split = cfg["SPLIT_K"] or max(1, TARGET_PROGRAMS // n_blocks)
-    k_split = triton.cdiv(triton.cdiv(k, max(1, split)), step) * step
+    step = max(cfg["BK"], cfg["BKD"], cfg["BKW"] * wb)
+    split = cfg["SPLIT_K"] or max(1, TARGET_PROGRAMS // (n_blocks * (1 + t)))
+    k_split = triton.cdiv(triton.cdiv(k, split), step) * step
     split = triton.cdiv(k, k_split)
-    out = torch.zeros((t, n), dtype=torch.float32, device=x.device) if split > 1 else y
-    K_.bitdelta_decode_kernel[(n_blocks, split)](
-        x, weight, bias if bias is not None else x, signs, scales, ids, out,
-        t, n, k, signs.shape[-1], k_split,
-        x.stride(0), weight.stride(0), out.stride(0),
+    y32 = torch.zeros((t, n), dtype=torch.float32, device=x.device)
+    K_.bitdelta_decode_kernel[(n_blocks, 1 + t, split)](
+        x, weight, bias if bias is not None else x, signs, words, scales, ids, y32,
+        t, n, k, signs.shape[-1], words.shape[-1], k_split,
+        x.stride(0), weight.stride(0), y32.stride(0),
         signs.stride(0), signs.stride(1), signs.stride(2),
+        words.stride(0), words.stride(1), words.stride(2),
         *_scale_strides(scales),
         HAS_BIAS=bias is not None, MODE=MODE_CODE[mode], BITS=signs.shape[1],
-        BT=bt, TG=cfg["TG"], BN=cfg["BN"], BK=cfg["BK"], BKD=cfg["BKD"], SWAP=cfg["SWAP"], ATOMIC=split > 1,
-        PREC=_prec(x.dtype), UPCAST=_upcast(x.dtype),
+        BT=bt, TG=cfg["TG"], BN=cfg["BN"], BK=cfg["BK"], BKD=cfg["BKD"], BKW=cfg["BKW"], WB=wb,
+        DOT_MIN=cfg["DOT_MIN"], PREC=_prec(x.dtype), UPCAST=_upcast(x.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if split > 1:
-        y.copy_(out)
-    return y
+    return y32 if x.dtype == torch.float32 else y32.to(x.dtype)
 
 
-def _block_table(seg_starts: torch.Tensor, num_tokens: int, bm: int):
-    """Device-side map from program index to (segment, first row); no host sync, fixed sizes."""
+def _block_table(seg_starts: torch.Tensor, num_tokens: int, bm: int, skip: torch.Tensor | None = None):
+    """Device-side map from program index to (segment, first row); no host sync, fixed sizes.
+    Segments where ``skip`` is true get no blocks (their rows are computed elsewhere)."""
     starts = seg_starts.to(torch.int64)
     s = starts.numel() - 1
     max_blocks = triton.cdiv(num_tokens, bm) + s
     lens = (starts[1:] - starts[:-1]).clamp_min(0)
+    if skip is not None:
+        lens = torch.where(skip, 0, lens)
     nb = (lens + bm - 1) // bm
     cum = torch.cumsum(nb, 0)
     b = torch.arange(max_blocks, device=seg_starts.device)
@@ -115,8 +133,27 @@ def _block_table(seg_starts: torch.Tensor, num_tokens: int, bm: int):
     return blk_seg, m0.to(torch.int32), max_blocks
 
 
+def expand_delta(weight, signs_d, scales_d, mode, config: dict | None = None):
+    """W_base + Δ̂_d as a dense matrix in weight's dtype (signs_d [bits, N, KB], scales_d of the mode)."""
+    n, k = weight.shape
+    cfg = get_config("expand", config)
+    signs_d = signs_d.contiguous()
+    scales_d = scales_d.contiguous().float()
+    out = torch.empty_like(weight)
+    K_.expand_delta_kernel[(triton.cdiv(n, cfg["BN"]), triton.cdiv(k, cfg["BK"]))](
+        weight, signs_d, scales_d, out, n, k, signs_d.shape[-1],
+        weight.stride(0), out.stride(0), signs_d.stride(0), signs_d.stride(1),
+        scales_d.stride(0) if scales_d.dim() > 1 else 0,
+        MODE=MODE_CODE[mode], BITS=signs_d.shape[0], BN=cfg["BN"], BK=cfg["BK"], num_warps=cfg["num_warps"],
+    )
+    return out
+
+
 def bitdelta_segmented(x, weight, bias, signs, scales, mode, seg_starts, seg_ids, config: dict | None = None):
-    """Prefill kernel: one fused GEMM per segment with W_base + Δ̂ rebuilt tile by tile.
+    """Prefill: segments of at least ``EXPAND_MIN`` rows run as one cuBLAS GEMM against
+    W_base + Δ̂ (expanded once per segment); shorter ones share one fused Triton GEMM that rebuilds
+    W_base + Δ̂ tile by tile. Reads the segment table on the host when ``EXPAND_MIN`` is set (the
+    prefill path is not graph-captured); ``EXPAND_MIN = 0`` keeps everything on the device.
 
     Contract: seg_starts [S+1] non-decreasing with seg_starts[0] == 0 and seg_starts[S] == T.
     """
@@ -132,7 +169,23 @@ def bitdelta_segmented(x, weight, bias, signs, scales, mode, seg_starts, seg_ids
     scales = scales.contiguous().float()
     seg_starts = seg_starts.to(torch.int32).contiguous()
     seg_ids = seg_ids.to(torch.int32).contiguous()
-    blk_seg, blk_m0, max_blocks = _block_table(seg_starts, t, cfg["BM"])
+    skip = None
+    if cfg.get("EXPAND_MIN", 0) > 0:
+        starts, sids = seg_starts.tolist(), seg_ids.tolist()
+        long = [i for i in range(s) if starts[i + 1] - starts[i] >= cfg["EXPAND_MIN"]]
+        for i in long:
+            a, b, d = starts[i], starts[i + 1], sids[i]
+            wd = weight if d < 0 else expand_delta(weight, signs[d], scales[d], mode, config)
+            if bias is None:
+                torch.mm(x[a:b], wd.t(), out=y[a:b])
+            else:
+                torch.addmm(bias, x[a:b], wd.t(), out=y[a:b])
+        if len(long) == s:
+            return y
+        skip = torch.zeros(s, dtype=torch.bool)
+        skip[long] = True
+        skip = skip.to(x.device)
+    blk_seg, blk_m0, max_blocks = _block_table(seg_starts, t, cfg["BM"], skip)
     grid = (max_blocks, triton.cdiv(n, cfg["BN"]))
     K_.bitdelta_segmented_kernel[grid](
         x, weight, bias if bias is not None else x, signs, scales, blk_seg, blk_m0, seg_starts, seg_ids, y,
