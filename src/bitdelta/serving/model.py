@@ -152,11 +152,6 @@ class KVCache:
         return 2 * num_layers * max_len * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def _rotate_half(x):
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
 class DeltaLlama:
     """The base model's tensors plus the forward pass; deltas come in through ``deltas``."""
 
@@ -236,21 +231,27 @@ class DeltaLlama:
         return y
 
     def _norm(self, name, x, batch, deltas):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Hugging Face's LlamaRMSNorm: normalise in float32, cast back, then scale.
+        xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self._param(name, batch, deltas) * xf.to(x.dtype)
 
     def _rope_tables(self, positions, dtype):
-        """cos/sin ``[T, 1, head_dim]`` for the step's positions (once per step, shared by every layer)."""
+        """cos and signed sin ``[T, 1, head_dim]`` for the step's positions (once per step, for every layer).
+
+        Hugging Face's ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x2, x1)`` equals
+        ``x * cos + roll(x, D/2) * cat(-sin1, sin2)`` exactly (negation is exact), in four kernels.
+        """
         freqs = positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(dtype)[:, None, :]
-        sin = (emb.sin() * self.attention_scaling).to(dtype)[:, None, :]
+        sin = (emb.sin() * self.attention_scaling).to(dtype)
+        h = sin.shape[-1] // 2
+        sin = torch.cat((-sin[:, :h], sin[:, h:]), dim=-1)[:, None, :]
         return cos, sin
 
     @staticmethod
     def _rope(x, cos, sin):  # x [T, heads, head_dim]
-        return x * cos + _rotate_half(x) * sin
+        return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
 
     def _attention(self, q, k, v, layer, batch, kv: KVCache):
         """q [T, H, D]; k/v [T, KV, D] for the new tokens; returns [T, H*D].
