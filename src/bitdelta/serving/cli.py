@@ -161,6 +161,6 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                         "(default: --delta-dir)")
     r.add_argument("--cache-dir", default=None, help="local directory for artifacts copied from a URL store")
     r.add_argument("--ray-address", default=None,
-                   help="Ray cluster to join, e.g. auto or ray://head:10001 (default: $RAY_ADDRESS, else a local one)")
+                   help="Ray cluster to join, e.g. auto or HEAD_IP:6379 (default: $RAY_ADDRESS, else a local one)")
     s.set_defaults(func=cmd_serve)
     return s
