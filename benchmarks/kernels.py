@@ -6,6 +6,8 @@ One run does everything, so the roofline and the timings come from the same mach
   3. sweeps a few launch configs, then times (triton.testing.do_bench, median) for Llama-2-7B
      linear shapes, fp16 and bf16: decode with B tenants x 1 token (ours, roofline, % of roofline,
      cuBLAS base-only, naive per-tenant unpack path) and prefill (2048 x 1 tenant, 16 x 128).
+     Decode = cuBLAS base GEMM + the Triton delta kernel + one add; the delta kernel alone is
+     timed too, against the bytes it must read (B·NK/8).
 Prints a short table last and writes markdown + JSON to $OUT when set.
 
     python benchmarks/kernels.py            # full run (~3-5 min on an H100)
@@ -36,18 +38,17 @@ from bitdelta.pack import pack_signs, unpack_signs  # noqa: E402
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K in, N out): 4096->4096, 4096->11008, 11008->4096
 BATCHES = [1, 4, 16, 64]
 DTYPES = [torch.float16, torch.bfloat16]
-_D = {"BK": 256, "BKD": 256, "TG": 16, "DOT_MIN": 4, "SPLIT_K": 0, "num_stages": 3}
+_D = {"BKD": 256, "TG": 16, "DOT_MIN": 4, "SPLIT_K": 0, "num_stages": 2}
 # Decode: B distinct tenants x 1 token take the CUDA-core sign GEMV unless DOT_MIN <= 1.
 DEC_CONFIGS = [
     {**_D, "BN": 64, "BKW": 8, "num_warps": 4},
+    {**_D, "BN": 128, "BKW": 8, "num_warps": 4},
     {**_D, "BN": 32, "BKW": 8, "num_warps": 4},
-    {**_D, "BN": 64, "BKW": 4, "num_warps": 4},
-    {**_D, "BN": 128, "BK": 128, "BKW": 4, "num_warps": 8},
-    {**_D, "BN": 64, "BKW": 16, "num_warps": 8},
+    {**_D, "BN": 64, "BKW": 4, "num_warps": 2},
+    {**_D, "BN": 128, "BKW": 4, "num_warps": 8},
     {**_D, "BN": 64, "BKW": 8, "num_warps": 4, "DOT_MIN": 1},
-    {**_D, "BN": 128, "BK": 128, "BKW": 8, "num_warps": 8, "DOT_MIN": 1},
     {**_D, "BN": 64, "BKW": 8, "num_warps": 4, "SPLIT_K": 1},
-    {**_D, "BN": 16, "BKW": 16, "num_warps": 2},
+    {**_D, "BN": 256, "BKW": 8, "num_warps": 8},
 ]
 # Fused segmented kernel (EXPAND_MIN 0); long segments are timed with the default EXPAND_MIN.
 SEG_CONFIGS = [
@@ -223,16 +224,18 @@ def main():
                 y = triton_ops.bitdelta_decode(x, w, None, s, sc, "row", ids, config=cfg)
                 err = rel_err(y, ref.bitdelta_linear_ref(x, w, None, s, sc, "row", ids))
                 cub = bench(lambda: F.linear(x, w))
+                delta_only = bench(lambda: triton_ops.decode_delta(x, s, sc, "row", ids, config=cfg))
                 tr = [(d, slice(d, d + 1)) for d in range(b)]
                 naive = bench(lambda: naive_path(x, w, s, sc, "row", tr), warmup=5, rep=30)
                 byts = 2 * n * k + b * n * k / 8
                 roof = byts / (bw * 1e9) * 1e6
                 rec = dict(kind="decode", dtype=dname, k=k, n=n, B=b, ours_us=ours, roofline_us=roof,
                            pct_roofline=100 * roof / ours, gbps=byts / ours / 1e3, cublas_base_us=cub,
-                           naive_us=naive, rel_err=err, config=cfg)
+                           naive_us=naive, rel_err=err, config=cfg, delta_total_us=delta_only,
+                           delta_gbps=(b * n * k / 8) / delta_only / 1e3)
                 records.append(rec)
                 rows.append(f"| decode | {dname} | {k}→{n} | B={b} | {ours:.1f} | {roof:.1f} | {100 * roof / ours:.0f}% "
-                            f"| {byts / ours / 1e3:.0f} | {cub:.1f} | {naive:.1f} |")
+                            f"| {byts / ours / 1e3:.0f} | {cub:.1f} | {naive:.1f} (delta part {delta_only:.1f}) |")
         for (k, n) in SHAPES:
             for name, segs in [("2048x1", [2048]), ("16x128", [128] * 16)]:
                 t = sum(segs)

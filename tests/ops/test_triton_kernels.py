@@ -24,7 +24,7 @@ if DEVICE == "cpu" and type(triton_kernels.bitdelta_decode_kernel).__name__ != "
     importlib.reload(triton_ops)
 
 # Small launch configs so the CPU interpreter stays fast and masking/multi-block paths are hit.
-SMALL_DECODE = {"BN": 16, "BK": 32, "BKD": 64, "BKW": 2, "TG": 16, "DOT_MIN": 4, "SPLIT_K": 1,
+SMALL_DECODE = {"BN": 16, "BKD": 64, "BKW": 2, "TG": 16, "DOT_MIN": 4, "SPLIT_K": 1,
                 "num_warps": 4, "num_stages": 1}
 # Variants: CUDA-core GEMV for tenants of < 4 tokens (else tensor cores); tensor cores for every
 # tenant with a 2-way K split; CUDA cores for every tenant with the auto split.
@@ -69,8 +69,8 @@ def test_decode_kernel_matches_reference(mode, bits, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_decode_kernel_no_bias_default_config(dtype):
-    # The production config (BK/BKD larger than K) on a token count that needs the 32-row tile.
-    x, w, b, signs, sc, ids = make_inputs(33, 40, 72, 5, 1, "row", dtype, seed=7, bias=False)
+    # The production config (BKD larger than K) on a token count that needs the 128-row tile.
+    x, w, b, signs, sc, ids = make_inputs(100, 40, 72, 5, 1, "row", dtype, seed=7, bias=False)
     y = triton_ops.bitdelta_decode(*_to(DEVICE, x, w, None, signs, sc), "row", ids.to(DEVICE))
     _check(y, ref.bitdelta_linear_ref(x, w, None, signs, sc, "row", ids), dtype)
 
@@ -105,8 +105,9 @@ def test_segmented_all_base_only():
 
 @pytest.mark.parametrize("mode", ["row", "col"])
 def test_large_batch_sorts_into_segments(mode):
-    # T > 64 tokens in arbitrary tenant order goes through the device-side sort + segmented GEMM.
-    x, w, b, signs, sc, ids = make_inputs(70, 24, 72, 4, 2, mode, torch.float16, seed=3)
+    # T > DECODE_MAX_TOKENS in arbitrary tenant order goes through the device-side sort + segmented GEMM.
+    assert triton_ops.DECODE_MAX_TOKENS < 130
+    x, w, b, signs, sc, ids = make_inputs(130, 24, 72, 4, 2, mode, torch.float16, seed=3)
     expected = ref.bitdelta_linear_ref(x, w, b, signs, sc, mode, ids)
     y = triton_ops.bitdelta_linear(*_to(DEVICE, x, w, b, signs, sc), mode, ids.to(DEVICE), config=SMALL_SEG)
     _check(y, expected, torch.float16)

@@ -2,10 +2,10 @@
 
 Two kernels, both computing ``y[t] = x[t] W^T + b + Δ̂_{d(t)} x[t]`` with fp32 accumulation:
 
-* ``bitdelta_decode_kernel``: small batches (T <= 64). The base product and every distinct
-  tenant's delta product are separate programs of one launch (grid: N blocks x (1 + T) roles x
-  K splits), all adding atomically into an fp32 output, so the whole GPU works on every tenant at
-  once; the base W and each tenant's bits are read once per (N block, K split).
+* ``bitdelta_decode_kernel``: the delta part of small batches (T <= 128; the base product is one
+  cuBLAS GEMM beside it). Every distinct tenant's product is its own set of programs (grid: N
+  blocks x T token slots x K splits), all adding atomically into an fp32 buffer, so the whole GPU
+  works on every tenant at once and each tenant's bits are read once.
 * ``expand_delta_kernel``: W_base + Δ̂_d written out dense, so a long single-tenant prefill
   segment costs one cuBLAS GEMM plus one pass over W.
 * ``bitdelta_segmented_kernel``: prefill. Token rows are grouped in segments of one tenant; each
@@ -79,60 +79,65 @@ def _bcast_n(v, SWAP: tl.constexpr):
 def _sign_gemv(x_ptr, s_ptr, c_ptr, t, offs_n, n_mask, k_lo, k_hi, K, KW,
                stride_xt, stride_sp, stride_sn, stride_cp,
                MODE: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, WB: tl.constexpr):
-    """Δ̂ x[t] for rows offs_n on CUDA cores: [BN] fp32 (scales applied).
+    """Δ̂ x[t] for rows offs_n on CUDA cores: [BN] fp32, scales applied.
 
-    Signs are read as words of WB bits (int32 when the row length allows, else bytes), bit i of word w
-    being column WB*w + i, and summed as ``where(bit, x, -x)``: no ±1 tile, no MMA padding to 16 tokens.
+    Signs are read as words of WB bits (int32 when the row length allows, else bytes); bit j of word
+    w is column WB*w + j. The accumulator is a [BN, BKW] tile (one partial sum per row and word
+    position) reduced once at the end, and each bit position j adds ``x`` or ``-x`` to the whole
+    tile: a test, a select and an add per weight, no ±1 tile and no padding to 16 tokens.
     """
-    jw = tl.arange(0, WB)
-    acc = tl.zeros((BN,), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BKW * WB):
-        offs_w = k0 // WB + tl.arange(0, BKW)
-        offs_k = (k0 + tl.arange(0, BKW)[:, None] * WB + jw[None, :])  # [BKW, WB]
-        k_mask = offs_k < K
-        xk = tl.load(x_ptr + t * stride_xt + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-        for p in tl.static_range(BITS):
-            xp = xk
-            if MODE == 2:
-                xp = xk * tl.load(c_ptr + p * stride_cp + offs_k, mask=k_mask, other=0.0)
+    total = tl.zeros((BN,), dtype=tl.float32)
+    x_row = x_ptr + t * stride_xt
+    for p in tl.static_range(BITS):
+        acc = tl.zeros((BN, BKW), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BKW * WB):
+            offs_w = k0 // WB + tl.arange(0, BKW)
+            w_mask = offs_w < KW
             sw = tl.load(s_ptr + p * stride_sp + offs_n[:, None] * stride_sn + offs_w[None, :],
-                         mask=n_mask[:, None] & (offs_w < KW)[None, :], other=0).to(tl.int32)
-            bit = ((sw[:, :, None] >> jw[None, None, :]) & 1) != 0  # [BN, BKW, WB]
-            part = tl.sum(tl.sum(tl.where(bit, xp[None, :, :], -xp[None, :, :]), axis=2), axis=1)
-            if MODE == 0:
-                part = part * tl.load(c_ptr + p)
-            elif MODE == 1:
-                part = part * tl.load(c_ptr + p * stride_cp + offs_n, mask=n_mask, other=0.0)
-            acc += part
-    return acc
+                         mask=n_mask[:, None] & w_mask[None, :], other=0).to(tl.int32)
+            for j in tl.static_range(WB):
+                offs_k = offs_w * WB + j
+                xj = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+                if MODE == 2:
+                    xj = xj * tl.load(c_ptr + p * stride_cp + offs_k, mask=offs_k < K, other=0.0)
+                if j == 31:
+                    bit = sw < 0
+                else:
+                    bit = (sw & (1 << j)) != 0
+                acc += tl.where(bit, xj[None, :], -xj[None, :])
+        part = tl.sum(acc, axis=1)
+        if MODE == 0:
+            part = part * tl.load(c_ptr + p)
+        elif MODE == 1:
+            part = part * tl.load(c_ptr + p * stride_cp + offs_n, mask=n_mask, other=0.0)
+        total += part
+    return total
 
 
 @triton.jit
 def bitdelta_decode_kernel(
-    x_ptr, w_ptr, b_ptr, s_ptr, sw_ptr, c_ptr, ids_ptr, y_ptr,
+    x_ptr, s_ptr, sw_ptr, c_ptr, ids_ptr, y_ptr,
     T, N, K, KB, KW, K_SPLIT,
-    stride_xt, stride_wn, stride_yt,
+    stride_xt, stride_yt,
     stride_sd, stride_sp, stride_sn,
     stride_swd, stride_swp, stride_swn,
     stride_cd, stride_cp,
-    HAS_BIAS: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr,
-    BT: tl.constexpr, TG: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr,
+    MODE: tl.constexpr, BITS: tl.constexpr,
+    BT: tl.constexpr, TG: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr,
     BKW: tl.constexpr, WB: tl.constexpr, DOT_MIN: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Small batches (T <= BT). grid = (cdiv(N, BN), 1 + T, cdiv(K, K_SPLIT)); y is fp32, zeroed, and
-    every program atomically adds its partial sums into it.
+    """Delta part of a small batch (T <= BT): y[t] += Δ̂_{ids[t]} x[t], y fp32 and zeroed by the caller,
+    every program adding its partial sums atomically. grid = (cdiv(N, BN), T, cdiv(K, K_SPLIT)).
 
-    Program (n, r, s) covers output rows n*BN:+BN and inputs s*K_SPLIT:+K_SPLIT. Role r == 0 is the
-    base: its W rows are read once for every token (tensor-core dot, weights as operand A). Role
-    r == i + 1 is the delta of token i's tenant, done only by the tenant's first token in the batch
-    (later ones exit at once), so each distinct tenant's bits are read once per (n, s) and every
-    tenant runs in parallel with the others and with the base. A tenant with at least DOT_MIN tokens
-    multiplies an unpacked ±1 tile with its tokens on tensor cores (TG tokens at a time); with fewer,
-    each token is a CUDA-core sign GEMV (see _sign_gemv).
+    Program (n, i, s) covers output rows n*BN:+BN and inputs s*K_SPLIT:+K_SPLIT for the tenant of
+    token i, and works only if i is that tenant's first token in the batch (the others exit at
+    once): each distinct tenant's bits are read once per (n, s), and all tenants run in parallel.
+    A tenant with at least DOT_MIN tokens multiplies an unpacked ±1 tile with its tokens on tensor
+    cores (TG tokens at a time); with fewer, each token is a CUDA-core sign GEMV (_sign_gemv).
     """
     pid_n = tl.program_id(0)
-    role = tl.program_id(1)
+    i = tl.program_id(1)
     pid_k = tl.program_id(2)
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(K, k_lo + K_SPLIT)
@@ -141,68 +146,50 @@ def bitdelta_decode_kernel(
     n_mask = offs_n < N
     rows = tl.arange(0, BT)
     r_mask = rows < T
-
-    if role == 0:
-        acc = tl.zeros((BN, BT), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            k_mask = offs_k < K
-            xt = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :],
-                         mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-            wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
-                         mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            acc = _mm(xt, wt, acc, True, PREC, UPCAST)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            acc += tl.where(pid_k == 0, bias, 0.0)[:, None]  # once, by the first K split
-        tl.atomic_add(y_ptr + rows[None, :] * stride_yt + offs_n[:, None], acc,
-                      mask=r_mask[None, :] & n_mask[:, None], sem="relaxed")
-    else:
-        i = role - 1
-        d = tl.load(ids_ptr + i)
-        ids_v = tl.load(ids_ptr + rows, mask=r_mask, other=-1)
-        n_before = tl.sum(((ids_v == d) & (rows < i)).to(tl.int32), axis=0)
-        if (d >= 0) & (n_before == 0):
-            member = ids_v == d
-            pos = tl.cumsum(member.to(tl.int32), axis=0) - 1
-            cnt = tl.sum(member.to(tl.int32), axis=0)
-            c_base = c_ptr + d.to(tl.int64) * stride_cd
-            if cnt < DOT_MIN:
-                sw_base = sw_ptr + d.to(tl.int64) * stride_swd
-                for c in range(0, cnt):
-                    t = tl.sum(tl.where(member & (pos == c), rows, 0), axis=0)
-                    part = _sign_gemv(x_ptr, sw_base, c_base, t, offs_n, n_mask, k_lo, k_hi, K, KW,
-                                      stride_xt, stride_swp, stride_swn, stride_cp, MODE, BITS, BN, BKW, WB)
-                    tl.atomic_add(y_ptr + t * stride_yt + offs_n, part, mask=n_mask, sem="relaxed")
-            else:
-                s_base = s_ptr + d.to(tl.int64) * stride_sd
-                for c0 in range(0, cnt, TG):
-                    slots = c0 + tl.arange(0, TG)
-                    sel = member[None, :] & (pos[None, :] == slots[:, None])  # [TG, BT]
-                    tok = tl.sum(tl.where(sel, rows[None, :], 0), axis=1)  # [TG]
-                    t_mask = slots < cnt
-                    dsum = tl.zeros((BN, TG), dtype=tl.float32)
-                    for p in tl.static_range(BITS):
-                        dacc = tl.zeros_like(dsum)
-                        for k0 in range(k_lo, k_hi, BKD):
-                            offs_k = k0 + tl.arange(0, BKD)
-                            k_mask = offs_k < K
-                            offs_b = k0 // 8 + tl.arange(0, BKD // 8)
-                            xt = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :],
-                                         mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-                            if MODE == 2:
-                                cs = tl.load(c_base + p * stride_cp + offs_k, mask=k_mask, other=0.0)
-                                xt = (xt.to(tl.float32) * cs[None, :]).to(dt)
-                            sb = tl.load(s_base + p * stride_sp + offs_n[:, None] * stride_sn + offs_b[None, :],
-                                         mask=n_mask[:, None] & (offs_b < KB)[None, :], other=0)
-                            dacc = _mm(xt, _unpack_pm1(sb, BN, BKD, dt), dacc, True, PREC, UPCAST)
-                        if MODE == 0:
-                            dacc = dacc * tl.load(c_base + p)
-                        elif MODE == 1:
-                            dacc = dacc * tl.load(c_base + p * stride_cp + offs_n, mask=n_mask, other=0.0)[:, None]
-                        dsum += dacc
-                    tl.atomic_add(y_ptr + tok[None, :] * stride_yt + offs_n[:, None], dsum,
-                                  mask=t_mask[None, :] & n_mask[:, None], sem="relaxed")
+    d = tl.load(ids_ptr + i)
+    ids_v = tl.load(ids_ptr + rows, mask=r_mask, other=-1)
+    n_before = tl.sum(((ids_v == d) & (rows < i)).to(tl.int32), axis=0)
+    if (d >= 0) & (n_before == 0):
+        member = ids_v == d
+        pos = tl.cumsum(member.to(tl.int32), axis=0) - 1
+        cnt = tl.sum(member.to(tl.int32), axis=0)
+        c_base = c_ptr + d.to(tl.int64) * stride_cd
+        if cnt < DOT_MIN:
+            sw_base = sw_ptr + d.to(tl.int64) * stride_swd
+            for c in range(0, cnt):
+                t = tl.sum(tl.where(member & (pos == c), rows, 0), axis=0)
+                part = _sign_gemv(x_ptr, sw_base, c_base, t, offs_n, n_mask, k_lo, k_hi, K, KW,
+                                  stride_xt, stride_swp, stride_swn, stride_cp, MODE, BITS, BN, BKW, WB)
+                tl.atomic_add(y_ptr + t * stride_yt + offs_n, part, mask=n_mask, sem="relaxed")
+        else:
+            s_base = s_ptr + d.to(tl.int64) * stride_sd
+            for c0 in range(0, cnt, TG):
+                slots = c0 + tl.arange(0, TG)
+                sel = member[None, :] & (pos[None, :] == slots[:, None])  # [TG, BT]
+                tok = tl.sum(tl.where(sel, rows[None, :], 0), axis=1)  # [TG]
+                t_mask = slots < cnt
+                dsum = tl.zeros((BN, TG), dtype=tl.float32)
+                for p in tl.static_range(BITS):
+                    dacc = tl.zeros_like(dsum)
+                    for k0 in range(k_lo, k_hi, BKD):
+                        offs_k = k0 + tl.arange(0, BKD)
+                        k_mask = offs_k < K
+                        offs_b = k0 // 8 + tl.arange(0, BKD // 8)
+                        xt = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :],
+                                     mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+                        if MODE == 2:
+                            cs = tl.load(c_base + p * stride_cp + offs_k, mask=k_mask, other=0.0)
+                            xt = (xt.to(tl.float32) * cs[None, :]).to(dt)
+                        sb = tl.load(s_base + p * stride_sp + offs_n[:, None] * stride_sn + offs_b[None, :],
+                                     mask=n_mask[:, None] & (offs_b < KB)[None, :], other=0)
+                        dacc = _mm(xt, _unpack_pm1(sb, BN, BKD, dt), dacc, True, PREC, UPCAST)
+                    if MODE == 0:
+                        dacc = dacc * tl.load(c_base + p)
+                    elif MODE == 1:
+                        dacc = dacc * tl.load(c_base + p * stride_cp + offs_n, mask=n_mask, other=0.0)[:, None]
+                    dsum += dacc
+                tl.atomic_add(y_ptr + tok[None, :] * stride_yt + offs_n[:, None], dsum,
+                              mask=t_mask[None, :] & n_mask[:, None], sem="relaxed")
 
 
 @triton.jit

@@ -4,7 +4,7 @@ Shapes and semantics are those of :mod:`bitdelta.ops.reference`. The decode path
 with the host nor allocates a data-dependent amount of memory, so it can be captured in a CUDA
 graph; the prefill path reads its segment table on the host to route long segments to cuBLAS. Configs come from ``DEFAULT_CONFIGS`` (tuned on an H100) unless a ``config`` dict is given.
 
-    y = bitdelta_decode(x, w, b, signs, scales, "row", ids)                  # T <= 64
+    y = bitdelta_decode(x, w, b, signs, scales, "row", ids)                  # T <= 128
     y = bitdelta_segmented(x, w, b, signs, scales, "col", starts, seg_ids)   # prefill
     w_d = expand_delta(w, signs[d], scales[d], "row")                        # W + Δ̂_d, dense
     y = bitdelta_linear(x, w, b, signs, scales, "scalar", ids)               # picks one of the two
@@ -20,7 +20,7 @@ import triton
 from bitdelta.ops import triton_kernels as K_
 
 MODE_CODE = {"scalar": 0, "row": 1, "col": 2}
-DECODE_MAX_TOKENS = 64
+DECODE_MAX_TOKENS = 128
 TARGET_PROGRAMS = 1024
 
 # Launch configs; "decode" keyed by nothing (one config works across the three Llama shapes),
@@ -30,8 +30,8 @@ DEFAULT_CONFIGS = {
     # tile as the MMA's A operand (see triton_kernels._mm).
     # BKW: sign words per K step of the CUDA-core GEMV; DOT_MIN: tokens of one tenant from which
     # its delta goes to tensor cores instead.
-    "decode": {"BN": 64, "BK": 256, "BKD": 256, "BKW": 8, "TG": 16, "DOT_MIN": 4, "SPLIT_K": 0,
-               "num_warps": 4, "num_stages": 3},
+    "decode": {"BN": 64, "BKD": 256, "BKW": 8, "TG": 16, "DOT_MIN": 4, "SPLIT_K": 0,
+               "num_warps": 4, "num_stages": 2},
     # EXPAND_MIN: segments of at least this many rows go to cuBLAS against W + Δ̂ expanded once.
     "segmented": {"BM": 256, "BN": 128, "BK": 64, "SWAP": True, "num_warps": 8, "num_stages": 3,
                   "EXPAND_MIN": 512},
@@ -74,43 +74,52 @@ def _word_view(signs: torch.Tensor):
     return signs, 8
 
 
-def bitdelta_decode(x, weight, bias, signs, scales, mode, ids, config: dict | None = None):
-    """Small-batch kernel (T <= 64): base and each distinct tenant's delta as parallel programs.
+def decode_delta(x, signs, scales, mode, ids, config: dict | None = None) -> torch.Tensor:
+    """The delta part of a small batch: ``Δ̂_{ids[t]} x[t]`` as fp32 ``[T, N]`` (0 where ids is -1).
 
-    One launch plus a zero-fill and (for 16-bit inputs) a cast of the fp32 accumulator; no host
-    sync, fixed-size allocations: CUDA-graph safe.
+    Each distinct tenant's product runs as its own programs, in parallel; no host sync.
     """
-    _common_asserts(x, weight, bias, signs, scales, mode)
     t, k = x.shape
-    n = weight.shape[0]
+    n = signs.shape[2]
     assert t <= DECODE_MAX_TOKENS, f"decode kernel takes at most {DECODE_MAX_TOKENS} tokens (got {t})"
     cfg = get_config("decode", config)
+    d32 = torch.zeros((t, n), dtype=torch.float32, device=x.device)
     if t == 0:
-        return torch.empty((0, n), dtype=x.dtype, device=x.device)
+        return d32
     signs = signs.contiguous()
     words, wb = _word_view(signs)
     scales = scales.contiguous().float()
     ids = ids.to(torch.int32).contiguous()
-    bt = max(16, triton.next_power_of_2(t))
     n_blocks = triton.cdiv(n, cfg["BN"])
-    step = max(cfg["BK"], cfg["BKD"], cfg["BKW"] * wb)
-    split = cfg["SPLIT_K"] or max(1, TARGET_PROGRAMS // (n_blocks * (1 + t)))
+    step = max(cfg["BKD"], cfg["BKW"] * wb)
+    split = cfg["SPLIT_K"] or max(1, TARGET_PROGRAMS // (n_blocks * t))
     k_split = triton.cdiv(triton.cdiv(k, split), step) * step
     split = triton.cdiv(k, k_split)
-    y32 = torch.zeros((t, n), dtype=torch.float32, device=x.device)
-    K_.bitdelta_decode_kernel[(n_blocks, 1 + t, split)](
-        x, weight, bias if bias is not None else x, signs, words, scales, ids, y32,
+    K_.bitdelta_decode_kernel[(n_blocks, t, split)](
+        x, signs, words, scales, ids, d32,
         t, n, k, signs.shape[-1], words.shape[-1], k_split,
-        x.stride(0), weight.stride(0), y32.stride(0),
+        x.stride(0), d32.stride(0),
         signs.stride(0), signs.stride(1), signs.stride(2),
         words.stride(0), words.stride(1), words.stride(2),
         *_scale_strides(scales),
-        HAS_BIAS=bias is not None, MODE=MODE_CODE[mode], BITS=signs.shape[1],
-        BT=bt, TG=cfg["TG"], BN=cfg["BN"], BK=cfg["BK"], BKD=cfg["BKD"], BKW=cfg["BKW"], WB=wb,
-        DOT_MIN=cfg["DOT_MIN"], PREC=_prec(x.dtype), UPCAST=_upcast(x.dtype),
+        MODE=MODE_CODE[mode], BITS=signs.shape[1],
+        BT=max(16, triton.next_power_of_2(t)), TG=cfg["TG"], BN=cfg["BN"], BKD=cfg["BKD"], BKW=cfg["BKW"],
+        WB=wb, DOT_MIN=cfg["DOT_MIN"], PREC=_prec(x.dtype), UPCAST=_upcast(x.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return y32 if x.dtype == torch.float32 else y32.to(x.dtype)
+    return d32
+
+
+def bitdelta_decode(x, weight, bias, signs, scales, mode, ids, config: dict | None = None):
+    """Small batches (T <= DECODE_MAX_TOKENS): the base product by cuBLAS, the deltas by
+    :func:`decode_delta`, then one add. No host sync, fixed-size allocations: CUDA-graph safe."""
+    _common_asserts(x, weight, bias, signs, scales, mode)
+    if x.shape[0] == 0:
+        return torch.empty((0, weight.shape[0]), dtype=x.dtype, device=x.device)
+    d32 = decode_delta(x, signs, scales, mode, ids, config)
+    if x.dtype == torch.float32:
+        return torch.addmm(d32 if bias is None else d32 + bias, x, weight.t())
+    return torch.nn.functional.linear(x, weight, bias).add_(d32)
 
 
 def _block_table(seg_starts: torch.Tensor, num_tokens: int, bm: int, skip: torch.Tensor | None = None):
@@ -218,7 +227,7 @@ def sort_into_segments(ids: torch.Tensor):
 
 
 def bitdelta_linear(x, weight, bias, signs, scales, mode, ids, config: dict | None = None):
-    """Any T: the decode kernel up to 64 tokens, else sort by tenant and run the segmented GEMM."""
+    """Any T: the decode kernel up to DECODE_MAX_TOKENS tokens, else sort by tenant and run the segmented GEMM."""
     if x.shape[0] <= DECODE_MAX_TOKENS:
         return bitdelta_decode(x, weight, bias, signs, scales, mode, ids, config)
     order, seg_starts, seg_ids = sort_into_segments(ids)
