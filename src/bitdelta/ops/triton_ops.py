@@ -30,7 +30,7 @@ DEFAULT_CONFIGS = {
     # tile as the MMA's A operand (see triton_kernels._mm).
     # BKW: sign words per K step of the CUDA-core GEMV; DOT_MIN: tokens of one tenant from which
     # its delta goes to tensor cores instead.
-    "decode": {"BN": 64, "BKD": 256, "BKW": 8, "TG": 16, "DOT_MIN": 4, "SPLIT_K": 0,
+    "decode": {"BN": 128, "BKD": 256, "BKW": 8, "TG": 16, "DOT_MIN": 4, "SPLIT_K": 0,
                "num_warps": 4, "num_stages": 2},
     # EXPAND_MIN: segments of at least this many rows go to cuBLAS against W + Δ̂ expanded once.
     "segmented": {"BM": 256, "BN": 128, "BK": 64, "SWAP": True, "num_warps": 8, "num_stages": 3,
