@@ -176,7 +176,16 @@ def run(settings: RaySettings, host: str = "127.0.0.1", port: int = 8000, addres
     if not ray.is_initialized():
         ray.init(address=address, **(init_kwargs or {}))
     s = settings.resolved()
-    serve.start(http_options={"host": host, "port": port})
+    for attempt in range(3):
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            break
+        except (ray.exceptions.RayActorError, TimeoutError):
+            # on a busy machine an HTTP proxy can start slowly or miss its readiness check and be
+            # replaced; the controller is up and keeps (re)starting it, so connecting again is enough
+            if attempt == 2:
+                raise
+            time.sleep(2)
     serve.run(build_app(s), name=s.name, route_prefix="/")
     print(f"serving {s.served_base_name!r} + deltas from {s.store} on http://{host}:{port} with {s.replicas} "
           f"engine replica(s) x {s.capacity} deltas ({s.gpus_per_replica:g} GPU, {s.cpus_per_replica:g} CPU each)",
