@@ -1,0 +1,89 @@
+"""benchmarks/fidelity.py's CPU-cheap parts: held-out splits, packing, the schedule, the report.
+
+The whole benchmark's CPU smoke run (minutes) is
+``python benchmarks/fidelity.py --phase all --smoke --base-dir models/tiny/base --work /tmp/fid-smoke``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def fid():
+    spec = importlib.util.spec_from_file_location("fidelity_benchmark", ROOT / "benchmarks" / "fidelity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not (SHARED / "finetune").is_dir(), reason="../shared/data not present")
+@pytest.mark.parametrize("domain", ["gsm8k", "alpaca", "shakespeare"])
+def test_heldout_never_overlaps_training(fid, domain):
+    train, held = fid.domain_docs(SHARED, domain)
+    assert len(held) >= 20 and len(train) > 5 * len(held)
+    assert not set(train) & set(held)
+    if domain == "shakespeare":  # the held-out part is the end of the plays, cut at a speech boundary
+        text = (SHARED / "finetune" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+        assert text.rstrip().endswith(held[-1].rstrip())
+        assert held[0].split("\n")[0].endswith(":")
+
+
+def test_pack_blocks_and_schedule(fid):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ROOT / "models" / "tiny" / "base")
+    docs = ["ROMEO: what light", "Question: 2+2?\nAnswer: 4", "third document here"] * 5
+    blocks = fid.pack_blocks(tok, docs, seq_len=8, seed=0)
+    assert blocks.shape[1] == 8 and blocks.shape[0] >= 3
+    assert int((blocks == tok.eos_token_id).sum()) >= 5  # one EOS after every document
+    assert fid.pack_blocks(tok, docs, 8, 0).equal(blocks)  # seeded
+
+    class A:
+        ft_lr, ft_warmup, ft_min_lr_ratio = 3e-5, 0.1, 0.1
+
+    lrs = [fid.lr_at(s, 100, A) for s in range(100)]
+    assert lrs[9] == pytest.approx(3e-5) and lrs[0] < lrs[5] < lrs[9]
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] >= 3e-6 * 0.999
+
+
+def _record(domain, model, ppl, kl, weight_bytes=None):
+    rec = {"domain": domain, "model": model, "heldout_ppl": ppl, "settings": {"smoke": False, "task_limit": 500},
+           "device": "test", "fidelity": {"kl": kl, "top1_agreement": 0.9, "ppl_student": ppl, "ppl_teacher": 10.0},
+           "wikitext": {"ppl": 20.0}, "tasks": {"arc_easy": {"acc": 0.5, "acc_norm": 0.5}}}
+    if weight_bytes:
+        rec["delta"] = {"weight_bytes": weight_bytes, "compression_factor_weights_only": 15.9}
+        rec.update(compress_s=1.0, distill_s=2.0, peak_gpu_build_bytes=2e9, peak_gpu_eval_bytes=3e9)
+    return rec
+
+
+def test_report_table_goals_and_doc_update(fid, tmp_path, capsys):
+    import math
+
+    rows = {"base": (20.0, 0.3), "finetune": (10.0, 0.0), "scalar-initial": (12.0, 0.05), "scalar": (11.0, 0.03),
+            "auto": (10.2, 0.01), "auto-2bit": (10.01, 0.001)}
+    for model, (ppl, kl) in rows.items():
+        rec = _record("gsm8k", model, ppl, kl, None if model in ("base", "finetune") else 17_000_000)
+        rec["recovery"] = (math.log(20.0) - math.log(ppl)) / (math.log(20.0) - math.log(10.0))
+        (tmp_path / f"gsm8k__{model}.json").write_text(json.dumps(rec))
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## Kernels\n\ntext\n")
+    argv = ["--phase", "report", "--results", str(tmp_path), "--report-dir", str(tmp_path), "--update-doc", str(doc)]
+    assert fid.main(argv) == 0
+    assert fid.main(argv) == 0  # a second report replaces the section instead of appending another
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\n## Kernels\n\ntext\n")
+    assert text.count(fid.REPORT_START) == 1 and text.count("| gsm8k | auto-2bit |") == 1
+    out = capsys.readouterr().out.rstrip().splitlines()
+    assert out[-1].startswith("| gsm8k | auto-2bit |")  # the table is printed last
+    checks = "\n".join(out)
+    assert "1-bit recovery ≥ 95%: best auto 97.1% PASS" in checks
+    assert "2-bit recovery ≥ 99%: 99.9% PASS" in checks
+    assert "distilled > initial" in checks and "auto ≥ scalar" in checks
