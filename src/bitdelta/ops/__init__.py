@@ -6,7 +6,8 @@ with ``ids[t] == -1`` meaning base only; fp32 accumulation, output in ``x``'s dt
 on CUDA tensors when Triton imports, and ``BITDELTA_BACKEND=torch|triton|auto`` overrides the
 argument. Both ops are registered as torch custom ops (``torch.ops.bitdelta.linear`` and
 ``torch.ops.bitdelta.linear_segmented``) with fake implementations, so ``torch.compile`` traces
-them; the Triton decode path does no host sync and can be captured in a CUDA graph.
+them; eager calls on plain tensors skip the custom-op dispatch (see :func:`_direct`). The Triton
+decode path does no host sync and can be captured in a CUDA graph.
 
     y = bitdelta_linear(x, w, b, signs, scales, "row", ids)                    # decode / any batch
     y = bitdelta_linear_segmented(x, w, b, signs, scales, "row", starts, seg_ids)  # prefill
@@ -127,6 +128,18 @@ except Exception:  # older torch or a clash: plain functions still work, torch.c
     CUSTOM_OPS = False
 
 
+def _direct(x: torch.Tensor) -> bool:
+    """Whether to call the implementation directly instead of through the registered custom op.
+
+    The custom op exists so that ``torch.compile`` and fake-tensor tracing see one opaque node; in
+    eager mode its dispatch (autograd wrapper, dynamo-disable frame, redispatch) costs on the order of
+    100 us of host time per call, more than a decode step's kernels take on the GPU, paid for every
+    module of every layer. Plain tensors outside compilation take the direct path; anything else
+    (compiling, fake/functional tensor subclasses) keeps the op.
+    """
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling()
+
+
 def bitdelta_linear(
     x: torch.Tensor,  # [T, K] fp16/bf16/fp32
     weight: torch.Tensor,  # [N, K]
@@ -142,7 +155,8 @@ def bitdelta_linear(
     if ids.shape != (x.shape[0],):
         raise ValueError(f"ids must be [{x.shape[0]}] (one tenant index per token; got {tuple(ids.shape)})")
     b = backend.value if isinstance(backend, Backend) else str(backend)
-    return _linear_op(x, weight, bias, signs, scales, mode, ids, b)
+    op = _linear_impl if _direct(x) else _linear_op
+    return op(x, weight, bias, signs, scales, mode, ids, b)
 
 
 def bitdelta_linear_segmented(
@@ -161,4 +175,5 @@ def bitdelta_linear_segmented(
     if seg_ids.dim() != 1 or seg_starts.shape != (seg_ids.numel() + 1,):
         raise ValueError(f"seg_starts must have one more entry than seg_ids (got {tuple(seg_starts.shape)}, {tuple(seg_ids.shape)})")
     b = backend.value if isinstance(backend, Backend) else str(backend)
-    return _segmented_op(x, weight, bias, signs, scales, mode, seg_starts, seg_ids, b)
+    op = _segmented_impl if _direct(x) else _segmented_op
+    return op(x, weight, bias, signs, scales, mode, seg_starts, seg_ids, b)

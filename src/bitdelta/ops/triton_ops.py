@@ -40,10 +40,22 @@ DEFAULT_CONFIGS = {
 
 
 def get_config(op: str, override: dict | None = None) -> dict:
+    if not override:  # read-only use: no copy (the decode wrapper runs per module per step)
+        return DEFAULT_CONFIGS[op]
     cfg = dict(DEFAULT_CONFIGS[op])
-    if override:
-        cfg.update(override)
+    cfg.update(override)
     return cfg
+
+
+# Plain-int forms of triton.cdiv / triton.next_power_of_2 for the decode launch: called on the
+# host, the triton helpers go through constexpr unwrapping and cost microseconds per call, several
+# calls per module per step.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -90,11 +102,11 @@ def decode_delta(x, signs, scales, mode, ids, config: dict | None = None) -> tor
     words, wb = _word_view(signs)
     scales = scales.contiguous().float()
     ids = ids.to(torch.int32).contiguous()
-    n_blocks = triton.cdiv(n, cfg["BN"])
+    n_blocks = _cdiv(n, cfg["BN"])
     step = max(cfg["BKD"], cfg["BKW"] * wb)
     split = cfg["SPLIT_K"] or max(1, TARGET_PROGRAMS // (n_blocks * t))
-    k_split = triton.cdiv(triton.cdiv(k, split), step) * step
-    split = triton.cdiv(k, k_split)
+    k_split = _cdiv(_cdiv(k, split), step) * step
+    split = _cdiv(k, k_split)
     K_.bitdelta_decode_kernel[(n_blocks, t, split)](
         x, signs, words, scales, ids, d32,
         t, n, k, signs.shape[-1], words.shape[-1], k_split,
@@ -103,7 +115,7 @@ def decode_delta(x, signs, scales, mode, ids, config: dict | None = None) -> tor
         words.stride(0), words.stride(1), words.stride(2),
         *_scale_strides(scales),
         MODE=MODE_CODE[mode], BITS=signs.shape[1],
-        BT=max(16, triton.next_power_of_2(t)), TG=cfg["TG"], BN=cfg["BN"], BKD=cfg["BKD"], BKW=cfg["BKW"],
+        BT=max(16, _next_pow2(t)), TG=cfg["TG"], BN=cfg["BN"], BKD=cfg["BKD"], BKW=cfg["BKW"],
         WB=wb, DOT_MIN=cfg["DOT_MIN"], PREC=_prec(x.dtype), UPCAST=_upcast(x.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
