@@ -15,6 +15,11 @@ once per step in :meth:`BatchMapping.build` and reaches the device in one copy, 
 itself never waits for the GPU: on CUDA the host can queue the whole step ahead of the device.
 Attention uses ``scaled_dot_product_attention``: fresh prompts attend causally among their own
 new tokens, single-token (decode) rows read their sequences' cache rows in one batched call.
+SDPA may pick flash, memory-efficient or math kernels but not cuDNN's: cuDNN builds an execution
+graph per (batch, key length) on the host (tens of ms each), and decode changes the key length
+every step. A step whose batch carries ``replay`` (a captured CUDA graph, see
+:mod:`bitdelta.serving.graphs`) is computed by replaying it; :meth:`DeltaLlama.forward_eager` is
+the computation itself.
 
     model = DeltaLlama.from_hf(hf_model, device="cpu")
     batch = BatchMapping.build([(kv_slot, start_pos, new_token_ids, delta_slot), ...], device)
@@ -24,13 +29,18 @@ new tokens, single-token (decode) rows read their sequences' cache rows in one b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# Attention kernels SDPA may choose from: not cuDNN, whose per-shape graph build (tens of ms of host
+# time for every new batch size x key length) made every decode step pay it (see the module docstring).
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -76,6 +86,7 @@ class BatchMapping:
     seq_slots: list[int] = field(default_factory=list)
     attn: AttentionPlan | None = None
     cache: dict = field(default_factory=dict)  # per-step values derived by callers (e.g. tenant row groups)
+    replay: Callable[[], torch.Tensor] | None = None  # a captured graph computing this step (serving.graphs)
 
     @classmethod
     def build(cls, entries: list[tuple[int, int, list[int], int]], device) -> "BatchMapping":
@@ -130,8 +141,15 @@ class BatchMapping:
         return cls(tok_t, pos_t, ids64.to(torch.int32), ids64 + 1, kv_t, seqs, last_t,
                    any(s >= 0 for *_, s in entries), [s for *_, s in entries], plan)
 
+    @property
+    def one_token_each(self) -> bool:
+        """Every sequence brings exactly one token (a decode step): its last tokens are all tokens."""
+        return len(self.seqs) == self.tokens.shape[0]
+
     def take_last(self) -> "BatchMapping":
         """The mapping restricted to each sequence's last token (for the output head)."""
+        if self.one_token_each:  # already is (no gathers)
+            return self
         ids = self.ids[self.last]
         return BatchMapping(self.tokens[self.last], self.positions[self.last], ids, ids.long() + 1,
                             self.kv_slots[self.last], [(k, s + n - 1, 1) for k, s, n in self.seqs],
@@ -215,7 +233,7 @@ class DeltaLlama:
         return {n: tuple(w.shape) for n, w in self.weights.items()}
 
     def _param(self, name, batch, deltas):
-        if deltas is None:
+        if deltas is None or not batch.any_delta:  # every token uses the base: no per-token gather
             return self.params1d[name]
         return deltas.gather1d(name, batch)  # [T, dim]
 
@@ -308,9 +326,19 @@ class DeltaLlama:
 
     # ------------------------------------------------------------------ forward
 
-    @torch.no_grad()
     def forward(self, batch: BatchMapping, kv: KVCache, deltas=None) -> torch.Tensor:
         """Runs one step; returns float32 logits ``[num_sequences, vocab + extra]``."""
+        if batch.replay is not None:  # a captured CUDA graph with this step's inputs already in place
+            return batch.replay()
+        return self.forward_eager(batch, kv, deltas)
+
+    @torch.no_grad()
+    def forward_eager(self, batch: BatchMapping, kv: KVCache, deltas=None) -> torch.Tensor:
+        """The step's computation, op by op (what :mod:`bitdelta.serving.graphs` captures)."""
+        with sdpa_kernel(SDPA_BACKENDS):
+            return self._forward(batch, kv, deltas)
+
+    def _forward(self, batch: BatchMapping, kv: KVCache, deltas) -> torch.Tensor:
         x = F.embedding(batch.tokens.clamp(max=self.vocab_size - 1), self.weights[self.embed_name])
         if deltas is not None:
             x = deltas.embed(x, batch)
@@ -330,7 +358,7 @@ class DeltaLlama:
             u = self._linear(p + "mlp.up_proj", h, batch, deltas)
             x = x + self._linear(p + "mlp.down_proj", F.silu(g) * u, batch, deltas)
         last = batch.take_last()
-        h = self._norm("model.norm.weight", x[batch.last], last, deltas)
+        h = self._norm("model.norm.weight", x if last is batch else x[batch.last], last, deltas)
         logits = self._linear(self.head_name, h, last, deltas).float()
         if deltas is not None:
             logits = deltas.extra_logits(h, logits, last)

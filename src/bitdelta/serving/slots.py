@@ -6,9 +6,14 @@ and ``col [slots, bits, in]``. Scale modes are normalised on load: a scalar scal
 the row table (exact), row stays row, col goes to the col table, and a 1-bit delta in a 2-bit pool
 gets zero-scale padding planes (exact). So a step whose tenants are all row/scalar (the usual case)
 makes one ``bitdelta_linear`` call per module; a step mixing row and col tenants on a module makes
-two calls on disjoint token sets. Per-tenant 1-D parameters (norm weights, biases) live in tables
-``[slots + 1, dim]`` (row 0 = base) gathered per token; added-vocabulary rows are padded to
-``max_extra_vocab`` per slot.
+two calls on disjoint token sets (found on the host from the step's sequences: no device sync).
+Per-tenant 1-D parameters (norm weights, biases) live in tables ``[slots + 1, dim]`` (row 0 = base)
+gathered per token; added-vocabulary rows are padded to ``max_extra_vocab`` per slot.
+
+Every device tensor is allocated once, here; installing a delta copies into its slot in place, so
+captured CUDA graphs (:mod:`bitdelta.serving.graphs`) always read the live pools. The per-step ops
+(:meth:`DeltaSlots.linear`, :meth:`~DeltaSlots.embed`, ...) neither sync with the device nor copy
+host constants to it.
 
 Residency: a registered delta is on disk (its artifact), optionally in host memory (prepared,
 pinned on CUDA, at most ``max_cpu_deltas``, LRU), optionally in a device slot (LRU among slots no
@@ -33,7 +38,6 @@ import torch
 
 from ..errors import BitDeltaError, ShapeMismatchError
 from ..ops import bitdelta_linear
-from ..pack import unpack_signs
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +99,9 @@ class DeltaSlots:
         self.extra_embed = torch.zeros((s, max_extra_vocab, h), dtype=model.dtype, device=dev)
         self.extra_head = torch.zeros((s, max_extra_vocab, h), dtype=model.dtype, device=dev)
         self.n_extra = torch.zeros(s, dtype=torch.long, device=dev)
+        self.col_slots: set[int] = set()  # slots whose tenant is column-scaled on some module (host)
+        # bit j of a packed byte, on the device once (pack.unpack_signs copies its table per call)
+        self._bit_weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8, device=dev)
         self.pin = model.device.type == "cuda"
         self.entries: dict[str, Entry] = {}
         self.slot_owner: list[str | None] = [None] * s
@@ -338,6 +345,7 @@ class DeltaSlots:
         self.slot_owner[slot] = None
         e.slot = None
         self.lru.pop(e.name, None)
+        self.col_slots.discard(slot)
         for pool in self.pools.values():
             if slot in pool["col_slots"]:
                 pool["col_slots"].discard(slot)
@@ -363,6 +371,8 @@ class DeltaSlots:
             (pool["row"] if is_col else pool["col"])[slot].zero_()
             pool["is_col"][slot] = is_col
             (pool["col_slots"].add if is_col else pool["col_slots"].discard)(slot)
+            if is_col:
+                self.col_slots.add(slot)
         for pname, table in self.tables.items():
             table[slot + 1].copy_(host.params1d.get(pname, self.model.params1d[pname]), non_blocking=True)
         n = 0 if host.extra_embed is None else host.extra_embed.shape[0]
@@ -383,14 +393,35 @@ class DeltaSlots:
         if self.linear_fn is not None:
             return self.linear_fn(name, x, w, pool, batch)
         ids = batch.ids
-        if not pool["col_slots"]:
+        cols = pool["col_slots"]
+        if not cols or cols.isdisjoint(batch.seq_slots):  # no token of this step is col-scaled here
             return bitdelta_linear(x, w, None, pool["signs"], pool["row"], "row", ids, self.backend)
-        col = pool["is_col"][ids.clamp(min=0).long()] & (ids >= 0)
+        # Row and col tenants on this module: two calls on disjoint token sets. The sets come from
+        # the host's per-sequence slots (a device mask would need a sync per module to size them).
         y = x.new_empty((x.shape[0], w.shape[0]))
-        for mask, mode in ((~col, "row"), (col, "col")):
-            if bool(mask.any()):
-                y[mask] = bitdelta_linear(x[mask], w, None, pool["signs"], pool[mode], mode, ids[mask], self.backend)
+        for rows, mode in zip(self._col_split(batch, frozenset(cols.intersection(batch.seq_slots))), ("row", "col")):
+            if rows is not None:
+                y[rows] = bitdelta_linear(x[rows], w, None, pool["signs"], pool[mode], mode, ids[rows], self.backend)
         return y
+
+    @staticmethod
+    def _col_split(batch, col: frozenset):
+        """Token rows of the step whose tenant is / is not in ``col``, as device index tensors (None
+        when empty); built once per step and set of col slots, one pinned asynchronous copy."""
+        key = ("col_split", col)
+        got = batch.cache.get(key)
+        if got is not None:
+            return got
+        rows, cols, at = [], [], 0
+        for (_, _, n), slot in zip(batch.seqs, batch.seq_slots):
+            (cols if slot in col else rows).extend(range(at, at + n))
+            at += n
+        dev = batch.tokens.device
+        buf = torch.tensor(rows + cols, dtype=torch.long)
+        buf = buf.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else buf.to(dev)
+        got = (buf[:len(rows)] if rows else None, buf[len(rows):] if cols else None)
+        batch.cache[key] = got
+        return got
 
     def gather1d(self, name: str, batch) -> torch.Tensor:
         return self.tables[name][batch.gather]
@@ -404,7 +435,9 @@ class DeltaSlots:
         has = ids >= 0
         slot = ids.clamp(min=0)
         row = tok.clamp(max=v - 1)
-        signs = unpack_signs(pool["signs"][slot, :, row], pool["k"])  # [T, bits, H]
+        packed = pool["signs"][slot, :, row]  # [T, bits, ceil(H/8)]
+        bits = (packed.unsqueeze(-1) & self._bit_weights) != 0  # as bitdelta.pack.unpack_signs
+        signs = bits.flatten(-2)[..., :pool["k"]].to(torch.float32) * 2 - 1  # [T, bits, H]
         scales = pool["row"][slot, :, row]  # [T, bits]
         d = (signs * scales[..., None]).sum(1) * has[:, None]
         x = x + d.to(x.dtype)
