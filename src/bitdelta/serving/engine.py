@@ -6,7 +6,10 @@ their tenant, into one forward of :class:`~bitdelta.serving.model.DeltaLlama`. A
 delta is not device-resident waits in the queue while its delta loads in the background; the others
 keep decoding. The waiting queue is bounded (:class:`QueueFull` when it is full, the API's 429).
 Keys/values live in a preallocated slotted cache: one slot per running sequence, ``max_len``
-positions each, sized from free device memory (CUDA) or ``kv_cache_mb`` (CPU).
+positions each, sized from free device memory (CUDA) or ``kv_cache_mb`` (CPU); a new sequence takes
+the lowest free slot. On CUDA, steps where every sequence decodes one token replay CUDA graphs
+captured when the engine is built (:mod:`bitdelta.serving.graphs`; ``cuda_graphs=False`` turns
+them off); other steps run the forward eagerly.
 
     engine = Engine(model, slots, max_batch=32, max_queue=256); engine.start()
     req = engine.submit(Request(prompt=[1, 2, 3], tenant="zephyr", params=SamplingParams(max_tokens=8),
@@ -16,6 +19,7 @@ positions each, sized from free device memory (CUDA) or ``kv_cache_mb`` (CPU).
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import threading
@@ -26,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from . import graphs as graphs_mod
 from .model import BatchMapping, DeltaLlama, KVCache
 
 logger = logging.getLogger(__name__)
@@ -75,7 +80,10 @@ class Engine:
 
     def __init__(self, model: DeltaLlama, slots, max_batch: int = 64, max_queue: int = 256,
                  max_len: int | None = None, kv_cache_mb: float | None = None, gpu_memory_fraction: float = 0.9,
-                 max_prefill_tokens: int = 4096, metrics=None):
+                 max_prefill_tokens: int = 4096, metrics=None, cuda_graphs: bool | None = None):
+        """``cuda_graphs``: None (default) captures decode graphs when the model is on CUDA and falls
+        back to eager decoding, with a warning, if that is not possible; True requires them (raises
+        otherwise); False never captures."""
         self.model, self.slots, self.metrics = model, slots, metrics
         self.max_len = min(max_len or model.max_len, model.max_len)
         self.max_queue, self.max_prefill_tokens = max_queue, max_prefill_tokens
@@ -94,7 +102,9 @@ class Engine:
         self.max_batch = int(min(max_batch, fits))
         self.kv = KVCache(model.num_layers, self.max_batch, self.max_len, model.kv_heads, model.head_dim,
                           model.dtype, model.device)
-        self.free_kv = list(range(self.max_batch))[::-1]
+        # A min-heap: the lowest free slot first keeps running sequences in low slots, and so decode
+        # steps in small graph buckets (graph rows are KV slots).
+        self.free_kv = list(range(self.max_batch))
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.cancelled: dict[int, str] = {}
@@ -104,6 +114,28 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.error: str | None = None
         slots.on_ready = self._wake
+        self.graphs: graphs_mod.DecodeGraphs | None = self._capture_graphs(cuda_graphs)
+
+    def _capture_graphs(self, want: bool | None):
+        if want is False or (want is None and self.model.device.type != "cuda"):
+            return None
+        why = graphs_mod.unsupported(self.model, self.slots)
+        if why is None:
+            try:
+                g = graphs_mod.DecodeGraphs(self.model, self.kv, self.slots, self.max_batch).setup()
+            except Exception as e:  # noqa: BLE001 (auto mode decodes eagerly instead)
+                if want:
+                    raise
+                logger.warning("CUDA-graph capture failed, decoding eagerly", exc_info=True)
+                why = f"capture failed: {type(e).__name__}: {e}"
+            else:
+                logger.info("captured %d CUDA graphs (batch buckets %s, span buckets %s) in %.1f s", len(g.graphs),
+                            g.batches, g.spans, g.capture_s)
+                return g
+        if want:
+            raise ValueError(f"cuda_graphs=True but {why}")
+        logger.info("CUDA graphs off: %s", why)
+        return None
 
     # ------------------------------------------------------------------ public
 
@@ -154,7 +186,8 @@ class Engine:
     def stats(self) -> dict:
         with self.cond:
             return {"waiting": len(self.waiting), "running": len(self.running), "max_batch": self.max_batch,
-                    "free_kv_slots": len(self.free_kv), "max_len": self.max_len, "steps": self.steps}
+                    "free_kv_slots": len(self.free_kv), "max_len": self.max_len, "steps": self.steps,
+                    "graph_replays": self.graphs.replays if self.graphs else 0}
 
     # ------------------------------------------------------------------ loop
 
@@ -216,7 +249,7 @@ class Engine:
         if r in self.running:
             self.running.remove(r)
         if r.kv_slot is not None:
-            self.free_kv.append(r.kv_slot)
+            heapq.heappush(self.free_kv, r.kv_slot)
             r.kv_slot = None
         if r.tenant is not None and r.delta_slot >= 0:
             self.slots.release(r.tenant)
@@ -253,7 +286,7 @@ class Engine:
                     keep.append(r)
                     continue
                 r.delta_slot = slot
-            r.kv_slot = self.free_kv.pop()
+            r.kv_slot = heapq.heappop(self.free_kv)
             budget -= len(r.prompt)
             admitted.append(r)
         self.waiting = keep
@@ -273,7 +306,9 @@ class Engine:
                 entries.append((r.kv_slot, 0, list(r.prompt), r.delta_slot))
             else:
                 entries.append((r.kv_slot, len(r.prompt) + len(r.output) - 1, [r.output[-1]], r.delta_slot))
-        batch = BatchMapping.build(entries, self.model.device)
+        batch = self.graphs.prepare(entries) if self.graphs is not None else None  # None: not graphable
+        if batch is None:
+            batch = BatchMapping.build(entries, self.model.device)
         logits = self.model.forward(batch, self.kv, self.slots)
         tokens = self._sample(logits, batch_reqs)
         self.steps += 1

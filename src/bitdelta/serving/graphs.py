@@ -1,0 +1,220 @@
+"""CUDA-graph decode steps: a step where every sequence brings one token replays a captured forward.
+
+Why: a decode step of a 7B model moves a few GB of weights (about a millisecond of GPU time), but
+its forward launches some 30 kernels per layer from Python, which takes the host longer than the
+GPU needs to run them. A CUDA graph launches the whole step at once; the host only copies the
+step's inputs and replays.
+
+Layout (all shapes static, nothing read back on the host):
+
+* Graph row ``i`` is KV-cache slot ``i``. A step whose sequences sit in slots below ``B`` replays a
+  graph of batch bucket ``B`` (powers of two up to ``max_batch``, which is the last bucket; at most
+  :data:`MAX_ROWS`). Rows of slots no sequence holds are padding: token 0 at position 0, no delta,
+  a context of one. A padding row writes one cache row of its own, free, slot (a later prefill of
+  that slot overwrites it; no live sequence reads it) and its logits are dropped. Because rows are
+  slots, attention reads the cache in place (no gather). The engine hands out the lowest free slot
+  first, which keeps the occupied slots, and so the bucket, small.
+* Attention covers the first ``S`` cache positions of every row, ``S`` the span bucket (powers of
+  two from :data:`MIN_SPAN`, the last one the cache length), masked per row by its context length,
+  so no host-known length is baked into the graph. Keys past a row's length are read but masked.
+* Inputs: per batch bucket one int64 buffer ``[5, B]`` (token, position, delta slot and context
+  length per row, then each sequence's row in the engine's order), filled by one host-to-device
+  copy per step. Delta pools are written in place by :class:`~bitdelta.serving.slots.DeltaSlots`,
+  so a graph always reads the installed deltas.
+* One graph per (batch bucket, span bucket, variant): "delta" (per-token deltas via the Triton
+  decode op) or "base" (no token in the step has a delta: plain GEMMs, as the eager path). All are
+  captured when the engine starts, while no sequence runs (the warm-up runs write padding rows),
+  into one shared memory pool (replays never overlap).
+
+Steps that run eagerly instead: any prompt or multi-token chunk; sequences in slots at or above the
+largest bucket; a tenant whose delta is column-scaled on some module (its tokens take a separate
+call on a host-computed token set); a custom ``linear_fn`` (the unfused baseline); a delta backend
+other than Triton (the torch reference reads tenant ids on the host).
+
+    graphs = DecodeGraphs(model, kv, slots, max_batch).setup()    # captures (CUDA)
+    batch = graphs.prepare(entries)     # None: run this step eagerly
+    logits = model.forward(batch, kv, slots)                       # replays
+    DecodeGraphs(model, kv, slots, max_batch, capture=False)       # same steps, run eagerly (CPU tests)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .model import AttentionPlan, BatchMapping
+
+logger = logging.getLogger(__name__)
+
+# bitdelta.ops.triton_ops.DECODE_MAX_TOKENS: above it bitdelta_linear sorts tokens by tenant and
+# reads the segment table on the host, which a graph cannot do.
+MAX_ROWS = 128
+MIN_SPAN = 256
+
+
+def batch_buckets(max_batch: int, cap: int = MAX_ROWS) -> list[int]:
+    """Graph batch sizes: powers of two below ``min(max_batch, cap)``, then that bound itself."""
+    top = min(max_batch, cap)
+    out, b = [], 1
+    while b < top:
+        out.append(b)
+        b *= 2
+    return out + [top]
+
+
+def span_buckets(max_len: int, min_span: int = MIN_SPAN) -> list[int]:
+    """Attention spans: ``min_span`` doubling while below ``max_len``, then ``max_len`` itself."""
+    out, s = [], min_span
+    while s < max_len:
+        out.append(s)
+        s *= 2
+    return out + [max_len]
+
+
+def pick(value: int, buckets: list[int]) -> int | None:
+    """The smallest bucket holding ``value`` (None: larger than every bucket)."""
+    for b in buckets:
+        if value <= b:
+            return b
+    return None
+
+
+def pack_inputs(entries, bucket: int) -> list[int]:
+    """The ``[5, bucket]`` input buffer of one decode step, flattened; row ``i`` is KV slot ``i``.
+
+    ``entries``: ``(kv_slot, position, [token], delta_slot)`` per sequence, every ``kv_slot <
+    bucket``. Rows: token, position, delta slot (-1 = base), context length (position + 1, the new
+    token included); padding rows get ``0, 0, -1, 1``. The fifth row lists each sequence's slot in
+    ``entries`` order (where its logits are), then zeros.
+    """
+    tokens, pos, ids, lens, order = [0] * bucket, [0] * bucket, [-1] * bucket, [1] * bucket, [0] * bucket
+    for j, (kv_slot, start, new, slot) in enumerate(entries):
+        tokens[kv_slot], pos[kv_slot], ids[kv_slot], lens[kv_slot] = new[0], start, slot, start + 1
+        order[j] = kv_slot
+    return tokens + pos + ids + lens + order
+
+
+def unsupported(model, slots) -> str | None:
+    """Why this model and delta pool cannot run graph-captured decode steps (None: they can)."""
+    from ..ops import Backend, resolve_backend
+
+    if model.device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if slots.linear_fn is not None:
+        return "a custom linear_fn (e.g. the unfused baseline) groups tokens on the host"
+    try:
+        backend = resolve_backend(slots.backend, torch.empty(0, device=model.device))
+    except (RuntimeError, ValueError) as e:
+        return str(e)
+    if backend is not Backend.TRITON:
+        return "the delta backend is the torch reference, which reads tenant ids on the host"
+    return None
+
+
+class DecodeGraphs:
+    """Captured decode steps over one engine's model, KV cache and delta slots.
+
+    ``capture=False`` keeps the same inputs, padding and attention but runs the forward eagerly
+    at each step: the CPU tests' way of checking everything except the capture itself.
+    """
+
+    def __init__(self, model, kv, slots, max_batch: int, capture: bool = True, min_span: int = MIN_SPAN):
+        self.model, self.kv, self.slots, self.capture = model, kv, slots, capture
+        self.device = model.device
+        self.batches = batch_buckets(min(max_batch, kv.max_batch))
+        self.spans = span_buckets(kv.max_len, min_span)
+        self.inputs = {b: torch.zeros((5, b), dtype=torch.long, device=self.device) for b in self.batches}
+        self.rows = torch.arange(self.batches[-1], device=self.device)
+        self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.capture_s = 0.0
+        self.replays = 0
+        self.pin = self.device.type == "cuda"
+
+    # ------------------------------------------------------------------ capture (engine start)
+
+    def setup(self) -> "DecodeGraphs":
+        """Captures every (batch, span, variant) graph; call while no sequence is running."""
+        if not self.capture:
+            return self
+        t = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        # Largest first: smaller graphs then reuse the pool's blocks.
+        for b in reversed(self.batches):
+            for span in reversed(self.spans):
+                for delta in (True, False):
+                    self.graphs[(b, span, delta)] = self._capture(b, span, delta, pool, stream)
+        torch.cuda.synchronize(self.device)
+        self.capture_s = time.perf_counter() - t
+        return self
+
+    def _capture(self, b, span, delta, pool, stream):
+        inp = self.inputs[b]
+        inp.copy_(torch.tensor(pack_inputs([], b), dtype=torch.long).view(5, b))  # padding everywhere
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            # Outside the capture: compiles Triton kernels, sizes cuBLAS workspaces and allocator blocks.
+            for _ in range(2):
+                self._forward(b, span, delta)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the delta loader thread may pin host memory meanwhile, which is not ours to stop.
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            out = self._forward(b, span, delta)
+        return graph, out
+
+    def _forward(self, b: int, span: int, delta: bool) -> torch.Tensor:
+        """The forward of bucket ``b`` over the static inputs: logits ``[b, vocab + extra]`` by row."""
+        inp, rows = self.inputs[b], self.rows[:b]
+        ids = inp[2]
+        plan = AttentionPlan(prefill=[], decode=list(range(b)), dec_rows=None, dec_slots=rows, dec_slot0=0,
+                             dec_lens=inp[3], span=span, other=[], offsets=list(range(b)))
+        # seq_slots stays empty: no host-side tenant grouping may happen inside a graph (DeltaSlots
+        # then makes the single row-table call; steps with col-scaled tenants never get here).
+        batch = BatchMapping(tokens=inp[0], positions=inp[1], ids=ids.to(torch.int32), gather=ids + 1, kv_slots=rows,
+                             seqs=[(i, 0, 1) for i in range(b)], last=rows, any_delta=delta, seq_slots=[], attn=plan)
+        return self.model.forward_eager(batch, self.kv, self.slots)
+
+    # ------------------------------------------------------------------ per step
+
+    def prepare(self, entries) -> BatchMapping | None:
+        """This step as a graph replay (a batch whose ``replay`` computes the logits), or None when it
+        must run eagerly. ``entries`` as :meth:`BatchMapping.build` takes them."""
+        if not entries or any(len(new) != 1 for _, _, new, _ in entries):
+            return None
+        b = pick(max(e[0] for e in entries) + 1, self.batches)
+        span = pick(max(e[1] for e in entries) + 1, self.spans)
+        seq_slots = [e[3] for e in entries]
+        if b is None or span is None or self.slots.linear_fn is not None \
+                or not self.slots.col_slots.isdisjoint(seq_slots):
+            return None
+        delta = any(s >= 0 for s in seq_slots)
+        key, host, n = (b, span, delta), pack_inputs(entries, b), len(entries)
+        if self.capture and key not in self.graphs:
+            return None
+        inp = self.inputs[b]
+
+        def replay() -> torch.Tensor:
+            src = torch.tensor(host, dtype=torch.long).view(5, b)
+            if self.pin:
+                inp.copy_(src.pin_memory(), non_blocking=True)
+            else:
+                inp.copy_(src)
+            if self.capture:
+                graph, out = self.graphs[key]
+                graph.replay()
+            else:
+                out = self._forward(b, span, delta)
+            self.replays += 1
+            # A fresh tensor in the engine's order: the graph's own output is overwritten next replay.
+            return out.index_select(0, inp[4, :n])
+
+        return BatchMapping(tokens=inp[0], positions=inp[1], ids=inp[2], gather=inp[2], kv_slots=self.rows[:b],
+                            seqs=[(e[0], e[1], 1) for e in entries], last=inp[4, :n], any_delta=delta,
+                            seq_slots=seq_slots, replay=replay)
+
+    def stats(self) -> dict:
+        return {"graphs": len(self.graphs), "capture_s": self.capture_s, "replays": self.replays,
+                "batch_buckets": self.batches, "span_buckets": self.spans}
