@@ -39,8 +39,9 @@ also replaces that file's fidelity section. CPU smoke test of every phase (minut
     python benchmarks/fidelity.py --phase all --smoke --gguf /tmp/smol.gguf --work /tmp/fid-smoke-gguf \\
         --variants scalar-initial --tasks arc_easy
 
-Needs ``gguf`` and ``accelerate`` to read the GGUF (transformers dequantises it), and the shared
-data at ``../shared/data`` (``--data`` to change it).
+Reading the GGUF needs ``accelerate`` and the ``gguf`` package (transformers dequantises it); on an
+offline machine without ``gguf``, ``--gguf-wheel gguf-0.19.0-py3-none-any.whl`` imports it from its
+wheel. The shared data is read from ``../shared/data`` (``--data`` to change it).
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="also copy every result JSON here")
     ap.add_argument("--data", default=None, help="shared data dir (default: ../shared/data beside the repo)")
     ap.add_argument("--gguf", default=None, help="SmolLM2-135M-Instruct GGUF file (prepare)")
+    ap.add_argument("--gguf-wheel", default=None,
+                    help="the gguf package's wheel, imported from the zip when gguf is not installed (offline machines)")
     ap.add_argument("--base-dir", default=None, help="use this Hugging Face model dir as the base instead of --gguf")
     ap.add_argument("--domain", default=None, help="eval: comma-separated domains (default: all three)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="eval: comma-separated subset of " + ",".join(VARIANTS))
@@ -302,9 +305,15 @@ def wikitext(args) -> str:
 # phase: prepare
 
 
-def convert_gguf(gguf: Path, out: Path) -> None:
+def convert_gguf(gguf: Path, out: Path, wheel: str | None = None) -> None:
     """GGUF -> plain float32 safetensors model dir. transformers dequantises the GGUF on load, but
     cannot save a GGUF-loaded model, so its weights go into a freshly built model of the same config."""
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        if not wheel:
+            raise SystemExit("reading a GGUF needs the `gguf` package: pip install gguf, or pass --gguf-wheel FILE.whl")
+        sys.path.insert(0, str(Path(wheel).resolve()))  # a pure-Python wheel is an importable zip
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -457,7 +466,7 @@ def phase_prepare(args) -> int:
             if not args.gguf:
                 raise SystemExit("prepare needs --gguf FILE (or --base-dir DIR)")
             log(f"base: dequantising {args.gguf}")
-            convert_gguf(Path(args.gguf), base_dir)
+            convert_gguf(Path(args.gguf), base_dir, args.gguf_wheel)
             record["base_source"] = f"{Path(args.gguf).name} (dequantised to float32)"
         log(f"base saved to {base_dir} ({time.perf_counter() - t0:.1f}s)")
         record["base_check"] = sanity_check_base(args, base_dir)
