@@ -244,7 +244,7 @@ class Probe:
 
     def forward(self, batch, kv, deltas=None):
         decode = all(n == 1 for _, _, n in batch.seqs)
-        rec = {"tokens": int(batch.tokens.shape[0]), "seqs": len(batch.seqs), "decode": decode,
+        rec = {"tokens": sum(n for _, _, n in batch.seqs), "seqs": len(batch.seqs), "decode": decode,
                "tenants": len({s for s in batch.seq_slots if s >= 0}),
                "ctx": sum(start for _, start, n in batch.seqs if n == 1)}  # cache rows read besides the new token
         n_dec = sum(r["decode"] for r in self.records)
@@ -292,7 +292,7 @@ class Probe:
                         "kernels": sum(v[1] for v in kernels.values()), "host_enqueue_ms_profiled": host * 1e3,
                         "wall_ms_profiled": wall * 1e3, "by_group_ms": groups,
                         "top_kernels": [{"name": n[:120], "ms": v[0] / 1e3, "count": v[1]} for n, v in top],
-                        "batch_tokens": int(batch.tokens.shape[0])}
+                        "batch_tokens": sum(n for _, _, n in batch.seqs)}
         return out
 
 
@@ -319,7 +319,11 @@ def run_workload(model, slots, tenants, args, *, arrivals=None, max_batch=None, 
     if cuda():
         torch.cuda.reset_peak_memory_stats()
     engine = Engine(probe, slots, max_batch=max_batch, max_queue=n_req + 1, max_len=max_len,
-                    kv_cache_mb=(per_seq * max_batch + 2**20) / 2**20)
+                    kv_cache_mb=(per_seq * max_batch + 2**20) / 2**20, cuda_graphs=False if args.no_cuda_graphs else None)
+    graphs = engine.graphs.stats() if engine.graphs is not None else None
+    if graphs and label != "warm":
+        log(f"{label}: {graphs['graphs']} CUDA graphs (batch buckets {graphs['batch_buckets']}, spans "
+            f"{graphs['span_buckets']}) captured in {graphs['capture_s']:.2f}s")
     prompts = make_prompts(n_req, args.prompt_len, model.vocab_size, seed=len(tenants) + len(label))
     token_times: dict[int, list[float]] = {}
     arrival_at: dict[int, float] = {}
@@ -360,6 +364,8 @@ def run_workload(model, slots, tenants, args, *, arrivals=None, max_batch=None, 
         engine.cancel(r)
     engine.step()
     kv_bytes = engine.kv.k.numel() * engine.kv.k.element_size() * 2
+    if graphs is not None:
+        graphs["replays"] = engine.graphs.replays
     peak = torch.cuda.max_memory_allocated() if cuda() else None
     slots.on_ready = None
     del engine
@@ -383,7 +389,7 @@ def run_workload(model, slots, tenants, args, *, arrivals=None, max_batch=None, 
            "itl_ms_p50": _ms(pct(itl, 50)), "itl_ms_p99": _ms(pct(itl, 99)),
            "tpot_ms_p50": _ms(pct(tpot, 50)), "tpot_ms_p99": _ms(pct(tpot, 99)),
            "kv_cache_bytes": kv_bytes, "peak_allocated_bytes": peak, "truncated": truncated,
-           "profile": probe.profile}
+           "profile": probe.profile, "cuda_graphs": graphs}
     if truncated and dec:
         est = wall + remaining * dec_time / len(dec)
         res.update(extrapolated=True, remaining_steps=remaining, est_wall_s=est, est_tok_s=n_req * new / est)
@@ -477,7 +483,8 @@ def measure_full_cold(model: DeltaLlama, args, scratch: Path) -> dict:
                       {n: weights[n] for n in model.params1d}, model.inv_freq, 1.0, False, model.dtype, dev)
     fslots = DeltaSlots(full, max_gpu_deltas=1)
     kv_mb = KVCache.bytes_per_sequence(full.num_layers, args.prompt_len + 2, full.kv_heads, full.head_dim, full.dtype) / 2**20
-    engine = Engine(full, fslots, max_batch=1, max_len=args.prompt_len + 2, kv_cache_mb=kv_mb + 1)
+    # One token, no decode step: no CUDA graphs to capture (their capture would count as load time).
+    engine = Engine(full, fslots, max_batch=1, max_len=args.prompt_len + 2, kv_cache_mb=kv_mb + 1, cuda_graphs=False)
     first = []
     engine.submit(Request(prompt=make_prompts(1, args.prompt_len, model.vocab_size, 7)[0],
                           params=SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
@@ -761,7 +768,8 @@ def delta_cold_start(model, slots, path: Path, args) -> dict:
     drop_page_cache(path)
     engine = Engine(model, slots, max_batch=1, max_len=args.prompt_len + 2,
                     kv_cache_mb=KVCache.bytes_per_sequence(model.num_layers, args.prompt_len + 2, model.kv_heads,
-                                                           model.head_dim, model.dtype) / 2**20 + 1)
+                                                           model.head_dim, model.dtype) / 2**20 + 1,
+                    cuda_graphs=False)  # one token: no decode step
     first = []
     sync()
     t0 = time.perf_counter()
@@ -837,6 +845,7 @@ def main() -> None:
     ap.add_argument("--scratch", default=None, help="where artifacts are written (default: a temp dir, removed)")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="output directory (default $OUT)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, end to end in under a minute")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (default: CUDA-graph decode steps on GPU)")
     ap.add_argument("--report", nargs="+", default=None, help="serve.json files/dirs to combine into table + plot")
     ap.add_argument("--docs", default=None, help="with --report: markdown file whose serve:begin/end block is replaced")
     args = ap.parse_args()
