@@ -61,7 +61,8 @@ def build_app(args):
     rt = build_runtime(args.base, deltas, base_name=args.base_name, dtype=args.dtype, device=args.device,
                        max_gpu_deltas=args.max_gpu_deltas, max_cpu_deltas=args.max_cpu_deltas, max_bits=args.max_bits,
                        max_extra_vocab=args.max_extra_vocab, max_batch=args.max_batch, max_queue=args.max_queue,
-                       max_model_len=args.max_model_len, kv_cache_mb=args.kv_cache_mb)
+                       max_model_len=args.max_model_len, kv_cache_mb=args.kv_cache_mb,
+                       cuda_graphs=False if getattr(args, "no_cuda_graphs", False) else None)
     if args.delta_dir:  # every artifact in the allow-listed directory is served under its directory name
         for name, path in scan_delta_dir(args.delta_dir).items():
             if rt.has(name):
@@ -114,8 +115,11 @@ def cmd_serve(args) -> None:
         logger.warning("binding to %s without --api-keys: anyone who can reach this address can use every model",
                        args.host)
     rt, app = build_app(args)
+    g = rt.engine.graphs
+    graphs = f", {len(g.graphs)} CUDA graphs captured in {g.capture_s:.1f}s" if g is not None else ""
     print(f"serving {rt.base_name!r} + {len(rt.models()) - 1} deltas ({', '.join(rt.models()[1:]) or 'none'}) "
-          f"on http://{args.host}:{args.port}  (KV slots {rt.engine.max_batch} x {rt.engine.max_len} tokens)", flush=True)
+          f"on http://{args.host}:{args.port}  (KV slots {rt.engine.max_batch} x {rt.engine.max_len} tokens{graphs})",
+          flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
@@ -145,6 +149,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--allow-runtime-deltas", action="store_true", help="enable POST/DELETE /v1/deltas (needs --admin-key)")
     s.add_argument("--dtype", default="float32", help="dtype of the base weights (float32, bfloat16, float16)")
     s.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    s.add_argument("--no-cuda-graphs", action="store_true",
+                   help="decode eagerly (default on CUDA: decode steps replay CUDA graphs captured at start)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

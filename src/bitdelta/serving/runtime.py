@@ -80,8 +80,10 @@ def build_runtime(base, deltas: dict[str, str] | None = None, *, base_name: str 
                   dtype: str | None = None, device: str | None = None, max_gpu_deltas: int = 32,
                   max_cpu_deltas: int = 128, max_bits: int | None = None, max_extra_vocab: int | None = None,
                   max_batch: int = 64, max_queue: int = 256, max_model_len: int | None = None,
-                  kv_cache_mb: float | None = None, start: bool = True) -> ServingRuntime:
-    """Loads the base (with transformers), builds the engine, registers ``deltas`` (name -> path)."""
+                  kv_cache_mb: float | None = None, start: bool = True,
+                  cuda_graphs: bool | None = None) -> ServingRuntime:
+    """Loads the base (with transformers), builds the engine, registers ``deltas`` (name -> path).
+    ``cuda_graphs``: see :class:`~bitdelta.serving.engine.Engine` (None: on when the device is CUDA)."""
     from ..artifact import load_delta
     from ..hf import load_model
 
@@ -98,7 +100,7 @@ def build_runtime(base, deltas: dict[str, str] | None = None, *, base_name: str 
     metrics = Metrics()
     metrics.base_name = base_name or Path(str(base)).name or "base"
     engine = Engine(model, slots, max_batch=max_batch, max_queue=max_queue, max_len=max_model_len,
-                    kv_cache_mb=kv_cache_mb, metrics=metrics)
+                    kv_cache_mb=kv_cache_mb, metrics=metrics, cuda_graphs=cuda_graphs)
     rt = ServingRuntime(metrics.base_name, str(base), model, slots, engine, metrics)
     rt.texts[rt.base_name] = TenantText.load(base)
     for name, path in deltas.items():
