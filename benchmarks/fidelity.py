@@ -648,7 +648,8 @@ class Artifacts:
             delta, ct = self._compress(scale="scalar")
             return delta, {"compress_s": ct, "distill_s": 0.0, "peak_gpu_bytes": peak_bytes(a)}
         if name == "reference":
-            delta, ct = self._compress(scale="scalar", dense_embeddings=True)
+            # The reference keeps the dense embedding in fp16 (its models' dtype); fp32 here would double its size.
+            delta, ct = self._compress(scale="scalar", dense_embeddings=True, dtype="float16")
             delta, dt = self._distill(delta, train_dense=True)
             return delta, {"compress_s": ct, "distill_s": dt, "peak_gpu_bytes": peak_bytes(a)}
         mode, _, bits = name.partition("-")  # row, col, row-2bit, col-2bit
@@ -979,7 +980,9 @@ def phase_report(args) -> int:
           "- delta MB: delta.safetensors on disk (tokenizer files excluded); factor: fine-tune fp16 bytes / that; "
           "compress s: `bitdelta.compress` from the safetensors dirs; distill s: `distill_scales` "
           "(auto: row + col + the held-out choice); peak GPU: max allocated while building and evaluating "
-          "(base and fine-tune resident, fp32)", "",
+          "(base and fine-tune resident, fp32); reference: scalar scales, embedding/lm_head (tied) kept dense in "
+          "fp16 and trained with the norms during distillation (`compress(dense_embeddings=True)`, "
+          "`distill_scales(train_dense=True)`)", "",
           *recipe_lines(prep), "", "Goals (design.md):", "", *goal_checks(rows), "", *table_lines(rows), ""]
     md += [f"![{p}]({p})" for p in pngs]
     text = "\n".join(md) + "\n"
