@@ -43,6 +43,18 @@ def pack_signs(positive: torch.Tensor) -> torch.Tensor:
     return (bits * weights).sum(dim=-1, dtype=torch.uint8)
 
 
+_BIT_WEIGHTS_BY_DEVICE: dict[torch.device, torch.Tensor] = {}
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    """The 8 bit masks on ``device``, copied there once: a copy per call would sync a GPU every
+    forward and backward of every compressed module."""
+    w = _BIT_WEIGHTS_BY_DEVICE.get(device)
+    if w is None:
+        w = _BIT_WEIGHTS_BY_DEVICE[device] = _BIT_WEIGHTS.to(device)
+    return w
+
+
 def unpack_bits(packed: torch.Tensor, num_columns: int) -> torch.Tensor:
     """Inverse of :func:`pack_signs` as booleans: ``[..., ceil(K/8)]`` uint8 -> ``[..., K]`` bool."""
     if packed.dtype != torch.uint8:
@@ -52,8 +64,7 @@ def unpack_bits(packed: torch.Tensor, num_columns: int) -> torch.Tensor:
             f"packed last dimension is {packed.shape[-1]} bytes but {num_columns} columns need "
             f"{packed_width(num_columns)}"
         )
-    weights = _BIT_WEIGHTS.to(packed.device)
-    bits = (packed.unsqueeze(-1) & weights) != 0
+    bits = (packed.unsqueeze(-1) & _bit_weights(packed.device)) != 0
     return bits.reshape(*packed.shape[:-1], -1)[..., :num_columns]
 
 
