@@ -12,8 +12,7 @@ gathered per token; added-vocabulary rows are padded to ``max_extra_vocab`` per 
 
 Every device tensor is allocated once, here; installing a delta copies into its slot in place, so
 captured CUDA graphs (:mod:`bitdelta.serving.graphs`) always read the live pools. The per-step ops
-(:meth:`DeltaSlots.linear`, :meth:`~DeltaSlots.embed`, ...) neither sync with the device nor copy
-host constants to it.
+(:meth:`DeltaSlots.linear`, :meth:`~DeltaSlots.embed`, ...) do not sync with the device.
 
 Residency: a registered delta is on disk (its artifact), optionally in host memory (prepared,
 pinned on CUDA, at most ``max_cpu_deltas``, LRU), optionally in a device slot (LRU among slots no
@@ -38,6 +37,7 @@ import torch
 
 from ..errors import BitDeltaError, ShapeMismatchError
 from ..ops import bitdelta_linear
+from ..pack import unpack_signs
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +100,6 @@ class DeltaSlots:
         self.extra_head = torch.zeros((s, max_extra_vocab, h), dtype=model.dtype, device=dev)
         self.n_extra = torch.zeros(s, dtype=torch.long, device=dev)
         self.col_slots: set[int] = set()  # slots whose tenant is column-scaled on some module (host)
-        # bit j of a packed byte, on the device once (pack.unpack_signs copies its table per call)
-        self._bit_weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8, device=dev)
         self.pin = model.device.type == "cuda"
         self.entries: dict[str, Entry] = {}
         self.slot_owner: list[str | None] = [None] * s
@@ -435,9 +433,7 @@ class DeltaSlots:
         has = ids >= 0
         slot = ids.clamp(min=0)
         row = tok.clamp(max=v - 1)
-        packed = pool["signs"][slot, :, row]  # [T, bits, ceil(H/8)]
-        bits = (packed.unsqueeze(-1) & self._bit_weights) != 0  # as bitdelta.pack.unpack_signs
-        signs = bits.flatten(-2)[..., :pool["k"]].to(torch.float32) * 2 - 1  # [T, bits, H]
+        signs = unpack_signs(pool["signs"][slot, :, row], pool["k"])  # [T, bits, H]
         scales = pool["row"][slot, :, row]  # [T, bits]
         d = (signs * scales[..., None]).sum(1) * has[:, None]
         x = x + d.to(x.dtype)
