@@ -91,11 +91,11 @@ class DeltaWrapper(nn.Module):
         t = x2.shape[0]
         if t <= 64:  # decode-sized: the batched kernel with every token on tenant 0
             ids = torch.zeros(t, dtype=torch.int32, device=x.device)
-            y = bitdelta_linear(x2, self.weight, self.bias, signs, scales, p.mode, ids)
+            y = bitdelta_linear(x2, self.weight, self.base_module.bias, signs, scales, p.mode, ids)
         else:  # prefill: one segment of one tenant
             starts = torch.tensor([0, t], dtype=torch.int32, device=x.device)
             seg = torch.zeros(1, dtype=torch.int32, device=x.device)
-            y = bitdelta_linear_segmented(x2, self.weight, self.bias, signs, scales, p.mode, starts, seg)
+            y = bitdelta_linear_segmented(x2, self.weight, self.base_module.bias, signs, scales, p.mode, starts, seg)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
