@@ -33,7 +33,7 @@ from triton.testing import do_bench  # noqa: E402
 
 from bitdelta.ops import reference as ref  # noqa: E402
 from bitdelta.ops import triton_ops  # noqa: E402
-from bitdelta.pack import pack_signs, unpack_signs  # noqa: E402
+from bitdelta.pack import pack_signs  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K in, N out): 4096->4096, 4096->11008, 11008->4096
 BATCHES = [1, 4, 16, 64]
@@ -146,10 +146,6 @@ def checks(log):
     e = rel_err(yg, ref.bitdelta_linear_ref(x, w, None, s, sc, "row", ids))
     assert e < 1e-2, e
     log(f"checks passed: {len(cases)} mode/bits/dtype combos x 6 paths + graph capture; worst rel err {worst:.2e}")
-
-
-def decode_inputs(n, k, b, dtype, mode="row", bits=1):
-    return make(b, n, k, b, bits, mode, dtype, list(range(b)), seed=b)
 
 
 ROTATE = 4  # input sets cycled in graph timing, so each call reads from HBM, not L2

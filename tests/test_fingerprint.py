@@ -1,6 +1,5 @@
 """Base fingerprint sampling: positions stay in bounds for 7B-sized matrices."""
 
-import torch
 
 from bitdelta.fingerprint import SAMPLES_PER_MODULE, sample_positions
 

@@ -12,10 +12,8 @@ from the base (norms, biases, excluded modules) is kept dense with the fine-tune
 
 from __future__ import annotations
 
-import os
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -23,7 +21,6 @@ from .binarize import SCALE_MODES, binarize
 from .delta import Delta, PackedModule
 from .errors import BitDeltaError, ShapeMismatchError
 from .fingerprint import Fingerprint, sample_weight
-from .pack import packed_width
 from .sources import WeightSource
 from .targets import CONV1D, plan_targets
 

@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import SuccessorLM, make_bpe_tokenizer, make_tiny_llama, manual_logprobs
 
 from bitdelta.evaluate import TASKS, evaluate_task, evaluate_tasks, loglikelihood
