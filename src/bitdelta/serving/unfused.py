@@ -3,10 +3,12 @@
 The original BitDelta code serves several deltas as ``x @ W + coeff * binary_bmm(x, mask)``: one
 base GEMM, then a separate binary matmul per delta, a scale, and an add. This module reimplements
 that description for the engine's slot pools, so the same engine can run it: one base GEMM over
-every token of the step, then for each tenant present its sign planes expanded to a dense ±1
-matrix in the activation dtype (a byte -> 8 values lookup), a matmul with that tenant's tokens, the
-scale and an add. Each step therefore reads the base once plus, per tenant, its bits and a dense
-±1 copy written and read again: the cost the fused kernels of :mod:`bitdelta.ops` avoid.
+every token of the step, then for each tenant present, one binary matmul of its tokens with its
+packed sign plane (on CUDA a Triton kernel that reads the packed bits, as the original's
+``binary_bmm`` does; elsewhere the plane expanded to a dense ±1 matrix), the scale and an add, each
+its own kernel. Each step therefore reads the base and every tenant's bits once, but pays one
+launch chain and one partial pass over the output per tenant, with no overlap across tenants: the
+cost the fused multi-tenant kernels of :mod:`bitdelta.ops` avoid.
 Semantics equal :func:`bitdelta.ops.bitdelta_linear_ref` (row and col tables of the pools; scalar
 scales arrive broadcast into the row table); bias is added by the caller, as for the fused op.
 
@@ -35,6 +37,42 @@ def expand_signs(packed: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tens
     """One sign plane ``[N, ceil(K/8)]`` uint8 -> dense ``[N, K]`` of ±1 in ``dtype``."""
     n = packed.shape[0]
     return F.embedding(packed.to(torch.int32), _lut(packed.device, dtype)).reshape(n, -1)[:, :k]
+
+
+def binary_matmul(x: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
+    """``x [t, K] @ S^T`` for one packed sign plane ``[N, ceil(K/8)]``, unscaled, as float32 ``[t, N]``.
+
+    On CUDA (Triton installed, t within the decode kernel's limit) the bits are read packed by
+    :func:`bitdelta.ops.triton_ops.decode_delta` with a unit scale; otherwise the plane is
+    expanded to a dense ±1 matrix first.
+    """
+    if x.is_cuda and x.shape[0] <= _decode_max_tokens():
+        from bitdelta.ops import triton_ops
+
+        ones = _unit_scale(x.device)
+        ids = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
+        return triton_ops.decode_delta(x, plane[None, None], ones, "scalar", ids)
+    return (x @ expand_signs(plane, x.shape[1], x.dtype).T).float()
+
+
+def _decode_max_tokens() -> int:
+    from bitdelta.ops import triton_available
+
+    if not triton_available():
+        return -1
+    from bitdelta.ops.triton_ops import DECODE_MAX_TOKENS
+
+    return DECODE_MAX_TOKENS
+
+
+_UNIT: dict[str, torch.Tensor] = {}
+
+
+def _unit_scale(device) -> torch.Tensor:
+    key = str(device)
+    if key not in _UNIT:
+        _UNIT[key] = torch.ones((1, 1), dtype=torch.float32, device=device)
+    return _UNIT[key]
 
 
 def tenant_groups(batch) -> list[tuple[int, slice | torch.Tensor]]:
@@ -72,16 +110,14 @@ def unfused_multi_tenant(
 ) -> torch.Tensor:
     """Base GEMM + per tenant (binary matmul, scale, add); returns ``[T, N]`` in ``x.dtype``."""
     y = F.linear(x, w)
-    k = x.shape[1]
     for slot, rows in groups:
         xd = x[rows]
         acc = None
         for p in range(signs.shape[1]):
-            s = expand_signs(signs[slot, p], k, x.dtype)
             if slot in col_slots:  # Δ̂[:, j] = c_j S[:, j]: scale the inputs, then the binary matmul
-                part = ((xd.float() * col[slot, p]).to(x.dtype) @ s.T).float()
+                part = binary_matmul((xd.float() * col[slot, p]).to(x.dtype), signs[slot, p])
             else:  # row (and scalar): binary matmul, then scale each output row
-                part = (xd @ s.T).float() * row[slot, p]
+                part = binary_matmul(xd, signs[slot, p]) * row[slot, p]
             acc = part if acc is None else acc + part
         if isinstance(rows, slice):
             y[rows] += acc.to(y.dtype)
