@@ -305,3 +305,39 @@ def test_cuda_graphs_match_eager(tiny_models, tenants, dtype):
     finite = torch.isfinite(want)  # added-token columns of tenants without them are -inf in both
     assert torch.equal(finite, torch.isfinite(got))
     torch.testing.assert_close(got[finite], want[finite], rtol=tol, atol=tol)
+
+
+def test_large_decode_step_runs_in_decode_sized_chunks(tiny_models, tenants, monkeypatch):
+    """A decode step of more than DECODE_MAX_TOKENS sequences (one token each) calls the op in
+    chunks of at most that many rows, and the result equals one whole-batch reference call; a
+    prefill of as many tokens is one call (it takes the segmented path)."""
+    import bitdelta.serving.slots as slots_mod
+    from bitdelta.ops import DECODE_MAX_TOKENS, bitdelta_linear_ref
+
+    model = DeltaLlama.from_hf(_load(tiny_models["base"]))
+    slots = DeltaSlots(model, max_gpu_deltas=3, max_cpu_deltas=8, max_bits=2, max_extra_vocab=4)
+    for name in ("shk_row", "gsm_col", "shk_2bit"):
+        slots.register(name, f"<memory:{name}>", delta=tenants[name])
+        slots.load(name)
+    sizes = []
+    real = slots_mod.bitdelta_linear
+    monkeypatch.setattr(slots_mod, "bitdelta_linear", lambda x, *a: sizes.append(x.shape[0]) or real(x, *a))
+    n = DECODE_MAX_TOKENS + 3
+    cycle = [-1] + [slots.entries[t].slot for t in ("shk_row", "gsm_col", "shk_2bit")]
+    entries = [(i, 5, [3 + i % 50], cycle[i % 4]) for i in range(n)]
+    batch = BatchMapping.build(entries, model.device)
+    name = next(k for k in slots.pools if k.endswith("mlp.down_proj"))
+    pool = slots.pools[name]
+    w = model.weights[name]
+    x = torch.randn(n, w.shape[1], generator=torch.Generator().manual_seed(3))
+    y = slots.linear(name, x, w, batch)
+    assert sizes and max(sizes) <= DECODE_MAX_TOKENS and sum(sizes) == n
+    ids = batch.ids
+    col = torch.tensor([int(s) in pool["col_slots"] for s in ids.tolist()])
+    want = torch.where(col[:, None], bitdelta_linear_ref(x, w, None, pool["signs"], pool["col"], "col", ids),
+                       bitdelta_linear_ref(x, w, None, pool["signs"], pool["row"], "row", ids))
+    torch.testing.assert_close(y, want)
+    sizes.clear()
+    prefill = BatchMapping.build([(0, 0, list(range(3, 3 + n)), cycle[1])], model.device)
+    slots.linear(name, x, w, prefill)
+    assert sizes == [n]

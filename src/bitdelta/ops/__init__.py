@@ -30,6 +30,7 @@ from bitdelta.ops.reference import (
 
 __all__ = [
     "Backend",
+    "DECODE_MAX_TOKENS",
     "bitdelta_linear",
     "bitdelta_linear_segmented",
     "bitdelta_linear_ref",
@@ -37,6 +38,12 @@ __all__ = [
     "bitdelta_linear_dense64",
     "triton_available",
 ]
+
+
+# Batches of at most this many tokens take the Triton decode kernel (no sort, no host sync, CUDA
+# graph safe); larger ones are sorted by tenant and run as a segmented GEMM. Callers that know a
+# larger batch is one token per sequence (a serving decode step) split it into chunks of this size.
+DECODE_MAX_TOKENS = 128
 
 
 class Backend(str, Enum):

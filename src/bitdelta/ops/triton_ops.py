@@ -17,10 +17,10 @@ import os
 import torch
 import triton
 
+from bitdelta.ops import DECODE_MAX_TOKENS
 from bitdelta.ops import triton_kernels as K_
 
 MODE_CODE = {"scalar": 0, "row": 1, "col": 2}
-DECODE_MAX_TOKENS = 128
 TARGET_PROGRAMS = 1024
 
 # Launch configs; "decode" keyed by nothing (one config works across the three Llama shapes),

@@ -44,13 +44,14 @@ import time
 
 import torch
 
+from ..ops import DECODE_MAX_TOKENS
 from .model import AttentionPlan, BatchMapping
 
 logger = logging.getLogger(__name__)
 
-# bitdelta.ops.triton_ops.DECODE_MAX_TOKENS: above it bitdelta_linear sorts tokens by tenant and
-# reads the segment table on the host, which a graph cannot do.
-MAX_ROWS = 128
+# Graphs stop at bitdelta.ops.DECODE_MAX_TOKENS rows: a larger decode step runs eagerly, in chunks of
+# that size (DeltaSlots.linear), whose capture has not been checked on a GPU yet.
+MAX_ROWS = DECODE_MAX_TOKENS
 MIN_SPAN = 256
 
 

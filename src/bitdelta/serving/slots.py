@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BitDeltaError, ShapeMismatchError
-from ..ops import bitdelta_linear
+from ..ops import DECODE_MAX_TOKENS, bitdelta_linear
 from ..pack import unpack_signs
 
 logger = logging.getLogger(__name__)
@@ -392,15 +392,35 @@ class DeltaSlots:
             return self.linear_fn(name, x, w, pool, batch)
         ids = batch.ids
         cols = pool["col_slots"]
+        chunk = x.shape[0] > DECODE_MAX_TOKENS and self._decode_only(batch)
         if not cols or cols.isdisjoint(batch.seq_slots):  # no token of this step is col-scaled here
-            return bitdelta_linear(x, w, None, pool["signs"], pool["row"], "row", ids, self.backend)
+            return self._rows_linear(x, w, pool, "row", ids, chunk)
         # Row and col tenants on this module: two calls on disjoint token sets. The sets come from
         # the host's per-sequence slots (a device mask would need a sync per module to size them).
         y = x.new_empty((x.shape[0], w.shape[0]))
         for rows, mode in zip(self._col_split(batch, frozenset(cols.intersection(batch.seq_slots))), ("row", "col")):
             if rows is not None:
-                y[rows] = bitdelta_linear(x[rows], w, None, pool["signs"], pool[mode], mode, ids[rows], self.backend)
+                y[rows] = self._rows_linear(x[rows], w, pool, mode, ids[rows], chunk)
         return y
+
+    def _rows_linear(self, x, w, pool, mode: str, ids, chunk: bool) -> torch.Tensor:
+        """One op call, or, for a decode step above the decode kernel's token limit, one call per
+        ``DECODE_MAX_TOKENS`` rows: each stays on the decode kernel (no sort by tenant, no host read
+        of a segment table, which cost over a second per step at 133 tenants of a 7B model); a
+        tenant with tokens in two chunks has its bits read twice."""
+        if not chunk:
+            return bitdelta_linear(x, w, None, pool["signs"], pool[mode], mode, ids, self.backend)
+        return torch.cat([bitdelta_linear(x[a:a + DECODE_MAX_TOKENS], w, None, pool["signs"], pool[mode], mode,
+                                          ids[a:a + DECODE_MAX_TOKENS], self.backend)
+                          for a in range(0, x.shape[0], DECODE_MAX_TOKENS)])
+
+    @staticmethod
+    def _decode_only(batch) -> bool:
+        """Every sequence of the step brings one token (cached per step)."""
+        got = batch.cache.get("decode_only")
+        if got is None:
+            got = batch.cache["decode_only"] = all(n == 1 for _, _, n in batch.seqs)
+        return got
 
     @staticmethod
     def _col_split(batch, col: frozenset):

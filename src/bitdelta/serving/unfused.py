@@ -56,13 +56,9 @@ def binary_matmul(x: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_max_tokens() -> int:
-    from bitdelta.ops import triton_available
+    from bitdelta.ops import DECODE_MAX_TOKENS, triton_available
 
-    if not triton_available():
-        return -1
-    from bitdelta.ops.triton_ops import DECODE_MAX_TOKENS
-
-    return DECODE_MAX_TOKENS
+    return DECODE_MAX_TOKENS if triton_available() else -1
 
 
 _UNIT: dict[str, torch.Tensor] = {}
