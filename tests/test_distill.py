@@ -46,11 +46,26 @@ def test_only_scales_change_and_heldout_loss_improves(setup):
         changed += not torch.equal(m.scale, delta.modules[name].scale)
     assert changed == len(out.modules)
     d = out.info["distillation"]
-    assert d["steps"] == 60 and d["heldout_loss_after"] < d["heldout_loss_before"]
+    assert d["steps"] == 60 and d["heldout_loss_after"] < d["heldout_loss_before"] and d["kept"] == "distilled"
     assert d["final_loss"] < d["initial_loss"]
     # the input delta is untouched
     assert torch.equal(delta.modules["model.layers.0.mlp.up_proj"].scale,
                        bitdelta.compress(base_dir, ft_dir, progress=False).modules["model.layers.0.mlp.up_proj"].scale)
+
+
+def test_a_run_that_worsens_the_heldout_loss_keeps_the_initial_scales(setup):
+    base_dir, ft_dir, cal = setup
+    delta = bitdelta.compress(base_dir, ft_dir, scale="row", progress=False)
+    base, ft = load(base_dir), load(ft_dir)
+    # lr far above the scales' size: AdamW throws them about, the held-out loss rises
+    wild = distill_scales(delta, base, ft, cal, steps=8, lr=0.05, progress=False, keep_better=False)
+    d = wild.info["distillation"]
+    assert d["heldout_loss_after"] > d["heldout_loss_before"] and d["kept"] == "distilled"
+    assert any(not torch.equal(wild.modules[k].scale, delta.modules[k].scale) for k in delta.modules)
+    guarded = distill_scales(delta, base, ft, cal, steps=8, lr=0.05, progress=False)
+    g = guarded.info["distillation"]
+    assert g["kept"] == "initial" and g["heldout_loss_after"] == d["heldout_loss_after"]
+    assert all(torch.equal(guarded.modules[k].scale, delta.modules[k].scale.float()) for k in delta.modules)
 
 
 def test_seeded_runs_are_reproducible(setup):

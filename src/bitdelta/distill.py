@@ -16,6 +16,7 @@ whichever gives the lower loss on a held-out split (not the training loss).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ from .calibration import Calibration, TokenBatches
 from .delta import Delta, PackedModule
 from .errors import BitDeltaError
 from .layers import DeltaWrapper
+
+logger = logging.getLogger(__name__)
 
 
 def logits_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, kind: str = "mse") -> torch.Tensor:
@@ -136,6 +139,7 @@ def distill_scales(
     teacher: TeacherLogits | None = None,
     progress: bool = True,
     train_dense: bool = False,
+    keep_better: bool = True,
 ) -> Delta:
     """Returns a copy of ``delta`` whose scales minimise the logit distance to the fine-tune.
 
@@ -150,6 +154,11 @@ def distill_scales(
             accident; with ``compress(dense_embeddings=True)`` these are the embedding/lm_head
             and every norm). The trained values are stored as the returned delta's dense extras;
             the base's own parameters are still never written.
+        keep_better: when the calibration has a held-out split and the trained scales score worse
+            on it than the initial ones, return the initial scales (recorded as ``kept:
+            "initial"``). AdamW's steps are about ``lr`` in absolute size, so scales much smaller
+            than ``lr`` (tiny deltas) can be thrown about rather than fitted; this keeps such a run
+            from making a delta worse. Off for ``train_dense`` (the reference recipe had no guard).
     """
     if steps < 1:
         raise BitDeltaError(f"distillation needs at least one step, got {steps}")
@@ -171,6 +180,7 @@ def distill_scales(
     apply(base, work)
     try:
         scales = _trainable_scales(base)
+        initial = [p.detach().clone() for p in scales]
         dense_params = _trainable_dense(base, work) if train_dense else {}
         dev = next(base.parameters()).device
         opt = torch.optim.AdamW(scales + list(dense_params.values()), lr=lr)
@@ -198,6 +208,14 @@ def distill_scales(
             bar.set_postfix(loss=f"{history[-1]:.5f}")
         elapsed = time.perf_counter() - started
         held_after = heldout_loss(base, teacher, held, batch_size * 4, loss) if held_before is not None else None
+        kept = "distilled"
+        if keep_better and not train_dense and held_after is not None and held_after > held_before:
+            with torch.no_grad():
+                for p, v in zip(scales, initial):
+                    p.copy_(v)
+            kept = "initial"
+            logger.warning("distillation raised the held-out loss (%.4g -> %.4g); keeping the initial scales "
+                           "(try a lower --distill-lr)", held_before, held_after)
         for name, param in dense_params.items():
             work.dense[name] = param.detach().to(work.dense[name].dtype).clone()
     finally:
@@ -217,7 +235,7 @@ def distill_scales(
         "dataset": getattr(calibration, "source", None),
         "initial_loss": history[0], "final_loss": sum(tail) / len(tail),
         "heldout_loss_before": held_before, "heldout_loss_after": held_after,
-        "seconds": round(elapsed, 2),
+        "kept": kept, "seconds": round(elapsed, 2),
     }
     if train_dense:
         work.info["distillation"]["train_dense"] = sorted(dense_params)
