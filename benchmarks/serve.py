@@ -848,11 +848,12 @@ def main() -> None:
     ap.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (default: CUDA-graph decode steps on GPU)")
     ap.add_argument("--report", nargs="+", default=None, help="serve.json files/dirs to combine into table + plot")
     ap.add_argument("--docs", default=None, help="with --report: markdown file whose serve:begin/end block is replaced")
+    ap.add_argument("--docs-block", default="serve", help="with --docs: the block's marker name (and the plot's file name)")
     args = ap.parse_args()
     if args.report:
         result = merge_results(args.report)
         out = Path(args.out or ".")
-        write_outputs(result, out, args.docs)
+        write_outputs(result, out, args.docs, args.docs_block)
         print(short_table(result))
         return
     if args.smoke:

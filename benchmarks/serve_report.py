@@ -211,9 +211,10 @@ def merge_results(paths: list[str]) -> dict:
     return merged
 
 
-def write_outputs(result: dict, out: Path, docs: str | None = None) -> None:
+def write_outputs(result: dict, out: Path, docs: str | None = None, block: str = "serve") -> None:
     """serve.json / serve.md / serve.png in ``out``; with ``docs``, the plot beside that file as
-    serve.png and the table between its ``<!-- serve:begin -->`` and ``<!-- serve:end -->`` markers."""
+    ``{block}.png`` and the table between its ``<!-- {block}:begin -->`` and ``<!-- {block}:end -->``
+    markers (one block per run that cannot be merged, e.g. runs on different GPUs)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve.json").write_text(json.dumps(result, indent=1, default=str))
     md = markdown(result)
@@ -221,12 +222,12 @@ def write_outputs(result: dict, out: Path, docs: str | None = None) -> None:
     png = plot(result, out / "serve.png")
     if docs:
         text = Path(docs).read_text()
-        begin, end = "<!-- serve:begin -->", "<!-- serve:end -->"
+        begin, end = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
         if begin not in text or end not in text:
             raise SystemExit(f"{docs} has no {begin} ... {end} block to replace")
         if png:
-            shutil.copyfile(out / "serve.png", Path(docs).parent / "serve.png")
-        img = "![serving throughput and p99 latency against N](serve.png)\n\n" if png else ""
+            shutil.copyfile(out / "serve.png", Path(docs).parent / f"{block}.png")
+        img = f"![serving throughput and p99 latency against N]({block}.png)\n\n" if png else ""
         new = text[:text.index(begin) + len(begin)] + "\n" + img + md + text[text.index(end):]
         Path(docs).write_text(new)
         print(f"updated {docs}")
