@@ -187,15 +187,13 @@ class DeltaSlots:
             if pm.bits > self.bits:
                 raise BitDeltaError(f"delta {name!r} has {pm.bits} sign planes but the pool holds {self.bits}; "
                                     f"restart the server with --max-bits {pm.bits}")
-            signs = torch.zeros((self.bits, n, (k + 7) // 8), dtype=torch.uint8)
-            signs[:pm.bits] = pm.sign.cpu()
             is_col = pm.mode == "col"
-            scales = torch.zeros((self.bits, k if is_col else n), dtype=torch.float32)
-            sc = pm.scale.float().cpu()
-            scales[:pm.bits] = sc[:, None].expand(pm.bits, n) if pm.mode == "scalar" else sc
             if fqn == m.embed_name and is_col:
                 raise BitDeltaError(f"delta {name!r}: column-scaled embeddings are not supported; use row scales")
-            modules[target] = (self._pinned(signs), self._pinned(scales), is_col)
+            sc = pm.scale.float().cpu()
+            sc = sc[:, None].expand(pm.bits, n) if pm.mode == "scalar" else sc
+            modules[target] = (self._host_planes(pm.sign.cpu(), (self.bits, n, (k + 7) // 8)),
+                               self._host_planes(sc, (self.bits, k if is_col else n)), is_col)
             if pm.extra_rows is not None:
                 rows = pm.extra_rows.to(m.dtype).cpu()
                 if rows.shape[0] > self.max_extra:
@@ -224,6 +222,18 @@ class DeltaSlots:
 
     def _pinned(self, t: torch.Tensor) -> torch.Tensor:
         return t.pin_memory() if self.pin else t
+
+    def _host_planes(self, planes: torch.Tensor, shape: tuple) -> torch.Tensor:
+        """``planes [bits, ...]`` as a host tensor of ``shape`` (the pool's planes, zero past the
+        delta's). One copy straight into pinned memory on CUDA, none on CPU when no padding is
+        needed (the 0.79 s host step of a 7B delta's cold start on an H100 made a zero-filled
+        staging copy, then a second copy into pinned memory)."""
+        if tuple(planes.shape) == tuple(shape) and not self.pin:
+            return planes.contiguous()
+        buf = torch.empty(shape, dtype=planes.dtype, pin_memory=self.pin)
+        buf[:planes.shape[0]].copy_(planes)
+        buf[planes.shape[0]:].zero_()
+        return buf
 
     def _put_host(self, e: Entry, host: HostDelta) -> None:
         e.host = host
