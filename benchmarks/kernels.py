@@ -43,7 +43,9 @@ _D = {"BKD": 256, "TG": 16, "DOT_MIN": 4, "SPLIT_K": 0, "num_stages": 2}
 DEC_CONFIGS = [
     {**_D, "BN": 64, "BKW": 8, "num_warps": 4},
     {**_D, "BN": 128, "BKW": 8, "num_warps": 4},
+    {**_D, "BN": 128, "BKW": 8, "num_warps": 4, "LUT": 1},  # lookup-table GEMV (in the --quick set)
     {**_D, "BN": 32, "BKW": 8, "num_warps": 4},
+    {**_D, "BN": 64, "BKW": 4, "num_warps": 4, "LUT": 1},
     {**_D, "BN": 64, "BKW": 4, "num_warps": 2},
     {**_D, "BN": 128, "BKW": 4, "num_warps": 8},
     {**_D, "BN": 64, "BKW": 8, "num_warps": 4, "DOT_MIN": 1},
@@ -115,6 +117,12 @@ def checks(log):
             e = rel_err(y, ref.bitdelta_linear_ref(x, w, b, s, sc, mode, ids))
             worst = max(worst, e)
             assert e < 1e-2 and torch.isfinite(y).all(), (mode, bits, dtype, t, n, k, e)
+            if k % 32 == 0 and t <= triton_ops.DECODE_MAX_TOKENS:  # the lookup-table GEMV (int32 sign words)
+                lut = {**triton_ops.DEFAULT_CONFIGS["decode"], "LUT": 1, "DOT_MIN": 129}
+                y = triton_ops.bitdelta_decode(x, w, b, s, sc, mode, ids, config=lut)
+                e = rel_err(y, ref.bitdelta_linear_ref(x, w, b, s, sc, mode, ids))
+                worst = max(worst, e)
+                assert e < 1e-2 and torch.isfinite(y).all(), ("lut", mode, bits, dtype, t, n, k, e)
         # prefill / segmented, incl. a base-only segment, and the >64-token sort path
         t, n, k = 700, 1000, 2056
         starts = torch.tensor([0, 300, 300, 450, 700], dtype=torch.int32, device="cuda")

@@ -27,9 +27,10 @@ if DEVICE == "cpu" and type(triton_kernels.bitdelta_decode_kernel).__name__ != "
 SMALL_DECODE = {"BN": 16, "BKD": 64, "BKW": 2, "TG": 16, "DOT_MIN": 4, "SPLIT_K": 1,
                 "num_warps": 4, "num_stages": 1}
 # Variants: CUDA-core GEMV for tenants of < 4 tokens (else tensor cores); tensor cores for every
-# tenant with a 2-way K split; CUDA cores for every tenant with the auto split.
+# tenant with a 2-way K split; CUDA cores for every tenant with the auto split; the lookup-table
+# GEMV for every tenant.
 DECODE_VARIANTS = [SMALL_DECODE, {**SMALL_DECODE, "DOT_MIN": 0, "SPLIT_K": 2},
-                   {**SMALL_DECODE, "DOT_MIN": 65, "SPLIT_K": 0}]
+                   {**SMALL_DECODE, "DOT_MIN": 65, "SPLIT_K": 0}, {**SMALL_DECODE, "DOT_MIN": 65, "LUT": 1}]
 SMALL_SEG = {"BM": 16, "BN": 16, "BK": 32, "SWAP": False, "num_warps": 4, "num_stages": 1}
 SHAPES = [(24, 16), (40, 96), (24, 200)]  # (N, K): N not a multiple of BN, K not of BK/BKD; 96: int32 sign words
 
@@ -60,11 +61,25 @@ def test_decode_kernel_matches_reference(mode, bits, dtype):
         for j, (name, ids) in enumerate(_id_patterns(t, 3).items()):
             if t == 1 and name == "one_tenant":
                 continue
-            cfg = DECODE_VARIANTS[(i + j) % 3]
+            cfg = DECODE_VARIANTS[(i + j) % len(DECODE_VARIANTS)]
             x, w, b, signs, sc, ids = make_inputs(t, n, k, 3, bits, mode, dtype, seed=i, ids=ids)
             expected = ref.bitdelta_linear_ref(x, w, b, signs, sc, mode, ids)
             y = triton_ops.bitdelta_decode(*_to(DEVICE, x, w, b, signs, sc), mode, ids.to(DEVICE), config=cfg)
             _check(y, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [1, 2])
+@pytest.mark.parametrize("mode", ["scalar", "row", "col"])
+def test_decode_lut_gemv_matches_reference(mode, bits, dtype):
+    lut = {**SMALL_DECODE, "DOT_MIN": 65, "LUT": 1}  # every tenant through the lookup-table GEMV
+    for ids, (n, k), split in [([2], (24, 96), 1), ([0, -1, 2, 0, 1], (40, 160), 0)]:  # 3 / 5 sign words
+        t, ids = len(ids), torch.tensor(ids)
+        x, w, b, signs, sc, ids = make_inputs(t, n, k, 3, bits, mode, dtype, seed=t, ids=ids)
+        expected = ref.bitdelta_linear_ref(x, w, b, signs, sc, mode, ids)
+        y = triton_ops.bitdelta_decode(*_to(DEVICE, x, w, b, signs, sc), mode, ids.to(DEVICE),
+                                       config={**lut, "SPLIT_K": split})
+        _check(y, expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

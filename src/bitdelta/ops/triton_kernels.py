@@ -115,6 +115,47 @@ def _sign_gemv(x_ptr, s_ptr, c_ptr, t, offs_n, n_mask, k_lo, k_hi, K, KW,
 
 
 @triton.jit
+def _sign_gemv_lut(x_ptr, s_ptr, c_ptr, t, offs_n, n_mask, k_lo, k_hi, K, KW,
+                   stride_xt, stride_sp, stride_sn, stride_cp,
+                   MODE: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr):
+    """Δ̂ x[t] for rows offs_n through 4-bit lookup tables: [BN] fp32, scales applied (int32 words only).
+
+    For every 4 columns of a K step the 16 possible signed sums of x are built once per program
+    (``lut [G, 16]``, shared by all BN rows); each row then adds one table entry per nibble of its
+    sign words: a shift, an and, a lookup and an add per 4 weights, where :func:`_sign_gemv` spends
+    about four instructions per weight. Experimental (``LUT: 1`` in the decode config).
+    """
+    G: tl.constexpr = BKW * 8  # nibbles per K step, 4 columns each
+    code = tl.arange(0, 16)
+    jj = tl.arange(0, 4)
+    sgn = tl.where(((code[:, None] >> jj[None, :]) & 1) != 0, 1.0, -1.0)  # [16, 4]: bit j of code -> ±1
+    q = tl.arange(0, 8)
+    total = tl.zeros((BN,), dtype=tl.float32)
+    x_row = x_ptr + t * stride_xt
+    for p in tl.static_range(BITS):
+        acc = tl.zeros((G, BN), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BKW * 32):
+            offs_w = k0 // 32 + tl.arange(0, BKW)
+            sw = tl.load(s_ptr + p * stride_sp + offs_n[:, None] * stride_sn + offs_w[None, :],
+                         mask=n_mask[:, None] & (offs_w < KW)[None, :], other=0).to(tl.int32)
+            # Nibble g = 8 w + q of the step covers columns k0 + 4 g + j (j = 0..3), bit j = column j.
+            offs_k = k0 + 4 * tl.arange(0, G)[:, None] + jj[None, :]  # [G, 4]
+            x4 = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            if MODE == 2:
+                x4 = x4 * tl.load(c_ptr + p * stride_cp + offs_k, mask=offs_k < K, other=0.0)
+            lut = tl.sum(x4[:, None, :] * sgn[None, :, :], axis=2)  # [G, 16]
+            nib = (sw[:, :, None] >> (4 * q)[None, None, :]) & 15  # [BN, BKW, 8]
+            acc += tl.gather(lut, tl.trans(tl.reshape(nib, (BN, G))), axis=1)  # [G, BN]
+        part = tl.sum(acc, axis=0)
+        if MODE == 0:
+            part = part * tl.load(c_ptr + p)
+        elif MODE == 1:
+            part = part * tl.load(c_ptr + p * stride_cp + offs_n, mask=n_mask, other=0.0)
+        total += part
+    return total
+
+
+@triton.jit
 def bitdelta_decode_kernel(
     x_ptr, s_ptr, sw_ptr, c_ptr, ids_ptr, y_ptr,
     T, N, K, KB, KW, K_SPLIT,
@@ -124,7 +165,7 @@ def bitdelta_decode_kernel(
     stride_cd, stride_cp,
     MODE: tl.constexpr, BITS: tl.constexpr,
     BT: tl.constexpr, TG: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr,
-    BKW: tl.constexpr, WB: tl.constexpr, DOT_MIN: tl.constexpr,
+    BKW: tl.constexpr, WB: tl.constexpr, DOT_MIN: tl.constexpr, LUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Delta part of a small batch (T <= BT): y[t] += Δ̂_{ids[t]} x[t], y fp32 and zeroed by the caller,
@@ -158,8 +199,12 @@ def bitdelta_decode_kernel(
             sw_base = sw_ptr + d.to(tl.int64) * stride_swd
             for c in range(0, cnt):
                 t = tl.sum(tl.where(member & (pos == c), rows, 0), axis=0)
-                part = _sign_gemv(x_ptr, sw_base, c_base, t, offs_n, n_mask, k_lo, k_hi, K, KW,
-                                  stride_xt, stride_swp, stride_swn, stride_cp, MODE, BITS, BN, BKW, WB)
+                if LUT and WB == 32:
+                    part = _sign_gemv_lut(x_ptr, sw_base, c_base, t, offs_n, n_mask, k_lo, k_hi, K, KW,
+                                          stride_xt, stride_swp, stride_swn, stride_cp, MODE, BITS, BN, BKW)
+                else:
+                    part = _sign_gemv(x_ptr, sw_base, c_base, t, offs_n, n_mask, k_lo, k_hi, K, KW,
+                                      stride_xt, stride_swp, stride_swn, stride_cp, MODE, BITS, BN, BKW, WB)
                 tl.atomic_add(y_ptr + t * stride_yt + offs_n, part, mask=n_mask, sem="relaxed")
         else:
             s_base = s_ptr + d.to(tl.int64) * stride_sd

@@ -29,8 +29,9 @@ DEFAULT_CONFIGS = {
     # SPLIT_K: programs along K (0 = auto: about TARGET_PROGRAMS programs in all); SWAP: weight
     # tile as the MMA's A operand (see triton_kernels._mm).
     # BKW: sign words per K step of the CUDA-core GEMV; DOT_MIN: tokens of one tenant from which
-    # its delta goes to tensor cores instead.
-    "decode": {"BN": 128, "BKD": 256, "BKW": 8, "TG": 16, "DOT_MIN": 4, "SPLIT_K": 0,
+    # its delta goes to tensor cores instead; LUT: 1 = the GEMV through 4-bit lookup tables
+    # (experimental, not yet timed on a GPU).
+    "decode": {"BN": 128, "BKD": 256, "BKW": 8, "TG": 16, "DOT_MIN": 4, "SPLIT_K": 0, "LUT": 0,
                "num_warps": 4, "num_stages": 2},
     # EXPAND_MIN: segments of at least this many rows go to cuBLAS against W + Δ̂ expanded once.
     "segmented": {"BM": 256, "BN": 128, "BK": 64, "SWAP": True, "num_warps": 8, "num_stages": 3,
@@ -116,7 +117,7 @@ def decode_delta(x, signs, scales, mode, ids, config: dict | None = None) -> tor
         *_scale_strides(scales),
         MODE=MODE_CODE[mode], BITS=signs.shape[1],
         BT=max(16, _next_pow2(t)), TG=cfg["TG"], BN=cfg["BN"], BKD=cfg["BKD"], BKW=cfg["BKW"],
-        WB=wb, DOT_MIN=cfg["DOT_MIN"], PREC=_prec(x.dtype), UPCAST=_upcast(x.dtype),
+        WB=wb, DOT_MIN=cfg["DOT_MIN"], LUT=cfg.get("LUT", 0), PREC=_prec(x.dtype), UPCAST=_upcast(x.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return d32
