@@ -66,9 +66,11 @@ def test_mixed_batch_matches_merged_greedy(tiny_models, tenants):
 
     g = torch.Generator().manual_seed(0)
     vocab = model.vocab_size
+    # Prompts of 37 and 40 tokens take the segmented op (serving/op_calls.py), the one at step 3 in
+    # a step with other sequences' decode tokens.
     plan = [  # (tenant, arrival step, prompt length, new tokens)
-        (None, 0, 7, 12), ("shk_row", 0, 5, 12), ("gsm_col", 0, 9, 10), ("gsm_scalar", 2, 4, 12),
-        ("shk_2bit", 3, 11, 9), (None, 5, 3, 8), ("extra_vocab", 6, 6, 10), ("shk_row", 8, 13, 6),
+        (None, 0, 7, 12), ("shk_row", 0, 5, 12), ("gsm_col", 0, 37, 10), ("gsm_scalar", 2, 4, 12),
+        ("shk_2bit", 3, 40, 9), (None, 5, 3, 8), ("extra_vocab", 6, 6, 10), ("shk_row", 8, 13, 6),
     ]
     reqs = []
     step = 0
@@ -307,37 +309,73 @@ def test_cuda_graphs_match_eager(tiny_models, tenants, dtype):
     torch.testing.assert_close(got[finite], want[finite], rtol=tol, atol=tol)
 
 
-def test_large_decode_step_runs_in_decode_sized_chunks(tiny_models, tenants, monkeypatch):
-    """A decode step of more than DECODE_MAX_TOKENS sequences (one token each) calls the op in
-    chunks of at most that many rows, and the result equals one whole-batch reference call; a
-    prefill of as many tokens is one call (it takes the segmented path)."""
+def _want(x, w, pool, ids):
+    """The reference result of one module for rows of mixed row- and col-scaled tenants."""
+    from bitdelta.ops import bitdelta_linear_ref
+
+    col = torch.tensor([int(s) in pool["col_slots"] for s in ids.tolist()])
+    return torch.where(col[:, None], bitdelta_linear_ref(x, w, None, pool["signs"], pool["col"], "col", ids),
+                       bitdelta_linear_ref(x, w, None, pool["signs"], pool["row"], "row", ids))
+
+
+def _recording_slots(tiny_models, tenants, monkeypatch):
     import bitdelta.serving.slots as slots_mod
-    from bitdelta.ops import DECODE_MAX_TOKENS, bitdelta_linear_ref
 
     model = DeltaLlama.from_hf(_load(tiny_models["base"]))
     slots = DeltaSlots(model, max_gpu_deltas=3, max_cpu_deltas=8, max_bits=2, max_extra_vocab=4)
     for name in ("shk_row", "gsm_col", "shk_2bit"):
         slots.register(name, f"<memory:{name}>", delta=tenants[name])
         slots.load(name)
-    sizes = []
-    real = slots_mod.bitdelta_linear
-    monkeypatch.setattr(slots_mod, "bitdelta_linear", lambda x, *a: sizes.append(x.shape[0]) or real(x, *a))
+    calls = []
+    dec, seg = slots_mod.bitdelta_linear, slots_mod.bitdelta_linear_segmented
+    monkeypatch.setattr(slots_mod, "bitdelta_linear", lambda x, *a: calls.append(("decode", x.shape[0])) or dec(x, *a))
+    monkeypatch.setattr(slots_mod, "bitdelta_linear_segmented",
+                        lambda x, *a: calls.append(("segmented", x.shape[0])) or seg(x, *a))
+    name = next(k for k in slots.pools if k.endswith("mlp.down_proj"))
+    return model, slots, calls, name
+
+
+def test_large_decode_step_runs_in_decode_sized_chunks(tiny_models, tenants, monkeypatch):
+    """A decode step of more than DECODE_MAX_TOKENS sequences (one token each) calls the decode op in
+    chunks of at most that many rows; the result equals the reference on the whole batch."""
+    from bitdelta.ops import DECODE_MAX_TOKENS
+
+    model, slots, calls, name = _recording_slots(tiny_models, tenants, monkeypatch)
     n = DECODE_MAX_TOKENS + 3
     cycle = [-1] + [slots.entries[t].slot for t in ("shk_row", "gsm_col", "shk_2bit")]
-    entries = [(i, 5, [3 + i % 50], cycle[i % 4]) for i in range(n)]
-    batch = BatchMapping.build(entries, model.device)
-    name = next(k for k in slots.pools if k.endswith("mlp.down_proj"))
-    pool = slots.pools[name]
-    w = model.weights[name]
+    batch = BatchMapping.build([(i, 5, [3 + i % 50], cycle[i % 4]) for i in range(n)], model.device)
+    w, pool = model.weights[name], slots.pools[name]
     x = torch.randn(n, w.shape[1], generator=torch.Generator().manual_seed(3))
     y = slots.linear(name, x, w, batch)
-    assert sizes and max(sizes) <= DECODE_MAX_TOKENS and sum(sizes) == n
-    ids = batch.ids
-    col = torch.tensor([int(s) in pool["col_slots"] for s in ids.tolist()])
-    want = torch.where(col[:, None], bitdelta_linear_ref(x, w, None, pool["signs"], pool["col"], "col", ids),
-                       bitdelta_linear_ref(x, w, None, pool["signs"], pool["row"], "row", ids))
-    torch.testing.assert_close(y, want)
-    sizes.clear()
-    prefill = BatchMapping.build([(0, 0, list(range(3, 3 + n)), cycle[1])], model.device)
-    slots.linear(name, x, w, prefill)
-    assert sizes == [n]
+    assert calls and all(kind == "decode" and rows <= DECODE_MAX_TOKENS for kind, rows in calls)
+    assert sum(rows for _, rows in calls) == n
+    torch.testing.assert_close(y, _want(x, w, pool, batch.ids))
+
+
+def test_prompts_take_the_segmented_op_and_decode_rows_the_decode_op(tiny_models, tenants, monkeypatch):
+    """A step mixing prompts (long sequences) and decode tokens of row and col tenants: the long
+    sequences go to the segmented op, one segment each, the rest to the decode op; the result equals
+    the reference. A step of one long prompt is a single segmented call over all rows."""
+    from bitdelta.serving.op_calls import SEGMENT_MIN_TOKENS
+
+    model, slots, calls, name = _recording_slots(tiny_models, tenants, monkeypatch)
+    row, col, two = (slots.entries[t].slot for t in ("shk_row", "gsm_col", "shk_2bit"))
+    long = SEGMENT_MIN_TOKENS
+    entries = [(0, 0, list(range(3, 3 + long)), row), (1, 7, [5], col), (2, 0, list(range(4, 4 + long + 5)), col),
+               (3, 9, [6], -1), (4, 0, list(range(5, 5 + long + 1)), -1), (5, 2, [7], two),
+               (6, 0, list(range(6, 6 + long - 1)), two)]  # the last is one token short of "long"
+    batch = BatchMapping.build(entries, model.device)
+    w, pool = model.weights[name], slots.pools[name]
+    t = batch.tokens.shape[0]
+    x = torch.randn(t, w.shape[1], generator=torch.Generator().manual_seed(4))
+    y = slots.linear(name, x, w, batch)
+    torch.testing.assert_close(y, _want(x, w, pool, batch.ids))
+    seg_rows = sorted(rows for kind, rows in calls if kind == "segmented")
+    dec_rows = sum(rows for kind, rows in calls if kind == "decode")
+    assert seg_rows == sorted([long + long + 1, long + 5])  # row-mode prompts (incl. base) / col-mode prompt
+    assert dec_rows == 1 + 1 + 1 + (long - 1)
+    calls.clear()
+    one = BatchMapping.build([(0, 0, list(range(3, 3 + 2 * long)), row)], model.device)
+    x1 = torch.randn(2 * long, w.shape[1], generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(slots.linear(name, x1, w, one), _want(x1, w, pool, one.ids))
+    assert calls == [("segmented", 2 * long)]

@@ -4,9 +4,10 @@ Contract: each compressed matrix of the base has one stacked pool with ``max_gpu
 ``signs [slots, bits, out, ceil(in/8)]`` uint8 plus two scale tables, ``row [slots, bits, out]``
 and ``col [slots, bits, in]``. Scale modes are normalised on load: a scalar scale is broadcast into
 the row table (exact), row stays row, col goes to the col table, and a 1-bit delta in a 2-bit pool
-gets zero-scale padding planes (exact). So a step whose tenants are all row/scalar (the usual case)
-makes one ``bitdelta_linear`` call per module; a step mixing row and col tenants on a module makes
-two calls on disjoint token sets (found on the host from the step's sequences: no device sync).
+gets zero-scale padding planes (exact). So a decode step whose tenants are all row/scalar (the usual
+case) makes one ``bitdelta_linear`` call per module; prompts and col-scaled tenants get their own
+calls on disjoint token sets (:mod:`bitdelta.serving.op_calls`, found on the host from the step's
+sequences: no device sync).
 Per-tenant 1-D parameters (norm weights, biases) live in tables ``[slots + 1, dim]`` (row 0 = base)
 gathered per token; added-vocabulary rows are padded to ``max_extra_vocab`` per slot.
 
@@ -36,8 +37,9 @@ from pathlib import Path
 import torch
 
 from ..errors import BitDeltaError, ShapeMismatchError
-from ..ops import DECODE_MAX_TOKENS, bitdelta_linear
+from ..ops import DECODE_MAX_TOKENS, bitdelta_linear, bitdelta_linear_segmented
 from ..pack import unpack_signs
+from .op_calls import has_long_sequences, plan_calls
 
 logger = logging.getLogger(__name__)
 
@@ -400,56 +402,35 @@ class DeltaSlots:
         pool = self.pools[name]
         if self.linear_fn is not None:
             return self.linear_fn(name, x, w, pool, batch)
-        ids = batch.ids
         cols = pool["col_slots"]
-        chunk = x.shape[0] > DECODE_MAX_TOKENS and self._decode_only(batch)
-        if not cols or cols.isdisjoint(batch.seq_slots):  # no token of this step is col-scaled here
-            return self._rows_linear(x, w, pool, "row", ids, chunk)
-        # Row and col tenants on this module: two calls on disjoint token sets. The sets come from
-        # the host's per-sequence slots (a device mask would need a sync per module to size them).
-        y = x.new_empty((x.shape[0], w.shape[0]))
-        for rows, mode in zip(self._col_split(batch, frozenset(cols.intersection(batch.seq_slots))), ("row", "col")):
-            if rows is not None:
-                y[rows] = self._rows_linear(x[rows], w, pool, mode, ids[rows], chunk)
+        col = frozenset(cols.intersection(batch.seq_slots)) if cols else frozenset()
+        if not col and not has_long_sequences(batch):  # every decode step (graph-captured ones too)
+            return self._decode_op(x, w, pool, "row", batch.ids)
+        # Prompts and col-scaled tenants: one call per kind of row (serving/op_calls.py), from host values.
+        y = None
+        for call in plan_calls(batch, col):
+            xs, ids = (x, batch.ids) if call.rows is None else (x[call.rows], batch.ids[call.rows])
+            if call.segments is not None:
+                out = bitdelta_linear_segmented(xs, w, None, pool["signs"], pool[call.mode], call.mode,
+                                                *call.segments, self.backend)
+            else:
+                out = self._decode_op(xs, w, pool, call.mode, ids)
+            if call.rows is None:
+                return out
+            if y is None:
+                y = x.new_empty((x.shape[0], w.shape[0]))
+            y[call.rows] = out
         return y
 
-    def _rows_linear(self, x, w, pool, mode: str, ids, chunk: bool) -> torch.Tensor:
-        """One op call, or, for a decode step above the decode kernel's token limit, one call per
-        ``DECODE_MAX_TOKENS`` rows: each stays on the decode kernel (no sort by tenant, no host read
-        of a segment table, which cost over a second per step at 133 tenants of a 7B model); a
-        tenant with tokens in two chunks has its bits read twice."""
-        if not chunk:
+    def _decode_op(self, x, w, pool, mode: str, ids) -> torch.Tensor:
+        """The decode op, in calls of at most ``DECODE_MAX_TOKENS`` rows: each stays on the decode
+        kernel (no sort by tenant, no host read of a segment table, which cost over a second per step
+        at 133 tenants of a 7B model); a tenant with rows in two calls has its bits read twice."""
+        if x.shape[0] <= DECODE_MAX_TOKENS:
             return bitdelta_linear(x, w, None, pool["signs"], pool[mode], mode, ids, self.backend)
         return torch.cat([bitdelta_linear(x[a:a + DECODE_MAX_TOKENS], w, None, pool["signs"], pool[mode], mode,
                                           ids[a:a + DECODE_MAX_TOKENS], self.backend)
                           for a in range(0, x.shape[0], DECODE_MAX_TOKENS)])
-
-    @staticmethod
-    def _decode_only(batch) -> bool:
-        """Every sequence of the step brings one token (cached per step)."""
-        got = batch.cache.get("decode_only")
-        if got is None:
-            got = batch.cache["decode_only"] = all(n == 1 for _, _, n in batch.seqs)
-        return got
-
-    @staticmethod
-    def _col_split(batch, col: frozenset):
-        """Token rows of the step whose tenant is / is not in ``col``, as device index tensors (None
-        when empty); built once per step and set of col slots, one pinned asynchronous copy."""
-        key = ("col_split", col)
-        got = batch.cache.get(key)
-        if got is not None:
-            return got
-        rows, cols, at = [], [], 0
-        for (_, _, n), slot in zip(batch.seqs, batch.seq_slots):
-            (cols if slot in col else rows).extend(range(at, at + n))
-            at += n
-        dev = batch.tokens.device
-        buf = torch.tensor(rows + cols, dtype=torch.long)
-        buf = buf.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else buf.to(dev)
-        got = (buf[:len(rows)] if rows else None, buf[len(rows):] if cols else None)
-        batch.cache[key] = got
-        return got
 
     def gather1d(self, name: str, batch) -> torch.Tensor:
         return self.tables[name][batch.gather]
