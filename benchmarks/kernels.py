@@ -43,9 +43,11 @@ _D = {"BKD": 256, "TG": 16, "DOT_MIN": 4, "SPLIT_K": 0, "num_stages": 2}
 DEC_CONFIGS = [
     {**_D, "BN": 64, "BKW": 8, "num_warps": 4},
     {**_D, "BN": 128, "BKW": 8, "num_warps": 4},
-    {**_D, "BN": 128, "BKW": 8, "num_warps": 4, "LUT": 1},  # lookup-table GEMV (in the --quick set)
+    {**_D, "BN": 128, "BKW": 8, "num_warps": 4, "GEMV": 1},  # lookup-table GEMV (in the --quick set)
+    {**_D, "BN": 128, "BKW": 8, "num_warps": 4, "GEMV": 2},  # packed-half GEMV (in the --quick set)
     {**_D, "BN": 32, "BKW": 8, "num_warps": 4},
-    {**_D, "BN": 64, "BKW": 4, "num_warps": 4, "LUT": 1},
+    {**_D, "BN": 64, "BKW": 4, "num_warps": 4, "GEMV": 1},
+    {**_D, "BN": 64, "BKW": 4, "num_warps": 4, "GEMV": 2},
     {**_D, "BN": 64, "BKW": 4, "num_warps": 2},
     {**_D, "BN": 128, "BKW": 4, "num_warps": 8},
     {**_D, "BN": 64, "BKW": 8, "num_warps": 4, "DOT_MIN": 1},
@@ -117,12 +119,14 @@ def checks(log):
             e = rel_err(y, ref.bitdelta_linear_ref(x, w, b, s, sc, mode, ids))
             worst = max(worst, e)
             assert e < 1e-2 and torch.isfinite(y).all(), (mode, bits, dtype, t, n, k, e)
-            if k % 32 == 0 and t <= triton_ops.DECODE_MAX_TOKENS:  # the lookup-table GEMV (int32 sign words)
-                lut = {**triton_ops.DEFAULT_CONFIGS["decode"], "LUT": 1, "DOT_MIN": 129}
-                y = triton_ops.bitdelta_decode(x, w, b, s, sc, mode, ids, config=lut)
+            for gemv in (1, 2):  # the experimental GEMVs (int32 sign words: k % 32 == 0), every tenant
+                if k % 32 or t > triton_ops.DECODE_MAX_TOKENS:
+                    continue
+                cfg = {**triton_ops.DEFAULT_CONFIGS["decode"], "GEMV": gemv, "DOT_MIN": 129}
+                y = triton_ops.bitdelta_decode(x, w, b, s, sc, mode, ids, config=cfg)
                 e = rel_err(y, ref.bitdelta_linear_ref(x, w, b, s, sc, mode, ids))
                 worst = max(worst, e)
-                assert e < 1e-2 and torch.isfinite(y).all(), ("lut", mode, bits, dtype, t, n, k, e)
+                assert e < 1e-2 and torch.isfinite(y).all(), ("gemv", gemv, mode, bits, dtype, t, n, k, e)
         # prefill / segmented, incl. a base-only segment, and the >64-token sort path
         t, n, k = 700, 1000, 2056
         starts = torch.tensor([0, 300, 300, 450, 700], dtype=torch.int32, device="cuda")
@@ -195,7 +199,7 @@ def decode_sets(n, k, b, dtype):
 
 def sweep_decode(log, quick):
     best = {}
-    cfgs = DEC_CONFIGS[:3] if quick else DEC_CONFIGS
+    cfgs = DEC_CONFIGS[:4] if quick else DEC_CONFIGS
     for (k, n) in SHAPES:
         for b in BATCHES:
             sets = decode_sets(n, k, b, torch.float16)

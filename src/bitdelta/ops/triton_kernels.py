@@ -123,7 +123,7 @@ def _sign_gemv_lut(x_ptr, s_ptr, c_ptr, t, offs_n, n_mask, k_lo, k_hi, K, KW,
     For every 4 columns of a K step the 16 possible signed sums of x are built once per program
     (``lut [G, 16]``, shared by all BN rows); each row then adds one table entry per nibble of its
     sign words: a shift, an and, a lookup and an add per 4 weights, where :func:`_sign_gemv` spends
-    about four instructions per weight. Experimental (``LUT: 1`` in the decode config).
+    about four instructions per weight. Experimental (``GEMV: 1`` in the decode config).
     """
     G: tl.constexpr = BKW * 8  # nibbles per K step, 4 columns each
     code = tl.arange(0, 16)
@@ -156,6 +156,70 @@ def _sign_gemv_lut(x_ptr, s_ptr, c_ptr, t, offs_n, n_mask, k_lo, k_hi, K, KW,
 
 
 @triton.jit
+def _hadd2(a, b, INTERP: tl.constexpr):
+    """Packed fp16 pair add: int32 tensors each holding two halves (low = first). One ``add.rn.f16x2``
+    on the GPU; under the CPU interpreter (no inline PTX) the same rounding, emulated in fp32."""
+    if INTERP:
+        lo = ((a & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+              + (b & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)).to(tl.float16)
+        hi = ((a >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+              + (b >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)).to(tl.float16)
+        return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+    else:
+        return tl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _halves_to_f32(h2):
+    """int32 holding two fp16 halves -> their sum in fp32."""
+    lo = (h2 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (h2 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo + hi
+
+
+@triton.jit
+def _sign_gemv_h2(x_ptr, s_ptr, c_ptr, t, offs_n, n_mask, k_lo, k_hi, K, KW,
+                  stride_xt, stride_sp, stride_sn, stride_cp,
+                  MODE: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr,
+                  INTERP: tl.constexpr):
+    """Δ̂ x[t] for rows offs_n with packed fp16 pairs: [BN] fp32, scales applied (int32 words, scalar
+    or row scales; x is rounded to fp16).
+
+    Word w's bits j and j + 16 sign columns 32w + j and 32w + j + 16. Shifting the word left by
+    15 - j puts them at bits 15 and 31, the sign bits of a half pair; masked and XORed into the pair
+    (-x_a, -x_b) they make (±x_a, ±x_b), added by one ``add.f16x2``: three integer/half2 operations
+    per two weights, where :func:`_sign_gemv` spends about four per weight. Pair sums stay in fp16
+    for 16 adds, then go to an fp32 accumulator. Experimental (``GEMV: 2`` in the decode config).
+    """
+    SIGNS: tl.constexpr = -2147450880  # 0x80008000 as int32: the sign bits of both halves
+    total = tl.zeros((BN,), dtype=tl.float32)
+    x_row = x_ptr + t * stride_xt
+    for p in tl.static_range(BITS):
+        acc = tl.zeros((BN, BKW), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BKW * 32):
+            offs_w = k0 // 32 + tl.arange(0, BKW)
+            sw = tl.load(s_ptr + p * stride_sp + offs_n[:, None] * stride_sn + offs_w[None, :],
+                         mask=n_mask[:, None] & (offs_w < KW)[None, :], other=0).to(tl.int32)
+            acc2 = tl.zeros((BN, BKW), dtype=tl.int32)  # +0.0 in both halves
+            for j in tl.static_range(16):
+                c_lo = offs_w * 32 + j
+                x_lo = tl.load(x_row + c_lo, mask=c_lo < K, other=0.0).to(tl.float16)
+                x_hi = tl.load(x_row + c_lo + 16, mask=c_lo + 16 < K, other=0.0).to(tl.float16)
+                neg = ((x_lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+                       | (x_hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)) ^ SIGNS
+                acc2 = _hadd2(acc2, ((sw << (15 - j)) & SIGNS) ^ neg[None, :], INTERP)
+            acc += _halves_to_f32(acc2)
+        part = tl.sum(acc, axis=1)
+        if MODE == 0:
+            part = part * tl.load(c_ptr + p)
+        else:
+            part = part * tl.load(c_ptr + p * stride_cp + offs_n, mask=n_mask, other=0.0)
+        total += part
+    return total
+
+
+@triton.jit
 def bitdelta_decode_kernel(
     x_ptr, s_ptr, sw_ptr, c_ptr, ids_ptr, y_ptr,
     T, N, K, KB, KW, K_SPLIT,
@@ -165,8 +229,8 @@ def bitdelta_decode_kernel(
     stride_cd, stride_cp,
     MODE: tl.constexpr, BITS: tl.constexpr,
     BT: tl.constexpr, TG: tl.constexpr, BN: tl.constexpr, BKD: tl.constexpr,
-    BKW: tl.constexpr, WB: tl.constexpr, DOT_MIN: tl.constexpr, LUT: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BKW: tl.constexpr, WB: tl.constexpr, DOT_MIN: tl.constexpr, GEMV: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, INTERP: tl.constexpr,
 ):
     """Delta part of a small batch (T <= BT): y[t] += Δ̂_{ids[t]} x[t], y fp32 and zeroed by the caller,
     every program adding its partial sums atomically. grid = (cdiv(N, BN), T, cdiv(K, K_SPLIT)).
@@ -199,7 +263,10 @@ def bitdelta_decode_kernel(
             sw_base = sw_ptr + d.to(tl.int64) * stride_swd
             for c in range(0, cnt):
                 t = tl.sum(tl.where(member & (pos == c), rows, 0), axis=0)
-                if LUT and WB == 32:
+                if GEMV == 2 and WB == 32 and MODE != 2 and dt != tl.float32:
+                    part = _sign_gemv_h2(x_ptr, sw_base, c_base, t, offs_n, n_mask, k_lo, k_hi, K, KW,
+                                         stride_xt, stride_swp, stride_swn, stride_cp, MODE, BITS, BN, BKW, INTERP)
+                elif GEMV == 1 and WB == 32:
                     part = _sign_gemv_lut(x_ptr, sw_base, c_base, t, offs_n, n_mask, k_lo, k_hi, K, KW,
                                           stride_xt, stride_swp, stride_swn, stride_cp, MODE, BITS, BN, BKW)
                 else:

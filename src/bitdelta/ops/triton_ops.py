@@ -29,9 +29,11 @@ DEFAULT_CONFIGS = {
     # SPLIT_K: programs along K (0 = auto: about TARGET_PROGRAMS programs in all); SWAP: weight
     # tile as the MMA's A operand (see triton_kernels._mm).
     # BKW: sign words per K step of the CUDA-core GEMV; DOT_MIN: tokens of one tenant from which
-    # its delta goes to tensor cores instead; LUT: 1 = the GEMV through 4-bit lookup tables
-    # (experimental, not yet timed on a GPU).
-    "decode": {"BN": 128, "BKD": 256, "BKW": 8, "TG": 16, "DOT_MIN": 4, "SPLIT_K": 0, "LUT": 0,
+    # its delta goes to tensor cores instead; GEMV: the CUDA-core GEMV's arithmetic, 0 = a select
+    # and an fp32 add per weight, 1 = 4-bit lookup tables, 2 = packed fp16 pairs (1 and 2 are
+    # experimental: checked, not yet timed on a GPU; they need int32 sign words, 2 also row or
+    # scalar scales and fp16/bf16 inputs, else 0 runs).
+    "decode": {"BN": 128, "BKD": 256, "BKW": 8, "TG": 16, "DOT_MIN": 4, "SPLIT_K": 0, "GEMV": 0,
                "num_warps": 4, "num_stages": 2},
     # EXPAND_MIN: segments of at least this many rows go to cuBLAS against W + Δ̂ expanded once.
     "segmented": {"BM": 256, "BN": 128, "BK": 64, "SWAP": True, "num_warps": 8, "num_stages": 3,
@@ -63,9 +65,13 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _upcast(dtype: torch.dtype) -> bool:
     """The CPU interpreter computes bf16 dots wrongly (triton 3.9); multiply in fp32 there."""
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return dtype == torch.bfloat16 and _interpreting()
 
 
 def _common_asserts(x, weight, bias, signs, scales, mode):
@@ -117,8 +123,8 @@ def decode_delta(x, signs, scales, mode, ids, config: dict | None = None) -> tor
         *_scale_strides(scales),
         MODE=MODE_CODE[mode], BITS=signs.shape[1],
         BT=max(16, _next_pow2(t)), TG=cfg["TG"], BN=cfg["BN"], BKD=cfg["BKD"], BKW=cfg["BKW"],
-        WB=wb, DOT_MIN=cfg["DOT_MIN"], LUT=cfg.get("LUT", 0), PREC=_prec(x.dtype), UPCAST=_upcast(x.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        WB=wb, DOT_MIN=cfg["DOT_MIN"], GEMV=cfg.get("GEMV", 0), PREC=_prec(x.dtype), UPCAST=_upcast(x.dtype),
+        INTERP=_interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return d32
 
