@@ -27,11 +27,10 @@ if DEVICE == "cpu" and type(triton_kernels.bitdelta_decode_kernel).__name__ != "
 SMALL_DECODE = {"BN": 16, "BKD": 64, "BKW": 2, "TG": 16, "DOT_MIN": 4, "SPLIT_K": 1,
                 "num_warps": 4, "num_stages": 1}
 # Variants: CUDA-core GEMV for tenants of < 4 tokens (else tensor cores); tensor cores for every
-# tenant with a 2-way K split; CUDA cores for every tenant with the auto split; the lookup-table
-# and the packed-half GEMVs for every tenant.
+# tenant with a 2-way K split; CUDA cores for every tenant with the auto split. (The experimental
+# GEMVs have their own test: under the interpreter they are slow on many-token tenants.)
 DECODE_VARIANTS = [SMALL_DECODE, {**SMALL_DECODE, "DOT_MIN": 0, "SPLIT_K": 2},
-                   {**SMALL_DECODE, "DOT_MIN": 65, "SPLIT_K": 0}, {**SMALL_DECODE, "DOT_MIN": 65, "GEMV": 1},
-                   {**SMALL_DECODE, "DOT_MIN": 65, "GEMV": 2}]
+                   {**SMALL_DECODE, "DOT_MIN": 65, "SPLIT_K": 0}]
 SMALL_SEG = {"BM": 16, "BN": 16, "BK": 32, "SWAP": False, "num_warps": 4, "num_stages": 1}
 SHAPES = [(24, 16), (40, 96), (24, 200)]  # (N, K): N not a multiple of BN, K not of BK/BKD; 96: int32 sign words
 
@@ -69,11 +68,12 @@ def test_decode_kernel_matches_reference(mode, bits, dtype):
             _check(y, expected, dtype)
 
 
-@pytest.mark.parametrize("gemv", [1, 2])  # lookup tables; packed fp16 pairs (col scales: the default GEMV)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+# Lookup tables on fp16; packed fp16 pairs on bf16 inputs (rounded to fp16 inside; col scales take the
+# default GEMV there). One dtype each keeps the interpreter's time down.
+@pytest.mark.parametrize("gemv,dtype", [(1, torch.float16), (2, torch.bfloat16)])
 @pytest.mark.parametrize("bits", [1, 2])
 @pytest.mark.parametrize("mode", ["scalar", "row", "col"])
-def test_decode_experimental_gemvs_match_reference(mode, bits, dtype, gemv):
+def test_decode_experimental_gemvs_match_reference(mode, bits, gemv, dtype):
     lut = {**SMALL_DECODE, "DOT_MIN": 65, "GEMV": gemv}  # every tenant through that GEMV
     for ids, (n, k), split in [([2], (24, 96), 1), ([0, -1, 2, 0, 1], (40, 160), 0)]:  # 3 / 5 sign words
         t, ids = len(ids), torch.tensor(ids)
