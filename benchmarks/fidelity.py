@@ -705,7 +705,7 @@ def phase_eval(args, domain: str, deadline: float | None) -> int:
     cal = calibration(args, tok)
     ev = Evaluator(args, tok, ft, held, text)
     common = {"domain": domain, "settings": eval_settings(args, domain), "device": device_name(args),
-              "torch": torch.__version__, "bitdelta": bitdelta.__version__}
+              "torch": torch.__version__, "bitdelta": bitdelta.__version__, "date": time.strftime("%Y-%m-%d")}
     log(f"eval {domain}: {len(held)} held-out docs, {len(text):,} WikiText-2 chars, tasks {','.join(args.task_list)} "
         f"(limit {args.task_limit}), calibration {len(cal.train)}+{len(cal.heldout)} samples; "
         f"models loaded ({time.perf_counter() - t_phase:.1f}s)")
@@ -951,6 +951,15 @@ def make_plots(rows: dict, out: Path) -> list[str]:
     return written
 
 
+def missing_lines(rows: dict) -> list[str]:
+    """The domain x variant cells without a result (a run cut short by device time), said plainly."""
+    missing = [f"{d} `{v}`" for d in DOMAINS for v in VARIANTS if (d, v) not in rows]
+    if not missing:
+        return []
+    return ["- **Not run yet** (device time ran out; `--phase eval --domain D --variants ...` resumes "
+            "them, results already in the work directory are kept): " + ", ".join(missing)]
+
+
 def phase_report(args) -> int:
     folder = Path(args.results) if args.results else args.work / "results"
     rows, prep = read_results(folder)
@@ -966,8 +975,17 @@ def phase_report(args) -> int:
     md = ["## Fidelity on real fine-tunes (SmolLM2-135M-Instruct)", "",
           "- Command: `benchmarks/fidelity.py` phases `prepare`, `eval --domain gsm8k|alpaca|shakespeare`, `report` "
           "(see its docstring)",
-          f"- Device: {sample.get('device')}, torch {sample.get('torch')}, bitdelta {sample.get('bitdelta')}"
+          f"- Device: {sample.get('device')}, torch {sample.get('torch')}, bitdelta {sample.get('bitdelta')}; "
+          f"date {', '.join(sorted({r.get('date', 'not recorded') for r in rows.values()}))}"
           + ("  **(smoke run: tiny budgets, numbers mean nothing)**" if s.get("smoke") else ""),
+          "- Data on the GPU machine (64 MiB per transfer, next to the 98 MB GGUF in two halves): "
+          "`bash benchmarks/fidelity_inputs.sh` builds the halves and a trimmed copy of the shared data "
+          "(the first 1,500 calibration documents, from which the calibration samples are drawn; validation, "
+          "WikiText-2 and the fine-tuning files whole; the first 1,000 lines of each task file) under `.carry/`. "
+          "Commands: `--phase prepare --gguf /tmp/smol.gguf --data /tmp/data`, then `--phase eval --domain D "
+          "--data /tmp/data --budget-s S` (resumed until done or out of device time), then `--phase report` on the "
+          "CPU machine",
+          *missing_lines(rows),
           f"- Distillation: {s.get('distill_steps')} steps, batch {s.get('distill_batch')} × {s.get('cal_seq_len')} tokens "
           f"({s.get('cal_samples')} calibration samples), AdamW lr {s.get('distill_lr')}, MSE on logits; auto chooses "
           f"row/col per module on {s.get('cal_heldout')} samples of validation.jsonl",
