@@ -7,6 +7,7 @@ import bitdelta
 from bitdelta.calibration import Calibration, TokenBatches
 from bitdelta.distill import (TeacherLogits, choose_auto, distill_scales, heldout_loss, logits_loss,
                               precompute_teacher_logits)
+from bitdelta.delta import PackedModule
 from models import load, make_pair
 
 
@@ -110,7 +111,8 @@ def test_auto_picks_per_module_by_heldout_loss(setup):
     col = distill_scales(bitdelta.compress(base_dir, ft_dir, scale="col", progress=False), base, ft, cal, steps=10, lr=1e-6, progress=False)
     auto = choose_auto(row, col, base, TeacherLogits(model=ft), cal.heldout, progress=False)
     info = auto.info["distillation"]["auto"]
-    assert info["heldout_loss_chosen"] <= info["heldout_loss_all_row"]
+    assert info["heldout_loss_chosen"] <= min(info["heldout_loss_all_row"], info["heldout_loss_all_col_here"])
+    assert info["start"] == ("col" if info["heldout_loss_all_col_here"] < info["heldout_loss_all_row"] else "row")
     assert info["col_modules"] + info["row_modules"] == sum(not m.vocab for m in auto.modules.values())
     assert {m.mode for m in auto.modules.values() if not m.vocab} <= {"row", "col"}
     # the recorded loss is what the chosen mixture really gets on the held-out split
@@ -118,6 +120,12 @@ def test_auto_picks_per_module_by_heldout_loss(setup):
     got = heldout_loss(base, TeacherLogits(model=ft), cal.heldout, 16, "mse")
     bitdelta.unapply(base)
     assert got == pytest.approx(info["heldout_loss_chosen"], rel=1e-4)
+    # A row delta that does nothing (zero scales): the search starts from all-col and ends no worse.
+    useless = bitdelta.Delta({k: PackedModule(m.kind, m.mode, m.sign, m.scale * 0, m.in_features, m.vocab, m.extra_rows)
+                              for k, m in row.modules.items()}, dict(row.dense), row.fingerprint, dict(row.info))
+    from_col = choose_auto(useless, col, base, TeacherLogits(model=ft), cal.heldout, progress=False)
+    c = from_col.info["distillation"]["auto"]
+    assert c["start"] == "col" and c["heldout_loss_chosen"] <= c["heldout_loss_all_col_here"] < c["heldout_loss_all_row"]
     auto.save_pretrained(base_dir.parent / "auto.bitdelta")
     again = bitdelta.Delta.from_pretrained(base_dir.parent / "auto.bitdelta")
     assert again.info["compression"]["scale"] == "auto"

@@ -272,8 +272,9 @@ def _copy(m: PackedModule) -> PackedModule:
 @torch.no_grad()
 def choose_auto(row_delta: Delta, col_delta: Delta, base: nn.Module, teacher: TeacherLogits,
                 heldout: TokenBatches, batch_size: int = 16, loss: str = "mse", progress: bool = True) -> Delta:
-    """Per module, keeps row or col scales, whichever lowers the held-out loss (greedy, in
-    module order, starting from all-row). Vocabulary matrices always keep per-row scales."""
+    """Per module, keeps row or col scales, whichever lowers the held-out loss: greedy, in module
+    order, starting from the better of all-row and all-col (so the result is never worse on the
+    held-out split than either uniform choice). Vocabulary matrices always keep per-row scales."""
     if heldout is None or not len(heldout):
         raise BitDeltaError("--scale auto needs a held-out calibration split")
     dev = next(base.parameters()).device
@@ -291,26 +292,37 @@ def choose_auto(row_delta: Delta, col_delta: Delta, base: nn.Module, teacher: Te
         by_name = {}
         for name, _ in chosen.modules.items():
             by_name[name] = base.get_submodule(name)
-        best = heldout_loss(base, teacher, heldout, batch_size, loss)
-        start_loss = best
         names = [n for n, m in chosen.modules.items() if not m.vocab]
+        source = {"row": row_delta, "col": col_delta}
+
+        def use(name, mode):
+            by_name[name].packed = source[mode].modules[name]
+            chosen.modules[name] = source[mode].modules[name]
+            choices[name] = mode
+
+        start_loss = heldout_loss(base, teacher, heldout, batch_size, loss)
+        for name in names:
+            use(name, "col")
+        all_col_loss = heldout_loss(base, teacher, heldout, batch_size, loss)
+        start = "col" if all_col_loss < start_loss and math.isfinite(all_col_loss) else "row"
+        if start == "row":
+            for name in names:
+                use(name, "row")
+        best = all_col_loss if start == "col" else start_loss
+        other = "row" if start == "col" else "col"
         for name in tqdm(names, desc="auto: row or col", disable=not progress):
-            wrapper = by_name[name]
-            row_packed = wrapper.packed
-            wrapper.packed = col_delta.modules[name]
+            use(name, other)
             trial = heldout_loss(base, teacher, heldout, batch_size, loss)
             if trial < best and math.isfinite(trial):
                 best = trial
-                chosen.modules[name] = col_delta.modules[name]
-                choices[name] = "col"
             else:
-                wrapper.packed = row_packed
-                choices[name] = "row"
+                use(name, start)
     finally:
         unapply(base)
     chosen.info["compression"] = dict(chosen.info.get("compression") or {}, scale="auto")
     chosen.info["distillation"] = dict(row_delta.info.get("distillation") or {}, auto={
-        "heldout_loss_all_row": start_loss, "heldout_loss_chosen": best,
+        "heldout_loss_all_row": start_loss, "heldout_loss_all_col_here": all_col_loss, "start": start,
+        "heldout_loss_chosen": best,
         "col_modules": sum(v == "col" for v in choices.values()), "row_modules": sum(v == "row" for v in choices.values()),
         "col_heldout_loss_all_col": (col_delta.info.get("distillation") or {}).get("heldout_loss_after"),
     })
