@@ -60,19 +60,25 @@ def markdown(result: dict) -> str:
              "(all in RAM / this host) | bitdelta ÷ merged | TTFT p50/p99 ms | ITL p50/p99 ms | base ITL p50/p99 ms | "
              "TPOT ÷ base | GPU GB base / deltas / KV |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def tok_cell(run) -> str:
+        if run and not run.get("decode_steps") and run.get("truncated"):
+            return "–†"  # cut before any decode step: tokens over wall time would mean nothing
+        return f(tok(run)) + ("*" if run and run.get("extrapolated") else "")
+
     for n in ns:
         r, b, u = rb.get(("bitdelta", n)), rb.get(("base", n)), rb.get(("unfused", n))
         mg = merged.get("per_n", {}).get(n) or merged.get("per_n", {}).get(str(n))
         mt = (mg["all_in_host_ram"]["tok_s"], mg["this_machine"]["tok_s"]) if mg else (None, None)
         lat = (r["tpot_ms_p50"] / b["tpot_ms_p50"]) if r and b and r.get("tpot_ms_p50") and b.get("tpot_ms_p50") else None
         lines.append(
-            f"| {n} | {f(tok(r))}{'*' if r and r.get('extrapolated') else ''} | {f((r or {}).get('roofline', {}).get('pct'))} "
-            f"| {f(tok(b))} | {f(tok(u))}{'*' if u and u.get('extrapolated') else ''} | {f(mt[0])} / {f(mt[1])} "
+            f"| {n} | {tok_cell(r)} | {f((r or {}).get('roofline', {}).get('pct'))} "
+            f"| {f(tok(b))} | {tok_cell(u)} | {f(mt[0])} / {f(mt[1])} "
             f"| {f(tok(r) / mt[0]) if r and mt[0] else '–'}× | {f((r or {}).get('ttft_ms_p50'), 0)} / {f((r or {}).get('ttft_ms_p99'), 0)} "
             f"| {f((r or {}).get('itl_ms_p50'))} / {f((r or {}).get('itl_ms_p99'))} "
             f"| {f((b or {}).get('itl_ms_p50'))} / {f((b or {}).get('itl_ms_p99'))} | {f(lat, 2)}× "
             f"| {gb(m['base_bytes'])} / {gb((r or {}).get('delta_bytes'))} / {gb((r or {}).get('kv_cache_bytes'))} |")
-    lines += ["", "\\* extrapolated: decode cut short (step limit or time budget), remaining steps at the mean measured decode step.", ""]
+    lines += ["", "\\* extrapolated: decode cut short (step limit or time budget), remaining steps at the mean measured decode step.",
+              "† stopped by the time budget before its first decode step.", ""]
     ov = ["| N | mode | decode step ms (wall) | host enqueue ms | GPU busy ms (profiled step) | kernels/step | GPU time by part (ms) |",
           "|---|---|---|---|---|---|---|"]
     for n in ns:

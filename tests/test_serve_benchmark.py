@@ -1,0 +1,59 @@
+"""benchmarks/serve.py end to end on the CPU (tiny shapes, the real engine, artifacts on disk), and
+its report: the table has a row per N with every mode, goals are stated, a run cut before its first
+decode step is marked rather than given a throughput, and runs combine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("serve-smoke")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return out
+
+
+def test_smoke_run_measures_every_mode(smoke):
+    result = json.loads((smoke / "serve.json").read_text())
+    runs = {(r["mode"], r["n"]): r for r in result["runs"]}
+    for n in (1, 2):
+        for mode in ("bitdelta", "base", "unfused"):
+            r = runs[(mode, n)]
+            assert r["tokens"] > 0 and r["tok_s"] > 0 and r["ttft_ms_p50"] > 0, (mode, n)
+        assert runs[("bitdelta", n)]["delta_bytes"] == n * result["meta"]["slot_bytes"]
+    assert result["delta_cold"]["cold_start_s"] > 0 and result["full_cold"]["cold_start_s"] > 0
+    assert set(result["merged"]["per_n"]) >= {"1", "2"} or set(result["merged"]["per_n"]) >= {1, 2}
+    md = (smoke / "serve.md").read_text()
+    assert md.count("\n| 1 |") >= 1 and md.count("\n| 2 |") >= 1
+    assert "goal >= 85%" in md and "cold start" in md
+
+
+def test_report_marks_runs_cut_before_decoding_and_merges(smoke, tmp_path):
+    from serve_report import markdown, merge_results
+
+    result = json.loads((smoke / "serve.json").read_text())
+    cut = next(r for r in result["runs"] if r["mode"] == "unfused" and r["n"] == 2)
+    cut.update(decode_steps=0, truncated="time budget", tok_s=7.5)
+    md = markdown(result)
+    row = next(line for line in md.splitlines() if line.startswith("| 2 |"))
+    assert "–†" in row and "7.5" not in row.split("|")[5]
+    # a second run's rows replace the first's for the same mode and N; the rest are kept
+    later = json.loads((smoke / "serve.json").read_text())
+    later["runs"] = [dict(r, tok_s=12345.0) for r in later["runs"] if r["mode"] == "base" and r["n"] == 1]
+    (tmp_path / "a.json").write_text(json.dumps(result))
+    (tmp_path / "b.json").write_text(json.dumps(later))
+    merged = merge_results([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    got = {(r["mode"], r["n"]): r["tok_s"] for r in merged["runs"]}
+    assert got[("base", 1)] == 12345.0 and got[("bitdelta", 2)] == next(
+        r["tok_s"] for r in result["runs"] if r["mode"] == "bitdelta" and r["n"] == 2)
