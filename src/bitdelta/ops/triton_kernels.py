@@ -76,6 +76,17 @@ def _bcast_n(v, SWAP: tl.constexpr):
 
 
 @triton.jit
+def _row_scaled(part, c_ptr, p, stride_cp, offs_n, n_mask, MODE: tl.constexpr):
+    """One sign plane's GEMV result ``[BN]`` times its scalar or row scale (col scales were applied
+    to x already, so MODE 2 returns ``part`` as it is)."""
+    if MODE == 0:
+        part = part * tl.load(c_ptr + p)
+    elif MODE == 1:
+        part = part * tl.load(c_ptr + p * stride_cp + offs_n, mask=n_mask, other=0.0)
+    return part
+
+
+@triton.jit
 def _sign_gemv(x_ptr, s_ptr, c_ptr, t, offs_n, n_mask, k_lo, k_hi, K, KW,
                stride_xt, stride_sp, stride_sn, stride_cp,
                MODE: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, WB: tl.constexpr):
@@ -105,12 +116,7 @@ def _sign_gemv(x_ptr, s_ptr, c_ptr, t, offs_n, n_mask, k_lo, k_hi, K, KW,
                 else:
                     bit = (sw & (1 << j)) != 0
                 acc += tl.where(bit, xj[None, :], -xj[None, :])
-        part = tl.sum(acc, axis=1)
-        if MODE == 0:
-            part = part * tl.load(c_ptr + p)
-        elif MODE == 1:
-            part = part * tl.load(c_ptr + p * stride_cp + offs_n, mask=n_mask, other=0.0)
-        total += part
+        total += _row_scaled(tl.sum(acc, axis=1), c_ptr, p, stride_cp, offs_n, n_mask, MODE)
     return total
 
 
@@ -146,13 +152,16 @@ def _sign_gemv_lut(x_ptr, s_ptr, c_ptr, t, offs_n, n_mask, k_lo, k_hi, K, KW,
             lut = tl.sum(x4[:, None, :] * sgn[None, :, :], axis=2)  # [G, 16]
             nib = (sw[:, :, None] >> (4 * q)[None, None, :]) & 15  # [BN, BKW, 8]
             acc += tl.gather(lut, tl.trans(tl.reshape(nib, (BN, G))), axis=1)  # [G, BN]
-        part = tl.sum(acc, axis=0)
-        if MODE == 0:
-            part = part * tl.load(c_ptr + p)
-        elif MODE == 1:
-            part = part * tl.load(c_ptr + p * stride_cp + offs_n, mask=n_mask, other=0.0)
-        total += part
+        total += _row_scaled(tl.sum(acc, axis=0), c_ptr, p, stride_cp, offs_n, n_mask, MODE)
     return total
+
+
+@triton.jit
+def _halves(h2):
+    """int32 holding two fp16 halves (low = first) -> the two values in fp32."""
+    lo = (h2 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (h2 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
 
 
 @triton.jit
@@ -160,22 +169,15 @@ def _hadd2(a, b, INTERP: tl.constexpr):
     """Packed fp16 pair add: int32 tensors each holding two halves (low = first). One ``add.rn.f16x2``
     on the GPU; under the CPU interpreter (no inline PTX) the same rounding, emulated in fp32."""
     if INTERP:
-        lo = ((a & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-              + (b & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)).to(tl.float16)
-        hi = ((a >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-              + (b >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)).to(tl.float16)
+        a_lo, a_hi = _halves(a)
+        b_lo, b_hi = _halves(b)
+        lo, hi = (a_lo + b_lo).to(tl.float16), (a_hi + b_hi).to(tl.float16)
         return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
     else:
         return tl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32,
                                          is_pure=True, pack=1)
 
 
-@triton.jit
-def _halves_to_f32(h2):
-    """int32 holding two fp16 halves -> their sum in fp32."""
-    lo = (h2 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    hi = (h2 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return lo + hi
 
 
 @triton.jit
@@ -209,13 +211,9 @@ def _sign_gemv_h2(x_ptr, s_ptr, c_ptr, t, offs_n, n_mask, k_lo, k_hi, K, KW,
                 neg = ((x_lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
                        | (x_hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)) ^ SIGNS
                 acc2 = _hadd2(acc2, ((sw << (15 - j)) & SIGNS) ^ neg[None, :], INTERP)
-            acc += _halves_to_f32(acc2)
-        part = tl.sum(acc, axis=1)
-        if MODE == 0:
-            part = part * tl.load(c_ptr + p)
-        else:
-            part = part * tl.load(c_ptr + p * stride_cp + offs_n, mask=n_mask, other=0.0)
-        total += part
+            lo, hi = _halves(acc2)
+            acc += lo + hi
+        total += _row_scaled(tl.sum(acc, axis=1), c_ptr, p, stride_cp, offs_n, n_mask, MODE)
     return total
 
 

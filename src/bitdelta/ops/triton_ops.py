@@ -12,12 +12,11 @@ graph; the prefill path reads its segment table on the host to route long segmen
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 
-from bitdelta.ops import DECODE_MAX_TOKENS
+from bitdelta.ops import DECODE_MAX_TOKENS, _interpreting
 from bitdelta.ops import triton_kernels as K_
 
 MODE_CODE = {"scalar": 0, "row": 1, "col": 2}
@@ -63,10 +62,6 @@ def _next_pow2(n: int) -> int:
 
 def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _upcast(dtype: torch.dtype) -> bool:

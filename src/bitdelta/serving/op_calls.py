@@ -70,22 +70,18 @@ def plan_calls(batch, col_slots: frozenset) -> list[OpCall]:
         rows.extend(range(at, at + n))
         at += n
     # One flat host buffer -> one copy; each call's tensors are views into it.
+    # One group holds every row in order: it needs no index.
     flat: list[int] = []
     layout = []
+
+    def put(values: list[int]) -> tuple[int, int]:
+        flat.extend(values)
+        return len(flat) - len(values), len(values)
+
     for (mode, long), (rows, segs) in groups.items():
-        whole = len(groups) == 1 and rows == list(range(at))
-        spans = []
-        if not whole:
-            spans.append((len(flat), len(rows)))
-            flat += rows
-        else:
-            spans.append(None)
+        spans = [None if len(groups) == 1 else put(rows)]
         if long:
-            starts = [s for s, _ in segs] + [len(rows)]
-            spans.append((len(flat), len(starts)))
-            flat += starts
-            spans.append((len(flat), len(segs)))
-            flat += [slot for _, slot in segs]
+            spans += [put([s for s, _ in segs] + [len(rows)]), put([slot for _, slot in segs])]
         layout.append((mode, long, spans))
     dev = batch.tokens.device
     buf = torch.tensor(flat, dtype=torch.long)

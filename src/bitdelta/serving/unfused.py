@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from bitdelta.ops import DECODE_MAX_TOKENS, triton_available
+
 _LUTS: dict[tuple, torch.Tensor] = {}
 
 
@@ -46,19 +48,13 @@ def binary_matmul(x: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
     :func:`bitdelta.ops.triton_ops.decode_delta` with a unit scale; otherwise the plane is
     expanded to a dense ±1 matrix first.
     """
-    if x.is_cuda and x.shape[0] <= _decode_max_tokens():
+    if x.is_cuda and x.shape[0] <= DECODE_MAX_TOKENS and triton_available():
         from bitdelta.ops import triton_ops
 
         ones = _unit_scale(x.device)
         ids = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
         return triton_ops.decode_delta(x, plane[None, None], ones, "scalar", ids)
     return (x @ expand_signs(plane, x.shape[1], x.dtype).T).float()
-
-
-def _decode_max_tokens() -> int:
-    from bitdelta.ops import DECODE_MAX_TOKENS, triton_available
-
-    return DECODE_MAX_TOKENS if triton_available() else -1
 
 
 _UNIT: dict[str, torch.Tensor] = {}
