@@ -126,6 +126,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ds = ap.add_argument_group("distillation (eval; defaults are the paper's)")
     ds.add_argument("--distill-steps", type=int, default=200)
     ds.add_argument("--distill-lr", type=float, default=1e-4)
+    ds.add_argument("--distill-lr-mode", choices=["absolute", "relative"], default="absolute",
+                    help="relative: lr is a step relative to each scale (distill_scales' lr_mode); the "
+                         "reference recipe always trains absolute, as the original")
     ds.add_argument("--distill-batch", type=int, default=4)
     ds.add_argument("--cal-samples", type=int, default=800)
     ds.add_argument("--cal-seq-len", type=int, default=128)
@@ -201,6 +204,8 @@ def eval_settings(args, domain: str | None = None) -> dict:
             "cal_heldout", "task_limit", "heldout_docs", "heldout_max_len", "wikitext_window", "wikitext_stride",
             "wikitext_chars", "tf32"]
     out = {k: getattr(args, k) for k in keys}
+    if args.distill_lr_mode != "absolute":  # recorded only when set, so earlier results stay valid
+        out["distill_lr_mode"] = args.distill_lr_mode
     out["tasks"] = list(args.task_list)
     models = {"base": args.work / "base"}
     if domain:
@@ -609,6 +614,7 @@ class Artifacts:
     def _distill(self, delta: Delta, **kw) -> tuple[Delta, float]:
         a = self.args
         t = time.perf_counter()
+        kw.setdefault("lr_mode", "absolute" if kw.get("train_dense") else a.distill_lr_mode)
         out = distill_scales(delta, self.base, self.ft, self.cal, steps=a.distill_steps, lr=a.distill_lr,
                              batch_size=a.distill_batch, loss="mse", seed=a.seed, progress=False, **kw)
         sync(a)
@@ -987,7 +993,7 @@ def phase_report(args) -> int:
           "CPU machine",
           *missing_lines(rows),
           f"- Distillation: {s.get('distill_steps')} steps, batch {s.get('distill_batch')} × {s.get('cal_seq_len')} tokens "
-          f"({s.get('cal_samples')} calibration samples), AdamW lr {s.get('distill_lr')}, MSE on logits; auto chooses "
+          f"({s.get('cal_samples')} calibration samples), AdamW lr {s.get('distill_lr')} ({s.get('distill_lr_mode', 'absolute')}), MSE on logits; auto chooses "
           f"row/col per module on {s.get('cal_heldout')} samples of validation.jsonl",
           f"- Held-out domain text: up to {s.get('heldout_docs')} documents × {s.get('heldout_max_len')} tokens "
           "(GSM8K test, last 250 Alpaca items, last 5% of Shakespeare); recovery = (log ppl_base − log ppl_delta) / "

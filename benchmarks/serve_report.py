@@ -10,6 +10,7 @@ replaces the block between ``<!-- serve:begin -->`` and ``<!-- serve:end -->`` o
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -214,7 +215,19 @@ def merge_results(paths: list[str]) -> dict:
                 merged["merged"].setdefault(k, r["merged"][k])
         merged["skipped"] = sorted(set(merged.get("skipped", [])) | set(r.get("skipped", [])))
         merged["meta"]["argv"] = [merged["meta"]["argv"], r["meta"]["argv"]]
+    if merged is not None:  # a part one run skipped and another measured is not skipped
+        merged["skipped"] = [s for s in merged.get("skipped", []) if not _covered(s, merged)]
     return merged
+
+
+def _covered(skip: str, result: dict) -> bool:
+    if skip.startswith("full fine-tune cold start"):
+        return "full_cold" in result
+    m = re.match(r"(\w+) N=(\d+):", skip)
+    if m:
+        return any(x["mode"] == m[1] and x["n"] == int(m[2]) for x in result["runs"])
+    m = re.match(r"poisson (\w+):", skip)
+    return bool(m) and any(x["mode"] == f"poisson-{m[1]}" for x in result["runs"])
 
 
 def write_outputs(result: dict, out: Path, docs: str | None = None, block: str = "serve") -> None:

@@ -71,3 +71,30 @@ def test_errors_are_one_line_with_exit_code_2(pair, tmp_path, capsys):
 def test_entry_point_runs_as_module(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bitdelta", "inspect", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "delta_config.json is missing" in r.stderr
+
+
+def test_compress_with_auto_scales_and_relative_distillation_on_the_bundled_models(tmp_path, capsys):
+    """`bitdelta compress --scale auto --distill-steps N --calibration FILE` end to end on the shipped
+    tiny base and its Shakespeare fine-tune; the settings and the per-module choice are recorded."""
+    from pathlib import Path
+
+    tiny = Path(__file__).resolve().parents[1] / "models" / "tiny"
+    out = tmp_path / "shakespeare.bitdelta"
+    assert main(["compress", "--base", str(tiny / "base"), "--finetuned", str(tiny / "shakespeare"), "--out", str(out),
+                 "--scale", "auto", "--distill-steps", "6", "--calibration", str(tiny / "heldout" / "stdlib.txt"),
+                 "--distill-lr", "1e-2", "--distill-lr-mode", "relative", "--num-samples", "16", "--seq-len", "32",
+                 "--heldout-samples", "8", "--device", "cpu", "-q"]) == 0
+    config = json.loads((out / "delta_config.json").read_text())
+    d = config["distillation"]
+    assert d["steps"] == 6 and d["lr"] == 1e-2 and d["lr_mode"] == "relative" and d["seq_len"] == 32
+    assert d["heldout_loss_before"] > 0 and d["kept"] in ("distilled", "initial")
+    auto = d["auto"]
+    assert auto["row_modules"] + auto["col_modules"] > 0
+    assert auto["heldout_loss_chosen"] <= min(auto["heldout_loss_all_row"], auto["heldout_loss_all_col_here"]) + 1e-12
+    assert config["compression"]["scale"] == "auto"
+    # a mode name that does not exist is refused by the parser, before any model is loaded
+    with pytest.raises(SystemExit):
+        main(["compress", "--base", str(tiny / "base"), "--finetuned", str(tiny / "shakespeare"), "--out",
+              str(tmp_path / "x"), "--distill-steps", "2", "--calibration", str(tiny / "heldout" / "stdlib.txt"),
+              "--distill-lr-mode", "sideways"])
+    assert not (tmp_path / "x").exists()

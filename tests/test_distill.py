@@ -129,3 +129,39 @@ def test_auto_picks_per_module_by_heldout_loss(setup):
     auto.save_pretrained(base_dir.parent / "auto.bitdelta")
     again = bitdelta.Delta.from_pretrained(base_dir.parent / "auto.bitdelta")
     assert again.info["compression"]["scale"] == "auto"
+
+
+def test_relative_lr_steps_scale_with_each_scale(setup):
+    """The scales here are ~3e-4: an absolute step of 1e-2 throws them about (held-out loss
+    rises), the same lr as a relative step moves each by about 1% and fits them."""
+    base_dir, ft_dir, cal = setup
+    delta = bitdelta.compress(base_dir, ft_dir, scale="row", bits=2, progress=False)
+    base, ft = load(base_dir), load(ft_dir)
+    wild = distill_scales(delta, base, ft, cal, steps=10, lr=1e-2, progress=False, keep_better=False)
+    w = wild.info["distillation"]
+    assert w["heldout_loss_after"] > 2 * w["heldout_loss_before"] and w["lr_mode"] == "absolute"
+    rel = distill_scales(delta, base, ft, cal, steps=10, lr=1e-2, progress=False, keep_better=False,
+                         lr_mode="relative")
+    r = rel.info["distillation"]
+    assert r["heldout_loss_after"] < r["heldout_loss_before"] and r["lr_mode"] == "relative"
+    for name, m in rel.modules.items():
+        s0 = delta.modules[name].scale.float()
+        assert torch.equal(m.sign, delta.modules[name].sign) and not m.scale.requires_grad
+        ratio = m.scale / s0
+        # AdamW moves the multiplier by at most about lr per step: 10 steps of 1e-2 stay within 15%
+        assert (ratio - 1).abs().max() < 0.15, name
+        assert not torch.equal(m.scale, s0), name
+    assert not any(isinstance(m, bitdelta.layers.DeltaWrapper) for m in base.modules())
+
+
+def test_relative_mode_keeps_initial_scales_when_worse_and_rejects_unknown_modes(setup):
+    base_dir, ft_dir, cal = setup
+    delta = bitdelta.compress(base_dir, ft_dir, scale="row", progress=False)
+    base, ft = load(base_dir), load(ft_dir)
+    # a relative step of 300% per step is wild too: the guard restores the initial multipliers
+    guarded = distill_scales(delta, base, ft, cal, steps=8, lr=3.0, progress=False, lr_mode="relative")
+    assert guarded.info["distillation"]["kept"] == "initial"
+    assert all(torch.equal(guarded.modules[k].scale, delta.modules[k].scale.float()) for k in delta.modules)
+    with pytest.raises(bitdelta.BitDeltaError, match="lr mode"):
+        distill_scales(delta, base, ft, cal, steps=2, progress=False, lr_mode="sideways")
+    assert not any(isinstance(m, bitdelta.layers.DeltaWrapper) for m in base.modules())

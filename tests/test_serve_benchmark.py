@@ -57,3 +57,21 @@ def test_report_marks_runs_cut_before_decoding_and_merges(smoke, tmp_path):
     got = {(r["mode"], r["n"]): r["tok_s"] for r in merged["runs"]}
     assert got[("base", 1)] == 12345.0 and got[("bitdelta", 2)] == next(
         r["tok_s"] for r in result["runs"] if r["mode"] == "bitdelta" and r["n"] == 2)
+
+
+def test_merge_drops_skips_another_run_measured(smoke, tmp_path):
+    from serve_report import merge_results
+
+    first = json.loads((smoke / "serve.json").read_text())
+    first["skipped"] = ["bitdelta N=2: time budget", "base N=64: time budget"]
+    first["runs"] = [r for r in first["runs"] if not r["mode"].startswith("poisson")]
+    later = json.loads((smoke / "serve.json").read_text())
+    later.pop("full_cold")
+    later["runs"] = [r for r in later["runs"] if r["n"] == 1]
+    later["skipped"] = ["full fine-tune cold start / pinned copy (--skip-cold)", "poisson bitdelta: time budget"]
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    (tmp_path / "b.json").write_text(json.dumps(later))
+    merged = merge_results([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    # measured in the first run: the second run's skip of the cold start and the first's of N=2 go;
+    # nothing measured N=64 or a Poisson bitdelta run, so those stay
+    assert merged["skipped"] == ["base N=64: time budget", "poisson bitdelta: time budget"]

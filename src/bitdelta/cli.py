@@ -39,7 +39,8 @@ def cmd_compress(args) -> None:
             raise BitDeltaError("scale distillation (--distill-steps or --scale auto) needs --calibration FILE")
         delta = compress_distilled(
             args.base, args.finetuned, args.calibration, scale=args.scale, bits=args.bits,
-            steps=args.distill_steps or 200, lr=args.distill_lr, batch_size=args.distill_batch_size,
+            steps=args.distill_steps or 200, lr=args.distill_lr, lr_mode=args.distill_lr_mode,
+            batch_size=args.distill_batch_size,
             num_samples=args.num_samples, seq_len=args.seq_len, heldout=args.heldout_samples, loss=args.distill_loss,
             seed=args.seed, device=args.device, teacher_cache=args.teacher_cache, progress=not args.quiet,
             model_dtype=args.model_dtype, **options,
@@ -211,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--distill-steps", type=int, default=0, help="train the scales for this many steps (0 = no distillation)")
     d.add_argument("--calibration", default=None, help="calibration text: .jsonl (text field), .txt, or a datasets name")
     d.add_argument("--distill-lr", type=float, default=1e-4)
+    d.add_argument("--distill-lr-mode", choices=["absolute", "relative"], default="absolute",
+                   help="absolute (the paper): AdamW steps of about the lr on the scales; relative: steps of about "
+                        "the lr times each scale (try --distill-lr 3e-2), for deltas whose scales are near the lr")
     d.add_argument("--distill-batch-size", type=int, default=4)
     d.add_argument("--num-samples", type=int, default=800, help="calibration samples")
     d.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sample")

@@ -98,16 +98,41 @@ def _wrappers(model: nn.Module) -> list[DeltaWrapper]:
     return [m for m in model.modules() if isinstance(m, DeltaWrapper)]
 
 
-def _trainable_scales(model: nn.Module) -> list[nn.Parameter]:
-    """Turns each distinct packed module's scale into a leaf parameter (tied users share it)."""
-    params, seen = [], set()
-    for w in _wrappers(model):
-        if id(w.packed) in seen:
-            continue
-        seen.add(id(w.packed))
-        w.packed.scale = nn.Parameter(w.packed.scale.detach().float().clone())
-        params.append(w.packed.scale)
-    return params
+LR_MODES = ("absolute", "relative")
+
+
+class _TrainableScales:
+    """Every distinct packed module's scale as a trainable leaf (tied users share it).
+
+    ``absolute``: the scale itself is the parameter, as the paper trains it; AdamW moves it by
+    about ``lr`` per step whatever its size. ``relative``: the parameter is a multiplier ``m``
+    (starting at 1) of the initial scale, ``scale = s0 * m``, so ``lr`` is a step relative to each
+    scale and one lr suits deltas of any magnitude. :meth:`refresh` writes the current scales into
+    the packed modules; call it before every forward.
+    """
+
+    def __init__(self, model: nn.Module, mode: str):
+        if mode not in LR_MODES:
+            raise BitDeltaError(f"unknown lr mode {mode!r}; expected one of {', '.join(LR_MODES)}")
+        self.relative = mode == "relative"
+        self.packed, seen = [], set()
+        for w in _wrappers(model):
+            if id(w.packed) not in seen:
+                seen.add(id(w.packed))
+                self.packed.append(w.packed)
+        self.initial = [pk.scale.detach().float().clone() for pk in self.packed]
+        self.params = [nn.Parameter(torch.ones_like(s0) if self.relative else s0.clone()) for s0 in self.initial]
+        self.refresh()
+
+    def refresh(self) -> None:
+        for pk, s0, param in zip(self.packed, self.initial, self.params):
+            pk.scale = s0 * param if self.relative else param
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        for s0, param in zip(self.initial, self.params):
+            param.copy_(torch.ones_like(s0) if self.relative else s0)
+        self.refresh()
 
 
 @torch.no_grad()
@@ -140,6 +165,7 @@ def distill_scales(
     progress: bool = True,
     train_dense: bool = False,
     keep_better: bool = True,
+    lr_mode: str = "absolute",
 ) -> Delta:
     """Returns a copy of ``delta`` whose scales minimise the logit distance to the fine-tune.
 
@@ -159,6 +185,11 @@ def distill_scales(
             "initial"``). AdamW's steps are about ``lr`` in absolute size, so scales much smaller
             than ``lr`` (tiny deltas) can be thrown about rather than fitted; this keeps such a run
             from making a delta worse. Off for ``train_dense`` (the reference recipe had no guard).
+        lr_mode: ``"absolute"`` (default, the paper's: AdamW on the scales, each step about ``lr``
+            in size) or ``"relative"`` (AdamW on a multiplier of each initial scale, each step
+            about ``lr`` times the scale; e.g. ``lr=1e-2``). With absolute steps, scales of a few
+            ``lr`` (small models, light fine-tunes, the second plane of ``bits=2``) move by tens of
+            percent per step and runs with the same seed can end far apart.
     """
     if steps < 1:
         raise BitDeltaError(f"distillation needs at least one step, got {steps}")
@@ -179,11 +210,10 @@ def distill_scales(
     base.eval()
     apply(base, work)
     try:
-        scales = _trainable_scales(base)
-        initial = [p.detach().clone() for p in scales]
+        scales = _TrainableScales(base, lr_mode)
         dense_params = _trainable_dense(base, work) if train_dense else {}
         dev = next(base.parameters()).device
-        opt = torch.optim.AdamW(scales + list(dense_params.values()), lr=lr)
+        opt = torch.optim.AdamW(scales.params + list(dense_params.values()), lr=lr)
         gen = torch.Generator().manual_seed(seed)
         can_hold = held is not None and len(held) and teacher.covers(held)
         held_before = heldout_loss(base, teacher, held, batch_size * 4, loss) if can_hold else None
@@ -199,6 +229,7 @@ def distill_scales(
             ids, mask = train.batch(idx)
             ids, mask = ids.to(dev), mask.to(dev)
             target = teacher.get(train, idx, dev)
+            scales.refresh()  # relative mode: scale = s0 * m, rebuilt for this step's graph
             logits = base(input_ids=ids, attention_mask=mask).logits
             value = logits_loss(logits, target, mask, loss)
             opt.zero_grad(set_to_none=True)
@@ -207,12 +238,11 @@ def distill_scales(
             history.append(float(value.detach()))
             bar.set_postfix(loss=f"{history[-1]:.5f}")
         elapsed = time.perf_counter() - started
+        scales.refresh()
         held_after = heldout_loss(base, teacher, held, batch_size * 4, loss) if held_before is not None else None
         kept = "distilled"
         if keep_better and not train_dense and held_after is not None and held_after > held_before:
-            with torch.no_grad():
-                for p, v in zip(scales, initial):
-                    p.copy_(v)
+            scales.reset()
             kept = "initial"
             logger.warning("distillation raised the held-out loss (%.4g -> %.4g); keeping the initial scales "
                            "(try a lower --distill-lr)", held_before, held_after)
@@ -230,7 +260,7 @@ def distill_scales(
     work.to(home)
     tail = history[-max(1, min(10, len(history))):]
     work.info["distillation"] = {
-        "steps": steps, "lr": lr, "batch_size": batch_size, "seq_len": int(train.input_ids.shape[1]),
+        "steps": steps, "lr": lr, "lr_mode": lr_mode, "batch_size": batch_size, "seq_len": int(train.input_ids.shape[1]),
         "num_samples": len(train), "loss": loss, "seed": seed,
         "dataset": getattr(calibration, "source", None),
         "initial_loss": history[0], "final_loss": sum(tail) / len(tail),

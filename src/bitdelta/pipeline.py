@@ -26,6 +26,7 @@ def compress_distilled(
     bits: int = 1,
     steps: int = 200,
     lr: float = 1e-4,
+    lr_mode: str = "absolute",
     batch_size: int = 4,
     num_samples: int = 800,
     seq_len: int = 128,
@@ -54,8 +55,9 @@ def compress_distilled(
     distilled = {}
     for mode in modes:
         delta = compress(base, finetuned, scale=mode, bits=bits, progress=progress, **compress_kwargs)
-        distilled[mode] = distill_scales(delta, base_model, None, cal, steps=steps, lr=lr, batch_size=batch_size,
-                                         loss=loss, seed=seed, teacher=teacher, progress=progress)
+        distilled[mode] = distill_scales(delta, base_model, None, cal, steps=steps, lr=lr, lr_mode=lr_mode,
+                                         batch_size=batch_size, loss=loss, seed=seed, teacher=teacher,
+                                         progress=progress)
     if scale != "auto":
         return distilled[scale]
     held_teacher = teacher if teacher.model is not None else TeacherLogits(model=load_model(finetuned, dtype=model_dtype, device=device))

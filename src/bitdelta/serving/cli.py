@@ -62,7 +62,7 @@ def build_app(args):
                        max_gpu_deltas=args.max_gpu_deltas, max_cpu_deltas=args.max_cpu_deltas, max_bits=args.max_bits,
                        max_extra_vocab=args.max_extra_vocab, max_batch=args.max_batch, max_queue=args.max_queue,
                        max_model_len=args.max_model_len, kv_cache_mb=args.kv_cache_mb,
-                       cuda_graphs=None if getattr(args, "cuda_graphs", False) else False)
+                       cuda_graphs=None if getattr(args, "cuda_graphs", True) else False)
     if args.delta_dir:  # every artifact in the allow-listed directory is served under its directory name
         for name, path in scan_delta_dir(args.delta_dir).items():
             if rt.has(name):
@@ -149,8 +149,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--allow-runtime-deltas", action="store_true", help="enable POST/DELETE /v1/deltas (needs --admin-key)")
     s.add_argument("--dtype", default="float32", help="dtype of the base weights (float32, bfloat16, float16)")
     s.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    s.add_argument("--cuda-graphs", action="store_true",
-                   help="on CUDA, decode steps replay CUDA graphs captured at start (experimental; default: eager)")
+    s.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, decode steps replay CUDA graphs captured at start (default: on; "
+                        "--no-cuda-graphs decodes eagerly)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -7,7 +7,7 @@ delta is not device-resident waits in the queue while its delta loads in the bac
 keep decoding. The waiting queue is bounded (:class:`QueueFull` when it is full, the API's 429).
 Keys/values live in a preallocated slotted cache: one slot per running sequence, ``max_len``
 positions each, sized from free device memory (CUDA) or ``kv_cache_mb`` (CPU); a new sequence takes
-the lowest free slot. With ``cuda_graphs`` on (opt-in), steps on CUDA where every sequence decodes
+the lowest free slot. With ``cuda_graphs`` on (the default on CUDA), steps where every sequence decodes
 one token replay CUDA graphs captured when the engine is built (:mod:`bitdelta.serving.graphs`);
 other steps run the forward eagerly.
 
@@ -80,11 +80,10 @@ class Engine:
 
     def __init__(self, model: DeltaLlama, slots, max_batch: int = 64, max_queue: int = 256,
                  max_len: int | None = None, kv_cache_mb: float | None = None, gpu_memory_fraction: float = 0.9,
-                 max_prefill_tokens: int = 4096, metrics=None, cuda_graphs: bool | None = False):
-        """``cuda_graphs``: None captures decode graphs when the model is on CUDA and falls back to
-        eager decoding, with a warning, if that is not possible; True requires them (raises
-        otherwise); False (default, until the graph path's GPU equality test has run green) never
-        captures."""
+                 max_prefill_tokens: int = 4096, metrics=None, cuda_graphs: bool | None = None):
+        """``cuda_graphs``: None (default) captures decode graphs when the model is on CUDA and falls
+        back to eager decoding, with a warning, if that is not possible; True requires them (raises
+        otherwise); False never captures."""
         self.model, self.slots, self.metrics = model, slots, metrics
         self.max_len = min(max_len or model.max_len, model.max_len)
         self.max_queue, self.max_prefill_tokens = max_queue, max_prefill_tokens

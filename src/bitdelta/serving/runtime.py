@@ -81,9 +81,9 @@ def build_runtime(base, deltas: dict[str, str] | None = None, *, base_name: str 
                   max_cpu_deltas: int = 128, max_bits: int | None = None, max_extra_vocab: int | None = None,
                   max_batch: int = 64, max_queue: int = 256, max_model_len: int | None = None,
                   kv_cache_mb: float | None = None, start: bool = True,
-                  cuda_graphs: bool | None = False) -> ServingRuntime:
+                  cuda_graphs: bool | None = None) -> ServingRuntime:
     """Loads the base (with transformers), builds the engine, registers ``deltas`` (name -> path).
-    ``cuda_graphs``: see :class:`~bitdelta.serving.engine.Engine` (None: on when the device is CUDA; default off)."""
+    ``cuda_graphs``: see :class:`~bitdelta.serving.engine.Engine` (None, the default: on when the device is CUDA)."""
     from ..artifact import load_delta
     from ..hf import load_model
 
