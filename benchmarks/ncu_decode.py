@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
+from bitdelta.ops import reference as ref  # noqa: E402
 from bitdelta.ops import triton_ops  # noqa: E402
 from bitdelta.pack import pack_signs  # noqa: E402
 
@@ -44,7 +45,12 @@ def main():
         y = triton_ops.decode_delta(x, signs, scales, "row", ids, config=cfg)
     if dev == "cuda":
         torch.cuda.synchronize()
-    print(f"GEMV={args.gemv} B={b} {k}->{n}: |y| mean {y.abs().mean().item():.3e}")
+    # the delta alone is the reference op with a zero base weight
+    want = ref.bitdelta_linear_ref(x, torch.zeros(n, k, device=dev, dtype=x.dtype), None, signs, scales, "row", ids)
+    err = ((y - want.float()).norm() / want.float().norm()).item()
+    print(f"GEMV={args.gemv} B={b} {k}->{n}: rel err vs reference {err:.2e}")
+    if not err < 1e-2:
+        raise SystemExit(f"GEMV {args.gemv} disagrees with the reference (rel err {err:.2e})")
 
 
 if __name__ == "__main__":
