@@ -120,8 +120,9 @@ def checks(log):
             e = rel_err(y, ref.bitdelta_linear_ref(x, w, b, s, sc, mode, ids))
             worst = max(worst, e)
             assert e < 1e-2 and torch.isfinite(y).all(), (mode, bits, dtype, t, n, k, e)
+            default_gemv = triton_ops.DEFAULT_CONFIGS["decode"]["GEMV"]  # checked by the call above
             for gemv in (0, 1, 2):  # the other GEMVs (int32 sign words: k % 32 == 0), every tenant
-                if k % 32 or t > triton_ops.DECODE_MAX_TOKENS or gemv == triton_ops.DEFAULT_CONFIGS["decode"]["GEMV"]:
+                if k % 32 or t > triton_ops.DECODE_MAX_TOKENS or gemv == default_gemv:
                     continue
                 cfg = {**triton_ops.DEFAULT_CONFIGS["decode"], "GEMV": gemv, "DOT_MIN": 129}
                 y = triton_ops.bitdelta_decode(x, w, b, s, sc, mode, ids, config=cfg)

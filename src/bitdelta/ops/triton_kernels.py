@@ -87,6 +87,16 @@ def _row_scaled(part, c_ptr, p, stride_cp, offs_n, n_mask, MODE: tl.constexpr):
 
 
 @triton.jit
+def _sign_words(s_ptr, p, stride_sp, stride_sn, offs_n, n_mask, k0, KW, BKW: tl.constexpr, WB: tl.constexpr):
+    """The [BN, BKW] tile of plane p's sign words (WB bits each, as int32) that starts at column
+    k0, and the word indices ``offs_w``; words past the row (KW words) and masked rows read 0."""
+    offs_w = k0 // WB + tl.arange(0, BKW)
+    sw = tl.load(s_ptr + p * stride_sp + offs_n[:, None] * stride_sn + offs_w[None, :],
+                 mask=n_mask[:, None] & (offs_w < KW)[None, :], other=0).to(tl.int32)
+    return offs_w, sw
+
+
+@triton.jit
 def _sign_gemv(x_ptr, s_ptr, c_ptr, t, offs_n, n_mask, k_lo, k_hi, K, KW,
                stride_xt, stride_sp, stride_sn, stride_cp,
                MODE: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, WB: tl.constexpr):
@@ -102,10 +112,7 @@ def _sign_gemv(x_ptr, s_ptr, c_ptr, t, offs_n, n_mask, k_lo, k_hi, K, KW,
     for p in tl.static_range(BITS):
         acc = tl.zeros((BN, BKW), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BKW * WB):
-            offs_w = k0 // WB + tl.arange(0, BKW)
-            w_mask = offs_w < KW
-            sw = tl.load(s_ptr + p * stride_sp + offs_n[:, None] * stride_sn + offs_w[None, :],
-                         mask=n_mask[:, None] & w_mask[None, :], other=0).to(tl.int32)
+            offs_w, sw = _sign_words(s_ptr, p, stride_sp, stride_sn, offs_n, n_mask, k0, KW, BKW, WB)
             for j in tl.static_range(WB):
                 offs_k = offs_w * WB + j
                 xj = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
@@ -143,9 +150,7 @@ def _sign_gemv_lut(x_ptr, s_ptr, c_ptr, t, offs_n, n_mask, k_lo, k_hi, K, KW,
     for p in tl.static_range(BITS):
         acc = tl.zeros((G, BN), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BKW * 32):
-            offs_w = k0 // 32 + tl.arange(0, BKW)
-            sw = tl.load(s_ptr + p * stride_sp + offs_n[:, None] * stride_sn + offs_w[None, :],
-                         mask=n_mask[:, None] & (offs_w < KW)[None, :], other=0).to(tl.int32)
+            _, sw = _sign_words(s_ptr, p, stride_sp, stride_sn, offs_n, n_mask, k0, KW, BKW, 32)
             # Nibble g = 8 w + q of the step covers columns k0 + 4 g + j (j = 0..3), bit j = column j.
             offs_k = k0 + 4 * tl.arange(0, G)[:, None] + jj[None, :]  # [G, 4]
             x4 = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
@@ -180,8 +185,6 @@ def _hadd2(a, b, INTERP: tl.constexpr):
                                          is_pure=True, pack=1)
 
 
-
-
 @triton.jit
 def _sign_gemv_h2(x_ptr, s_ptr, c_ptr, t, offs_n, n_mask, k_lo, k_hi, K, KW,
                   stride_xt, stride_sp, stride_sn, stride_cp,
@@ -203,9 +206,7 @@ def _sign_gemv_h2(x_ptr, s_ptr, c_ptr, t, offs_n, n_mask, k_lo, k_hi, K, KW,
     for p in tl.static_range(BITS):
         acc = tl.zeros((BN, BKW), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BKW * 32):
-            offs_w = k0 // 32 + tl.arange(0, BKW)
-            sw = tl.load(s_ptr + p * stride_sp + offs_n[:, None] * stride_sn + offs_w[None, :],
-                         mask=n_mask[:, None] & (offs_w < KW)[None, :], other=0).to(tl.int32)
+            offs_w, sw = _sign_words(s_ptr, p, stride_sp, stride_sn, offs_n, n_mask, k0, KW, BKW, 32)
             acc2 = tl.zeros((BN, BKW), dtype=tl.int32)  # +0.0 in both halves
             for j in tl.static_range(16):
                 c_lo = offs_w * 32 + j

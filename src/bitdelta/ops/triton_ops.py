@@ -31,9 +31,9 @@ DEFAULT_CONFIGS = {
     # BKW: sign words per K step of the CUDA-core GEMV; DOT_MIN: tokens of one tenant from which
     # its delta goes to tensor cores instead; GEMV: the CUDA-core GEMV's arithmetic, 0 = a select
     # and an fp32 add per weight, 1 = 4-bit lookup tables, 2 = packed fp16 pairs (the decode op
-    # 1.03-1.40x faster than with 0 on an H100 at B = 1-64, docs/benchmarks.md; it needs int32 sign words, row or scalar
-    # scales and fp16/bf16 inputs, else 0 runs). 2 rounds x to fp16: a model whose activations
-    # exceed fp16's range (65504) sets BITDELTA_DECODE_GEMV=0.
+    # 1.03-1.40x faster than with 0 on an H100 at B = 1-64, docs/benchmarks.md; it needs int32
+    # sign words, row or scalar scales and fp16/bf16 inputs, else 0 runs). 2 rounds x to fp16: a
+    # model whose activations exceed fp16's range (65504) sets BITDELTA_DECODE_GEMV=0.
     "decode": {"BN": 128, "BKD": 256, "BKW": 8, "TG": 16, "DOT_MIN": 4, "SPLIT_K": 0,
                "GEMV": int(os.environ.get("BITDELTA_DECODE_GEMV", "2")),
                "num_warps": 4, "num_stages": 2},
