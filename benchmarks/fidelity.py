@@ -145,7 +145,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ev.add_argument("--tf32", action="store_true",
                     help="TF32 matmuls for distillation and evaluation (faster; rounds weights to 10-bit mantissas)")
     rp = ap.add_argument_group("report")
-    rp.add_argument("--results", default=None, help="folder of result JSONs (default: <work>/results)")
+    rp.add_argument("--results", default=None,
+                    help="folder(s) of result JSONs, comma-separated, main run first (default: <work>/results)")
     rp.add_argument("--report-dir", default=None, help="where fidelity.md and the PNGs go (default: --results)")
     rp.add_argument("--update-doc", default=None, help="replace the fidelity section of this markdown file")
     args = ap.parse_args(argv)
@@ -816,14 +817,40 @@ TASK_COLUMNS = (("arc_easy", "acc", "ARC-E"), ("piqa", "acc", "PIQA"), ("hellasw
                 ("winogrande", "acc", "Wino"), ("lambada_openai", "acc", "LAMBADA"))
 
 
-def read_results(folder: Path) -> tuple[dict, dict | None]:
-    rows = {}
-    for f in sorted(folder.glob("*__*.json")):
-        rec = json.loads(f.read_text())
-        if rec.get("domain") and rec.get("model"):
-            rows[(rec["domain"], rec["model"])] = rec
-    prep = folder / "prepare.json"
-    return rows, (json.loads(prep.read_text()) if prep.is_file() else None)
+def row_label(rec: dict) -> str:
+    """The table's name for a result: the variant, marked when its scales were distilled with a relative lr.
+
+    Base and fine-tune rows do not depend on the distillation settings, so they keep their plain names."""
+    s = rec.get("settings") or {}
+    if rec["model"] in VARIANTS and s.get("distill_lr_mode") == "relative":
+        return f"{rec['model']} (rel. lr {s['distill_lr']:g})"
+    return rec["model"]
+
+
+def variant_of(label: str) -> str:
+    return label.split(" (", 1)[0]
+
+
+def read_results(folders: list[Path]) -> tuple[dict, dict | None]:
+    """(domain, label) -> result from one or more folders; the first folder holding a row wins (base and
+    fine-tune rows recur in every run), so list the main run first."""
+    rows, prep = {}, None
+    for folder in folders:
+        for f in sorted(folder.glob("*__*.json")):
+            rec = json.loads(f.read_text())
+            if rec.get("domain") and rec.get("model"):
+                rows.setdefault((rec["domain"], row_label(rec)), rec)
+        if prep is None and (folder / "prepare.json").is_file():
+            prep = json.loads((folder / "prepare.json").read_text())
+    return rows, prep
+
+
+def ordered_labels(rows: dict) -> list[str]:
+    """Every label present: base, fine-tune and the variants in their usual order, each variant's
+    relative-lr run right after the plain one."""
+    labels = {label for _, label in rows}
+    rank = {m: i for i, m in enumerate(MODELS)}
+    return sorted(labels, key=lambda lab: (rank.get(variant_of(lab), len(rank)), lab != variant_of(lab), lab))
 
 
 def _f(value, fmt: str) -> str:
@@ -836,7 +863,7 @@ def table_lines(rows: dict) -> list[str]:
             "peak GPU GB build / eval"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for domain in DOMAINS:
-        for model in MODELS:
+        for model in ordered_labels(rows):
             r = rows.get((domain, model))
             if r is None:
                 continue
@@ -884,6 +911,14 @@ def goal_checks(rows: dict) -> list[str]:
             dr, da = rows[(domain, "reference")]["delta"], rows[(domain, "auto")]["delta"]
             checks.append(f"vs reference recipe: recovery {rec['reference']:.1%} at {dr['weight_bytes'] / 1e6:.1f} MB; "
                           f"auto {rec['auto']:.1%} at {da['weight_bytes'] / 1e6:.1f} MB")
+        relative = [lab for lab in ordered_labels(rows) if lab != variant_of(lab) and (domain, lab) in rows]
+        if relative:
+            parts = []
+            for lab in relative:
+                r = rows[(domain, lab)]["recovery"]
+                goal = 0.99 if variant_of(lab) == "auto-2bit" else 0.95
+                parts.append(f"{lab} {r:.1%} {'PASS' if r >= goal else 'FAIL'} (≥ {goal:.0%})")
+            checks.append("relative lr: " + ", ".join(parts))
         out.append(f"- **{domain}**: " + "; ".join(checks))
     return out
 
@@ -921,8 +956,8 @@ def make_plots(rows: dict, out: Path) -> list[str]:
         print("WARNING: matplotlib is not installed: no PNGs written. Run --phase report on a machine with "
               "matplotlib (the JSON results are all it needs).", flush=True)
         return []
-    domains = [d for d in DOMAINS if any((d, m) in rows for m in VARIANTS)]
-    variants = [m for m in VARIANTS if any((d, m) in rows for d in domains)]
+    domains = [d for d in DOMAINS if any((d, m) in rows for m in ordered_labels(rows) if variant_of(m) in VARIANTS)]
+    variants = [m for m in ordered_labels(rows) if variant_of(m) in VARIANTS and any((d, m) in rows for d in domains)]
     if not domains:
         return []
     written = []
@@ -946,7 +981,8 @@ def make_plots(rows: dict, out: Path) -> list[str]:
         elif lines:
             lows = [get(rows[(d, m)]) for d in domains for m in variants if (d, m) in rows]
             ax.set_ylim(max(0, min(lows + [90]) - 5), 101)
-        ax.set_xticks(range(len(variants)), variants, rotation=20)
+        ax.set_xticks(range(len(variants)), [m.replace(" (rel. lr ", "\n(rel. lr ") for m in variants], rotation=20,
+                      fontsize=8)
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
         ax.set_title("bitdelta on SmolLM2-135M full fine-tunes: " + ylabel.split(" (")[0].split(",")[0])
@@ -967,21 +1003,25 @@ def missing_lines(rows: dict) -> list[str]:
 
 
 def phase_report(args) -> int:
-    folder = Path(args.results) if args.results else args.work / "results"
-    rows, prep = read_results(folder)
+    folders = [Path(f) for f in args.results.split(",")] if args.results else [args.work / "results"]
+    folder = folders[0]
+    rows, prep = read_results(folders)
     if prep is None and (args.work / "prepare.json").is_file():
         prep = json.loads((args.work / "prepare.json").read_text())
     if not rows:
-        raise SystemExit(f"no result JSONs in {folder}")
+        raise SystemExit(f"no result JSONs in {', '.join(map(str, folders))}")
     out = Path(args.report_dir) if args.report_dir else folder
     out.mkdir(parents=True, exist_ok=True)
     pngs = make_plots(rows, out)
-    sample = next(iter(rows.values()))
+    # the settings line describes the plain rows; relative-lr rows say their lr in their label
+    sample = next((r for (_, lab), r in rows.items() if lab == variant_of(lab)), next(iter(rows.values())))
     s = sample.get("settings", {})
+    devices = ", ".join(sorted({str(r.get("device")) for r in rows.values()}))
     md = ["## Fidelity on real fine-tunes (SmolLM2-135M-Instruct)", "",
           "- Command: `benchmarks/fidelity.py` phases `prepare`, `eval --domain gsm8k|alpaca|shakespeare`, `report` "
           "(see its docstring)",
-          f"- Device: {sample.get('device')}, torch {sample.get('torch')}, bitdelta {sample.get('bitdelta')}; "
+          f"- Results: {', '.join(f'`{f}`' for f in folders)}",
+          f"- Device: {devices}, torch {sample.get('torch')}, bitdelta {sample.get('bitdelta')}; "
           f"date {', '.join(sorted({r.get('date', 'not recorded') for r in rows.values()}))}"
           + ("  **(smoke run: tiny budgets, numbers mean nothing)**" if s.get("smoke") else ""),
           "- Data on the GPU machine (64 MiB per transfer, next to the 98 MB GGUF in two halves): "
@@ -994,7 +1034,9 @@ def phase_report(args) -> int:
           *missing_lines(rows),
           f"- Distillation: {s.get('distill_steps')} steps, batch {s.get('distill_batch')} × {s.get('cal_seq_len')} tokens "
           f"({s.get('cal_samples')} calibration samples), AdamW lr {s.get('distill_lr')} ({s.get('distill_lr_mode', 'absolute')}), MSE on logits; auto chooses "
-          f"row/col per module on {s.get('cal_heldout')} samples of validation.jsonl",
+          f"row/col per module on {s.get('cal_heldout')} samples of validation.jsonl. Rows marked \"rel. lr\" "
+          "distilled with `--distill-lr-mode relative` (AdamW on a multiplier of each initial scale, so the lr is "
+          "a relative step), all else equal",
           f"- Held-out domain text: up to {s.get('heldout_docs')} documents × {s.get('heldout_max_len')} tokens "
           "(GSM8K test, last 250 Alpaca items, last 5% of Shakespeare); recovery = (log ppl_base − log ppl_delta) / "
           "(log ppl_base − log ppl_ft) on it; KL and top-1 on the same tokens",
@@ -1016,7 +1058,7 @@ def phase_report(args) -> int:
     else:
         (out / "fidelity.md").write_text(text)
         written = out / "fidelity.md"
-    log(f"report: {len(rows)} results from {folder}; wrote {written}" + (f" and {', '.join(pngs)} in {out}" if pngs else ""))
+    log(f"report: {len(rows)} results from {', '.join(map(str, folders))}; wrote {written}" + (f" and {', '.join(pngs)} in {out}" if pngs else ""))
     print("\n".join(goal_checks(rows)))
     print()
     print("\n".join(table_lines(rows)), flush=True)

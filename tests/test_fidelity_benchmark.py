@@ -87,3 +87,33 @@ def test_report_table_goals_and_doc_update(fid, tmp_path, capsys):
     assert "1-bit recovery ≥ 95%: best auto 97.1% PASS" in checks
     assert "2-bit recovery ≥ 99%: 99.9% PASS" in checks
     assert "distilled > initial" in checks and "auto ≥ scalar" in checks
+
+
+def test_report_merges_folders_and_marks_relative_lr_rows(fid, tmp_path, capsys):
+    import math
+
+    main, rel = tmp_path / "main", tmp_path / "rel"
+    main.mkdir(), rel.mkdir()
+
+    def write(folder, model, ppl, mode):
+        rec = _record("alpaca", model, ppl, 0.01, None if model in ("base", "finetune") else 17_000_000)
+        rec["settings"].update(distill_lr_mode=mode, distill_lr=1e-4 if mode == "absolute" else 3e-2)
+        rec["recovery"] = (math.log(20.0) - math.log(ppl)) / (math.log(20.0) - math.log(10.0))
+        (folder / f"alpaca__{model}.json").write_text(json.dumps(rec))
+
+    for model, ppl in {"base": 20.0, "finetune": 10.0, "scalar": 11.0, "auto-2bit": 10.5}.items():
+        write(main, model, ppl, "absolute")
+    for model, ppl in {"base": 20.5, "finetune": 10.0, "scalar": 10.2, "auto-2bit": 10.05}.items():
+        write(rel, model, ppl, "relative")
+    argv = ["--phase", "report", "--results", f"{main},{rel}", "--report-dir", str(tmp_path)]
+    assert fid.main(argv) == 0
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("| alpaca |")]
+    models = [line.split(" | ")[1] for line in table]
+    # one base row (the first folder's), each relative row right after its plain variant
+    assert models == ["base", "finetune", "scalar", "scalar (rel. lr 0.03)", "auto-2bit", "auto-2bit (rel. lr 0.03)"]
+    assert "| alpaca | base | 20.000 |" in out
+    assert "2-bit recovery ≥ 99%: 93.0% FAIL" in out
+    assert "relative lr: scalar (rel. lr 0.03) 97.1% PASS (≥ 95%), auto-2bit (rel. lr 0.03) 99.3% PASS (≥ 99%)" in out
+    md = (tmp_path / "fidelity.md").read_text()
+    assert f"`{main}`, `{rel}`" in md

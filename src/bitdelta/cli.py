@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--distill-lr", type=float, default=1e-4)
     d.add_argument("--distill-lr-mode", choices=["absolute", "relative"], default="absolute",
                    help="absolute (the paper): AdamW steps of about the lr on the scales; relative: steps of about "
-                        "the lr times each scale (try --distill-lr 3e-2), for deltas whose scales are near the lr")
+                        "the lr times each scale (use --distill-lr 3e-2); relative gave higher recovery on every "
+                        "real fine-tune measured (docs/benchmarks.md)")
     d.add_argument("--distill-batch-size", type=int, default=4)
     d.add_argument("--num-samples", type=int, default=800, help="calibration samples")
     d.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sample")
