@@ -313,3 +313,17 @@ def test_non_streaming_disconnect_frees_slot(http, server):
     h = _wait_idle(http, timeout=20)
     assert h["free_kv_slots"] == h["max_batch"]
     assert _metric(http.get("/metrics").text, "bitdelta_requests_total", finish_reason="abort") == before + 1
+
+
+def test_key_scope_rules():
+    from bitdelta.serving.api import ApiError, key_scope
+
+    keys = {"sk-all": {"*"}, "sk-shk": {"shakespeare"}}
+    assert key_scope(None, None) is None  # no keys configured: open
+    assert key_scope(keys, "Bearer sk-all") is None and key_scope(keys, "bearer  sk-all ") is None
+    assert key_scope(keys, "Bearer sk-shk") == {"shakespeare"}
+    for header, message in ((None, "missing"), ("Bearer ", "missing"), ("Basic sk-all", "missing"),
+                            ("Bearer sk-al", "invalid"), ("Bearer sk-all2", "invalid")):
+        with pytest.raises(ApiError) as e:
+            key_scope(keys, header)
+        assert e.value.status == 401 and e.value.message.startswith(message), header

@@ -30,11 +30,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+KEYS = {"sk-all": ["*"], "sk-shk": ["shakespeare"]}  # the application's API keys and the models each may use
+AUTH = {"Authorization": "Bearer sk-all"}
+
+
 class RayApp:
     def __init__(self, url: str, store):
         self.url, self.store = url, store
-        self.client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        self.http = httpx.Client(base_url=url, timeout=120)
+        self.client = openai.OpenAI(base_url=url + "/v1", api_key="sk-all", max_retries=0, timeout=120)
+        self.http = httpx.Client(base_url=url, timeout=120, headers=AUTH)
 
     def replicas(self) -> list[dict]:
         return self.http.get("/v1/replicas").json()["data"]
@@ -70,7 +74,7 @@ def ray_app(tiny_models, delta_dir, corrupt_delta, tmp_path_factory):
         port = _free_port()
         settings = RaySettings(base=str(tiny_models["base"]), base_name="base", store=store.as_uri(), replicas=2,
                                gpus_per_replica=0, cpus_per_replica=1, max_gpu_deltas=2, max_batch=8,
-                               kv_cache_mb=64, report_interval_s=0.5,
+                               kv_cache_mb=64, report_interval_s=0.5, api_keys=KEYS,
                                cache_dir=str(tmp_path_factory.mktemp("delta-cache")))
         run(settings, host="127.0.0.1", port=port, blocking=False)
         app = RayApp(f"http://127.0.0.1:{port}", store)
@@ -169,6 +173,24 @@ def test_errors(ray_app):
     assert ray_app.http.get("/v1/deltas").status_code == 404
 
 
+def test_api_keys_are_checked_as_by_one_server(ray_app):
+    url, body = ray_app.url, {"model": "gsm8k", "prompt": "x", "max_tokens": 2}
+    for headers, code in (({}, 401), ({"Authorization": "Bearer wrong"}, 401)):
+        for r in (httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=60),
+                  # the base model goes straight to a replica, which checks the key itself
+                  httpx.post(url + "/v1/completions", json={**body, "model": "base"}, headers=headers, timeout=60),
+                  httpx.get(url + "/v1/models", headers=headers, timeout=60)):
+            assert r.status_code == code and r.json()["error"]["code"] == "invalid_api_key", r.text
+    shk = openai.OpenAI(base_url=url + "/v1", api_key="sk-shk", max_retries=0, timeout=120)
+    assert [m.id for m in shk.models.list().data] == ["shakespeare"]
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        _text(shk, "gsm8k")
+    assert e.value.body["code"] == "model_not_allowed"
+    with pytest.raises(openai.PermissionDeniedError):
+        _text(shk, "base")
+    assert _text(shk, "shakespeare") == _text(ray_app.client, "shakespeare")
+
+
 def test_client_hang_up_reaches_the_engine(ray_app):
     """Closing a stream, or timing out on a plain request, cancels the engine request behind two hops."""
     def aborted() -> float:
@@ -177,12 +199,13 @@ def test_client_hang_up_reaches_the_engine(ray_app):
 
     before = aborted()
     body = {"model": "gsm8k", "prompt": "To be", "max_tokens": 240, "ignore_eos": True, "temperature": 0}
-    with httpx.stream("POST", ray_app.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+    with httpx.stream("POST", ray_app.url + "/v1/completions", json={**body, "stream": True}, timeout=60,
+                      headers=AUTH) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i >= 3:
                 break
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(ray_app.url + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+        httpx.post(ray_app.url + "/v1/completions", json=body, headers=AUTH, timeout=httpx.Timeout(60, read=0.5))
     deadline = time.time() + 30
     while aborted() - before < 2 or any(rep["engine"]["running"] for rep in ray_app.replicas()):
         assert time.time() < deadline, (aborted() - before, ray_app.replicas())
@@ -228,7 +251,7 @@ def test_a_replica_killed_mid_run_is_replaced_and_no_request_is_lost(ray_app, re
     want = {m: _text(reference, m) for m in models}
     victim = ray_app.client.completions.with_raw_response.create(model="shakespeare", prompt=PROMPT, **GREEDY)
     victim = victim.headers["x-bitdelta-replica"]
-    client = openai.OpenAI(base_url=ray_app.url + "/v1", api_key="unused", max_retries=5, timeout=120)
+    client = openai.OpenAI(base_url=ray_app.url + "/v1", api_key="sk-all", max_retries=5, timeout=120)
     jobs = [models[i % 3] for i in range(24)]
     with cf.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(lambda m: (m, _text(client, m)), m) for m in jobs]

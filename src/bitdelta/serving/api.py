@@ -55,6 +55,30 @@ def error_body(status: int, message: str, code=None, param=None) -> dict:
                       "code": code}}
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header (None without one)."""
+    h = authorization or ""
+    if not h.lower().startswith("bearer "):
+        return None
+    return h[7:].strip() or None
+
+
+def key_scope(api_keys: dict[str, set[str]] | None, authorization: str | None) -> set[str] | None:
+    """The model names a request's key may use, None for every model (no keys configured, or a "*" key).
+
+    Raises ApiError 401 without a key or with an unknown one. Keys are compared in constant time. The
+    single-process server and the Ray ingress both decide access here, so they answer alike."""
+    if api_keys is None:
+        return None
+    key = bearer_token(authorization)
+    if not key:
+        raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+    allowed = next((v for k, v in api_keys.items() if hmac.compare_digest(k, key)), None)
+    if allowed is None:
+        raise ApiError(401, "invalid API key", "invalid_api_key")
+    return None if "*" in allowed else set(allowed)
+
+
 @dataclass
 class ServerConfig:
     api_keys: dict[str, set[str]] | None = None  # key -> allowed model names ("*" = all)
@@ -150,28 +174,20 @@ def create_app(rt, config: ServerConfig | None = None) -> FastAPI:
         return JSONResponse(error_body(e.status_code, str(e.detail)), status_code=e.status_code)
 
     def bearer(request: Request) -> str | None:
-        h = request.headers.get("authorization", "")
-        return h[7:].strip() if h.lower().startswith("bearer ") else None
+        return bearer_token(request.headers.get("authorization"))
 
     def check_access(request: Request, model: str | None) -> None:
-        if cfg.api_keys is None:
-            return
-        key = bearer(request)
-        if not key:
-            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
-        allowed = next((v for k, v in cfg.api_keys.items() if hmac.compare_digest(k, key)), None)
-        if allowed is None:
-            raise ApiError(401, "invalid API key", "invalid_api_key")
-        if model is not None and "*" not in allowed and model not in allowed:
+        scope = key_scope(cfg.api_keys, request.headers.get("authorization"))
+        if model is not None and scope is not None and model not in scope:
             raise ApiError(403, f"this API key may not use model {model!r}", "model_not_allowed", "model")
 
     def visible_models(request: Request) -> list[str]:
         names = rt.models()
-        if cfg.api_keys is None:
-            return names
-        key = bearer(request)
-        allowed = next((v for k, v in cfg.api_keys.items() if hmac.compare_digest(k, key or "")), set())
-        return [n for n in names if "*" in allowed or n in allowed]
+        try:
+            scope = key_scope(cfg.api_keys, request.headers.get("authorization"))
+        except ApiError:
+            return []
+        return names if scope is None else [n for n in names if n in scope]
 
     def model_card(name: str) -> dict:
         e = rt.slots.get(name)

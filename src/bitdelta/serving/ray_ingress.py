@@ -17,7 +17,6 @@ replica can: ``/v1/models`` (the base plus every artifact in the store), ``/metr
 # `from __future__ import annotations` (FastAPI must see real classes in route signatures), and
 # every module-level helper the routes use is defined above the class.
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -26,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 
-from .api import error_body
+from .api import ApiError, error_body, key_scope
 from .asgi_bridge import HttpRequest, ResponseStart
 from .ray_board import merge_prometheus
 from .ray_serve import RaySettings
@@ -87,16 +86,10 @@ class Ingress:
 
     def _scope(self, request: Request) -> "set[str] | None":
         """Models the request's key may use (None = every model); raises _Denied without a valid key."""
-        if self.keys is None:
-            return None
-        h = request.headers.get("authorization", "")
-        key = h[7:].strip() if h.lower().startswith("bearer ") else ""
-        if not key:
-            raise _Denied(_error(401, "missing API key: send 'Authorization: Bearer <key>'", "invalid_api_key"))
-        allowed = next((v for k, v in self.keys.items() if hmac.compare_digest(k, key)), None)
-        if allowed is None:
-            raise _Denied(_error(401, "invalid API key", "invalid_api_key"))
-        return None if "*" in allowed else allowed
+        try:
+            return key_scope(self.keys, request.headers.get("authorization"))
+        except ApiError as e:
+            raise _Denied(_error(e.status, e.message, e.code, e.param)) from None
 
     async def _models(self) -> list[str]:
         at, names = self._names
