@@ -103,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--gguf-wheel", default=None,
                     help="the gguf package's wheel, imported from the zip when gguf is not installed (offline machines)")
     ap.add_argument("--base-dir", default=None, help="use this Hugging Face model dir as the base instead of --gguf")
-    ap.add_argument("--domain", default=None, help="eval: comma-separated domains (default: all three)")
+    ap.add_argument("--domain", default=None, help="prepare, eval: comma-separated domains (default: all three)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="eval: comma-separated subset of " + ",".join(VARIANTS))
     ap.add_argument("--device", default=None, help="default: cuda if available")
     ap.add_argument("--seed", type=int, default=0)
@@ -481,7 +481,7 @@ def phase_prepare(args) -> int:
     record.setdefault("finetunes", {})
     tok = load_tokenizer(str(base_dir))
     base_model = None
-    for domain in DOMAINS:
+    for domain in args.domains:  # --domain makes only those fine-tunes (a rerun of one domain's cells)
         ft_dir = work / "finetunes" / domain
         if (ft_dir / "config.json").is_file() and not args.force and domain in record["finetunes"]:
             log(f"{domain}: reusing {ft_dir}")
@@ -702,7 +702,7 @@ def phase_eval(args, domain: str, deadline: float | None) -> int:
     t_phase = time.perf_counter()
     base_dir, ft_dir = args.work / "base", args.work / "finetunes" / domain
     if not (ft_dir / "config.json").is_file():
-        raise SystemExit(f"{ft_dir} does not exist: run --phase prepare first")
+        raise SystemExit(f"{ft_dir} does not exist: run --phase prepare --domain {domain} first")
     if (args.work / "prepare.json").is_file():
         copy_out(args, args.work / "prepare.json")
     tok = load_tokenizer(str(ft_dir))

@@ -117,3 +117,15 @@ def test_report_merges_folders_and_marks_relative_lr_rows(fid, tmp_path, capsys)
     assert "relative lr: scalar (rel. lr 0.03) 97.1% PASS (≥ 95%), auto-2bit (rel. lr 0.03) 99.3% PASS (≥ 99%)" in out
     md = (tmp_path / "fidelity.md").read_text()
     assert f"`{main}`, `{rel}`" in md
+
+
+@pytest.mark.skipif(not (SHARED / "finetune").is_dir(), reason="../shared/data not present")
+def test_prepare_makes_only_the_domains_asked_for(fid, tmp_path):
+    work = tmp_path / "work"
+    argv = ["--smoke", "--base-dir", str(ROOT / "models" / "tiny" / "base"), "--work", str(work)]
+    assert fid.main(["--phase", "prepare", "--domain", "shakespeare", *argv]) == 0
+    assert [d.name for d in (work / "finetunes").iterdir()] == ["shakespeare"]
+    record = json.loads((work / "prepare.json").read_text())
+    assert list(record["finetunes"]) == ["shakespeare"] and record["finetunes"]["shakespeare"]["steps"] >= 1
+    with pytest.raises(SystemExit, match="run --phase prepare --domain gsm8k first"):
+        fid.main(["--phase", "eval", "--domain", "gsm8k", *argv])
