@@ -1021,7 +1021,7 @@ def phase_report(args) -> int:
           "- Command: `benchmarks/fidelity.py` phases `prepare`, `eval --domain gsm8k|alpaca|shakespeare`, `report` "
           "(see its docstring)",
           f"- Results: {', '.join(f'`{f}`' for f in folders)}",
-          f"- Device: {devices}, torch {sample.get('torch')}, bitdelta {sample.get('bitdelta')}; "
+          f"- Device(s): {devices}; torch {sample.get('torch')}, bitdelta {sample.get('bitdelta')}; "
           f"date {', '.join(sorted({r.get('date', 'not recorded') for r in rows.values()}))}"
           + ("  **(smoke run: tiny budgets, numbers mean nothing)**" if s.get("smoke") else ""),
           "- Data on the GPU machine (64 MiB per transfer, next to the 98 MB GGUF in two halves): "
