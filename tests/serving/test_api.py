@@ -323,7 +323,7 @@ def test_key_scope_rules():
     assert key_scope(keys, "Bearer sk-all") is None and key_scope(keys, "bearer  sk-all ") is None
     assert key_scope(keys, "Bearer sk-shk") == {"shakespeare"}
     for header, message in ((None, "missing"), ("Bearer ", "missing"), ("Basic sk-all", "missing"),
-                            ("Bearer sk-al", "invalid"), ("Bearer sk-all2", "invalid")):
+                            ("Bearer sk-al", "invalid"), ("Bearer sk-all2", "invalid"), ("Bearer ключ", "invalid")):
         with pytest.raises(ApiError) as e:
             key_scope(keys, header)
         assert e.value.status == 401 and e.value.message.startswith(message), header

@@ -73,7 +73,8 @@ def key_scope(api_keys: dict[str, set[str]] | None, authorization: str | None) -
     key = bearer_token(authorization)
     if not key:
         raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
-    allowed = next((v for k, v in api_keys.items() if hmac.compare_digest(k, key)), None)
+    # bytes, not str: compare_digest refuses non-ASCII str, and a stray header must get 401, not 500
+    allowed = next((v for k, v in api_keys.items() if hmac.compare_digest(k.encode(), key.encode())), None)
     if allowed is None:
         raise ApiError(401, "invalid API key", "invalid_api_key")
     return None if "*" in allowed else set(allowed)
@@ -422,7 +423,7 @@ def create_app(rt, config: ServerConfig | None = None) -> FastAPI:
         key = bearer(request)
         if not key:
             raise ApiError(401, "admin endpoints need 'Authorization: Bearer <admin key>'", "invalid_api_key")
-        if not hmac.compare_digest(key, cfg.admin_key):
+        if not hmac.compare_digest(key.encode(), cfg.admin_key.encode()):
             raise ApiError(403, "wrong admin key", "invalid_api_key")
 
     def known_delta(name: str):
