@@ -121,8 +121,12 @@ class _TrainableScales:
                 seen.add(id(w.packed))
                 self.packed.append(w.packed)
         self.initial = [pk.scale.detach().float().clone() for pk in self.packed]
-        self.params = [nn.Parameter(torch.ones_like(s0) if self.relative else s0.clone()) for s0 in self.initial]
+        self.params = [nn.Parameter(self._start(s0)) for s0 in self.initial]
         self.refresh()
+
+    def _start(self, s0: torch.Tensor) -> torch.Tensor:
+        """The parameter's starting value: a multiplier of 1, or the initial scale itself."""
+        return torch.ones_like(s0) if self.relative else s0.clone()
 
     def refresh(self) -> None:
         for pk, s0, param in zip(self.packed, self.initial, self.params):
@@ -131,7 +135,7 @@ class _TrainableScales:
     @torch.no_grad()
     def reset(self) -> None:
         for s0, param in zip(self.initial, self.params):
-            param.copy_(torch.ones_like(s0) if self.relative else s0)
+            param.copy_(self._start(s0))
         self.refresh()
 
 

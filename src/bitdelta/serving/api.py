@@ -80,6 +80,12 @@ def key_scope(api_keys: dict[str, set[str]] | None, authorization: str | None) -
     return None if "*" in allowed else set(allowed)
 
 
+def check_in_scope(scope: set[str] | None, model: str) -> None:
+    """ApiError 403 when ``model`` is outside a key's scope (None = every model)."""
+    if scope is not None and model not in scope:
+        raise ApiError(403, f"this API key may not use model {model!r}", "model_not_allowed", "model")
+
+
 @dataclass
 class ServerConfig:
     api_keys: dict[str, set[str]] | None = None  # key -> allowed model names ("*" = all)
@@ -177,17 +183,15 @@ def create_app(rt, config: ServerConfig | None = None) -> FastAPI:
     def bearer(request: Request) -> str | None:
         return bearer_token(request.headers.get("authorization"))
 
-    def check_access(request: Request, model: str | None) -> None:
+    def check_access(request: Request, model: str | None) -> set[str] | None:
+        """The request key's scope (None = every model); 401 without a valid key, 403 for ``model`` outside it."""
         scope = key_scope(cfg.api_keys, request.headers.get("authorization"))
-        if model is not None and scope is not None and model not in scope:
-            raise ApiError(403, f"this API key may not use model {model!r}", "model_not_allowed", "model")
+        if model is not None:
+            check_in_scope(scope, model)
+        return scope
 
-    def visible_models(request: Request) -> list[str]:
+    def visible_models(scope: set[str] | None) -> list[str]:
         names = rt.models()
-        try:
-            scope = key_scope(cfg.api_keys, request.headers.get("authorization"))
-        except ApiError:
-            return []
         return names if scope is None else [n for n in names if n in scope]
 
     def model_card(name: str) -> dict:
@@ -216,13 +220,11 @@ def create_app(rt, config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models(request: Request):
-        check_access(request, None)
-        return {"object": "list", "data": [model_card(n) for n in visible_models(request)]}
+        return {"object": "list", "data": [model_card(n) for n in visible_models(check_access(request, None))]}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str, request: Request):
-        check_access(request, None)
-        if not rt.has(name) or name not in visible_models(request):
+        if not rt.has(name) or name not in visible_models(check_access(request, None)):
             raise ApiError(404, f"the model {name!r} does not exist", "model_not_found", "model")
         return model_card(name)
 

@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 
-from .api import ApiError, error_body, key_scope
+from .api import ApiError, check_in_scope, error_body, key_scope
 from .asgi_bridge import HttpRequest, ResponseStart
 from .ray_board import merge_prometheus
 from .ray_serve import RaySettings
@@ -169,11 +169,11 @@ class Ingress:
         tenant = ""
         if isinstance(model, str) and model != self.base_name:
             try:
-                scope = self._scope(request)
+                check_in_scope(self._scope(request), model)
             except _Denied as d:
                 return d.response
-            if scope is not None and model not in scope:
-                return _error(403, f"this API key may not use model {model!r}", "model_not_allowed", "model")
+            except ApiError as e:
+                return _error(e.status, e.message, e.code, e.param)
             try:
                 tenant = check_name(model)
             except ValueError:
