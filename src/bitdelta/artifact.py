@@ -13,7 +13,23 @@ Writes go to a temporary sibling directory that is renamed into place, so a cras
 a half-written artifact under the final name. Loading validates everything it reads and raises
 :class:`FormatError` with the file name on any inconsistency; it never unpickles anything.
 
+Artifacts are untrusted input (a server may load any artifact from an allow-listed directory), so
+loading also guarantees:
+
+- it never reads outside the artifact: every entry of its directory, the weights file, its shards
+  and the files listed in ``files`` must resolve, after symlinks, inside the artifact's directory
+  (and inside ``root=`` when given, e.g. a server's ``--delta-dir``); listed names must be plain
+  file names. A Hugging Face cache snapshot (``models--org--name/snapshots/<rev>``) counts as its
+  repository folder, since the cache links snapshot files to ``../../blobs``.
+- it never reads a tensor whose size does not follow from the config: every tensor's dtype and
+  shape are checked against ``modules`` in the header before a byte of data is read, tensors the
+  config does not name are never read, and ``precheck`` (e.g. a server comparing shapes with its
+  base) sees the whole layout before anything is read.
+- it never returns non-finite values; bounds relative to the base live in :mod:`bitdelta.validate`
+  (checked by apply, merge and serving registration, which have the base).
+
     save_delta(delta, "ft.bitdelta"); delta = load_delta("ft.bitdelta")
+    delta = load_delta("deltas/zephyr", root="deltas")    # refuse anything outside deltas/
 """
 
 from __future__ import annotations
@@ -22,18 +38,23 @@ import json
 import logging
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from . import __version__
 from .atomic import atomic_directory
+from .binarize import SCALE_MODES
 from .delta import Delta, PackedModule
 from .errors import FormatError
 from .fingerprint import SAMPLES_PER_MODULE, Fingerprint
 from .model_card import model_card
-from .safetensors_io import SafetensorsCheckpoint, write_sharded
+from .pack import packed_width
+from .safetensors_io import SafetensorsCheckpoint, confined, plain_name, write_sharded
 from .sources import resolve_model_dir
+from .targets import CONV1D, EMBEDDING, LINEAR
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +73,53 @@ _KNOWN = set(_REQUIRED) | {
     "tied_parameters", "compression", "distillation", "packing", "dense_parameters", "files",
     "imported_from", "fidelity",
 }
+MAX_BITS = 8  # compress accepts 1..8 sign planes
+# Largest dimension a config may declare (2**31 rows of a matrix is beyond any model); keeps shape
+# arithmetic small before anything is compared with the file.
+_MAX_DIM = 2**31 - 1
+_MAX_CONFIG_BYTES = 64_000_000
+# Tokenizer and generation files are at most tens of MB (a 256k-token tokenizer.json is ~35 MB); a
+# listed file beyond this is refused rather than read into memory.
+MAX_LISTED_FILE_BYTES = 512_000_000
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_STR_OR_NONE = ("base_model_name_or_path", "base_model_revision", "finetuned_model_name_or_path",
+                "finetuned_model_revision", "model_type", "bitdelta_version")
+_DICT_OR_NONE = ("compression", "distillation", "imported_from", "fidelity")
+
+
+@dataclass(frozen=True)
+class ModuleLayout:
+    """What the config says one compressed module holds (checked against the weights' header)."""
+
+    kind: str
+    mode: str
+    bits: int
+    out_features: int
+    in_features: int
+    extra_rows: int = 0
+    vocab: bool = False
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every tensor a delta holds, by shape, known before any tensor data is read: what a server
+    compares with its base to refuse a delta without reading it (``load_delta(precheck=...)``)."""
+
+    modules: dict
+    dense: dict  # parameter name -> shape
+    ties: dict
+
+    @classmethod
+    def of(cls, delta: Delta) -> "Layout":
+        modules = {n: ModuleLayout(m.kind, m.mode, m.bits, m.out_features, m.in_features,
+                                   0 if m.extra_rows is None else int(m.extra_rows.shape[0]), m.vocab)
+                   for n, m in delta.modules.items()}
+        return cls(modules, {n: tuple(v.shape) for n, v in delta.dense.items()}, dict(delta.ties))
+
+
+def check_file_name(name: str) -> str:
+    """A name from an artifact's ``files`` must be a plain file name (no directories, no ``..``)."""
+    return plain_name(name, f"{CONFIG_NAME} 'files' entry")
 
 
 def parse_size(size: int | str) -> int:
@@ -125,7 +193,7 @@ def save_delta(delta: Delta, save_directory, max_shard_size: int | str = "5GB", 
         for fname, data in delta.files.items():
             if fname in (CONFIG_NAME, "README.md") or fname in written:
                 continue
-            (tmp / fname).write_bytes(data)
+            (tmp / check_file_name(fname)).write_bytes(data)
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(model_card(delta, cfg, artifact_bytes=_dir_bytes(tmp)))
     return out
@@ -135,77 +203,217 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
 
 
-def read_config(path: Path) -> dict:
+def artifact_home(local: Path) -> Path:
+    """The directory an artifact's files must stay in: the artifact directory itself, or, for a
+    Hugging Face cache snapshot (``<repo>/snapshots/<rev>``), its repository folder, whose
+    ``blobs/`` the snapshot's files link to."""
+    local = Path(local)
+    parent = local.parent
+    if (parent.name == "snapshots" and parent.parent.name.startswith("models--")
+            and (parent.parent / "blobs").is_dir()):
+        return parent.parent
+    return local
+
+
+def _roots(local: Path, root) -> tuple:
+    return (artifact_home(local),) if root is None else (artifact_home(local), Path(root))
+
+
+def check_confined(local: Path, root=None) -> None:
+    """Every entry of the artifact directory (files, links, the weights) must resolve inside the
+    artifact (and ``root``): a link out of it is refused whatever its name, since tokenizer loading
+    reads the directory too. Raises :class:`FormatError` naming the first offender."""
+    local = Path(local)
+    roots = _roots(local, root)
+    for r in roots:
+        confined(local, r)
+    try:
+        entries = sorted(local.iterdir())
+    except OSError as e:
+        raise FormatError(f"{local} cannot be listed ({e})") from None
+    for entry in entries:
+        for r in roots:
+            confined(entry, r)
+
+
+def _fail(cfg_path, field: str, why: str):
+    raise FormatError(f"{cfg_path}: field {field!r} {why}; the artifact is corrupt or was not written by bitdelta")
+
+
+def _int_in(v, lo: int, hi: int) -> bool:
+    return type(v) is int and lo <= v <= hi
+
+
+def _check_module_entry(cfg_path, name, entry) -> None:
+    field = f"modules.{name}"
+    if not isinstance(name, str) or not name or len(name) > 1000:
+        _fail(cfg_path, "modules", f"has an invalid module name {str(name)[:80]!r}")
+    if not isinstance(entry, dict):
+        _fail(cfg_path, field, f"must be an object, got {type(entry).__name__}")
+    if entry.get("kind") not in (LINEAR, CONV1D, EMBEDDING):
+        _fail(cfg_path, f"{field}.kind", f"must be one of {[LINEAR, CONV1D, EMBEDDING]}, got {str(entry.get('kind'))[:80]!r}")
+    if entry.get("scale") not in SCALE_MODES:
+        _fail(cfg_path, f"{field}.scale", f"must be one of {list(SCALE_MODES)}, got {str(entry.get('scale'))[:80]!r}")
+    if not _int_in(entry.get("bits"), 1, MAX_BITS):
+        _fail(cfg_path, f"{field}.bits", f"must be an integer from 1 to {MAX_BITS}, got {str(entry.get('bits'))[:80]!r}")
+    shape = entry.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_int_in(d, 1, _MAX_DIM) for d in shape)):
+        _fail(cfg_path, f"{field}.shape", f"must be [out, in] positive integers, got {str(shape)[:80]}")
+    if not _int_in(entry.get("extra_rows", 0), 0, _MAX_DIM):
+        _fail(cfg_path, f"{field}.extra_rows", f"must be a non-negative integer, got {str(entry.get('extra_rows'))[:80]!r}")
+    if not isinstance(entry.get("vocab", False), bool):
+        _fail(cfg_path, f"{field}.vocab", "must be true or false")
+
+
+def _check_fields(cfg_path, cfg: dict) -> None:
+    """Types and ranges of every field bitdelta relies on (so no later step meets a list where it
+    expects a dict, a string where it expects a number, or a path where it expects a name)."""
+    modules = cfg["modules"]
+    if not isinstance(modules, dict):
+        _fail(cfg_path, "modules", f"must be an object of module entries, got {type(modules).__name__}")
+    for name, entry in modules.items():
+        _check_module_entry(cfg_path, name, entry)
+    for field in ("dense_parameters", "files"):
+        value = cfg.get(field, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            _fail(cfg_path, field, "must be a list of non-empty strings")
+        if len(set(value)) != len(value):
+            _fail(cfg_path, field, "lists a name twice")
+    for fname in cfg.get("files", []):
+        check_file_name(fname)
+    fp = cfg["base_fingerprint"]
+    if not isinstance(fp, dict):
+        _fail(cfg_path, "base_fingerprint", f"must be an object, got {type(fp).__name__}")
+    sha = fp.get("sha256")
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        _fail(cfg_path, "base_fingerprint.sha256", "must be a hex sha256")
+    ties = cfg.get("tied_parameters", {}) or {}
+    if not isinstance(ties, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ties.items()):
+        _fail(cfg_path, "tied_parameters", "must map parameter names to parameter names")
+    for field in ("vocab_size", "finetuned_num_parameters"):
+        v = cfg.get(field)
+        if v is not None and not _int_in(v, 1 if field == "vocab_size" else 0, 2**62):
+            _fail(cfg_path, field, f"must be a positive integer, got {str(v)[:80]!r}")
+    for field in _STR_OR_NONE:
+        if cfg.get(field) is not None and not isinstance(cfg[field], str):
+            _fail(cfg_path, field, "must be a string")
+    for field in _DICT_OR_NONE:
+        if cfg.get(field) is not None and not isinstance(cfg[field], dict):
+            _fail(cfg_path, field, "must be an object")
+    arch = cfg.get("architectures")
+    if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
+        _fail(cfg_path, "architectures", "must be a list of strings")
+    if cfg.get("packing") is not None and not isinstance(cfg["packing"], dict):
+        _fail(cfg_path, "packing", "must be an object")
+
+
+def read_config(path: Path, root=None) -> dict:
+    """Reads and validates ``delta_config.json`` of the artifact at ``path`` (types and ranges of
+    every field used); the file must resolve inside the artifact (and ``root``)."""
+    path = Path(path)
     cfg_path = path / CONFIG_NAME
     if not cfg_path.is_file():
         raise FormatError(f"{path} is not a bitdelta artifact: {CONFIG_NAME} is missing")
+    real = cfg_path
+    for r in _roots(path, root):
+        real = confined(real, r)
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{cfg_path} is corrupt (not valid JSON: {e})") from None
+        if real.stat().st_size > _MAX_CONFIG_BYTES:
+            raise FormatError(f"{cfg_path} is {real.stat().st_size} bytes, too large for a delta config")
+        cfg = json.loads(real.read_bytes())
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # ValueError: JSON, or ints over 4300 digits
+        raise FormatError(f"{cfg_path} is corrupt (not valid JSON: {type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(cfg, dict):
         raise FormatError(f"{cfg_path} is corrupt (not a JSON object)")
     missing = [k for k in _REQUIRED if k not in cfg]
     if missing:
         raise FormatError(f"{cfg_path} lacks required keys {missing}; it is not a valid bitdelta artifact")
     if cfg["format"] != FORMAT_NAME:
-        raise FormatError(f"{cfg_path} is format {cfg['format']!r}, not {FORMAT_NAME!r}")
+        raise FormatError(f"{cfg_path} is format {str(cfg['format'])[:80]!r}, not {FORMAT_NAME!r}")
     version = cfg["format_version"]
-    if not isinstance(version, int) or version < 1:
-        raise FormatError(f"{cfg_path} has an invalid format_version {version!r}")
+    if type(version) is not int or version < 1:
+        raise FormatError(f"{cfg_path} has an invalid format_version {str(version)[:80]!r}")
     if version > FORMAT_VERSION:
         raise FormatError(
             f"{path} uses artifact format_version {version}, newer than this bitdelta "
             f"{__version__} understands (up to {FORMAT_VERSION}); upgrade: pip install -U bitdelta"
         )
-    unknown = sorted(set(cfg) - _KNOWN)
+    unknown = sorted(str(k)[:80] for k in set(cfg) - _KNOWN)
     if unknown:
         warnings.warn(f"{cfg_path}: ignoring unknown keys {unknown} (written by a newer bitdelta?)", stacklevel=3)
-        for k in unknown:
+        for k in set(cfg) - _KNOWN:
             cfg.pop(k)
+    _check_fields(cfg_path, cfg)
     return cfg
 
 
-def load_delta(path, device="cpu", revision: str | None = None) -> Delta:
-    """Loads and validates an artifact from a directory or a hub id."""
+def load_delta(path, device="cpu", revision: str | None = None, *, root=None,
+               precheck: Callable[[Layout], None] | None = None) -> Delta:
+    """Loads and validates an artifact from a directory or a hub id.
+
+    Args:
+        root: a directory the artifact and every file it reads must lie in (after symlinks), e.g.
+            a server's allow-listed ``--delta-dir``; the artifact's own directory is always enforced.
+        precheck: called with the artifact's :class:`Layout` after the config and the weights'
+            headers are validated and before any tensor is read; raise in it to refuse the delta
+            without reading it (a server compares shapes with its base).
+
+    Raises :class:`FormatError` for anything inconsistent, outside the artifact, or non-finite.
+    """
     local = Path(path)
     if not local.is_dir():
         local, _ = resolve_model_dir(path, revision)
-    cfg = read_config(local)
-    ckpt = SafetensorsCheckpoint.open(local, stem=WEIGHTS_STEM)
+    roots = _roots(local, root)
+    check_confined(local, root)
+    cfg = read_config(local, root)
+    ckpt = SafetensorsCheckpoint.open(local, stem=WEIGHTS_STEM, root=roots)
 
-    def need(key: str) -> torch.Tensor:
+    def header(key: str, dtypes: tuple, shape: tuple | None, what: str):
+        """The header entry of ``key`` after checking its dtype and shape: nothing is read yet."""
         if key not in ckpt:
             raise FormatError(f"{local}: tensor {key!r} listed in {CONFIG_NAME} is missing from the weights")
-        return ckpt.get(key)
+        e = ckpt.entries[key]
+        if e.dtype not in dtypes:
+            names = "/".join(str(d).replace("torch.", "") for d in dtypes)
+            raise FormatError(f"{local}: tensor {key!r} ({what}) is {str(e.dtype).replace('torch.', '')}, must be {names}")
+        if shape is not None and tuple(e.shape) != tuple(shape):
+            raise FormatError(f"{local}: tensor {key!r} ({what}) has shape {list(e.shape)}, but {CONFIG_NAME} "
+                              f"implies {list(shape)}; the artifact is inconsistent")
+        return e
+
+    layouts: dict[str, ModuleLayout] = {}
+    for name, entry in cfg["modules"].items():
+        for k in set(entry) - _MODULE_KEYS:
+            warnings.warn(f"{local}: module {name}: ignoring unknown key {str(k)[:80]!r}", stacklevel=2)
+        mode, bits, (out_f, in_f) = entry["scale"], entry["bits"], entry["shape"]
+        extra = entry.get("extra_rows", 0) or 0
+        header(f"{name}.sign", (torch.uint8,), (bits, out_f, packed_width(in_f)), "sign planes")
+        header(f"{name}.scale", FLOAT_DTYPES, {"scalar": (bits,), "row": (bits, out_f), "col": (bits, in_f)}[mode], "scales")
+        if extra:
+            header(f"{name}.extra_rows", FLOAT_DTYPES, (extra, in_f), "added-token rows")
+        layouts[name] = ModuleLayout(entry["kind"], mode, bits, out_f, in_f, extra, bool(entry.get("vocab", False)))
+    dense_shapes = {n: tuple(header(n, FLOAT_DTYPES, None, "dense parameter").shape) for n in cfg.get("dense_parameters", [])}
+    names = sorted(layouts)
+    header(FINGERPRINT_KEY, FLOAT_DTYPES, (len(names), SAMPLES_PER_MODULE), "base fingerprint")
+    if precheck is not None:
+        precheck(Layout(layouts, dense_shapes, dict(cfg.get("tied_parameters") or {})))
 
     modules: dict[str, PackedModule] = {}
-    for name, entry in cfg["modules"].items():
-        try:
-            kind, mode, bits = entry["kind"], entry["scale"], int(entry["bits"])
-            out_f, in_f = (int(s) for s in entry["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{local}/{CONFIG_NAME}: module {name!r} entry is malformed: {entry}") from None
-        for k in set(entry) - _MODULE_KEYS:
-            warnings.warn(f"{local}: module {name}: ignoring unknown key {k!r}", stacklevel=2)
-        extra = need(f"{name}.extra_rows") if entry.get("extra_rows") else None
-        try:
-            m = PackedModule(kind, mode, need(f"{name}.sign"), need(f"{name}.scale"), in_f,
-                             bool(entry.get("vocab", False)), extra)
-        except ValueError as e:
-            raise FormatError(f"{local}: module {name}: {e}") from None
+    for name, lay in layouts.items():
+        extra = ckpt.get(f"{name}.extra_rows") if lay.extra_rows else None
+        m = PackedModule(lay.kind, lay.mode, ckpt.get(f"{name}.sign"), ckpt.get(f"{name}.scale"), lay.in_features,
+                         lay.vocab, extra)
         m.validate(name)
-        if m.bits != bits or m.out_features != out_f:
-            raise FormatError(
-                f"{local}: module {name}: weights hold {m.bits} planes of {m.out_features} rows but "
-                f"{CONFIG_NAME} says {bits} x {out_f}; the artifact is inconsistent"
-            )
+        if extra is not None and not torch.isfinite(extra).all():
+            raise FormatError(f"{local}: tensor {name + '.extra_rows'!r} holds NaN or inf")
         modules[name] = m
-    dense = {name: need(name) for name in cfg.get("dense_parameters", [])}
-    samples = need(FINGERPRINT_KEY)
-    names = sorted(modules)
-    if samples.shape != (len(names), SAMPLES_PER_MODULE):
-        raise FormatError(f"{local}: base fingerprint has shape {tuple(samples.shape)}, expected {(len(names), SAMPLES_PER_MODULE)}")
+    dense = {}
+    for name in dense_shapes:
+        value = ckpt.get(name)
+        if not torch.isfinite(value).all():
+            raise FormatError(f"{local}: dense parameter {name!r} holds NaN or inf")
+        dense[name] = value
+    samples = ckpt.get(FINGERPRINT_KEY)
     fp = Fingerprint(names, [(modules[n].out_features, modules[n].in_features) for n in names], samples.float())
     recorded = cfg["base_fingerprint"].get("sha256")
     if recorded and recorded != fp.sha256:
@@ -213,10 +421,18 @@ def load_delta(path, device="cpu", revision: str | None = None) -> Delta:
     files = {}
     for fname in cfg.get("files", []):
         f = local / fname
-        if f.is_file():
-            files[fname] = f.read_bytes()
-        else:
+        if not f.exists():
             logger.warning("%s: listed file %s is missing; continuing without it", local, fname)
+            continue
+        real = f
+        for r in roots:
+            real = confined(real, r)
+        if not real.is_file():
+            raise FormatError(f"{local}: listed file {fname!r} is not a regular file")
+        if real.stat().st_size > MAX_LISTED_FILE_BYTES:
+            raise FormatError(f"{local}: listed file {fname!r} is {real.stat().st_size:,} bytes, more than a "
+                              f"tokenizer or config file can be ({MAX_LISTED_FILE_BYTES:,}); remove it from 'files'")
+        files[fname] = real.read_bytes()
     info = {k: v for k, v in cfg.items() if k not in ("modules", "base_fingerprint", "packing", "dense_parameters", "files")}
     info["artifact_path"] = str(local)
     delta = Delta(modules, dense, fp, info, files)

@@ -24,3 +24,7 @@ class WrongBaseError(BitDeltaError):
 
 class ShapeMismatchError(BitDeltaError):
     """Base and fine-tune (or delta and model) disagree on a tensor's shape."""
+
+
+class InvalidDeltaError(FormatError):
+    """A delta's values are non-finite or absurd for its base (see :mod:`bitdelta.validate`)."""

@@ -55,8 +55,15 @@ def load_tokenizer(*candidates):
 
 
 def save_model_atomic(model, files: dict[str, bytes], out, overwrite: bool = False) -> Path:
-    """``model.save_pretrained`` into a temporary sibling, add ``files``, then rename into place."""
+    """``model.save_pretrained`` into a temporary sibling, add ``files``, then rename into place.
+
+    ``files`` come from an artifact (untrusted): each name must be a plain file name, so nothing
+    is written outside ``out``; anything else is refused before a byte is written."""
+    from .safetensors_io import plain_name
+
     out = Path(out)
+    for name in files:
+        plain_name(name, "tokenizer/config file name")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already exists and is not empty; choose a new path or pass --overwrite")
     with atomic_directory(out) as tmp:

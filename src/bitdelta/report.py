@@ -12,14 +12,17 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .artifact import CONFIG_NAME, WEIGHTS_STEM, read_config
+from .artifact import CONFIG_NAME, WEIGHTS_STEM, check_confined, read_config
 from .model_card import compression_factor
 
 
 def describe_artifact(path) -> dict:
+    """The facts ``inspect`` prints. Raises :class:`~bitdelta.errors.FormatError` for a corrupt config
+    or an entry (a link) that resolves outside the artifact: inspecting never follows one out."""
     path = Path(path)
     cfg = read_config(path)
-    files = {f.name: f.stat().st_size for f in path.iterdir() if f.is_file()}
+    check_confined(path)
+    files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file()}
     weight_bytes = sum(s for n, s in files.items() if n.startswith(WEIGHTS_STEM) and ".safetensors" in n)
     artifact_bytes = sum(files.values())
     n = cfg.get("finetuned_num_parameters")
@@ -56,7 +59,7 @@ def format_report(info: dict) -> str:
         f"artifact          {info['path']}",
         f"format            {info['format']}",
         f"base              {info['base']}" + (f" @ {info['base_revision']}" if info["base_revision"] else ""),
-        f"base fingerprint  {info['base_fingerprint'][:16]}",
+        f"base fingerprint  {(info['base_fingerprint'] or '?')[:16]}",
         f"fine-tune         {info['finetuned']}",
         f"model type        {info['model_type']}",
         f"compressed        {info['compressed_modules']} modules",

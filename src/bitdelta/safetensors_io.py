@@ -5,7 +5,13 @@ read and dropped leaves nothing resident: compression of two large checkpoints k
 tensors in flight. Every read validates the header against the file size, so a truncated or
 corrupt file is reported by name instead of failing deep inside torch.
 
+Untrusted checkpoints (delta artifacts) are opened with ``root=``: every file read (the single
+file, the index, each shard the index names) must then resolve, after symlinks, inside ``root``
+(:func:`confined`), and shard names must be plain file names (:func:`plain_name`). Base models are
+opened without a root, since the Hugging Face cache links snapshot files to blobs elsewhere.
+
     ckpt = SafetensorsCheckpoint.open("models/llama")        # a dir (single file or sharded index)
+    ckpt = SafetensorsCheckpoint.open(art, stem="delta", root=art)   # refuse reads outside ``art``
     w = ckpt.get("model.layers.0.mlp.up_proj.weight")        # one tensor, read on demand
     write_sharded(tensors, out_dir, "delta", max_shard_bytes=5_000_000_000, metadata={...})
 """
@@ -39,6 +45,51 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
         _DTYPES[_name] = getattr(torch, _attr)
 
 _MAX_HEADER_BYTES = 100_000_000
+_MAX_INDEX_BYTES = 100_000_000  # an index of a 1T-parameter model is a few MB
+# Data offsets and dimensions beyond this are no real tensor (8 EiB); refusing them keeps every
+# size computation exact and every seek valid.
+_MAX_OFFSET = 2**63 - 1
+
+
+def plain_name(name, what: str = "file name") -> str:
+    """``name`` if it is a plain file name (no directory part, not ``.``/``..``, not absolute),
+    else :class:`FormatError` naming it: names read from untrusted files must never point elsewhere."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name or len(name) > 255):
+        raise FormatError(f"{what} {name!r} is not a plain file name; an artifact may only name files in its own directory")
+    return name
+
+
+def confined(path, root) -> Path:
+    """``path`` resolved (symlinks followed) if it lies inside ``root`` (also resolved), else
+    :class:`FormatError` naming both: what keeps an artifact from reading anything outside itself."""
+    try:
+        real = Path(path).resolve()
+        base = Path(root).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop, or a name the OS refuses
+        raise FormatError(f"{path} cannot be resolved ({e}); remove the broken link") from None
+    if real != base and not real.is_relative_to(base):
+        raise FormatError(f"{path} resolves to {real}, outside {base}; an artifact may only read its own files")
+    return real
+
+
+def _confine_all(path, roots) -> Path:
+    for r in roots:
+        path = confined(path, r)
+    return Path(path)
+
+
+def _roots(root) -> tuple:
+    if root is None:
+        return ()
+    return tuple(root) if isinstance(root, (list, tuple)) else (root,)
+
+
+def _nonneg_int(v) -> int:
+    # JSON gives ints, floats (1.5, 1e400 = inf), bools and strings; only a real int is a size.
+    if type(v) is not int or v < 0 or v > _MAX_OFFSET:
+        raise ValueError(v)
+    return v
 
 
 @dataclass(frozen=True)
@@ -67,27 +118,37 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
                     f"{path} is truncated or not a safetensors file (header claims {header_len} "
                     f"bytes, file has {size})"
                 )
-            header = json.loads(f.read(header_len))
+            raw = f.read(header_len)
+        header = json.loads(raw)
     except FileNotFoundError:
         raise FormatError(f"{path} does not exist") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path} has a corrupt safetensors header ({e})") from None
+    except IsADirectoryError:
+        raise FormatError(f"{path} is a directory, not a safetensors file") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: bad JSON, 5000-digit ints
+        raise FormatError(f"{path} has a corrupt safetensors header ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path} has a corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise FormatError(f"{path} has a corrupt safetensors header (__metadata__ must map strings to strings)")
     data_start = 8 + header_len
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
         try:
+            if not isinstance(info, dict) or not isinstance(info.get("shape"), list):
+                raise TypeError
+            offsets = info["data_offsets"]
+            if not isinstance(offsets, list) or len(offsets) != 2:
+                raise TypeError
             dtype = _DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, stop = (int(o) for o in info["data_offsets"])
+            shape = tuple(_nonneg_int(s) for s in info["shape"])
+            begin, stop = (_nonneg_int(o) for o in offsets)
         except (KeyError, TypeError, ValueError):
             raise FormatError(f"{path}: corrupt header entry for tensor {name!r}") from None
         numel = 1
         for s in shape:
             numel *= s
-        if stop - begin != numel * dtype.itemsize or begin < 0:
+        if stop - begin != numel * dtype.itemsize or begin > stop:
             raise FormatError(f"{path}: tensor {name!r} has inconsistent size in the header")
         if data_start + stop > size:
             raise FormatError(
@@ -123,25 +184,31 @@ class SafetensorsCheckpoint:
         self.files = files
 
     @classmethod
-    def open(cls, path: str | os.PathLike, stem: str | None = None) -> "SafetensorsCheckpoint":
+    def open(cls, path: str | os.PathLike, stem: str | None = None, root=None) -> "SafetensorsCheckpoint":
         """Opens ``path`` (a directory or a ``.safetensors`` file). In a directory, looks for
         ``{stem}.safetensors`` or ``{stem}.safetensors.index.json``; with no stem, for
-        ``model.safetensors`` (HF convention) or any single ``*.safetensors`` file."""
+        ``model.safetensors`` (HF convention) or any single ``*.safetensors`` file.
+
+        ``root`` (a directory, or several): every file read must resolve inside each of them,
+        else :class:`FormatError`; tensors are then read from the resolved paths."""
         path = Path(path)
+        roots = _roots(root)
         if path.is_file():
-            entries, meta = read_header(path)
-            return cls(entries, meta, [path])
+            real = _confine_all(path, roots)
+            entries, meta = read_header(real)
+            return cls(entries, meta, [real])
         if not path.is_dir():
             raise FormatError(f"{path} is neither a directory nor a safetensors file")
         stems = [stem] if stem else ["model"]
         for s in stems:
             index = path / f"{s}.safetensors.index.json"
             if index.is_file():
-                return cls._open_index(index)
+                return cls._open_index(_confine_all(index, roots), roots, path)
             single = path / f"{s}.safetensors"
             if single.is_file():
-                entries, meta = read_header(single)
-                return cls(entries, meta, [single])
+                real = _confine_all(single, roots)
+                entries, meta = read_header(real)
+                return cls(entries, meta, [real])
         if stem is None:
             indexes = sorted(path.glob("*.safetensors.index.json"))
             if len(indexes) == 1:
@@ -159,17 +226,27 @@ class SafetensorsCheckpoint:
         raise FormatError(f"no safetensors weights found in {path} (looked for {want} or an index)")
 
     @classmethod
-    def _open_index(cls, index: Path) -> "SafetensorsCheckpoint":
+    def _open_index(cls, index: Path, roots: tuple = (), folder: Path | None = None) -> "SafetensorsCheckpoint":
+        folder = index.parent if folder is None else folder
         try:
+            if index.stat().st_size > _MAX_INDEX_BYTES:
+                raise ValueError(f"{index.stat().st_size} bytes is too large for an index")
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise FormatError(f"{index} is not a valid safetensors index ({e})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                           for k, v in weight_map.items()):
+                raise TypeError("weight_map must map tensor names to shard file names")
+        except (KeyError, TypeError, ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise FormatError(f"{index} is not a valid safetensors index ({type(e).__name__}: {str(e)[:200]})") from None
         entries: dict[str, TensorEntry] = {}
         metadata: dict[str, str] = {}
-        files = sorted({index.parent / f for f in weight_map.values()})
-        for file in files:
+        if roots:  # an untrusted index: shard names are file names in its own folder, nothing else
+            for f in set(weight_map.values()):
+                plain_name(f, f"{index} shard name")
+        files = sorted({folder / f for f in weight_map.values()})
+        for i, file in enumerate(files):
             if not file.is_file():
                 raise FormatError(f"{index} lists shard {file.name}, which is missing")
+            files[i] = file = _confine_all(file, roots)
             file_entries, meta = read_header(file)
             entries.update(file_entries)
             metadata.update(meta)

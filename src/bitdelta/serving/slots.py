@@ -20,13 +20,19 @@ pinned on CUDA, at most ``max_cpu_deltas``, LRU), optionally in a device slot (L
 running request uses). Disk loads run in a background thread; installing host -> slot happens on
 the engine thread between steps, so no step ever reads a slot being written.
 
+Registration refuses a delta before reading its tensors when the config and headers already show
+it cannot be served here (shapes unlike the base's, too many planes or added tokens), checks its
+values against the base (:mod:`bitdelta.validate`), and on any failure keeps nothing it read: the
+error raised carries no frames holding tensors.
+
     slots = DeltaSlots(model, max_gpu_deltas=32, max_cpu_deltas=128)
-    slots.register("zephyr", "deltas/zephyr")     # validates + checks the base; raises BitDeltaError
+    slots.register("zephyr", "deltas/zephyr", root="deltas")   # validates + checks the base; raises BitDeltaError
     slot = slots.acquire("zephyr")                # None while it loads: try again next step
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
@@ -37,6 +43,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BitDeltaError, ShapeMismatchError
+from ..validate import base_magnitudes, check_delta_values
 from ..ops import DECODE_MAX_TOKENS, bitdelta_linear, bitdelta_linear_segmented
 from ..pack import unpack_signs
 from .op_calls import has_long_sequences, plan_calls
@@ -64,6 +71,7 @@ class Entry:
     path: str
     info: dict
     files: dict
+    root: str | None = None  # the directory its files must stay in (a server's --delta-dir), reloads too
     host: HostDelta | None = None
     slot: int | None = None
     refs: int = 0
@@ -111,21 +119,43 @@ class DeltaSlots:
         self.totals = {"loads": 0, "evictions": 0, "host_evictions": 0}
         self._jobs: queue.Queue = queue.Queue()
         self.on_ready = None  # callback(): wake the engine when a background load lands
+        self._base_mags: dict | None = None  # max |value| and shape of each base tensor, for value checks
         self._thread = threading.Thread(target=self._loader, name="bitdelta-delta-loader", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ registry
 
-    def register(self, name: str, path, delta=None) -> Entry:
-        """Loads, validates and base-checks ``path`` now (raises on any problem); keeps it in host memory."""
+    def register(self, name: str, path, delta=None, root=None) -> Entry:
+        """Loads, validates and base-checks ``path`` now (raises on any problem); keeps it in host memory.
+
+        ``root``: a directory the artifact and every file it reads must lie in, after symlinks (the
+        server's ``--delta-dir``); kept for later reloads from disk. On failure nothing read is kept:
+        the error is raised without the frames that held the delta's tensors."""
         with self.lock:
             if name in self.entries:
                 why = "is still finishing requests after its removal" if self.entries[name].removed else "is already registered"
                 raise BitDeltaError(f"a delta named {name!r} {why}; DELETE it first or pick another name")
-        delta = self._load(path) if delta is None else self._verify(delta, path)
+        try:
+            entry = self._register(name, path, delta, root)
+            err = None
+        except Exception as e:  # noqa: BLE001 - re-raised below, stripped of what it holds
+            if not isinstance(e, BitDeltaError):
+                logger.error("registering delta %s from %s failed unexpectedly", name, path, exc_info=True)
+                err = BitDeltaError(f"delta {name!r} from {path} could not be loaded: {type(e).__name__}: {e}")
+            else:
+                err = e
+        if err is not None:
+            _release(err)
+            raise err
+        return entry
+
+    def _register(self, name: str, path, delta, root) -> Entry:
+        delta = self._load(path, root, name) if delta is None else self._verify(delta, path)
         host = self.prepare(delta, name)
-        entry = Entry(name, str(path), dict(delta.info), dict(delta.files))
+        entry = Entry(name, str(path), dict(delta.info), dict(delta.files), None if root is None else str(root))
         with self.lock:
+            if name in self.entries:  # registered by another thread meanwhile
+                raise BitDeltaError(f"a delta named {name!r} is already registered; DELETE it first or pick another name")
             self.entries[name] = entry
             entry.stats["loads"] += 1
             self.totals["loads"] += 1
@@ -155,12 +185,15 @@ class DeltaSlots:
 
     # ------------------------------------------------------------------ loading
 
-    def _load(self, path):
+    def _load(self, path, root=None, name: str = "?"):
         from ..artifact import load_delta
 
         if not Path(path).is_dir():
             raise BitDeltaError(f"{path} is not a delta artifact directory")
-        return self._verify(load_delta(path), path)
+        # The layout is checked against the base before any tensor is read, so an artifact declaring
+        # tensors this server cannot hold is refused without reading them.
+        delta = load_delta(path, root=root, precheck=lambda layout: self._check_layout(layout, name))
+        return self._verify(delta, path)
 
     def _verify(self, delta, path):
         delta.info.setdefault("artifact_path", str(path))
@@ -169,38 +202,82 @@ class DeltaSlots:
             live["lm_head"] = self.model.weights[self.model.embed_name]
         delta.fingerprint.verify(live, delta_name=str(path), base_name=delta.base_model_name_or_path,
                                  model_name=str(getattr(self.model.config, "_name_or_path", "base")))
+        check_delta_values(delta, self._base_for(delta))
         return delta
+
+    def _base_for(self, delta) -> dict:
+        """Base magnitudes (and shapes) under the delta's names, computed once per server."""
+        m = self.model
+        if self._base_mags is None:
+            mags = base_magnitudes({**m.weights, **m.params1d})
+            self._base_mags = {n: (mags[n], tuple(t.shape)) for n, t in {**m.weights, **m.params1d}.items()}
+        base = {n: self._base_mags[n] for n in delta.modules if n in self._base_mags}
+        if "lm_head" in delta.modules and "lm_head" not in m.weights:
+            base["lm_head"] = self._base_mags[m.embed_name]
+        for pname in delta.dense:
+            key = delta.ties.get(pname, pname)
+            if key in self._base_mags:
+                base[pname] = self._base_mags[key]
+        return base
+
+    def _check_layout(self, layout, name: str = "?") -> None:
+        """Raises a clear error unless a delta of ``layout`` (an :class:`~bitdelta.artifact.Layout`) fits
+        this server's base and pools; needs only shapes, so it runs before any tensor is read."""
+        m = self.model
+        shapes = m.delta_modules()
+        rows = {}
+        for fqn, ml in layout.modules.items():
+            if fqn == "lm_head" and m.head_name == m.embed_name:
+                raise BitDeltaError(f"delta {name!r} has its own lm_head, but the base ties it to the embeddings; "
+                                    "this server cannot serve an untied fine-tune of a tied base")
+            if fqn not in shapes:
+                raise BitDeltaError(f"delta {name!r} compresses {fqn!r}, which the serving model does not have")
+            n, k = shapes[fqn]
+            if ml.out_features != n or ml.in_features != k:
+                raise ShapeMismatchError(f"delta {name!r}: {fqn} is {ml.out_features}x{ml.in_features}, base is {n}x{k}")
+            if ml.bits > self.bits:
+                raise BitDeltaError(f"delta {name!r} has {ml.bits} sign planes but the pool holds {self.bits}; "
+                                    f"restart the server with --max-bits {ml.bits}")
+            if fqn == m.embed_name and ml.mode == "col":
+                raise BitDeltaError(f"delta {name!r}: column-scaled embeddings are not supported; use row scales")
+            if ml.extra_rows:
+                if fqn not in (m.embed_name, m.head_name):
+                    raise BitDeltaError(f"delta {name!r}: {fqn} adds rows, but only the embeddings and the output "
+                                        "head may grow (added tokens)")
+                if ml.extra_rows > self.max_extra:
+                    raise BitDeltaError(f"delta {name!r} adds {ml.extra_rows} tokens; the server was started with "
+                                        f"--max-extra-vocab {self.max_extra}")
+                rows[fqn] = ml.extra_rows
+        embed_rows = rows.get(m.embed_name, 0)
+        head_rows = embed_rows if m.head_name == m.embed_name else rows.get(m.head_name, 0)
+        if embed_rows != head_rows:
+            raise BitDeltaError(f"delta {name!r}: added-token rows of the embeddings and the head disagree")
+        for pname, shape in layout.dense.items():
+            key = layout.ties.get(pname, pname)
+            if key not in m.params1d:
+                raise BitDeltaError(f"delta {name!r} replaces {pname!r} densely; the server gathers only 1-D parameters "
+                                    "(norms, biases) per tenant: compress without --dense-embeddings/--exclude")
+            if tuple(shape) != tuple(m.params1d[key].shape):
+                raise ShapeMismatchError(f"delta {name!r}: {pname} has shape {tuple(shape)}, "
+                                         f"base has {tuple(m.params1d[key].shape)}")
 
     def prepare(self, delta, name: str = "?") -> HostDelta:
         """Converts a :class:`Delta` to pool layout, or raises a clear error if it cannot be served."""
+        from ..artifact import Layout
+
+        self._check_layout(Layout.of(delta), name)
         m = self.model
         shapes = m.delta_modules()
         modules, extra_embed, extra_head = {}, None, None
         for fqn, pm in delta.modules.items():
-            target = fqn
-            if fqn == "lm_head" and m.head_name == m.embed_name:
-                raise BitDeltaError(f"delta {name!r} has its own lm_head, but the base ties it to the embeddings; "
-                                    "this server cannot serve an untied fine-tune of a tied base")
-            if target not in shapes:
-                raise BitDeltaError(f"delta {name!r} compresses {fqn!r}, which the serving model does not have")
-            n, k = shapes[target]
-            if pm.out_features != n or pm.in_features != k:
-                raise ShapeMismatchError(f"delta {name!r}: {fqn} is {pm.out_features}x{pm.in_features}, base is {n}x{k}")
-            if pm.bits > self.bits:
-                raise BitDeltaError(f"delta {name!r} has {pm.bits} sign planes but the pool holds {self.bits}; "
-                                    f"restart the server with --max-bits {pm.bits}")
+            n, k = shapes[fqn]
             is_col = pm.mode == "col"
-            if fqn == m.embed_name and is_col:
-                raise BitDeltaError(f"delta {name!r}: column-scaled embeddings are not supported; use row scales")
             sc = pm.scale.float().cpu()
             sc = sc[:, None].expand(pm.bits, n) if pm.mode == "scalar" else sc
-            modules[target] = (self._host_planes(pm.sign.cpu(), (self.bits, n, (k + 7) // 8)),
-                               self._host_planes(sc, (self.bits, k if is_col else n)), is_col)
+            modules[fqn] = (self._host_planes(pm.sign.cpu(), (self.bits, n, (k + 7) // 8)),
+                            self._host_planes(sc, (self.bits, k if is_col else n)), is_col)
             if pm.extra_rows is not None:
                 rows = pm.extra_rows.to(m.dtype).cpu()
-                if rows.shape[0] > self.max_extra:
-                    raise BitDeltaError(f"delta {name!r} adds {rows.shape[0]} tokens; the server was started with "
-                                        f"--max-extra-vocab {self.max_extra}")
                 if fqn == m.embed_name:
                     extra_embed = rows
                     if m.head_name == m.embed_name:
@@ -210,16 +287,7 @@ class DeltaSlots:
         params1d = {}
         for pname, value in delta.dense.items():
             key = delta.ties.get(pname, pname)
-            if key not in m.params1d:
-                raise BitDeltaError(f"delta {name!r} replaces {pname!r} densely; the server gathers only 1-D parameters "
-                                    "(norms, biases) per tenant: compress without --dense-embeddings/--exclude")
-            if tuple(value.shape) != tuple(m.params1d[key].shape):
-                raise ShapeMismatchError(f"delta {name!r}: {pname} has shape {tuple(value.shape)}, "
-                                         f"base has {tuple(m.params1d[key].shape)}")
             params1d[key] = self._pinned(value.to(m.dtype).cpu())
-        if (extra_embed is None) != (extra_head is None) or (
-                extra_embed is not None and extra_embed.shape[0] != extra_head.shape[0]):
-            raise BitDeltaError(f"delta {name!r}: added-token rows of the embeddings and the head disagree")
         return HostDelta(modules, params1d, extra_embed, extra_head)
 
     def _pinned(self, t: torch.Tensor) -> torch.Tensor:
@@ -260,12 +328,14 @@ class DeltaSlots:
                         e.loading = False
                     continue
                 path = e.path
+                root = e.root
             try:
-                host = self.prepare(self._load(path), name)
+                host = self.prepare(self._load(path, root, name), name)
                 err = None
             except Exception as ex:  # a file changed or vanished since registration
                 host, err = None, f"could not load delta {name!r} from {path}: {ex}"
                 logger.error(err)
+                _release(ex)
             with self.lock:
                 e.loading = False
                 if err:
@@ -475,3 +545,17 @@ class DeltaSlots:
     def resident(self) -> int:
         with self.lock:
             return sum(o is not None for o in self.slot_owner)
+
+
+def _release(exc: BaseException) -> None:
+    """Drops the frames (and chained errors) ``exc`` holds, so the tensors a failed load read are
+    freed now rather than kept alive by an error a caller logs or wraps; then collects the cycles
+    frames form. Only on failure paths: a collection costs tens of milliseconds."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        nxt = exc.__cause__ or exc.__context__
+        exc.__traceback__ = None
+        exc.__cause__ = exc.__context__ = None
+        exc = nxt
+    gc.collect()
