@@ -51,14 +51,15 @@ class ServingRuntime:
     def text(self, name: str) -> TenantText:
         return self.texts[name]
 
-    def register(self, name: str, path, delta=None) -> None:
-        """Loads + checks ``path`` as tenant ``name`` (raises ``BitDeltaError`` with the reason)."""
+    def register(self, name: str, path, delta=None, root=None) -> None:
+        """Loads + checks ``path`` as tenant ``name`` (raises ``BitDeltaError`` with the reason).
+        ``root``: the directory the artifact and every file it reads must lie in (``--delta-dir``)."""
         if not NAME_RE.match(name or ""):
             raise BitDeltaError(f"invalid model name {name!r}: use letters, digits and . _ - : @ / (max 128)")
         if name == self.base_name:
             raise BitDeltaError(f"{name!r} is the base model's name; pick another name for the delta")
         with self.lock:
-            self.slots.register(name, path, delta=delta)
+            self.slots.register(name, path, delta=delta, root=root)
             try:
                 self.texts[name] = TenantText.load(path, fallback=self.base_path)
             except Exception as e:
