@@ -7,6 +7,14 @@ and the admin key, ``GET/POST /v1/deltas``, ``DELETE /v1/deltas/{name}``,
 ``POST /v1/deltas/{name}/load|unload``. Errors use OpenAI's body:
 ``{"error": {"message", "type", "param", "code"}}``.
 
+Sampling: ``temperature`` 0..2, where anything below 1e-5 (0 included) means greedy decoding (the most
+likely token; dividing logits by a smaller number would overflow); ``top_p`` in (0, 1]; ``top_k``
+-1/0 (off) or any positive count; ``seed`` a 64-bit integer (-2**63 .. 2**64 - 1); ``max_tokens`` at
+most the model's context length (what does not fit after the prompt is cut, finish "length").
+A request that fails on its own (its delta produces NaN, say) gets a 500 (or an error event in its
+stream) while the others go on; while the engine is down or restarting, generation answers 503
+``engine_unavailable`` and ``/health`` says why.
+
     app = create_app(runtime, ServerConfig(api_keys={"sk-a": {"zephyr"}}, admin_key="adm", delta_dir="deltas"))
     uvicorn.run(app, host="127.0.0.1", port=8000)
 """
@@ -31,9 +39,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BitDeltaError
-from .engine import QueueFull
+from .engine import SEED_MAX, SEED_MIN, EngineUnavailable, PromptTooLong, QueueFull
 from .engine import Request as EngineRequest
 from .engine import SamplingParams
+from .metrics import UNKNOWN_MODEL
 from .page import INDEX_HTML
 from .text import Detokenizer
 
@@ -42,6 +51,18 @@ logger = logging.getLogger(__name__)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 409: "conflict_error", 422: "invalid_request_error",
           429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+
+# A token covers far fewer characters than this with any real tokenizer: a longer prompt cannot fit
+# the context, and is refused before spending seconds tokenizing it.
+MAX_CHARS_PER_TOKEN = 1024
+# Longer texts are tokenized in a worker thread, so other requests' streams keep flowing meanwhile.
+THREAD_ENCODE_CHARS = 16384
+
+
+def _short(name: str, limit: int = 80) -> str:
+    """``name`` for an error message: client-chosen strings may be huge."""
+    return repr(name) if len(name) <= limit else repr(name[:limit]) + f"... ({len(name)} characters)"
 
 
 class ApiError(Exception):
@@ -99,16 +120,30 @@ def load_api_keys(path) -> dict[str, set[str]]:
     """Reads ``[keys]`` from a TOML file: ``"sk-..." = ["tenant", ...]`` (``"*"`` = every model)."""
     import tomllib
 
-    data = tomllib.loads(Path(path).read_text())
+    example = '[keys] table mapping each key to its models, e.g. "sk-abc" = ["zephyr"] ("*" = every model)'
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BitDeltaError(f"API key file {path}: no such file") from None
+    except OSError as e:  # unreadable, a directory, ...
+        raise BitDeltaError(f"API key file {path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise BitDeltaError(f"API key file {path}: not UTF-8 text; write it as a TOML file with a {example}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise BitDeltaError(f"API key file {path}: not valid TOML ({e}); it needs a {example}") from None
     keys = data.get("keys")
     if not isinstance(keys, dict) or not keys:
-        raise BitDeltaError(f'{path}: expected a [keys] table mapping each key to its models, e.g. "sk-abc" = ["zephyr"]')
+        raise BitDeltaError(f"API key file {path}: expected a {example}")
     out = {}
     for k, v in keys.items():
+        # never echo a whole key into logs: its first characters are enough to find it in the file
+        label = repr(k[:6]) + ("..." if len(k) > 6 else "") if isinstance(k, str) else repr(k)
+        if not isinstance(k, str) or not k.strip():
+            raise BitDeltaError(f"API key file {path}: key {label} is empty; every key must be a non-empty string")
         if isinstance(v, str):
             v = [v]
-        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-            raise BitDeltaError(f"{path}: key {k[:6]}...: the value must be a list of model names")
+        if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
+            raise BitDeltaError(f'API key file {path}: key {label}: the value must be a non-empty list of model names, e.g. ["zephyr"]')
         out[k] = set(v)
     return out
 
@@ -211,7 +246,10 @@ def create_app(rt, config: ServerConfig | None = None) -> FastAPI:
     @app.get("/health")
     async def health():
         if not rt.engine.alive:
-            return JSONResponse({"status": "error", "error": rt.engine.error or "engine not running"}, status_code=503)
+            st = rt.engine.stats()
+            return JSONResponse({"status": "error", "error": rt.engine.error or "engine not running",
+                                 "restarting": st.get("restarting", False), "restart_count": st.get("restart_count", 0),
+                                 "auto_restart": st.get("auto_restart", False)}, status_code=503)
         return {"status": "ok", "models": len(rt.models()), **rt.engine.stats()}
 
     @app.get("/metrics")
@@ -225,7 +263,7 @@ def create_app(rt, config: ServerConfig | None = None) -> FastAPI:
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str, request: Request):
         if not rt.has(name) or name not in visible_models(check_access(request, None)):
-            raise ApiError(404, f"the model {name!r} does not exist", "model_not_found", "model")
+            raise ApiError(404, f"the model {_short(name)} does not exist", "model_not_found", "model")
         return model_card(name)
 
     # ------------------------------------------------------------------ generation
@@ -233,9 +271,12 @@ def create_app(rt, config: ServerConfig | None = None) -> FastAPI:
     def resolve(request: Request, body: _Base) -> str:
         check_access(request, body.model)
         if not rt.has(body.model):
-            rt.metrics.rejected(body.model, 404)
-            raise ApiError(404, f"the model {body.model!r} does not exist; GET /v1/models lists them",
+            rt.metrics.rejected(UNKNOWN_MODEL, 404)  # client-chosen names never become metric labels
+            raise ApiError(404, f"the model {_short(body.model)} does not exist; GET /v1/models lists them",
                            "model_not_found", "model")
+        if body.seed is not None and not SEED_MIN <= body.seed <= SEED_MAX:
+            raise ApiError(400, f"seed must be an integer from -2**63 to 2**64 - 1 (got {str(body.seed)[:40]})",
+                           "invalid_value", "seed")
         if body.n != 1:
             raise ApiError(400, "only n=1 is supported", "unsupported_parameter", "n")
         if body.logprobs:
@@ -251,12 +292,26 @@ def create_app(rt, config: ServerConfig | None = None) -> FastAPI:
             raise ApiError(400, "at most 16 stop sequences", "invalid_value", "stop")
         return s
 
-    def params(body: _Base, name: str, prompt: list[int], max_tokens: int | None) -> SamplingParams:
+    def params(body: _Base, name: str, prompt: list[int], max_tokens: int | None,
+               max_tokens_param: str = "max_tokens") -> SamplingParams:
+        if max_tokens is not None and max_tokens > rt.engine.max_len:
+            raise ApiError(400, f"{max_tokens_param} is {str(max_tokens)[:40]}; this model's context length is "
+                                f"{rt.engine.max_len} tokens (prompt included)", "invalid_value", max_tokens_param)
         room = rt.engine.max_len - len(prompt)
         text = rt.text(name)
         return SamplingParams(max_tokens=min(max_tokens or room, room), temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, seed=body.seed, ignore_eos=body.ignore_eos,
                               stop_token_ids=tuple(set(text.eos_ids) | set(body.stop_token_ids or ())))
+
+    def too_long(name: str, chars: int, param: str) -> None:
+        """Refuses text that cannot fit the context whatever the tokenizer, before tokenizing it."""
+        if chars > MAX_CHARS_PER_TOKEN * rt.engine.max_len:
+            rt.metrics.rejected(name, 400)
+            raise ApiError(400, f"the {param} has {chars} characters, more than this model's context of "
+                                f"{rt.engine.max_len} tokens can hold", "context_length_exceeded", param)
+
+    async def encode(fn, arg, chars: int):
+        return await run_in_threadpool(fn, arg) if chars > THREAD_ENCODE_CHARS else fn(arg)
 
     def check_prompt(name: str, prompt: list[int]) -> None:
         if not prompt:
@@ -276,15 +331,23 @@ def create_app(rt, config: ServerConfig | None = None) -> FastAPI:
         q: asyncio.Queue = asyncio.Queue()
         ereq = EngineRequest(prompt=prompt, tenant=None if name == rt.base_name else name, params=sp,
                              on_event=lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+        if not rt.engine.alive:  # answer at once: a request queued on a stopped engine would wait forever
+            rt.metrics.rejected(name, 503)
+            raise ApiError(503, rt.engine.down_reason(), "engine_unavailable")
         try:
             rt.engine.submit(ereq)
         except QueueFull as e:
             rt.metrics.rejected(name, 429)
             raise ApiError(429, str(e), "queue_full") from None
+        except EngineUnavailable as e:
+            rt.metrics.rejected(name, 503)
+            raise ApiError(503, str(e), "engine_unavailable") from None
         except KeyError:
             raise ApiError(404, f"the model {name!r} does not exist", "model_not_found", "model") from None
-        except ValueError as e:
+        except PromptTooLong as e:
             raise ApiError(400, str(e), "context_length_exceeded", "prompt") from None
+        except ValueError as e:
+            raise ApiError(400, str(e), "invalid_value", getattr(e, "param", None)) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         det = Detokenizer(rt.text(name), stop)
@@ -314,7 +377,8 @@ def create_app(rt, config: ServerConfig | None = None) -> FastAPI:
                         return
                     continue
                 if ev.finish == "error":
-                    raise ApiError(500, ev.error or "generation failed", "engine_error")
+                    code = getattr(ev, "code", None) or "engine_error"
+                    raise ApiError(503 if code == "engine_unavailable" else 500, ev.error or "generation failed", code)
                 rest = det.flush()
                 if rest:
                     yield rest, None
@@ -390,7 +454,11 @@ def create_app(rt, config: ServerConfig | None = None) -> FastAPI:
             if len(p) != 1:
                 raise ApiError(400, "send one prompt per request (batched prompts are not supported)", "invalid_value", "prompt")
             p = p[0]
-        prompt = rt.text(name).encode_prompt(p) if isinstance(p, str) else list(p)
+        if isinstance(p, str):
+            too_long(name, len(p), "prompt")
+            prompt = await encode(rt.text(name).encode_prompt, p, len(p))
+        else:
+            prompt = list(p)
         check_prompt(name, prompt)
         sp = params(body, name, prompt, body.max_tokens or 16)
         return await run(request, name, prompt, sp, stops(body), False, body.stream,
@@ -405,14 +473,20 @@ def create_app(rt, config: ServerConfig | None = None) -> FastAPI:
         for m in body.messages:
             content = m.content
             if isinstance(content, list):
-                content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
+                texts = [part.get("text") for part in content if part.get("type") == "text"]
+                if not all(isinstance(t, str) for t in texts):
+                    raise ApiError(400, "a text content part needs a string 'text'", "invalid_value", "messages")
+                content = "".join(texts)
             msgs.append({"role": m.role, "content": content or ""})
+        chars = sum(len(m["content"]) for m in msgs)
+        too_long(name, chars, "messages")
         try:
-            prompt = rt.text(name).encode_chat(msgs)
+            prompt = await encode(rt.text(name).encode_chat, msgs, chars)
         except Exception as e:  # template errors (e.g. role order a template rejects)
             raise ApiError(400, f"the chat template of {name!r} rejected these messages: {e}", "invalid_value", "messages")
         check_prompt(name, prompt)
-        sp = params(body, name, prompt, body.max_completion_tokens or body.max_tokens)
+        sp = params(body, name, prompt, body.max_completion_tokens or body.max_tokens,
+                    "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         return await run(request, name, prompt, sp, stops(body), True, body.stream,
                          bool((body.stream_options or {}).get("include_usage")))
 

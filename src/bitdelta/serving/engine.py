@@ -11,6 +11,14 @@ the lowest free slot. With ``cuda_graphs`` on (the default on CUDA), steps where
 one token replay CUDA graphs captured when the engine is built (:mod:`bitdelta.serving.graphs`);
 other steps run the forward eagerly.
 
+Faults stay with the request that caused them. Sampling runs per request (a failure ends that request
+with finish "error"); a request whose logits come out non-finite (a corrupt delta, an overflow) ends
+with code ``invalid_output``; when a batched forward raises, the step's sequences are retried one by
+one, so only the culprit fails. A failure outside any one request (a bug, a broken device) stops the
+loop: every request in flight gets an error event, :meth:`Engine.submit` raises
+:class:`EngineUnavailable` (HTTP 503), and with ``auto_restart`` (the default) the engine resets its
+KV state and serves again after a pause, at most ``max_restarts_per_minute`` times a minute.
+
     engine = Engine(model, slots, max_batch=32, max_queue=256); engine.start()
     req = engine.submit(Request(prompt=[1, 2, 3], tenant="zephyr", params=SamplingParams(max_tokens=8),
                                 on_event=print))     # events: Event(token=..., finish=None) ..., Event(finish="length")
@@ -40,10 +48,37 @@ class QueueFull(RuntimeError):
     """The waiting queue is at ``max_queue``: retry later (HTTP 429)."""
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine loop is not running (stopped, or restarting after a failure): retry later (HTTP 503)."""
+
+
+class EngineFailure(RuntimeError):
+    """A failure that no single request explains (the model fails even on a probe): stops the loop."""
+
+
+class InvalidRequest(ValueError):
+    """A request the engine cannot run; ``param`` names the offending field (HTTP 400)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class PromptTooLong(InvalidRequest):
+    """The prompt leaves no room in the context for a generated token (HTTP 400, context_length_exceeded)."""
+
+
+# Below this, dividing logits by the temperature overflows float32 (1e-300 even rounds to 0): such a
+# temperature means "pick the most likely token", which is what greedy decoding does exactly.
+MIN_TEMPERATURE = 1e-5
+# torch.Generator.manual_seed takes a signed or unsigned 64-bit integer.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy (argmax, exact)
+    temperature: float = 1.0  # below MIN_TEMPERATURE (0 included) = greedy (argmax, exact)
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = off
     seed: int | None = None
@@ -56,6 +91,9 @@ class Event:
     token: int | None = None
     finish: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
+    # with finish "error": "engine_error" (this request failed), "invalid_output" (non-finite logits),
+    # "engine_unavailable" (the engine stopped or is restarting; retry later)
+    code: str | None = None
 
 
 @dataclass
@@ -75,15 +113,28 @@ class Request:
     prefilled: bool = False
 
 
+def check_limits(max_batch: int, max_queue: int, max_prefill_tokens: int = 4096) -> None:
+    """Raises ``ValueError`` naming the ``bitdelta serve`` flag when a limit is below 1 (an engine with
+    no KV slot or no queue would report healthy and never answer)."""
+    for flag, value in (("--max-batch", max_batch), ("--max-queue", max_queue),
+                        ("--max-prefill-tokens", max_prefill_tokens)):
+        if value is None or value < 1:
+            raise ValueError(f"{flag} must be at least 1 (got {value!r})")
+
+
 class Engine:
     """Continuous-batching scheduler + sampler around a :class:`DeltaLlama` and its :class:`DeltaSlots`."""
 
     def __init__(self, model: DeltaLlama, slots, max_batch: int = 64, max_queue: int = 256,
                  max_len: int | None = None, kv_cache_mb: float | None = None, gpu_memory_fraction: float = 0.9,
-                 max_prefill_tokens: int = 4096, metrics=None, cuda_graphs: bool | None = None):
+                 max_prefill_tokens: int = 4096, metrics=None, cuda_graphs: bool | None = None,
+                 auto_restart: bool = True, restart_delay_s: float = 1.0, max_restarts_per_minute: int = 5):
         """``cuda_graphs``: None (default) captures decode graphs when the model is on CUDA and falls
         back to eager decoding, with a warning, if that is not possible; True requires them (raises
-        otherwise); False never captures."""
+        otherwise); False never captures. ``auto_restart``: after a failure that stops the loop, wait
+        ``restart_delay_s`` and serve again with a fresh KV state, at most ``max_restarts_per_minute``
+        times in any 60 s (then the engine stays down until the process restarts)."""
+        check_limits(max_batch, max_queue, max_prefill_tokens)
         self.model, self.slots, self.metrics = model, slots, metrics
         self.max_len = min(max_len or model.max_len, model.max_len)
         self.max_queue, self.max_prefill_tokens = max_queue, max_prefill_tokens
@@ -112,8 +163,17 @@ class Engine:
         self.steps = 0
         self._stop = False
         self._thread: threading.Thread | None = None
-        self.error: str | None = None
+        self._exited = False  # the loop thread has ended (shutdown, or down for good): submit refuses
+        self.error: str | None = None  # set while the loop is down (restarting or stopped)
+        self.last_error: str | None = None
+        self.restarting = False
+        self.restart_count = 0
+        self.request_errors = 0  # requests ended by their own fault (the engine went on)
+        self.auto_restart, self.restart_delay_s = auto_restart, restart_delay_s
+        self.max_restarts_per_minute = max_restarts_per_minute
+        self._restarts: deque[float] = deque()  # monotonic times of recent restarts
         slots.on_ready = self._wake
+        self._want_graphs = cuda_graphs
         self.graphs: graphs_mod.DecodeGraphs | None = self._capture_graphs(cuda_graphs)
 
     def _capture_graphs(self, want: bool | None):
@@ -156,18 +216,26 @@ class Engine:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
     def submit(self, req: Request) -> Request:
-        """Queues ``req``; raises :class:`QueueFull`, or ``ValueError`` for a prompt that cannot fit."""
+        """Queues ``req``; raises :class:`QueueFull`, :class:`EngineUnavailable` when the loop is down,
+        :class:`PromptTooLong` or :class:`InvalidRequest` (both ``ValueError``) for a request that cannot run."""
         if not req.prompt:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequest("the prompt is empty", "prompt")
         if len(req.prompt) >= self.max_len:
-            raise ValueError(f"the prompt has {len(req.prompt)} tokens; this model's context is {self.max_len} "
-                             "tokens including at least one generated token")
+            raise PromptTooLong(f"the prompt has {len(req.prompt)} tokens; this model's context is {self.max_len} "
+                                "tokens including at least one generated token", "prompt")
+        seed = req.params.seed
+        if seed is not None and (not isinstance(seed, int) or not SEED_MIN <= seed <= SEED_MAX):
+            raise InvalidRequest(f"seed must be an integer from -2**63 to 2**64 - 1 (got {seed!r})", "seed")
         if req.tenant is not None and self.slots.get(req.tenant) is None:
             raise KeyError(req.tenant)
-        if req.params.temperature > 0:
+        if req.params.temperature >= MIN_TEMPERATURE:
             req.generator = torch.Generator(device="cpu")
-            req.generator.manual_seed(req.params.seed if req.params.seed is not None else torch.seed())
+            req.generator.manual_seed(seed if seed is not None else torch.seed())
         with self.cond:
+            # Under the lock the loop fails queued requests with: a request is either refused here or
+            # answered by the loop (finished, or failed when the loop goes down), never left hanging.
+            if self._exited or self.error is not None:
+                raise EngineUnavailable(self.down_reason())
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
             self.waiting.append(req)
@@ -187,7 +255,17 @@ class Engine:
         with self.cond:
             return {"waiting": len(self.waiting), "running": len(self.running), "max_batch": self.max_batch,
                     "free_kv_slots": len(self.free_kv), "max_len": self.max_len, "steps": self.steps,
-                    "graph_replays": self.graphs.replays if self.graphs else 0}
+                    "graph_replays": self.graphs.replays if self.graphs else 0,
+                    "request_errors": self.request_errors, "restart_count": self.restart_count,
+                    "restarting": self.restarting, "auto_restart": self.auto_restart, "last_error": self.last_error}
+
+    def down_reason(self) -> str:
+        """Why the engine does not take requests now (what a 503 says)."""
+        if self.error is None:
+            return "the engine is not running (not started yet, or shutting down)"
+        if self.restarting:
+            return f"the engine failed and is restarting ({self.error}); retry in a few seconds"
+        return f"the engine stopped: {self.error}"
 
     # ------------------------------------------------------------------ loop
 
@@ -198,21 +276,82 @@ class Engine:
     def _loop(self) -> None:
         try:
             while True:
-                with self.cond:
-                    while not self._stop and not self.running and not self._admissible():
-                        self.cond.wait(timeout=0.5)
-                        self._drop_cancelled()
-                    if self._stop:
+                try:
+                    self._serve()
+                    return  # shutdown
+                except Exception as e:  # a bug or a device failure: fail what is in flight, maybe restart
+                    if not self._failed(e):
                         return
-                self.step()
-        except Exception as e:  # a bug or device failure: fail every request loudly, stop serving
-            logger.exception("engine loop failed")
-            self.error = f"{type(e).__name__}: {e}"
+        finally:
             with self.cond:
-                for r in list(self.running) + list(self.waiting):
-                    self._finish(r, "error", error=self.error)
+                self._exited = True
+                if self.error is None and not self._stop:
+                    self.error = "the engine loop ended unexpectedly"
+                pending = list(self.running) + list(self.waiting)
+                for r in pending:
+                    self._finish(r, "error", error=self.down_reason(), code="engine_unavailable")
                 self.running.clear()
                 self.waiting.clear()
+
+    def _serve(self) -> None:
+        """Steps until shutdown; resets the engine first after a failure."""
+        if self.restarting:
+            self._reset()
+            with self.cond:
+                self.restart_count += 1
+                self.restarting, self.error = False, None
+            logger.warning("engine restarted (%d restarts so far)", self.restart_count)
+        while True:
+            with self.cond:
+                while not self._stop and not self.running and not self._admissible():
+                    self.cond.wait(timeout=0.5)
+                    self._drop_cancelled()
+                if self._stop:
+                    return
+            self.step()
+
+    def _failed(self, e: Exception) -> bool:
+        """Fails every request in flight; returns whether to restart (after the back-off pause)."""
+        logger.exception("engine loop failed")
+        msg = f"{type(e).__name__}: {e}"
+        now = time.monotonic()
+        with self.cond:
+            while self._restarts and now - self._restarts[0] > 60:
+                self._restarts.popleft()
+            self.last_error = msg
+            self.restarting = self.auto_restart and not self._stop and len(self._restarts) < self.max_restarts_per_minute
+            if self.restarting:
+                self._restarts.append(now)
+                self.error = msg
+            elif not self.auto_restart:
+                self.error = f"{msg} (automatic restart is off: restart the server)"
+            else:
+                self.error = (f"{msg} (the engine failed {len(self._restarts) + 1} times within a minute and stays "
+                              "down: restart the server and check its log)")
+            for r in list(self.running) + list(self.waiting):
+                self._finish(r, "error", error=self.down_reason(), code="engine_unavailable")
+            self.running.clear()
+            self.waiting.clear()
+            if not self.restarting:
+                return False
+            # Back off so that a persistent fault does not spin; shutdown cuts the pause short.
+            self.cond.wait_for(lambda: self._stop, timeout=self.restart_delay_s)
+            return not self._stop
+
+    def _reset(self) -> None:
+        """A fresh KV state: every slot free, the cache zeroed in place (captured graphs keep pointing
+        at it); on CUDA the decode graphs are captured again."""
+        with self.cond:
+            self.running.clear()
+            self.cancelled.clear()
+            self.free_kv = list(range(self.max_batch))
+        self.kv.k.zero_()
+        self.kv.v.zero_()
+        if self.graphs is not None and self.graphs.capture:
+            self.graphs = None
+            self.graphs = self._capture_graphs(self._want_graphs)
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)  # a device that is still broken fails here, not mid-request
 
     def _admissible(self) -> bool:
         """Whether a waiting request could start now (called under the lock)."""
@@ -241,7 +380,18 @@ class Engine:
             if r.id in self.cancelled:
                 self._finish(r, self.cancelled.pop(r.id))
 
-    def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
+    def _emit(self, r: Request, ev: Event) -> None:
+        """Sends ``ev`` to ``r``'s callback; a failing callback cancels its own request, nothing else."""
+        if r.on_event is None:
+            return
+        try:
+            r.on_event(ev)
+        except Exception:  # noqa: BLE001 (e.g. the client's event loop has closed)
+            logger.warning("request %d: its event callback failed; cancelling it", r.id, exc_info=True)
+            if r.finish_reason is None:
+                self.cancelled[r.id] = "abort"
+
+    def _finish(self, r: Request, reason: str, error: str | None = None, code: str | None = None) -> None:
         """Marks ``r`` done, frees its KV slot and delta reference, sends the final event (under the lock)."""
         if r.finish_reason is not None:
             return
@@ -252,13 +402,12 @@ class Engine:
             heapq.heappush(self.free_kv, r.kv_slot)
             r.kv_slot = None
         if r.tenant is not None and r.delta_slot >= 0:
-            self.slots.release(r.tenant)
             r.delta_slot = -1
+            self.slots.release(r.tenant)
         self.cancelled.pop(r.id, None)
         if self.metrics:
             self.metrics.finished(r)
-        if r.on_event:
-            r.on_event(Event(finish=reason, error=error))
+        self._emit(r, Event(finish=reason, error=error, code=(code or "engine_error") if reason == "error" else None))
 
     def _admit(self) -> list[Request]:
         admitted, budget = [], self.max_prefill_tokens
@@ -292,61 +441,124 @@ class Engine:
         self.waiting = keep
         return admitted
 
+    @staticmethod
+    def _entry(r: Request):
+        if not r.prefilled:
+            return (r.kv_slot, 0, list(r.prompt), r.delta_slot)
+        return (r.kv_slot, len(r.prompt) + len(r.output) - 1, [r.output[-1]], r.delta_slot)
+
     def step(self) -> None:
-        """Admits what fits, runs one forward over every running sequence, samples, emits, retires."""
+        """Admits what fits, runs one forward over every running sequence, samples, emits, retires.
+
+        Raises (stopping the loop) only for a failure no single request explains."""
         with self.cond:
             self._drop_cancelled()
             self.running += self._admit()
             batch_reqs = list(self.running)
         if not batch_reqs:
             return
-        entries = []
-        for r in batch_reqs:
-            if not r.prefilled:
-                entries.append((r.kv_slot, 0, list(r.prompt), r.delta_slot))
-            else:
-                entries.append((r.kv_slot, len(r.prompt) + len(r.output) - 1, [r.output[-1]], r.delta_slot))
-        batch = self.graphs.prepare(entries) if self.graphs is not None else None  # None: not graphable
-        if batch is None:
-            batch = BatchMapping.build(entries, self.model.device)
-        logits = self.model.forward(batch, self.kv, self.slots)
-        tokens = self._sample(logits, batch_reqs)
+        entries = [self._entry(r) for r in batch_reqs]
+        failed: list[tuple[Request, str]] = []
+        try:
+            batch = self.graphs.prepare(entries) if self.graphs is not None else None  # None: not graphable
+            if batch is None:
+                batch = BatchMapping.build(entries, self.model.device)
+            logits = self.model.forward(batch, self.kv, self.slots)
+        except Exception as e:  # noqa: BLE001 (find the request that caused it; the rest go on)
+            logits, batch_reqs, failed = self._isolate(batch_reqs, entries, e)
+        results = self._sample(logits, batch_reqs) if batch_reqs else []
         self.steps += 1
         with self.cond:
-            for r, tok in zip(batch_reqs, tokens):
+            for r, msg in failed:
+                if r.finish_reason is None:
+                    self.request_errors += 1
+                    self._finish(r, "error", error=msg, code="engine_error")
+            for r, (tok, err, code) in zip(batch_reqs, results):
                 r.prefilled = True
                 if r.finish_reason is not None or r.id in self.cancelled:
+                    continue
+                if err is not None:
+                    self.request_errors += 1
+                    self._finish(r, "error", error=err, code=code)
                     continue
                 r.output.append(tok)
                 if self.metrics:
                     self.metrics.token(r)
                 p = r.params
                 stop = tok in p.stop_token_ids and not p.ignore_eos
-                if r.on_event and not stop:
-                    r.on_event(Event(token=tok))
+                if not stop:
+                    self._emit(r, Event(token=tok))
                 if stop:
                     self._finish(r, "stop")
                 elif len(r.output) >= p.max_tokens or len(r.prompt) + len(r.output) >= self.max_len:
                     self._finish(r, "length")
             self._drop_cancelled()
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
-        greedy = logits.argmax(dim=-1).tolist()
+    def _isolate(self, reqs: list[Request], entries, exc: Exception):
+        """After a batched forward raised: runs each sequence's forward alone. Returns the logits of
+        those that succeeded, those requests, and (request, error message) for those that failed.
+        Raises :class:`EngineFailure` when every one failed and so does a probe on the plain base
+        (the model or device is broken, not a request)."""
+        logger.warning("a forward of %d sequences failed (%s: %s); running each alone", len(reqs),
+                       type(exc).__name__, exc)
+        rows, ok, failed = [], [], []
+        for r, entry in zip(reqs, entries):
+            try:
+                rows.append(self.model.forward(BatchMapping.build([entry], self.model.device), self.kv, self.slots))
+                ok.append(r)
+            except Exception as e:  # noqa: BLE001
+                logger.warning("request %d (model %s) fails on its own: %s: %s", r.id, r.tenant or "base",
+                               type(e).__name__, e)
+                failed.append((r, f"the model's forward failed on this request: {type(e).__name__}: {e}"))
+        if not ok:
+            # One token of the plain base, written into a slot a failed request holds (it is freed
+            # anyway): if even this fails, no request is to blame.
+            probe = [(failed[0][0].kv_slot, 0, [0], -1)]
+            try:
+                self.model.forward(BatchMapping.build(probe, self.model.device), self.kv, self.slots)
+            except Exception as e:
+                raise EngineFailure(f"the model's forward fails even on a one-token probe: {type(e).__name__}: {e}") \
+                    from exc
+        return (torch.cat(rows) if rows else None), ok, failed
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[tuple[int | None, str | None, str | None]]:
+        """(token, None, None) per request, or (None, error message, error code) for one that failed."""
+        greedy = logits.argmax(dim=-1)
+        # A row is unusable when its top logit is NaN (argmax lands on NaN), +inf, or -inf (all masked).
+        # One gather on the device, read back with the argmax: no extra sync in the normal case.
+        top = logits.gather(-1, greedy[:, None])[:, 0]
+        greedy = torch.where(torch.isfinite(top), greedy, -1).tolist()
         out = []
         for i, r in enumerate(reqs):
-            p = r.params
-            if p.temperature <= 0:
-                out.append(greedy[i])
+            if greedy[i] < 0:
+                whose = "the base model's weights" if r.tenant is None else f"the delta of model {r.tenant!r}"
+                out.append((None, "the model produced non-finite values (NaN or infinity) for this request; "
+                                  f"{whose} may hold corrupt values", "invalid_output"))
                 continue
-            x = logits[i].float().cpu() / p.temperature
-            if p.top_k and p.top_k > 0:
-                kth = torch.topk(x, min(p.top_k, x.numel())).values[-1]
-                x = x.masked_fill(x < kth, float("-inf"))
-            if p.top_p < 1.0:
-                sorted_x, order = torch.sort(x, descending=True)
-                probs = torch.softmax(sorted_x, dim=-1)
-                drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix with mass >= top_p
-                x[order[drop]] = float("-inf")
-            probs = torch.softmax(x, dim=-1)
-            out.append(int(torch.multinomial(probs, 1, generator=r.generator)))
+            p = r.params
+            if not p.temperature >= MIN_TEMPERATURE:  # also catches NaN
+                out.append((greedy[i], None, None))
+                continue
+            try:
+                out.append((self._sample_one(logits[i], p, r.generator), None, None))
+            except Exception as e:  # noqa: BLE001 (this request's sampling failed; the batch goes on)
+                logger.warning("request %d: sampling failed", r.id, exc_info=True)
+                out.append((None, f"sampling failed: {type(e).__name__}: {e}", "engine_error"))
         return out
+
+    @staticmethod
+    def _sample_one(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+        x = logits.float().cpu()
+        # Shift so the top logit is 0 before dividing: every value stays <= 0, so a small temperature
+        # cannot overflow to +inf (which softmax turns into NaN); the distribution is unchanged.
+        x = (x - x.max()) / p.temperature
+        if p.top_k and p.top_k > 0:
+            kth = torch.topk(x, min(p.top_k, x.numel())).values[-1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_x, order = torch.sort(x, descending=True)
+            probs = torch.softmax(sorted_x, dim=-1)
+            drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix with mass >= top_p
+            x[order[drop]] = float("-inf")
+        probs = torch.softmax(x, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,16 +1,25 @@
 """Server metrics in the Prometheus text format (no client library needed).
 
 Counters per tenant (``model`` label): requests by final status, prompt and generated tokens, delta
-loads and evictions; gauges: queue depth, running requests, free KV slots, resident deltas.
+loads and evictions; gauges: queue depth, running requests, free KV slots, resident deltas; the
+engine's restarts and the requests it ended for their own faults.
+
+Label values come from the server, never from clients: a ``model`` label is a registered model name
+(``known``, set by the runtime), and every other name a client sends shares :data:`UNKNOWN_MODEL`,
+so the page stays small whatever names clients try.
 
     metrics = Metrics(); engine = Engine(..., metrics=metrics)
-    text = metrics.render(engine, slots, base_name)     # GET /metrics
+    text = metrics.render(engine, slots)     # GET /metrics
 """
 
 from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from typing import Callable
+
+UNKNOWN_MODEL = "__unknown__"
+MAX_LABEL_CHARS = 128  # registered names are at most 128 characters (runtime.NAME_RE)
 
 
 def _esc(v: str) -> str:
@@ -23,8 +32,17 @@ class Metrics:
         self.requests = defaultdict(int)  # (model, status) -> n
         self.prompt_tokens = defaultdict(int)
         self.generation_tokens = defaultdict(int)
-        self.http_errors = defaultdict(int)  # (code,) -> n
+        self.http_errors = defaultdict(int)  # (model, code) -> n
         self.base_name = "base"
+        self.known: Callable[[str], bool] | None = None  # whether a name is a registered model (or the base)
+
+    def label(self, model: str) -> str:
+        """``model`` when it names a registered model (or the base), else :data:`UNKNOWN_MODEL`."""
+        if not isinstance(model, str) or len(model) > MAX_LABEL_CHARS:
+            return UNKNOWN_MODEL
+        if model == self.base_name or (self.known is not None and self.known(model)):
+            return model
+        return UNKNOWN_MODEL if self.known is not None else model
 
     def _model(self, r) -> str:
         return r.tenant or self.base_name
@@ -39,8 +57,10 @@ class Metrics:
             self.prompt_tokens[self._model(r)] += len(r.prompt)
 
     def rejected(self, model: str, status: int) -> None:
+        """Counts a refused request; an unregistered ``model`` name counts under :data:`UNKNOWN_MODEL`."""
+        label = self.label(model)
         with self.lock:
-            self.http_errors[(model, str(status))] += 1
+            self.http_errors[(label, str(int(status)))] += 1
 
     def render(self, engine, slots) -> str:
         out = []
@@ -71,6 +91,13 @@ class Metrics:
         family("bitdelta_kv_slots_free", "gauge", "Free KV-cache sequence slots.", [({}, st["free_kv_slots"])])
         family("bitdelta_kv_slots_total", "gauge", "KV-cache sequence slots.", [({}, st["max_batch"])])
         family("bitdelta_engine_steps_total", "counter", "Engine steps run.", [({}, st["steps"])])
+        family("bitdelta_engine_restarts_total", "counter", "Engine restarts after a failure that stopped its loop.",
+               [({}, st.get("restart_count", 0))])
+        family("bitdelta_request_errors_total", "counter",
+               "Requests ended by a failure of their own (sampling, non-finite output, a failing forward).",
+               [({}, st.get("request_errors", 0))])
+        family("bitdelta_engine_up", "gauge", "1 while the engine loop serves requests, 0 while it is down.",
+               [({}, int(bool(getattr(engine, "alive", True))))])
         status = slots.status()
         family("bitdelta_deltas_resident", "gauge", "Deltas in device slots.", [({}, slots.resident())])
         family("bitdelta_delta_slots_total", "gauge", "Device delta slots.", [({}, slots.num_slots)])

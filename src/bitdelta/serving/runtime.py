@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BitDeltaError
-from .engine import Engine
+from .engine import Engine, check_limits
 from .metrics import Metrics
 from .model import DeltaLlama
 from .slots import DeltaSlots
@@ -82,12 +82,15 @@ def build_runtime(base, deltas: dict[str, str] | None = None, *, base_name: str 
                   max_cpu_deltas: int = 128, max_bits: int | None = None, max_extra_vocab: int | None = None,
                   max_batch: int = 64, max_queue: int = 256, max_model_len: int | None = None,
                   kv_cache_mb: float | None = None, start: bool = True,
-                  cuda_graphs: bool | None = None) -> ServingRuntime:
+                  cuda_graphs: bool | None = None, engine_restart: bool = True) -> ServingRuntime:
     """Loads the base (with transformers), builds the engine, registers ``deltas`` (name -> path).
-    ``cuda_graphs``: see :class:`~bitdelta.serving.engine.Engine` (None, the default: on when the device is CUDA)."""
+    ``cuda_graphs``: see :class:`~bitdelta.serving.engine.Engine` (None, the default: on when the device is CUDA).
+    ``engine_restart``: the engine's ``auto_restart`` (restart itself after a failure that stops its loop;
+    off: it stays down, every generation request answers 503, until the process restarts)."""
     from ..artifact import load_delta
     from ..hf import load_model
 
+    check_limits(max_batch, max_queue)  # before the minutes a large base takes to load
     deltas = dict(deltas or {})
     hf = load_model(base, dtype=dtype or "float32", device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = DeltaLlama.from_hf(hf)
@@ -101,8 +104,9 @@ def build_runtime(base, deltas: dict[str, str] | None = None, *, base_name: str 
     metrics = Metrics()
     metrics.base_name = base_name or Path(str(base)).name or "base"
     engine = Engine(model, slots, max_batch=max_batch, max_queue=max_queue, max_len=max_model_len,
-                    kv_cache_mb=kv_cache_mb, metrics=metrics, cuda_graphs=cuda_graphs)
+                    kv_cache_mb=kv_cache_mb, metrics=metrics, cuda_graphs=cuda_graphs, auto_restart=engine_restart)
     rt = ServingRuntime(metrics.base_name, str(base), model, slots, engine, metrics)
+    metrics.known = rt.has  # metrics label registered names only: clients cannot grow the page
     rt.texts[rt.base_name] = TenantText.load(base)
     for name, path in deltas.items():
         rt.register(name, path, delta=loaded[name])
