@@ -2,9 +2,15 @@
 
 Checkpoints on disk are streamed tensor by tensor from their safetensors files, so peak host
 memory is a few modules (plus the packed delta, 1/16 of the model), never two full models.
-Every linear-like matrix (``nn.Linear``, GPT-2 ``Conv1D``) and the vocabulary matrices
-(embeddings, output head) become sign planes with scales; every other parameter that differs
-from the base (norms, biases, excluded modules) is kept dense with the fine-tune's value.
+Every linear-like matrix (``nn.Linear``, GPT-2 ``Conv1D``, MoE routers), each expert's matrix of
+fused mixture-of-experts weights, and the vocabulary matrices (embeddings, output head) become sign
+planes with scales; every other parameter that differs from the base (norms, biases, excluded
+modules) is kept dense with the fine-tune's value. Tensors are named as in the model (``naming.py``),
+read from checkpoints through transformers' own weight conversion.
+
+Before any work, base and fine-tune must store the same tensors with the same shapes
+(``coverage.check_structure``); after it, every stored tensor the fine-tune changed must be
+compressed, dense, or excluded by the user (``coverage.audit``), or compression stops naming them.
 
     delta = compress("base_dir", "finetune_dir", scale="row", bits=1, exclude=["lm_head"])
     delta.save_pretrained("ft.bitdelta")
@@ -18,11 +24,13 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .binarize import SCALE_MODES, binarize
+from .coverage import audit, check_structure
 from .delta import Delta, PackedModule
 from .errors import BitDeltaError, ShapeMismatchError
 from .fingerprint import Fingerprint, sample_weight
+from .naming import NAMING
 from .sources import WeightSource
-from .targets import CONV1D, plan_targets
+from .targets import CONV1D, plan_targets, vocab_parameter_names
 
 ModelLike = "str | os.PathLike | nn.Module"
 
@@ -97,12 +105,14 @@ def compress(
             "tie_word_embeddings setting."
         )
 
+    check_structure(base_src, ft_src, vocab_parameter_names(ft_src.module_tree), plan.ties)
+
     modules: dict[str, PackedModule] = {}
     samples: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
     bar = tqdm(plan.targets, desc="compressing", unit="module", disable=not progress)
     for t in bar:
-        w_ft = _canonical(ft_src.get(t.param), t.kind)
-        w_base = _canonical(base_src.get(t.param), t.kind)
+        w_ft = _canonical(ft_src.get(t.param), t)
+        w_base = _canonical(base_src.get(t.param), t)
         base_rows = _check_shapes(t, w_base, w_ft)
         mode = "row" if t.vocab else scale
         sign, scl = binarize(w_ft[:base_rows].float() - w_base.float(), mode, bits)
@@ -114,6 +124,7 @@ def compress(
         del w_ft, w_base
     dense = _dense_extras(plan.other_params, base_src, ft_src, dense_dtype, progress)
     ft_params = _count_parameters(ft_src, plan)
+    coverage = audit(base_src, ft_src, {t.param for t in plan.targets}, set(dense), plan.ties, _as_list(exclude))
 
     info = {
         "bitdelta_version": __version__,
@@ -133,15 +144,32 @@ def compress(
             "exclude": _as_list(exclude),
             "dense_embeddings": dense_embeddings,
             "dense_dtype": str(dense_dtype).replace("torch.", "") if dense_dtype else None,
+            # tensors are keyed by the model's own parameter names; fused experts as "<param>[<e>]"
+            "naming": NAMING,
+            "transformers_version": _transformers_version(),
+            "coverage": {"tensors": coverage["tensors"], "parameters": coverage["parameters"]},
+            "excluded_tensors": coverage["excluded_tensors"],
         },
         "distillation": None,
     }
     return Delta(modules, dense, Fingerprint.from_samples(samples), info, ft_src.tokenizer_files())
 
 
-def _canonical(weight: torch.Tensor, kind: str) -> torch.Tensor:
-    """Conv1D stores in × out; everything else is already out × in."""
-    return weight.t() if kind == CONV1D else weight
+def _canonical(weight: torch.Tensor, t) -> torch.Tensor:
+    """One matrix out × in: an expert's slice of a fused parameter; Conv1D-like storage
+    (GPT-2 Conv1D, experts computing x @ W) is in × out."""
+    if t.index is not None:
+        weight = weight[t.index]
+    return weight.t() if t.kind == CONV1D else weight
+
+
+def _transformers_version() -> str | None:
+    try:
+        import transformers
+
+        return transformers.__version__
+    except ImportError:  # pragma: no cover
+        return None
 
 
 def _check_shapes(t, w_base: torch.Tensor, w_ft: torch.Tensor) -> int:
@@ -184,7 +212,7 @@ def _dense_extras(names, base_src, ft_src, dtype, progress) -> dict[str, torch.T
 
 def _count_parameters(src: WeightSource, plan) -> int:
     total = 0
-    for name in [t.param for t in plan.targets] + plan.other_params:
+    for name in dict.fromkeys([t.param for t in plan.targets] + plan.other_params):
         if src.has(name):
             n = 1
             for s in src.shape(name):

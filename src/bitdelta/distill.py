@@ -27,11 +27,11 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .apply import apply, unapply
+from .apply import apply, set_applied_packed, unapply
 from .calibration import Calibration, TokenBatches
 from .delta import Delta, PackedModule
 from .errors import BitDeltaError
-from .layers import DeltaWrapper
+from .layers import DeltaParametrization, DeltaWrapper
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +94,16 @@ def precompute_teacher_logits(model: nn.Module, samples: TokenBatches, path, bat
     return TeacherLogits(cache=Path(path), shape=shape, samples=samples)
 
 
-def _wrappers(model: nn.Module) -> list[DeltaWrapper]:
-    return [m for m in model.modules() if isinstance(m, DeltaWrapper)]
+def _applied_packed(model: nn.Module) -> list[PackedModule]:
+    """Every packed module applied to ``model``: wrapped layers and parametrized (expert, router)
+    matrices alike, each once."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, DeltaWrapper):
+            out.append(m.packed)
+        elif isinstance(m, DeltaParametrization):
+            out += m.packed
+    return out
 
 
 LR_MODES = ("absolute", "relative")
@@ -116,10 +124,10 @@ class _TrainableScales:
             raise BitDeltaError(f"unknown lr mode {mode!r}; expected one of {', '.join(LR_MODES)}")
         self.relative = mode == "relative"
         self.packed, seen = [], set()
-        for w in _wrappers(model):
-            if id(w.packed) not in seen:
-                seen.add(id(w.packed))
-                self.packed.append(w.packed)
+        for pk in _applied_packed(model):
+            if id(pk) not in seen:
+                seen.add(id(pk))
+                self.packed.append(pk)
         self.initial = [pk.scale.detach().float().clone() for pk in self.packed]
         self.params = [nn.Parameter(self._start(s0)) for s0 in self.initial]
         self.refresh()
@@ -323,14 +331,11 @@ def choose_auto(row_delta: Delta, col_delta: Delta, base: nn.Module, teacher: Te
     apply(base, chosen)
     choices = {}
     try:
-        by_name = {}
-        for name, _ in chosen.modules.items():
-            by_name[name] = base.get_submodule(name)
         names = [n for n, m in chosen.modules.items() if not m.vocab]
         source = {"row": row_delta, "col": col_delta}
 
         def use(name, mode):
-            by_name[name].packed = source[mode].modules[name]
+            set_applied_packed(base, name, source[mode].modules[name])
             chosen.modules[name] = source[mode].modules[name]
             choices[name] = mode
 

@@ -9,7 +9,14 @@ the base term (keeping quirks such as Gemma's scaled embeddings), and adds the d
 - embedding: ``y = base(ids) + Δ̂[ids]`` with rows the base lacks taken from ``extra_rows``
 - output head with added tokens: the extra rows' logits are appended.
 
+Matrices that live elsewhere (fused mixture-of-experts parameters ``[E, a, b]``, MoE routers that
+are not ``nn.Linear``) get a :class:`DeltaParametrization` instead: the parameter reads as
+``W_base + Δ̂`` (every expert's own Δ̂ in its slice), computed from the packed signs and the current
+scales, so each routed token meets its expert's fine-tuned matrix, gradients reach the scales, and
+the base tensor itself is never written.
+
     wrapper = DeltaWrapper(model.model.layers[0].mlp.up_proj, packed, kind="linear")
+    register_parametrization(experts, "gate_up_proj", DeltaParametrization({"...[0]": (0, packed0), ...}))
 """
 
 from __future__ import annotations
@@ -18,11 +25,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .binarize import expand_scale
+from .binarize import expand_scale, reconstruct
 from .delta import PackedModule
 from .delta_matmul import delta_linear
 from .pack import unpack_signs
-from .targets import EMBEDDING
+from .targets import CONV1D, EMBEDDING
 
 
 def delta_rows(packed: PackedModule, rows: torch.Tensor) -> torch.Tensor:
@@ -117,3 +124,60 @@ class DeltaWrapper(nn.Module):
             y = torch.where(in_base[..., None], y, extra)
         return y
 
+
+
+class DeltaParametrization(nn.Module):
+    """``W -> W + Δ̂`` for one parameter holding one matrix (index None) or one per expert.
+
+    ``entries`` maps each delta entry name to ``(expert index or None, PackedModule)``; a packed
+    module of kind ``conv1d`` is stored in × out in the parameter, so its Δ̂ is transposed. Without
+    gradients the result is cached until the base tensor or a scale changes (an experts forward may
+    read the parameter once per expert).
+    """
+
+    def __init__(self, entries: dict[str, tuple[int | None, PackedModule]]):
+        super().__init__()
+        self.entries = dict(entries)
+        self._cache = None
+
+    def set_packed(self, name: str, packed: PackedModule) -> None:
+        index, _ = self.entries[name]
+        self.entries[name] = (index, packed)
+        self._cache = None
+
+    @property
+    def packed(self) -> list[PackedModule]:
+        return [p for _, p in self.entries.values()]
+
+    def _key(self, w: torch.Tensor):
+        return [(w, w._version)] + [(p.scale, p.scale._version) for p in self.packed]
+
+    def _cached(self, key):
+        if self._cache is None or len(self._cache[0]) != len(key):
+            return None
+        if all(a is b and va == vb for (a, va), (b, vb) in zip(self._cache[0], key)):
+            return self._cache[1]
+        return None
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        grad = torch.is_grad_enabled()
+        if not grad:
+            key = self._key(w)
+            hit = self._cached(key)
+            if hit is not None:
+                return hit
+        out = w + self._delta(w).to(w.dtype)
+        self._cache = None if grad else (key, out)
+        return out
+
+    def _delta(self, w: torch.Tensor) -> torch.Tensor:
+        def one(p: PackedModule) -> torch.Tensor:
+            d = reconstruct(p.sign, p.scale, p.in_features, p.mode)
+            return d.t() if p.kind == CONV1D else d
+
+        if len(self.entries) == 1 and next(iter(self.entries.values()))[0] is None:
+            return one(next(iter(self.entries.values()))[1])
+        by_index = {i: p for i, p in self.entries.values()}
+        parts = [one(by_index[e]) if e in by_index else torch.zeros(w.shape[1:], device=w.device)
+                 for e in range(w.shape[0])]
+        return torch.stack(parts)

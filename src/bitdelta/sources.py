@@ -2,7 +2,9 @@
 
 A :class:`WeightSource` gives compression what it needs without ever holding a whole model:
 the model's config, a weightless (meta-device) module tree to discover linear layers in, and
-tensors read one at a time by their parameter names.
+tensors read one at a time by their in-model parameter names (a checkpoint stored under other
+names or layouts, such as per-expert MoE weights, is converted by transformers' own mapping,
+see ``naming.py``), plus the stored tensors as they are for the coverage audit.
 
     src = WeightSource.load("HuggingFaceTB/SmolLM2-135M")      # or a local dir, or a model
     for name in src.parameter_names(): w = src.get(name)
@@ -75,11 +77,19 @@ def meta_model(config) -> nn.Module:
 
 
 class WeightSource:
-    """Named tensors of one model plus its module tree, read lazily where possible."""
+    """Named tensors of one model plus its module tree, read lazily where possible.
+
+    Tensors are named as in the model (``naming.NAMING``): a checkpoint whose names or layout differ
+    (per-expert MoE weights, legacy prefixes) is read through transformers' own weight conversion,
+    one in-model tensor at a time. ``checkpoint_keys``/``checkpoint_get`` give the stored tensors
+    as they are, for the structure check and the coverage audit.
+    """
 
     def __init__(self, name: str, config, module_tree: nn.Module, model_dir: Path | None = None,
                  revision: str | None = None, checkpoint: SafetensorsCheckpoint | None = None,
                  live: nn.Module | None = None):
+        from .naming import CheckpointNaming
+
         self.name = name
         self.config = config
         self.module_tree = module_tree
@@ -87,8 +97,11 @@ class WeightSource:
         self.revision = revision
         self._ckpt = checkpoint
         self._live = dict(live.state_dict(keep_vars=False)) if live is not None else None
-        prefix = getattr(module_tree, "base_model_prefix", "") or ""
-        self._prefix = prefix + "." if prefix else ""
+        if self._live is not None:
+            self.naming = CheckpointNaming.identity(self._live)
+        else:
+            self.naming = CheckpointNaming.build(list(self._ckpt.entries), module_tree)
+        self._last: tuple[str, torch.Tensor] | None = None  # a fused tensor read for several entries
 
     @classmethod
     def load(cls, model: "str | os.PathLike | nn.Module", revision: str | None = None) -> "WeightSource":
@@ -101,39 +114,48 @@ class WeightSource:
         ckpt = SafetensorsCheckpoint.open(model_dir)
         return cls(str(model), config, meta_model(config), model_dir, resolved or revision, ckpt)
 
-    def _key(self, name: str) -> str | None:
-        store = self._live if self._live is not None else self._ckpt.entries
-        candidates = [name]
-        if self._prefix and name.startswith(self._prefix):
-            candidates.append(name[len(self._prefix):])  # legacy checkpoints without the prefix
-        elif self._prefix:
-            candidates.append(self._prefix + name)
-        for c in candidates:
-            if c in store:
-                return c
-        return None
-
     def has(self, name: str) -> bool:
-        return self._key(name) is not None
+        """True if the model tensor ``name`` (in-model naming) can be read from this source."""
+        return self.naming.has(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        key = self._require(name)
+        self._require(name)
+        if self.naming.converted(name):
+            try:  # the model's own shape, without reading and converting the stored tensors
+                return tuple(self.module_tree.get_parameter(name).shape)
+            except AttributeError:
+                return tuple(self.get(name).shape)
+        return self.checkpoint_shape(self.naming.sources(name)[0])
+
+    def get(self, name: str) -> torch.Tensor:
+        """The model tensor ``name`` (in-model naming), converted from the checkpoint if needed."""
+        self._require(name)
+        if self._last is not None and self._last[0] == name:
+            return self._last[1]
+        value = self.naming.materialize(name, self.checkpoint_get)
+        if self.naming.converted(name):
+            self._last = (name, value)  # fused experts: one conversion serves every expert entry
+        return value
+
+    def _require(self, name: str) -> None:
+        if not self.naming.has(name):
+            where = self.model_dir or self.name
+            raise FormatError(f"{where} has no tensor {name!r}; is it the same architecture?")
+
+    # ------------------------------------------------------------------ stored tensors as they are
+
+    def checkpoint_keys(self) -> list[str]:
+        return self.naming.keys()
+
+    def checkpoint_shape(self, key: str) -> tuple[int, ...]:
         if self._live is not None:
             return tuple(self._live[key].shape)
         return self._ckpt.shape(key)
 
-    def get(self, name: str) -> torch.Tensor:
-        key = self._require(name)
+    def checkpoint_get(self, key: str) -> torch.Tensor:
         if self._live is not None:
             return self._live[key].detach().to("cpu")
         return self._ckpt.get(key)
-
-    def _require(self, name: str) -> str:
-        key = self._key(name)
-        if key is None:
-            where = self.model_dir or self.name
-            raise FormatError(f"{where} has no tensor {name!r}; is it the same architecture?")
-        return key
 
     def tokenizer_files(self) -> dict[str, bytes]:
         """The fine-tune's tokenizer/generation files, by file name (empty for live models)."""
