@@ -117,6 +117,13 @@ class Layout:
         return cls(modules, {n: tuple(v.shape) for n, v in delta.dense.items()}, dict(delta.ties))
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/inf in ``t``, checked in slices so a large tensor needs no tensor-sized temporary."""
+    flat = t.reshape(-1)
+    step = 1 << 24
+    return all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step))
+
+
 def check_file_name(name: str) -> str:
     """A name from an artifact's ``files`` must be a plain file name (no directories, no ``..``)."""
     return plain_name(name, f"{CONFIG_NAME} 'files' entry")
@@ -404,13 +411,13 @@ def load_delta(path, device="cpu", revision: str | None = None, *, root=None,
         m = PackedModule(lay.kind, lay.mode, ckpt.get(f"{name}.sign"), ckpt.get(f"{name}.scale"), lay.in_features,
                          lay.vocab, extra)
         m.validate(name)
-        if extra is not None and not torch.isfinite(extra).all():
+        if extra is not None and not all_finite(extra):
             raise FormatError(f"{local}: tensor {name + '.extra_rows'!r} holds NaN or inf")
         modules[name] = m
     dense = {}
     for name in dense_shapes:
         value = ckpt.get(name)
-        if not torch.isfinite(value).all():
+        if not all_finite(value):
             raise FormatError(f"{local}: dense parameter {name!r} holds NaN or inf")
         dense[name] = value
     samples = ckpt.get(FINGERPRINT_KEY)

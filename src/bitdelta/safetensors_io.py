@@ -159,9 +159,20 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     return entries, metadata
 
 
+_bytes_read = 0  # bytes read by read_tensor in this process (approximate across threads)
+
+
+def bytes_read() -> int:
+    """Bytes of tensor data this process has read so far: lets a failure path tell whether it
+    read enough to be worth a full garbage collection (see ``serving/slots.py``)."""
+    return _bytes_read
+
+
 def read_tensor(entry: TensorEntry) -> torch.Tensor:
     """Reads one tensor from disk into a fresh CPU tensor."""
+    global _bytes_read
     nbytes = entry.end - entry.start
+    _bytes_read += nbytes
     if nbytes == 0:
         return torch.empty(entry.shape, dtype=entry.dtype)
     # Read straight into an uninitialised tensor: a zero-filled bytearray cost about 0.4 s more per

@@ -46,9 +46,12 @@ from ..errors import BitDeltaError, ShapeMismatchError
 from ..validate import base_magnitudes, check_delta_values
 from ..ops import DECODE_MAX_TOKENS, bitdelta_linear, bitdelta_linear_segmented
 from ..pack import unpack_signs
+from ..safetensors_io import bytes_read
 from .op_calls import has_long_sequences, plan_calls
 
 logger = logging.getLogger(__name__)
+
+_COLLECT_AFTER_BYTES = 64 << 20  # a failed load that read this much is worth a full gc.collect()
 
 
 @dataclass
@@ -135,6 +138,7 @@ class DeltaSlots:
             if name in self.entries:
                 why = "is still finishing requests after its removal" if self.entries[name].removed else "is already registered"
                 raise BitDeltaError(f"a delta named {name!r} {why}; DELETE it first or pick another name")
+        read_before = bytes_read()
         try:
             entry = self._register(name, path, delta, root)
             err = None
@@ -145,7 +149,7 @@ class DeltaSlots:
             else:
                 err = e
         if err is not None:
-            _release(err)
+            _release(err, bytes_read() - read_before)
             raise err
         return entry
 
@@ -335,7 +339,7 @@ class DeltaSlots:
             except Exception as ex:  # a file changed or vanished since registration
                 host, err = None, f"could not load delta {name!r} from {path}: {ex}"
                 logger.error(err)
-                _release(ex)
+                _release(ex, _COLLECT_AFTER_BYTES)
             with self.lock:
                 e.loading = False
                 if err:
@@ -547,10 +551,12 @@ class DeltaSlots:
             return sum(o is not None for o in self.slot_owner)
 
 
-def _release(exc: BaseException) -> None:
+def _release(exc: BaseException, read: int = 0) -> None:
     """Drops the frames (and chained errors) ``exc`` holds, so the tensors a failed load read are
-    freed now rather than kept alive by an error a caller logs or wraps; then collects the cycles
-    frames form. Only on failure paths: a collection costs tens of milliseconds."""
+    freed now rather than kept alive by an error a caller logs or wraps. When the failure had read
+    much (``read`` bytes), also collects reference cycles, which plain reference counting leaves:
+    a full collection costs tens to hundreds of milliseconds with a model loaded, so small failures
+    (most corrupt files are refused from their headers) skip it."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -558,4 +564,5 @@ def _release(exc: BaseException) -> None:
         exc.__traceback__ = None
         exc.__cause__ = exc.__context__ = None
         exc = nxt
-    gc.collect()
+    if read >= _COLLECT_AFTER_BYTES:
+        gc.collect()
