@@ -82,10 +82,12 @@ def make_arch_model(arch: str, seed: int = 0, **overrides):
 
 @torch.no_grad()
 def finetune_of(base, seed: int = 1, scale: float = 0.05):
-    """Every parameter moved by small noise relative to its spread."""
+    """Every parameter and stored buffer moved by small noise relative to its spread."""
     ft = copy.deepcopy(base)
     g = torch.Generator().manual_seed(seed)
-    for p in ft.parameters():
+    persistent = set(ft.state_dict())
+    tensors = list(ft.parameters()) + [b for n, b in ft.named_buffers() if n in persistent and b.is_floating_point()]
+    for p in tensors:  # parameters and stored buffers (e.g. a router's score-correction bias)
         spread = p.float().std() if p.numel() > 1 else p.float().abs()
         p.add_(torch.randn(p.shape, generator=g) * scale * (spread + 1e-3))
     return ft.eval()

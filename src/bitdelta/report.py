@@ -40,6 +40,7 @@ def describe_artifact(path) -> dict:
         "dense_parameters": len(cfg.get("dense_parameters", [])),
         "added_token_rows": {k: m["extra_rows"] for k, m in cfg["modules"].items() if m.get("extra_rows")},
         "compression": cfg.get("compression"),
+        "coverage": _coverage(cfg),
         "distillation": cfg.get("distillation"),
         "files": files,
         "artifact_bytes": artifact_bytes,
@@ -48,6 +49,32 @@ def describe_artifact(path) -> dict:
         "compression_factor": compression_factor(n, artifact_bytes),
         "compression_factor_weights_only": compression_factor(n, weight_bytes),
     }
+
+
+def _coverage(cfg: dict) -> dict | None:
+    """The compression audit's accounting of the fine-tune's stored tensors (None for artifacts
+    written before it existed): tensors and parameters compressed / dense / excluded / unchanged."""
+    comp = cfg.get("compression") if isinstance(cfg.get("compression"), dict) else {}
+    cov = comp.get("coverage")
+    if not isinstance(cov, dict):
+        return None
+    experts = sum(1 for name in cfg["modules"] if name.endswith("]"))
+    return {"naming": comp.get("naming"), "tensors": cov.get("tensors") or {}, "parameters": cov.get("parameters") or {},
+            "excluded_tensors": comp.get("excluded_tensors") or [], "expert_matrices": experts}
+
+
+def _format_coverage(cov: dict | None) -> list[str]:
+    if cov is None:
+        return ["coverage          not recorded (artifact made before the coverage audit)"]
+    lines = [f"coverage          of the fine-tune's stored tensors (delta named {cov['naming'] or '?'}):"]
+    for cat in ("compressed", "dense", "excluded", "unchanged"):
+        t, p = cov["tensors"].get(cat, 0), cov["parameters"].get(cat, 0)
+        lines.append(f"  {cat:<16}{t:>7,} tensors {p:>16,} parameters")
+    if cov["expert_matrices"]:
+        lines.append(f"  expert matrices {cov['expert_matrices']:>7,} compressed one by one")
+    for name in cov["excluded_tensors"][:8]:
+        lines.append(f"  excluded: {name}")
+    return lines
 
 
 def _mb(n) -> str:
@@ -67,6 +94,7 @@ def format_report(info: dict) -> str:
     for mode, count in info["modes"].items():
         lines.append(f"  {mode:<24}{count}")
     lines.append(f"dense parameters  {info['dense_parameters']}")
+    lines += _format_coverage(info.get("coverage"))
     for name, rows in info["added_token_rows"].items():
         lines.append(f"added-token rows  {name}: {rows} (dense)")
     if info["distillation"]:
@@ -77,9 +105,10 @@ def format_report(info: dict) -> str:
         f"fine-tune fp16    {_mb(info['finetuned_fp16_bytes'])}",
     ]
     if info["compression_factor"]:
+        weights_only = info["compression_factor_weights_only"]  # None when the weights file is absent
         lines.append(
             f"compression       {info['compression_factor']:.2f}x whole artifact, "
-            f"{info['compression_factor_weights_only']:.2f}x weights only"
+            + (f"{weights_only:.2f}x weights only" if weights_only else "no weights file")
         )
     return "\n".join(lines)
 

@@ -196,6 +196,15 @@ class DeltaLlama:
     @torch.no_grad()
     def from_hf(cls, hf_model, device=None, dtype=None) -> "DeltaLlama":
         cfg = hf_model.config
+        experts = next((getattr(cfg, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                        if isinstance(getattr(cfg, k, None), int) and getattr(cfg, k) > 0), None)
+        if experts:
+            from ..errors import BitDeltaError  # a ValueError, printed as one line by the CLI
+
+            raise BitDeltaError(
+                f"the serving engine does not serve mixture-of-experts models ({getattr(cfg, 'model_type', None)!r} "
+                f"with {experts} experts per layer); merge the delta into the base with `bitdelta merge --base BASE "
+                "--delta DELTA --out MERGED` and serve the merged model with another server (e.g. vLLM)")
         if getattr(cfg, "model_type", None) not in SUPPORTED:
             raise ValueError(f"the serving engine supports {', '.join(SUPPORTED)} models "
                              f"(got {getattr(cfg, 'model_type', None)!r}); merge the delta and use another server")
