@@ -3,6 +3,10 @@
     bitdelta serve --base models/tiny/base --delta shakespeare=deltas/shakespeare --delta gsm8k=deltas/gsm8k
     bitdelta serve --base BASE --delta-dir deltas/ --api-keys keys.toml --host 0.0.0.0 --port 8000
     bitdelta serve --ray --base BASE --delta-store s3://bucket/deltas --replicas 4 --gpus-per-replica 1
+
+Everything that can be checked without the base model is checked before it loads (numbers by
+argparse; the API-key file, the --delta paths, the --delta-dir), so a typo costs no start-up time.
+A bad artifact in --delta-dir is logged and skipped; a bad --delta stops the start.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import ipaddress
 import logging
 from pathlib import Path
 
+from ..cli import device_name, dtype_name, float_range, int_range
 from ..errors import BitDeltaError
 
 logger = logging.getLogger("bitdelta.serve")
@@ -38,6 +43,49 @@ def _parse_deltas(values) -> dict[str, str]:
     return out
 
 
+def _check_startup_delta(name: str, path: str) -> None:
+    """A ``--delta NAME=PATH`` must name an artifact before the base loads: an existing directory with a
+    readable ``delta_config.json``, or (``org/name``) a hub id that can be fetched."""
+    from ..artifact import read_config
+    from ..sources import resolve_model_dir
+
+    local = Path(path).expanduser()
+    if not local.exists():
+        if path.startswith((".", "/", "~")) or path.count("/") != 1:
+            raise BitDeltaError(f"--delta {name}={path}: no such artifact directory")
+        try:  # an org/name hub id; load_delta finds it in the local cache afterwards
+            local, _ = resolve_model_dir(path)
+        except BitDeltaError as e:
+            raise BitDeltaError(f"--delta {name}={path}: no such artifact directory, and {e}") from None
+    if not local.is_dir():
+        raise BitDeltaError(f"--delta {name}={path}: not a directory (an artifact is a directory with delta_config.json)")
+    read_config(local)
+
+
+def _check_bind(host: str, port: int) -> None:
+    """Fails now, in one line, if ``host:port`` cannot be listened on (in use, not an address of this
+    machine), rather than after the base has loaded, when the HTTP server would exit on it."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as e:
+        raise BitDeltaError(f"--host {host}: cannot resolve it ({e.strerror or e})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself binds
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise BitDeltaError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port or --host") from None
+
+
+def _reason(e: Exception) -> str:
+    """One line saying why an artifact was skipped (its type too, when it is not one of our errors)."""
+    msg = " ".join(str(e).split())
+    return msg if isinstance(e, BitDeltaError) else f"{type(e).__name__}: {msg}"
+
+
 def scan_delta_dir(delta_dir) -> dict[str, str]:
     """Artifact directories (with ``delta_config.json``) directly under ``delta_dir``, by directory name."""
     root = Path(delta_dir)
@@ -51,10 +99,14 @@ def build_app(args):
     from .api import ServerConfig, create_app, load_api_keys
     from .runtime import build_runtime
 
+    # everything checkable without the base first, so a mistake fails in a second, not after loading it
     deltas = _parse_deltas(args.delta)
     api_keys = load_api_keys(args.api_keys) if args.api_keys else None
     if args.allow_runtime_deltas and not args.admin_key:
         raise BitDeltaError("--allow-runtime-deltas needs --admin-key KEY (admin endpoints are never open)")
+    for name, path in deltas.items():
+        _check_startup_delta(name, path)
+    scanned = scan_delta_dir(args.delta_dir) if args.delta_dir else {}
     if args.allow_runtime_deltas:
         logger.warning("runtime delta registration is enabled: holders of the admin key can load artifacts from %s",
                        args.delta_dir or "(no --delta-dir: nothing can be registered)")
@@ -62,15 +114,17 @@ def build_app(args):
                        max_gpu_deltas=args.max_gpu_deltas, max_cpu_deltas=args.max_cpu_deltas, max_bits=args.max_bits,
                        max_extra_vocab=args.max_extra_vocab, max_batch=args.max_batch, max_queue=args.max_queue,
                        max_model_len=args.max_model_len, kv_cache_mb=args.kv_cache_mb,
-                       cuda_graphs=None if getattr(args, "cuda_graphs", True) else False)
-    if args.delta_dir:  # every artifact in the allow-listed directory is served under its directory name
-        for name, path in scan_delta_dir(args.delta_dir).items():
-            if rt.has(name):
-                continue
-            try:
-                rt.register(name, path)
-            except BitDeltaError as e:
-                logger.error("skipping %s: %s", path, e)
+                       cuda_graphs=None if getattr(args, "cuda_graphs", True) else False,
+                       engine_restart=args.engine_restart)
+    # every artifact in the allow-listed directory is served under its directory name; one that fails
+    # to load for any reason (corrupt, wrong base, unreadable) is logged and skipped, the rest serve
+    for name, path in scanned.items():
+        if rt.has(name):
+            continue
+        try:
+            rt.register(name, path, root=args.delta_dir)  # its files may not point outside the allow-listed dir
+        except Exception as e:
+            logger.error("skipping %s: %s", path, _reason(e))
     cfg = ServerConfig(api_keys=api_keys, admin_key=args.admin_key, allow_runtime_deltas=args.allow_runtime_deltas,
                        delta_dir=args.delta_dir)
     return rt, create_app(rt, cfg)
@@ -98,19 +152,27 @@ def ray_settings(args):
 
 
 def cmd_serve_ray(args) -> None:
+    from .api import load_api_keys
     from .ray_serve import run
 
+    settings = ray_settings(args)
+    if args.api_keys:
+        load_api_keys(args.api_keys)  # a bad key file fails here, before a Ray cluster is started or joined
     if not args.api_keys and not _is_loopback(args.host):
         logger.warning("binding to %s without --api-keys: anyone who can reach this address can use every model",
                        args.host)
-    run(ray_settings(args), host=args.host, port=args.port, address=args.ray_address)
+    run(settings, host=args.host, port=args.port, address=args.ray_address)
 
 
 def cmd_serve(args) -> None:
     import uvicorn
 
+    from ..cli import check_device
+
     if args.ray:
         return cmd_serve_ray(args)
+    check_device(args.device)
+    _check_bind(args.host, args.port)
     if not args.api_keys and not _is_loopback(args.host):
         logger.warning("binding to %s without --api-keys: anyone who can reach this address can use every model",
                        args.host)
@@ -134,34 +196,36 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="allow-listed directory: its artifacts are served by directory name, and runtime registration "
                         "may only use paths inside it")
     s.add_argument("--base-name", default=None, help="model name of the plain base (default: its directory name)")
-    s.add_argument("--max-gpu-deltas", type=int, default=32, help="device slots for deltas (default 32)")
-    s.add_argument("--max-cpu-deltas", type=int, default=128, help="deltas kept in host memory (default 128)")
-    s.add_argument("--max-bits", type=int, default=None, help="sign planes per pool slot (default: max of startup deltas)")
-    s.add_argument("--max-extra-vocab", type=int, default=None,
+    s.add_argument("--max-gpu-deltas", type=int_range(1), default=32, help="device slots for deltas (default 32)")
+    s.add_argument("--max-cpu-deltas", type=int_range(1), default=128, help="deltas kept in host memory (default 128)")
+    s.add_argument("--max-bits", type=int_range(1, 8), default=None, help="sign planes per pool slot (default: max of startup deltas)")
+    s.add_argument("--max-extra-vocab", type=int_range(0), default=None,
                    help="added tokens a delta may carry (default: max of startup deltas)")
-    s.add_argument("--max-batch", type=int, default=64, help="max running sequences (KV slots; capped by memory)")
-    s.add_argument("--max-queue", type=int, default=256, help="max waiting requests before answering 429")
-    s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    s.add_argument("--kv-cache-mb", type=float, default=None,
+    s.add_argument("--max-batch", type=int_range(1), default=64, help="max running sequences (KV slots; capped by memory)")
+    s.add_argument("--max-queue", type=int_range(1), default=256, help="max waiting requests before answering 429")
+    s.add_argument("--max-model-len", type=int_range(1), default=None, help="context length (default: the model's)")
+    s.add_argument("--kv-cache-mb", type=float_range(0, strict_lo=True), default=None,
                    help="KV cache budget in MiB (default: free GPU memory, or 1024 on CPU)")
     s.add_argument("--api-keys", default=None, help='TOML file: [keys] "sk-..." = ["model", ...] ("*" = all)')
     s.add_argument("--admin-key", default=None, help="bearer key of the admin endpoints")
     s.add_argument("--allow-runtime-deltas", action="store_true", help="enable POST/DELETE /v1/deltas (needs --admin-key)")
-    s.add_argument("--dtype", default="float32", help="dtype of the base weights (float32, bfloat16, float16)")
-    s.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    s.add_argument("--dtype", type=dtype_name, default="float32", help="dtype of the base weights (float32, bfloat16, float16)")
+    s.add_argument("--device", type=device_name, default=None, help="cuda or cpu (default: cuda if available)")
     s.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, decode steps replay CUDA graphs captured at start (default: on; "
                         "--no-cuda-graphs decodes eagerly)")
+    s.add_argument("--engine-restart", action=argparse.BooleanOptionalAction, default=True,
+                   help="restart the engine automatically if it stops (fresh KV state; in-flight requests fail)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int_range(0, 65535), default=8000)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     r = s.add_argument_group("scale-out on Ray Serve (install bitdelta[ray]; see docs/scale_out.md)")
     r.add_argument("--ray", action="store_true", help="deploy engine replicas on Ray Serve, routed by tenant")
-    r.add_argument("--replicas", type=int, default=None, help="engine replicas (default: one per GPU of the cluster)")
-    r.add_argument("--gpus-per-replica", type=float, default=None,
+    r.add_argument("--replicas", type=int_range(1), default=None, help="engine replicas (default: one per GPU of the cluster)")
+    r.add_argument("--gpus-per-replica", type=float_range(0, 1), default=None,
                    help="GPUs per replica, at most 1 (default: 1 if the cluster has GPUs, else 0)")
-    r.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
-    r.add_argument("--deltas-per-replica", type=int, default=None,
+    r.add_argument("--cpus-per-replica", type=float_range(0), default=1.0, help="CPUs Ray reserves per replica (default 1)")
+    r.add_argument("--deltas-per-replica", type=int_range(1), default=None,
                    help="tenants a replica holds before evicting the least recently used (default: --max-gpu-deltas)")
     r.add_argument("--delta-store", default=None,
                    help="directory or fsspec URL (s3://, gs://, file://) with one artifact per model name "
