@@ -151,7 +151,8 @@ def check_input_file(path, option: str) -> None:
     from .errors import BitDeltaError
 
     if not Path(path).is_file():
-        raise BitDeltaError(f"{option} {path}: no such file")
+        why = "a directory, not a file" if Path(path).is_dir() else "no such file"
+        raise BitDeltaError(f"{option} {path}: {why}")
 
 
 def check_text_source(source, option: str) -> None:

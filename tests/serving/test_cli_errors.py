@@ -277,7 +277,8 @@ def test_inspect_merge_import_eval_errors(tiny_models, artifact, tmp_path, capsy
                "--diff", "no such file")
     user_error(capsys, ["import-reference", "--base", base, "--diff", tmp_path / "f", "--out", artifact],
                "already exists", "--overwrite")
-    user_error(capsys, ["eval", "ppl", "--model", base, "--data", tmp_path / "missing.txt"], "--data")
+    user_error(capsys, ["eval", "ppl", "--model", base, "--data", tmp_path / "missing.txt"], "--data", "no such file")
+    user_error(capsys, ["eval", "ppl", "--model", base, "--data", tmp_path], "--data", "a directory")
     user_error(capsys, ["eval", "tasks", "--model", base, "--tasks", "piqa", "--data-dir", tmp_path / "none"], "--data-dir")
     user_error(capsys, ["generate", "--base", base, "--prompt", "x", "--device", "cuda:99"], "cuda:99")
 
