@@ -1,4 +1,6 @@
-"""Compression factor of 1-bit artifacts at the real shapes of Llama-2-7B, Mistral-7B, Llama-3.1-8B.
+"""Compression factor of 1-bit artifacts at the real shapes of Llama-2-7B, Mistral-7B, Llama-3.1-8B,
+and of the mixture-of-experts models Mixtral-8x7B and Qwen3-30B-A3B (each expert's matrix its own
+sign plane and scales, routers compressed, as `bitdelta.compress` does).
 
 Speed and size do not depend on weight values, so for each architecture we build the exact set of
 tensors `bitdelta.compress` would write (random sign bits for every linear, embedding and head,
@@ -6,7 +8,7 @@ per-row scales for vocabulary matrices, the chosen scale mode elsewhere, fp16 no
 the base fingerprint), save it with the real artifact writer, and compare the bytes on disk with
 the fine-tune's fp16 bytes (decimal GB on both sides). Runs on a CPU in about a minute.
 
-    python benchmarks/compression_factor.py [--out /tmp/cf] [--scale scalar] [--bits 1]
+    python benchmarks/compression_factor.py [--out /tmp/cf] [--scale scalar] [--bits 1] [--models Mixtral-8x7B]
 """
 
 from __future__ import annotations
@@ -37,23 +39,37 @@ CONFIGS = {
     "Llama-3.1-8B": transformers.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                                              num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                                              tie_word_embeddings=False),
+    "Mixtral-8x7B": transformers.MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                                               num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                               num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False),
+    "Qwen3-30B-A3B": transformers.Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                                                 moe_intermediate_size=768, num_hidden_layers=48,
+                                                 num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                                                 num_experts=128, num_experts_per_tok=8, tie_word_embeddings=False),
 }
+
+
+MOE = ("Mixtral-8x7B", "Qwen3-30B-A3B")
 
 
 def synthetic_delta(config, scale: str, bits: int, dense_embeddings: bool) -> tuple[Delta, int]:
     model = meta_model(config)
     plan = plan_targets(model, dense_embeddings=dense_embeddings)
     params = dict(model.named_parameters())
+    stored = dict(model.state_dict(keep_vars=True))  # parameters and persistent buffers
     g = torch.Generator().manual_seed(0)
     modules, samples = {}, {}
     for t in plan.targets:
-        out_f, in_f = params[t.param].shape
+        shape = tuple(params[t.param].shape)
+        if t.index is not None:  # one expert of a fused [E, a, b] parameter
+            shape = shape[1:]
+        out_f, in_f = reversed(shape) if t.kind == "conv1d" else shape
         mode = "row" if t.vocab else scale
         sign = torch.randint(0, 256, (bits, out_f, packed_width(in_f)), dtype=torch.uint8, generator=g)
         n_scale = {"scalar": (bits,), "row": (bits, out_f), "col": (bits, in_f)}[mode]
         modules[t.name] = PackedModule(t.kind, mode, sign, torch.rand(n_scale, generator=g), in_f, t.vocab)
         samples[t.name] = ((out_f, in_f), torch.randn(SAMPLES_PER_MODULE, generator=g))
-    dense = {n: torch.randn(params[n].shape, generator=g).half() for n in plan.other_params}
+    dense = {n: torch.randn(stored[n].shape, generator=g).half() for n in plan.other_params}
     num_params = sum(p.numel() for p in params.values())
     info = {"bitdelta_version": __version__, "base_model_name_or_path": "synthetic-base",
             "finetuned_model_name_or_path": "synthetic-finetune", "finetuned_num_parameters": num_params,
@@ -67,12 +83,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
     ap.add_argument("--scale", default="scalar", choices=["scalar", "row", "col"])
     ap.add_argument("--bits", type=int, default=1)
+    ap.add_argument("--models", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     args = ap.parse_args()
     scratch = args.out or Path(tempfile.mkdtemp())
     rows = []
     try:
-        for name, cfg in CONFIGS.items():
-            for dense_embeddings in (False, True):
+        for name in args.models:
+            cfg = CONFIGS[name]
+            # the reference rows (embeddings/lm_head dense) only for dense models: the reference
+            # compresses nn.Linear modules only, which would leave fused MoE experts out entirely
+            for dense_embeddings in ((False,) if name in MOE else (False, True)):
                 started = time.perf_counter()
                 delta, n = synthetic_delta(cfg, args.scale, args.bits, dense_embeddings)
                 path = scratch / f"{name}-{'dense-emb' if dense_embeddings else 'ours'}"

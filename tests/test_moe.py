@@ -170,3 +170,51 @@ def test_serving_engine_refuses_moe_bases_and_says_to_merge():
 
     with pytest.raises(BitDeltaError, match="bitdelta merge"):
         DeltaLlama.from_hf(make_arch_model("mixtral"))
+
+
+def test_auto_scale_chooses_row_or_col_per_expert(mixtral):
+    from bitdelta.distill import TeacherLogits, choose_auto
+
+    base_dir, ft_dir = mixtral
+    row = bitdelta.compress(base_dir, ft_dir, scale="row", progress=False)
+    col = bitdelta.compress(base_dir, ft_dir, scale="col", progress=False)
+    model, ft = load_model(base_dir), load_model(ft_dir)
+    held = TokenBatches(_ids(5, n=6, length=10), torch.ones(6, 10, dtype=torch.long))
+    chosen = choose_auto(row, col, model, TeacherLogits(model=ft), held, progress=False)
+    experts = [n for n in chosen.modules if n.endswith("]")]
+    modes = {chosen.modules[n].mode for n in experts}
+    assert modes <= {"row", "col"} and all(chosen.modules[n] is {"row": row, "col": col}[chosen.modules[n].mode].modules[n]
+                                           for n in experts)
+    auto = chosen.info["distillation"]["auto"]
+    assert auto["heldout_loss_chosen"] <= min(auto["heldout_loss_all_row"], auto["heldout_loss_all_col_here"])
+    assert not any(isinstance(m, DeltaParametrization) for m in model.modules()), "unapplied afterwards"
+
+
+def test_cli_distillation_and_eval_on_a_moe_pair(tmp_path, capsys):
+    """`compress --distill-steps` and `eval` run a Mixtral delta end to end (tokenizer included)."""
+    from arch_pairs import byte_tokenizer
+
+    tok = byte_tokenizer()
+    base_dir, ft_dir = make_arch_pair("mixtral", tmp_path, vocab_size=len(tok))
+    tok.save_pretrained(ft_dir)
+    tok.save_pretrained(base_dir)
+    data = tmp_path / "cal.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"sample {i}: the quick brown fox jumps {i * 7} times"})
+                              for i in range(24)))
+    art = tmp_path / "art"
+    assert main(["compress", "--base", str(base_dir), "--finetuned", str(ft_dir), "--out", str(art), "-q",
+                 "--distill-steps", "4", "--calibration", str(data), "--num-samples", "16", "--seq-len", "24",
+                 "--heldout-samples", "4", "--distill-lr", "3e-2", "--distill-lr-mode", "relative",
+                 "--device", "cpu"]) == 0
+    cfg = json.loads((art / "delta_config.json").read_text())
+    assert cfg["distillation"]["steps"] == 4 and cfg["compression"]["coverage"]["tensors"]["compressed"] > 0
+    capsys.readouterr()
+    assert main(["eval", "fidelity", "--base", str(base_dir), "--finetuned", str(ft_dir), "--delta", str(art),
+                 "--data", str(data), "--limit", "6", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert main(["eval", "fidelity", "--base", str(base_dir), "--finetuned", str(ft_dir),
+                 "--data", str(data), "--limit", "6", "--device", "cpu"]) == 0
+    without = json.loads(capsys.readouterr().out)
+    # the delta brings the base closer to the fine-tune than the base alone: KL(fine-tune || model)
+    assert out["n_tokens"] == without["n_tokens"] > 0
+    assert 0 < out["kl"] < without["kl"], (out, without)

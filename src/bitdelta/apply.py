@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .delta import Delta, PackedModule
-from .errors import BitDeltaError
+from .errors import BitDeltaError, WrongBaseError
 from .layers import DeltaParametrization, DeltaWrapper
 from .naming import split_entry
 from .targets import CONV1D, module_kind
@@ -79,6 +79,14 @@ def verify_base(model: nn.Module, delta: Delta) -> None:
             live[name] = _canonical_weight(model, name, packed).detach()
         except (AttributeError, IndexError):
             continue  # reported as missing by verify
+    experts_missing = [n for n in delta.modules if n not in live and split_entry(n)[1] is not None]
+    if experts_missing:
+        made_with = (delta.info.get("compression") or {}).get("transformers_version") or "?"
+        raise WrongBaseError(
+            f"delta {delta.info.get('artifact_path') or delta.finetuned_model_name_or_path!r} holds expert "
+            f"matrices such as {experts_missing[0]!r} (fused experts, as transformers {made_with} builds the "
+            f"model), but model {_model_name(model)!r} has no such parameter. Load the base "
+            f"{delta.base_model_name_or_path!r} with a transformers version that fuses experts (5.x).")
     delta.fingerprint.verify(
         live,
         delta_name=delta.info.get("artifact_path") or delta.finetuned_model_name_or_path,

@@ -133,8 +133,9 @@ class WeightSource:
         if self._last is not None and self._last[0] == name:
             return self._last[1]
         value = self.naming.materialize(name, self.checkpoint_get)
-        if self.naming.converted(name):
-            self._last = (name, value)  # fused experts: one conversion serves every expert entry
+        # Fused experts: one read (and conversion) serves every expert's entry, which compression
+        # asks for one after the other; holding one tensor back keeps memory at a few modules.
+        self._last = (name, value)
         return value
 
     def _require(self, name: str) -> None:
