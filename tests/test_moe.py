@@ -218,3 +218,21 @@ def test_cli_distillation_and_eval_on_a_moe_pair(tmp_path, capsys):
     # the delta brings the base closer to the fine-tune than the base alone: KL(fine-tune || model)
     assert out["n_tokens"] == without["n_tokens"] > 0
     assert 0 < out["kl"] < without["kl"], (out, without)
+
+
+def test_base_stored_per_expert_and_fine_tune_stored_fused_give_the_same_delta(mixtral, tmp_path):
+    base_dir, ft_dir = mixtral
+    fused = tmp_path / "ft-fused"
+    fused.mkdir()
+    for f in ft_dir.iterdir():
+        if f.suffix != ".safetensors":
+            (fused / f.name).write_bytes(f.read_bytes())
+    state = {k: v.contiguous() for k, v in load_model(ft_dir).state_dict().items()}
+    save_file(state, fused / "model.safetensors", metadata={"format": "pt"})
+    assert "model.layers.0.mlp.experts.gate_up_proj" in load_file(fused / "model.safetensors")
+    a = bitdelta.compress(base_dir, ft_dir, progress=False)
+    b = bitdelta.compress(base_dir, fused, progress=False)
+    assert a.modules.keys() == b.modules.keys()
+    for name, m in a.modules.items():
+        assert torch.equal(m.sign, b.modules[name].sign) and torch.equal(m.scale, b.modules[name].scale)
+    assert b.info["compression"]["coverage"]["tensors"]["compressed"] == 2 * (4 + 1 + 2) + 2

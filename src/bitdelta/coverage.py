@@ -1,8 +1,8 @@
 """Nothing lost: the structure check before compression and the coverage audit after it.
 
-``check_structure`` compares the stored tensors of base and fine-tune (names and shapes, headers
-only) before any work: a fine-tune with other layers or shapes is an error naming the tensors;
-only vocabulary matrices may gain rows (added tokens).
+``check_structure`` compares the tensors of base and fine-tune (names and shapes, from checkpoint
+headers and the model's own shapes) before any work: a fine-tune with other layers or shapes is an
+error naming the tensors; only vocabulary matrices may gain rows (added tokens).
 
 ``audit`` accounts for every stored tensor of the fine-tune: it feeds a compressed model tensor,
 or one kept dense, or it equals the base's (unchanged), or the user's ``--exclude`` names it and the
@@ -38,14 +38,18 @@ def _names(items) -> str:
 
 
 def check_structure(base_src, ft_src, vocab_params: set[str], ties: dict[str, str]) -> None:
-    """Raises :class:`ShapeMismatchError` unless base and fine-tune store the same tensors with the
-    same shapes (vocabulary matrices may differ in rows; tied aliases may be stored or not)."""
+    """Raises :class:`ShapeMismatchError` unless base and fine-tune hold the same tensors with the
+    same shapes (vocabulary matrices may differ in rows; tied aliases may be stored or not).
+
+    Compared as the model holds them (in-model names, after transformers' conversion), so a base
+    stored one expert per tensor and a fine-tune stored with fused experts still match; stored
+    tensors the model does not load are compared by their stored names."""
     def stored(src) -> dict[str, tuple]:
         out = {}
-        for key in src.checkpoint_keys():
-            targets = src.naming.targets(key)
-            if targets and all(t in ties for t in targets):
-                continue  # a tied alias (lm_head saved next to the embedding): same tensor
+        for name in src.naming.names():
+            if name not in ties:  # a tied alias (lm_head saved next to the embedding): same tensor
+                out[name] = tuple(src.shape(name))
+        for key in src.naming.unplaced():
             out[key] = tuple(src.checkpoint_shape(key))
         return out
 
@@ -57,8 +61,7 @@ def check_structure(base_src, ft_src, vocab_params: set[str], ties: dict[str, st
         b, f = base[key], ft[key]
         if b == f:
             continue
-        vocab = any(t in vocab_params for t in ft_src.naming.targets(key))
-        if vocab and len(b) == len(f) == 2 and b[1] == f[1]:
+        if key in vocab_params and len(b) == len(f) == 2 and b[1] == f[1]:
             continue  # rows added (or removed) in a vocabulary matrix: checked where it is compressed
         shapes.append(f"{key} (base {list(b)}, fine-tune {list(f)})")
     if not (only_ft or only_base or shapes):
@@ -88,13 +91,14 @@ def audit(base_src, ft_src, compressed: set[str], dense: set[str], ties: dict[st
     tensors = dict.fromkeys(CATEGORIES, 0)
     params = dict.fromkeys(CATEGORIES, 0)
     excluded, lost = [], []
+    base_keys = set(base_src.checkpoint_keys())
     for key in ft_src.checkpoint_keys():
         targets = [ties.get(t, t) for t in ft_src.naming.targets(key)]
         if any(t in compressed for t in targets):
             category = "compressed"
         elif any(t in dense for t in targets):
             category = "dense"
-        elif _unchanged(base_src, ft_src, key):
+        elif _unchanged(base_src, ft_src, key, targets, base_keys):
             category = "unchanged"
         elif any(matches(n, exclude) for n in [key, *targets]):
             category = "excluded"
@@ -114,10 +118,14 @@ def audit(base_src, ft_src, compressed: set[str], dense: set[str], ties: dict[st
     return {"tensors": tensors, "parameters": params, "excluded_tensors": sorted(excluded)}
 
 
-def _unchanged(base_src, ft_src, key: str) -> bool:
-    try:
-        ref = base_src.checkpoint_get(key)
-    except (KeyError, BitDeltaError):
+def _unchanged(base_src, ft_src, key: str, targets: list[str], base_keys: set[str]) -> bool:
+    """True if stored tensor ``key`` equals the base's: compared as stored when the base stores it
+    under the same name, else as the model tensors it feeds (the base may store another layout)."""
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+    if key in base_keys:
+        return same(base_src.checkpoint_get(key), ft_src.checkpoint_get(key))
+    if not targets or not all(base_src.has(t) for t in targets):
         return False
-    value = ft_src.checkpoint_get(key)
-    return ref.shape == value.shape and ref.dtype == value.dtype and torch.equal(ref, value)
+    return all(same(base_src.get(t), ft_src.get(t)) for t in targets)
