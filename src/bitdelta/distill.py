@@ -5,7 +5,9 @@ trainable tensors are the scales, and every base parameter is frozen and left bi
 The teacher's logits come from the fine-tune batch by batch, or from a cache precomputed to disk
 (:func:`precompute_teacher_logits`) for machines that cannot hold both models. The loss (MSE on
 logits as the paper, or KL) counts real tokens only, never padding. Gradients flow through the
-1-bit path (``delta_matmul``) into earlier layers.
+1-bit path (``delta_matmul``) into earlier layers. Mixture-of-experts matrices (each expert's slice of
+a fused parameter, routers) are trained the same way through their parametrization (``layers.py``):
+``W + Δ̂`` is built once per step from the bits and the current scales.
 
 ``choose_auto`` implements ``--scale auto``: distil row and col scales, then per module keep
 whichever gives the lower loss on a held-out split (not the training loss).
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from .apply import apply, set_applied_packed, unapply
@@ -242,7 +245,8 @@ def distill_scales(
             ids, mask = ids.to(dev), mask.to(dev)
             target = teacher.get(train, idx, dev)
             scales.refresh()  # relative mode: scale = s0 * m, rebuilt for this step's graph
-            logits = base(input_ids=ids, attention_mask=mask).logits
+            with parametrize.cached():  # expert weights (W + Δ̂) built once per step, however often read
+                logits = base(input_ids=ids, attention_mask=mask).logits
             value = logits_loss(logits, target, mask, loss)
             opt.zero_grad(set_to_none=True)
             value.backward()

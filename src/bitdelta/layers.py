@@ -126,6 +126,34 @@ class DeltaWrapper(nn.Module):
 
 
 
+class _PackedDelta(torch.autograd.Function):
+    """Dense float32 Δ̂ from packed bits, differentiable in the scales. Backward recomputes the signs
+    from the bits rather than keeping them unpacked (32 bits per weight) for every expert."""
+
+    @staticmethod
+    def forward(ctx, sign, scale, mode, in_features):
+        ctx.mode, ctx.in_features = mode, in_features
+        ctx.save_for_backward(sign, scale)
+        return reconstruct(sign, scale.detach(), in_features, mode)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sign, scale = ctx.saved_tensors
+        if not ctx.needs_input_grad[1]:
+            return None, None, None, None
+        g = grad.float()
+        out = torch.zeros(scale.shape, dtype=torch.float32, device=scale.device)
+        for p in range(sign.shape[0]):
+            prod = g * unpack_signs(sign[p], ctx.in_features)
+            out[p] = prod.sum() if ctx.mode == "scalar" else prod.sum(1) if ctx.mode == "row" else prod.sum(0)
+        return None, out.to(scale.dtype), None, None
+
+
+def packed_delta(sign: torch.Tensor, scale: torch.Tensor, mode: str, in_features: int) -> torch.Tensor:
+    """Float32 Δ̂ (out × in) of one packed matrix; gradients reach ``scale``."""
+    return _PackedDelta.apply(sign, scale, mode, in_features)
+
+
 class DeltaParametrization(nn.Module):
     """``W -> W + Δ̂`` for one parameter holding one matrix (index None) or one per expert.
 
@@ -172,7 +200,7 @@ class DeltaParametrization(nn.Module):
 
     def _delta(self, w: torch.Tensor) -> torch.Tensor:
         def one(p: PackedModule) -> torch.Tensor:
-            d = reconstruct(p.sign, p.scale, p.in_features, p.mode)
+            d = packed_delta(p.sign, p.scale, p.mode, p.in_features)
             return d.t() if p.kind == CONV1D else d
 
         if len(self.entries) == 1 and next(iter(self.entries.values()))[0] is None:
