@@ -531,7 +531,7 @@ def create_app(rt, config: ServerConfig | None = None) -> FastAPI:
             raise ApiError(400, f"{body.path!r} is not a delta artifact directory under the allow-listed directory",
                            "invalid_delta", "path")
         try:
-            await run_in_threadpool(rt.register, body.name, str(target))
+            await run_in_threadpool(rt.register, body.name, str(target), root=str(root))
         except BitDeltaError as e:
             raise ApiError(400, f"could not register {body.name!r}: {e}", "invalid_delta", "path") from None
         except Exception as e:  # any other failure of a user-supplied file is still that file's problem

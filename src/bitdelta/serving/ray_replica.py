@@ -103,7 +103,9 @@ class EngineReplica:
                 return t
         path = await asyncio.to_thread(self.store.fetch, name)
         try:
-            await asyncio.to_thread(self.rt.register, name, path)
+            # a store directory is the allow-list: an artifact's files may not point outside it
+            root = None if self.store.remote else self.store.path
+            await asyncio.to_thread(self.rt.register, name, path, root=root)
         except BaseException:
             self.store.release(name, path)
             raise
@@ -179,7 +181,8 @@ class EngineReplica:
 
     def check_health(self) -> None:
         """Serve restarts the replica when this raises."""
-        if not self.rt.engine.alive:
+        engine = self.rt.engine
+        if not engine.alive and not getattr(engine, "restarting", False):  # a restart under way recovers by itself
             raise RuntimeError(f"engine stopped: {self.rt.engine.error or 'unknown error'}")
 
     # ------------------------------------------------------------------ reporting
