@@ -8,10 +8,15 @@ One run does everything, so the roofline and the timings come from the same mach
      cuBLAS base-only, naive per-tenant unpack path) and prefill (2048 x 1 tenant, 16 x 128).
      Decode = cuBLAS base GEMM + the Triton delta kernel + one add; the delta kernel alone is
      timed too, against the bytes it must read (B·NK/8).
+  4. the binary tensor-core decode kernel (bitdelta.ops.cuda_popc) side by side with the Triton
+     decode path: its own checks, a small config sweep, then the whole op (serial, and with the
+     delta on a side stream beside cuBLAS), the delta part alone against the plain read of its
+     bytes (B·NK/8 at the copy bandwidth), both dtypes.
 Prints a short table last and writes markdown + JSON to $OUT when set.
 
     python benchmarks/kernels.py            # full run
     python benchmarks/kernels.py --quick    # fewer configs (~5 min on an H100 with a cold Triton cache)
+    python benchmarks/kernels.py --popc     # only step 4 (and the copy bandwidth)
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from bitdelta.ops import reference as ref  # noqa: E402
-from bitdelta.ops import triton_ops  # noqa: E402
+from bitdelta.ops import bitplane, triton_ops  # noqa: E402
 from bitdelta.pack import pack_signs  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K in, N out): 4096->4096, 4096->11008, 11008->4096
@@ -237,9 +242,148 @@ def sweep_seg(log, quick):
     return {**SEG_CONFIGS[min(res)[1]], "EXPAND_MIN": triton_ops.DEFAULT_CONFIGS["segmented"]["EXPAND_MIN"]}
 
 
+# Binary tensor-core decode kernel (cuda_popc.DEFAULT_CONFIG keys): warps per block, tokens per pass,
+# groups loaded ahead, target block count for the K split.
+POPC_CONFIGS = [
+    {"NW": 4, "TG": 4, "U": 4, "TARGET": 1024},  # the default (cuda_popc.DEFAULT_CONFIG)
+    {"NW": 4, "TG": 1, "U": 4, "TARGET": 1024},
+    {"NW": 4, "TG": 2, "U": 4, "TARGET": 1024},
+    {"NW": 4, "TG": 1, "U": 8, "TARGET": 1024},
+    {"NW": 2, "TG": 1, "U": 4, "TARGET": 2048},
+    {"NW": 8, "TG": 1, "U": 4, "TARGET": 1024},
+    {"NW": 4, "TG": 1, "U": 4, "TARGET": 4096},
+]
+# Decode batches where tenants have several tokens: (tokens, tenants), on 4096->11008.
+MULTI_TOKEN = [(64, 4), (64, 1), (128, 16)]
+
+
+def popc_checks(log):
+    """The popc kernel vs its bit-plane spec (same quantisation, float32 rounding) and vs the fp32
+    reference op (quantisation bound), on the benchmark's shapes and odd ones; graph capture."""
+    from bitdelta.ops import cuda_popc
+
+    worst_spec, worst_delta = 0.0, 0.0
+    for mode in ["scalar", "row", "col"]:
+        for bits in [1, 2]:
+            for dtype in DTYPES:
+                for t, n, k in [(1, 4096, 4096), (13, 1000, 2056), (64, 11008, 4096), (40, 4096, 11008)]:
+                    ids = torch.randint(-1, 6, (t,))
+                    ids[0] = 2  # at least one tenant token (an all -1 batch is checked below)
+                    x, w, b, s, sc, ids = make(t, n, k, 6, bits, mode, dtype, ids, seed=t)
+                    got = cuda_popc.decode_delta(x, s, sc, mode, ids)
+                    assert torch.isfinite(got).all()
+                    if n * k <= 4096 * 4096:  # the CPU spec is slow on the two large shapes
+                        want = bitplane.delta_bitplane(x.cpu(), s.cpu(), sc.cpu(), mode, ids.cpu())
+                        e = rel_err(got.cpu(), want)
+                        worst_spec = max(worst_spec, e)
+                        assert e < 1e-4, ("popc vs spec", mode, bits, dtype, t, n, k, e)
+                    exact = ref.bitdelta_linear_ref(x.float(), torch.zeros_like(w, dtype=torch.float32), None, s, sc,
+                                                    mode, ids)
+                    e = rel_err(got, exact)
+                    worst_delta = max(worst_delta, e)
+                    assert e < 2e-2, ("popc delta vs fp32 reference", mode, bits, dtype, t, n, k, e)
+    x, w, _, s, sc, ids = make(8, 1000, 2056, 2, 1, "col", torch.float16, [-1] * 8)
+    assert torch.equal(cuda_popc.decode_delta(x, s, sc, "col", ids), torch.zeros(8, 1000, device="cuda"))
+    x, w, _, s, sc, ids = make(16, 4096, 4096, 16, 1, "row", torch.float16, list(range(16)))
+    for overlap in (False, True):
+        cuda_popc.bitdelta_decode(x, w, None, s, sc, "row", ids, overlap=overlap)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            yg = cuda_popc.bitdelta_decode(x, w, None, s, sc, "row", ids, overlap=overlap)
+        ids.copy_(ids.flip(0))
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        e = rel_err(yg, ref.bitdelta_linear_ref(x, w, None, s, sc, "row", ids))
+        assert e < 1e-2, ("graph", overlap, e)
+    log(f"popc checks passed (3 modes x bits 1/2 x fp16/bf16 x 4 shapes, graph capture): worst rel err vs the "
+        f"bit-plane spec {worst_spec:.1e}, delta term vs the fp32 reference {worst_delta:.2e}")
+
+
+def popc_table(log, bw, records):
+    """Decode, B tenants x 1 token, row scales, 1 bit: Triton default vs the popc kernel."""
+    from bitdelta.ops import cuda_popc
+
+    best = {}
+    for (k, n) in SHAPES:  # config sweep on the delta part alone, fp16
+        for b in BATCHES:
+            sets = decode_sets(n, k, b, torch.float16)
+            res = []
+            for i, c in enumerate(POPC_CONFIGS):
+                res.append((bench_graph(lambda: [
+                    (lambda a=a: cuda_popc.decode_delta(a[0], a[3], a[4], "row", a[5], config=c)) for a in sets]), i))
+            best[(k, n, b)] = POPC_CONFIGS[min(res)[1]]
+            log(f"popc sweep {k}->{n} B={b}: " + ", ".join(f"p{i}={t:.1f}" for t, i in sorted(res, key=lambda z: z[1])))
+            del sets
+    mt_rows = []
+    k, n = 4096, 11008
+    for t, d in MULTI_TOKEN:  # several tokens per tenant: the Triton kernel's tensor-core path vs popc passes
+        sets = [make(t, n, k, d, 1, "row", torch.float16, [i % d for i in range(t)], seed=t + d + 100 * r)
+                for r in range(ROTATE)]
+        tri = bench_graph(lambda: [(lambda a=a: triton_ops.bitdelta_decode(a[0], a[1], None, a[3], a[4], "row", a[5]))
+                                   for a in sets])
+        res = [(bench_graph(lambda: [(lambda a=a: cuda_popc.bitdelta_decode(a[0], a[1], None, a[3], a[4], "row", a[5],
+                                                                             config=c)) for a in sets]), i)
+               for i, c in enumerate(POPC_CONFIGS)]
+        x, w, _, s, sc, ids = sets[0]
+        err = rel_err(cuda_popc.bitdelta_decode(x, w, None, s, sc, "row", ids), ref.bitdelta_linear_ref(x, w, None, s, sc, "row", ids))
+        del sets
+        records.append(dict(kind="decode_popc_multi", dtype="float16", k=k, n=n, T=t, tenants=d, triton_us=tri,
+                            popc_us={i: v for v, i in res}, rel_err=err))
+        mt_rows.append(f"| {t} tokens / {d} tenants | {tri:.1f} | " + " | ".join(f"{v:.1f}" for v, _ in res) + " |")
+    log("\nfloat16 4096→11008, whole op µs, tenants with several tokens:\n\n| batch | Triton | "
+        + " | ".join(f"popc p{i}" for i in range(len(POPC_CONFIGS))) + " |\n|---|---|"
+        + "---|" * len(POPC_CONFIGS) + "\n" + "\n".join(mt_rows))
+    rows = []
+    for dtype in DTYPES:
+        dname = str(dtype).split(".")[-1]
+        for (k, n) in SHAPES:
+            for b in BATCHES:
+                sets = decode_sets(n, k, b, dtype)
+                x, w, _, s, sc, ids = sets[0]
+                cfg = None  # the default config: what the dispatcher runs (the sweep above shows the others)
+                tri = bench_graph(lambda: [(lambda a=a: triton_ops.bitdelta_decode(a[0], a[1], None, a[3], a[4], "row", a[5]))
+                                           for a in sets])
+                tri_d = bench_graph(lambda: [(lambda a=a: triton_ops.decode_delta(a[0], a[3], a[4], "row", a[5]))
+                                             for a in sets])
+                pop = bench_graph(lambda: [(lambda a=a: cuda_popc.bitdelta_decode(a[0], a[1], None, a[3], a[4], "row", a[5],
+                                                                                  config=cfg)) for a in sets])
+                pov = bench_graph(lambda: [(lambda a=a: cuda_popc.bitdelta_decode(a[0], a[1], None, a[3], a[4], "row", a[5],
+                                                                                  config=cfg, overlap=True)) for a in sets])
+                pop_d = bench_graph(lambda: [(lambda a=a: cuda_popc.decode_delta(a[0], a[3], a[4], "row", a[5], config=cfg))
+                                             for a in sets])
+                cub = bench_graph(lambda: [(lambda a=a: F.linear(a[0], a[1])) for a in sets])
+                y = cuda_popc.bitdelta_decode(x, w, None, s, sc, "row", ids, config=cfg)
+                err = rel_err(y, ref.bitdelta_linear_ref(x, w, None, s, sc, "row", ids))
+                del sets
+                byts = 2 * n * k + b * n * k / 8
+                roof = byts / (bw * 1e9) * 1e6
+                read = (b * n * k / 8) / (bw * 1e9) * 1e6
+                best_pop = min(pop, pov)
+                records.append(dict(kind="decode_popc", dtype=dname, k=k, n=n, B=b, triton_us=tri, triton_delta_us=tri_d,
+                                    popc_us=pop, popc_overlap_us=pov, popc_delta_us=pop_d, cublas_base_us=cub,
+                                    roofline_us=roof, read_us=read, pct_roofline_triton=100 * roof / tri,
+                                    pct_roofline_popc=100 * roof / best_pop, rel_err=err,
+                                    best_sweep_config=best[(k, n, b)]))
+                rows.append(f"| {dname} | {k}→{n} | B={b} | {tri:.1f} ({100 * roof / tri:.0f}%) | {pop:.1f} | {pov:.1f} "
+                            f"| {100 * roof / best_pop:.0f}% | {cub:.1f} | {tri_d:.1f} | {pop_d:.1f} | {read:.1f} "
+                            f"| {pop_d / read:.2f}× | {tri / best_pop:.2f}× |")
+        log(f"popc {dname} timed")
+    head = [
+        f"Decode, B tenants × 1 token, row scales, 1 bit, popc default config; µs per call (CUDA-graph replay, 4 rotating input sets); "
+        f"roofline = (2NK + B·NK/8 bytes) / {bw:.0f} GB/s; read = B·NK/8 bytes at that bandwidth.",
+        "",
+        "| dtype | shape | B | Triton (GEMV 2) µs (% roofline) | popc µs | popc overlap µs | popc % roofline (best) "
+        "| cuBLAS base µs | Triton delta µs | popc delta µs | read µs | popc delta / read | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    log("\n" + "\n".join(head + rows))
+    return head + rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--popc", action="store_true", help="only the binary tensor-core decode kernel (and copy bandwidth)")
     args = ap.parse_args()
     out_dir = os.environ.get("OUT")
     lines = []
@@ -254,7 +398,19 @@ def main():
     dev = torch.cuda.get_device_name()
     log(f"device: {dev}; torch {torch.__version__}; triton {triton.__version__}; date {time.strftime('%Y-%m-%d')}")
     t0 = time.time()
+    if args.popc:
+        popc_checks(log)
+        bw = copy_bandwidth()
+        log(f"copy bandwidth: {bw:.0f} GB/s (1 GiB device-to-device copy, read + write)")
+        records = []
+        popc_table(log, bw, records)
+        log(f"[{time.time() - t0:.0f}s] done")
+        if out_dir:
+            Path(out_dir, "kernels-popc.json").write_text(json.dumps({"device": dev, "copy_gbps": bw, "records": records},
+                                                                     indent=1))
+        return
     checks(log)
+    popc_checks(log)
     log(f"[{time.time() - t0:.0f}s] checks done")
     bw = copy_bandwidth()
     log(f"copy bandwidth: {bw:.0f} GB/s (1 GiB device-to-device copy, read + write)")
@@ -326,6 +482,7 @@ def main():
     ]
     table = "\n".join(head + rows)
     log("\n" + table)
+    popc_table(log, bw, records)
     if out_dir:
         Path(out_dir, "kernels.md").write_text("\n".join(lines) + "\n")
         Path(out_dir, "kernels.json").write_text(json.dumps({"device": dev, "copy_gbps": bw, "records": records,

@@ -9,6 +9,13 @@ argument. Both ops are registered as torch custom ops (``torch.ops.bitdelta.line
 them; eager calls on plain tensors skip the custom-op dispatch (see :func:`_direct`). The Triton
 decode path does no host sync and can be captured in a CUDA graph.
 
+Decode batches (at most ``DECODE_MAX_TOKENS`` tokens, fp16/bf16) on an sm_90 GPU take the binary
+tensor-core kernel of :mod:`bitdelta.ops.cuda_popc` under ``backend="auto"`` (2-3x faster than the
+Triton decode kernel on an H200 at 16-64 tenants, docs/benchmarks.md); its delta term multiplies
+the input quantised to int8 per 512-column group (error bound in :mod:`bitdelta.ops.bitplane`).
+``BITDELTA_DECODE_KERNEL=triton`` keeps the Triton kernel, ``=popc`` asks for the popc kernel on
+any GPU it runs on (sm_80+) and for fp32 inputs too, ``=auto`` (the default) is the rule above.
+
     y = bitdelta_linear(x, w, b, signs, scales, "row", ids)                    # decode / any batch
     y = bitdelta_linear_segmented(x, w, b, signs, scales, "row", starts, seg_ids)  # prefill
 """
@@ -89,7 +96,41 @@ def resolve_backend(backend: str | Backend, x: torch.Tensor) -> Backend:
     return b
 
 
+_POPC_OK: dict[int, bool] = {}
+
+
+def _use_popc(x: torch.Tensor, backend) -> bool:
+    """Whether a call runs the binary tensor-core decode kernel (module docstring: the rule)."""
+    if not x.is_cuda or x.shape[0] > DECODE_MAX_TOKENS:
+        return False
+    choice = os.environ.get("BITDELTA_DECODE_KERNEL", "auto").lower()
+    if choice not in ("auto", "popc", "triton"):
+        raise ValueError(f"BITDELTA_DECODE_KERNEL must be auto, popc or triton (got {choice!r})")
+    if choice == "triton":
+        return False
+    asked = os.environ.get("BITDELTA_BACKEND") or backend
+    asked = str(asked.value if isinstance(asked, Backend) else asked).lower()
+    if asked == "torch" or (choice == "auto" and (asked != "auto" or x.dtype == torch.float32)):
+        return False
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    ok = _POPC_OK.get(dev)
+    if ok is None:
+        from bitdelta.ops import cuda_popc
+
+        ok = _POPC_OK[dev] = cuda_popc.available(torch.device("cuda", dev))
+    if choice == "popc":
+        if not ok:
+            raise RuntimeError("BITDELTA_DECODE_KERNEL=popc but the popc kernel does not build or load on this GPU "
+                               "(it needs sm_80+ and the NVRTC library of a CUDA build of torch); unset it")
+        return True
+    return ok and torch.cuda.get_device_capability(dev) == (9, 0)
+
+
 def _linear_impl(x, weight, bias, signs, scales, mode, ids, backend):
+    if _use_popc(x, backend):
+        from bitdelta.ops import cuda_popc
+
+        return cuda_popc.bitdelta_decode(x, weight, bias, signs, scales, mode, ids)
     if resolve_backend(backend, x) is Backend.TORCH:
         return bitdelta_linear_ref(x, weight, bias, signs, scales, mode, ids)
     from bitdelta.ops import triton_ops
