@@ -302,11 +302,10 @@ def kernel_source(xdt: int, mode: int, nw: int, tg: int, u: int, aligned: bool) 
 _LOCK = threading.Lock()
 _LIBS: tuple | None = None
 _MODULES: dict = {}
-_AVAILABLE: bool | None = None
+_AVAILABLE: dict[int, bool] = {}
 
 
 def _load_nvrtc():
-    names = []
     try:  # the library torch itself uses (already loaded by a CUDA build of torch)
         from torch.cuda._utils import _get_nvrtc_library
 
@@ -314,9 +313,9 @@ def _load_nvrtc():
     except Exception:
         pass
     major = (torch.version.cuda or "12").split(".")[0]
-    names += [f"libnvrtc.so.{major}", "libnvrtc.so"]
-    for root in {os.path.dirname(os.path.dirname(torch.__file__))}:
-        names += sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib", "libnvrtc.so*")))
+    names = [f"libnvrtc.so.{major}", "libnvrtc.so"]
+    site = os.path.dirname(os.path.dirname(torch.__file__))  # pip's nvidia-cuda-nvrtc wheel lives beside torch
+    names += sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libnvrtc.so*")))
     for name in names:
         try:
             return ctypes.CDLL(name)
@@ -420,23 +419,24 @@ def _launch(fn, grid, block, args, stream: int) -> None:
 
 
 def available(device: torch.device | str | None = None) -> bool:
-    """True when the kernel compiles and loads on ``device`` (default: the current CUDA device)."""
-    global _AVAILABLE
+    """True when the kernel compiles and loads on ``device`` (default: the current CUDA device);
+    the answer for each device is computed once per process."""
     if not torch.cuda.is_available():
         return False
-    if _AVAILABLE is None or device is not None:
-        dev = torch.device(device if device is not None else "cuda", ) if not isinstance(device, torch.device) else device
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
+    dev = torch.device(device) if device is not None else torch.device("cuda")
+    if dev.type != "cuda":
+        return False
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    ok = _AVAILABLE.get(dev.index)
+    if ok is None:
         try:
             _functions(dev, (0, 1, DEFAULT_CONFIG["NW"], DEFAULT_CONFIG["TG"], DEFAULT_CONFIG["U"], True))
             ok = True
         except (PopcUnavailable, RuntimeError, OSError, AttributeError):
             ok = False
-        if device is not None:
-            return ok
-        _AVAILABLE = ok
-    return _AVAILABLE
+        _AVAILABLE[dev.index] = ok
+    return ok
 
 
 def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
