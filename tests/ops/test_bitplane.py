@@ -110,8 +110,52 @@ def test_dispatch_rejects_unknown_decode_kernel(monkeypatch):
     import bitdelta.ops as ops
 
     monkeypatch.setenv("BITDELTA_DECODE_KERNEL", "fast")
-    x = torch.zeros(1, 8)
-    assert ops._use_popc(x, "auto") is False  # CPU tensors never take it, whatever the variable says
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert ops._use_popc(torch.zeros(1, 8), "auto") is False  # CPU tensors never take it
     with pytest.raises(ValueError, match="BITDELTA_DECODE_KERNEL"):
-        ops._use_popc(x, "auto")
+        ops._use_popc(_CudaLike(), "auto")
+
+
+class _CudaLike:
+    """Stands in for a CUDA fp16 decode batch (the dispatcher reads only these attributes)."""
+
+    is_cuda = True
+    shape = (4, 8)
+
+    def __init__(self, dtype=torch.float16):
+        self.dtype = dtype
+        self.device = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("builds,cap,choice,backend,dtype,want", [
+    (True, (9, 0), "auto", "auto", torch.float16, True),
+    (True, (9, 0), "auto", "auto", torch.bfloat16, True),
+    (True, (9, 0), "auto", "auto", torch.float32, False),  # fp32 stays exact (Triton)
+    (True, (8, 0), "auto", "auto", torch.float16, False),  # measured on sm_90 only
+    (True, (8, 0), "popc", "auto", torch.float16, True),
+    (True, (9, 0), "triton", "auto", torch.float16, False),
+    (True, (9, 0), "auto", "triton", torch.float16, False),
+    (True, (9, 0), "auto", "torch", torch.float16, False),
+    (False, (9, 0), "auto", "auto", torch.float16, False),
+])
+def test_dispatch_rule_for_the_popc_kernel(monkeypatch, builds, cap, choice, backend, dtype, want):
+    import bitdelta.ops as ops
+    from bitdelta.ops import cuda_popc
+
+    monkeypatch.setattr(ops, "_POPC_OK", {})
+    monkeypatch.setattr(cuda_popc, "available", lambda device=None: builds)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+    monkeypatch.setenv("BITDELTA_DECODE_KERNEL", choice)
+    monkeypatch.delenv("BITDELTA_BACKEND", raising=False)
+    assert ops._use_popc(_CudaLike(dtype), backend) is want
+
+
+def test_dispatch_popc_requested_but_unavailable_says_what_to_do(monkeypatch):
+    import bitdelta.ops as ops
+    from bitdelta.ops import cuda_popc
+
+    monkeypatch.setattr(ops, "_POPC_OK", {})
+    monkeypatch.setattr(cuda_popc, "available", lambda device=None: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setenv("BITDELTA_DECODE_KERNEL", "popc")
+    with pytest.raises(RuntimeError, match="unset it"):
+        ops._use_popc(_CudaLike(), "auto")

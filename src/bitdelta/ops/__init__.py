@@ -96,7 +96,7 @@ def resolve_backend(backend: str | Backend, x: torch.Tensor) -> Backend:
     return b
 
 
-_POPC_OK: dict[int, bool] = {}
+_POPC_OK: dict[int, tuple[bool, bool]] = {}
 
 
 def _use_popc(x: torch.Tensor, backend) -> bool:
@@ -114,16 +114,17 @@ def _use_popc(x: torch.Tensor, backend) -> bool:
         return False
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     ok = _POPC_OK.get(dev)
-    if ok is None:
+    if ok is None:  # once per device: (builds and loads, is sm_90)
         from bitdelta.ops import cuda_popc
 
-        ok = _POPC_OK[dev] = cuda_popc.available(torch.device("cuda", dev))
+        ok = _POPC_OK[dev] = (cuda_popc.available(torch.device("cuda", dev)),
+                              torch.cuda.get_device_capability(dev) == (9, 0))
     if choice == "popc":
-        if not ok:
+        if not ok[0]:
             raise RuntimeError("BITDELTA_DECODE_KERNEL=popc but the popc kernel does not build or load on this GPU "
                                "(it needs sm_80+ and the NVRTC library of a CUDA build of torch); unset it")
         return True
-    return ok and torch.cuda.get_device_capability(dev) == (9, 0)
+    return ok[0] and ok[1]
 
 
 def _linear_impl(x, weight, bias, signs, scales, mode, ids, backend):
