@@ -453,9 +453,12 @@ def decode_delta(x, signs, scales, mode, ids, config: dict | None = None) -> tor
     x [T, K] fp16/bf16/fp32 (T <= 128), signs [D, bits, N, ceil(K/8)] uint8, scales of the mode,
     ids [T] int. No host sync, fixed-size allocations: CUDA-graph safe.
     """
+    if x.device.index is not None and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):  # its module and context belong to x's device
+            return decode_delta(x, signs, scales, mode, ids, config)
     cfg = DEFAULT_CONFIG if not config else {**DEFAULT_CONFIG, **config}
     t, k = x.shape
-    d_, bits, n, kb = signs.shape
+    _, bits, n, kb = signs.shape
     if t > MAX_TOKENS:
         raise BitDeltaError(f"the popc decode kernel takes at most {MAX_TOKENS} tokens (got {t}); use the segmented op")
     if x.dtype not in DTYPE_CODE:
