@@ -146,6 +146,8 @@ def test_root_confines_the_artifact_directory(art, tmp_path):
     artifact.load_delta(root / "ft")
     with pytest.raises(FormatError, match="outside"):
         artifact.load_delta(root / "ft", root=root)
+    with pytest.raises(FormatError, match="not an artifact directory"):  # never a hub download under a root
+        artifact.load_delta("someone/not-a-dir", root=root)
 
 
 def test_hub_cache_snapshot_links_into_its_blobs(pristine, tmp_path):

@@ -287,7 +287,7 @@ def _check_fields(cfg_path, cfg: dict) -> None:
         if len(set(value)) != len(value):
             _fail(cfg_path, field, "lists a name twice")
     for fname in cfg.get("files", []):
-        check_file_name(fname)
+        plain_name(fname, f"{cfg_path}: 'files' entry")
     fp = cfg["base_fingerprint"]
     if not isinstance(fp, dict):
         _fail(cfg_path, "base_fingerprint", f"must be an object, got {type(fp).__name__}")
@@ -369,6 +369,8 @@ def load_delta(path, device="cpu", revision: str | None = None, *, root=None,
     """
     local = Path(path)
     if not local.is_dir():
+        if root is not None:  # confined loading never reaches for the hub
+            raise FormatError(f"{path} is not an artifact directory under {root}")
         local, _ = resolve_model_dir(path, revision)
     roots = _roots(local, root)
     check_confined(local, root)
