@@ -39,6 +39,7 @@ SECRET = b"SECRET-OUTSIDE-THE-ARTIFACT-" + bytes(range(32, 64))
 
 _opened: list = []
 _recording = False
+_hooked = False
 
 
 def _audit(event, args):
@@ -46,7 +47,13 @@ def _audit(event, args):
         _opened.append(os.fsdecode(args[0]))
 
 
-sys.addaudithook(_audit)  # hooks cannot be removed: it records only while _recording is set
+def _hook_opens():
+    """Every open() and os.open() raises the "open" audit event; hooks cannot be removed, so this
+    one is added once, when the fuzz test runs, and records only while ``_recording`` is set."""
+    global _hooked
+    if not _hooked:
+        sys.addaudithook(_audit)
+        _hooked = True
 
 
 class CaseTimeout(Exception):
@@ -383,6 +390,7 @@ def _check_opened(case_dir: Path, tmp: Path, outside: Path, label: str):
 @pytest.mark.filterwarnings("ignore:.*ignoring unknown key")  # expected for corrupted key names
 def test_fuzzed_artifacts_load_or_raise_bitdelta_errors(world):
     global _recording
+    _hook_opens()
     rng = random.Random(SEED)
     tmp, outside, base, slots = world["tmp"], world["outside"], world["base"], world["slots"]
     root = tmp / "cases"
