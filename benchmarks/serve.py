@@ -282,7 +282,7 @@ class Probe:
         groups = {}
         for name, (us, _) in kernels.items():
             low = name.lower()
-            grp = ("bitdelta ops" if "bitdelta" in low else
+            grp = ("bitdelta ops" if "bitdelta" in low or low.startswith("bd_") else  # bd_*: the popc kernels
                    "attention" if any(s in low for s in ("flash", "fmha", "attention", "efficient")) else
                    "cuBLAS GEMM/GEMV" if any(s in low for s in ("gemm", "gemv", "cutlass", "sm90", "nvjet", "cublas")) else
                    "other (norms, rope, gathers, elementwise)")
