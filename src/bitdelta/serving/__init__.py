@@ -11,7 +11,9 @@ deltas, LRU to host memory and disk), :mod:`.engine` (continuous batching on tok
 """
 
 from .engine import Engine, Event, QueueFull, Request, SamplingParams
-from .model import BatchMapping, DeltaLlama, KVCache
+from .mapping import BatchMapping, KVCache
+from .model import DeltaLlama
+from .models import DeltaModel
 from .runtime import ServingRuntime, build_runtime
 from .slots import DeltaSlots
 
@@ -23,5 +25,5 @@ def create_app(runtime, config=None):
     return _create(runtime, config)
 
 
-__all__ = ["BatchMapping", "DeltaLlama", "DeltaSlots", "Engine", "Event", "KVCache", "QueueFull", "Request",
+__all__ = ["BatchMapping", "DeltaLlama", "DeltaModel", "DeltaSlots", "Engine", "Event", "KVCache", "QueueFull", "Request",
            "SamplingParams", "ServingRuntime", "build_runtime", "create_app"]

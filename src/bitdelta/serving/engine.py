@@ -2,7 +2,7 @@
 
 Requests join and leave the running batch every step; a step flattens the new tokens of every
 running sequence (whole prompts for sequences just admitted, one token for the others), whatever
-their tenant, into one forward of :class:`~bitdelta.serving.model.DeltaLlama`. A request whose
+their tenant, into one forward of :class:`~bitdelta.serving.models.DeltaModel`. A request whose
 delta is not device-resident waits in the queue while its delta loads in the background; the others
 keep decoding. The waiting queue is bounded (:class:`QueueFull` when it is full, the API's 429).
 Keys/values live in a preallocated slotted cache: one slot per running sequence, ``max_len``
@@ -39,7 +39,8 @@ from typing import Callable
 import torch
 
 from . import graphs as graphs_mod
-from .model import BatchMapping, DeltaLlama, KVCache
+from .mapping import BatchMapping, KVCache
+from .models import DeltaModel
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +124,9 @@ def check_limits(max_batch: int, max_queue: int, max_prefill_tokens: int = 4096)
 
 
 class Engine:
-    """Continuous-batching scheduler + sampler around a :class:`DeltaLlama` and its :class:`DeltaSlots`."""
+    """Continuous-batching scheduler + sampler around a :class:`DeltaModel` and its :class:`DeltaSlots`."""
 
-    def __init__(self, model: DeltaLlama, slots, max_batch: int = 64, max_queue: int = 256,
+    def __init__(self, model: DeltaModel, slots, max_batch: int = 64, max_queue: int = 256,
                  max_len: int | None = None, kv_cache_mb: float | None = None, gpu_memory_fraction: float = 0.9,
                  max_prefill_tokens: int = 4096, metrics=None, cuda_graphs: bool | None = None,
                  auto_restart: bool = True, restart_delay_s: float = 1.0, max_restarts_per_minute: int = 5):

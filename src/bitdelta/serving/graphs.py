@@ -45,7 +45,7 @@ import time
 import torch
 
 from ..ops import DECODE_MAX_TOKENS
-from .model import AttentionPlan, BatchMapping
+from .mapping import AttentionPlan, BatchMapping
 
 logger = logging.getLogger(__name__)
 

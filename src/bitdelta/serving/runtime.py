@@ -22,7 +22,7 @@ import torch
 from ..errors import BitDeltaError
 from .engine import Engine, check_limits
 from .metrics import Metrics
-from .model import DeltaLlama
+from .models import DeltaModel
 from .slots import DeltaSlots
 from .text import TenantText
 
@@ -35,7 +35,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 class ServingRuntime:
     base_name: str
     base_path: str
-    model: DeltaLlama
+    model: DeltaModel
     slots: DeltaSlots
     engine: Engine
     metrics: Metrics
@@ -93,7 +93,7 @@ def build_runtime(base, deltas: dict[str, str] | None = None, *, base_name: str 
     check_limits(max_batch, max_queue)  # before the minutes a large base takes to load
     deltas = dict(deltas or {})
     hf = load_model(base, dtype=dtype or "float32", device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = DeltaLlama.from_hf(hf)
+    model = DeltaModel.from_hf(hf)
     del hf
     loaded = {name: load_delta(path) for name, path in deltas.items()}  # fail fast on a bad startup delta
     bits = max_bits or max([1] + [m.bits for d in loaded.values() for m in d.modules.values()])

@@ -1,0 +1,512 @@
+"""The blocks every served architecture is made of, as ``nn.Module`` s whose matrices are multi-tenant.
+
+A served model is a module tree that mirrors its Hugging Face checkpoint's names (``model.layers.3.
+self_attn.q_proj.weight`` is that module's ``weight`` here too), so a delta artifact's module names
+are the tree's module names. Each family file (:mod:`.llama`, :mod:`.mistral`, :mod:`.qwen3`,
+:mod:`.gemma`, :mod:`.phi3`) turns a config into an :class:`Arch`, the list of features its layers
+use; this module builds the tree from an ``Arch`` and the checkpoint's tensors:
+
+* :class:`TenantLinear`: a base matrix (and bias) whose output adds each token's own delta, through
+  the step's dispatch (``deltas.linear``); fused projections (Phi-3's ``qkv_proj``, ``gate_up_proj``)
+  are one matrix with one delta, split after the call;
+* :class:`TenantNorm`: RMSNorm whose weight is gathered per token (a tenant may carry its own);
+  ``offset=1`` is Gemma's ``(1 + w)`` scaling, computed in float32 before the cast, as Gemma does;
+* :class:`Attention`: grouped-query attention on the slotted KV cache, optional per-head q/k norms
+  (Qwen3, Gemma-3), partial rotary dimensions (Phi-3), a per-layer sliding window applied as a mask
+  (Mistral, Gemma-2/3: the cache keeps every position), logit soft-capping (Gemma-2) and a custom
+  query scale; :class:`MLP`: gated, SiLU or GELU-tanh;
+* :class:`DecoderLayer` (pre-norm, or Gemma's four-norm "sandwich") and :class:`DeltaModel`, the whole
+  model: embedding (optionally scaled), layers, final norm, head (tied or not), final soft-capping.
+
+One forward runs a flattened step (:class:`~bitdelta.serving.mapping.BatchMapping`): the new tokens
+of every sequence, each with its tenant's delta slot. Attention uses ``scaled_dot_product_attention``
+(not cuDNN's, whose per-shape graph build costs tens of ms of host time at every new key length),
+except on soft-capped layers, which SDPA cannot express: those compute scores explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ...errors import BitDeltaError
+from ..mapping import AttentionPlan, BatchMapping, KVCache
+
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+               "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+# Rope types whose frequencies are fixed when the model is built (Hugging Face computes them once);
+# "dynamic" and "longrope" change them with the sequence length, which a mixed batch does not have.
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+class UnsupportedModel(BitDeltaError):
+    """The base's config uses a feature the serving engine does not implement."""
+
+
+def refuse(cfg, feature: str) -> UnsupportedModel:
+    return UnsupportedModel(
+        f"the serving engine does not implement {feature} ({getattr(cfg, 'model_type', None)!r} base); merge the "
+        "delta with `bitdelta merge --base BASE --delta DELTA --out MERGED` and serve the merged model with another "
+        "server (e.g. vLLM)")
+
+
+@dataclass
+class Arch:
+    """What one family's layers do, read from its config by the family file."""
+
+    family: str
+    act: str = "silu"  # MLP activation, a key of ACTIVATIONS
+    norm_offset: float = 0.0  # 1.0: Gemma's (1 + w) RMSNorm
+    sandwich_norms: bool = False  # Gemma: norms after attention and around the MLP
+    qk_norm: bool = False  # per-head RMSNorm on queries and keys before rotary (Qwen3, Gemma-3)
+    fused_qkv: bool = False  # Phi-3: one qkv_proj matrix
+    fused_gate_up: bool = False  # Phi-3: one gate_up_proj matrix, gate first
+    embed_scale: float | None = None  # Gemma: embeddings times sqrt(hidden)
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    attn_softcap: float | None = None  # Gemma-2: cap * tanh(scores / cap)
+    final_softcap: float | None = None  # Gemma-2: the same on the logits
+    windows: list[int | None] = field(default_factory=list)  # per layer: sliding window or None
+    rope_keys: list[str] = field(default_factory=list)  # per layer: which rotary table it uses
+
+
+def layer_windows(cfg) -> list[int | None]:
+    """Per layer, its sliding window (None = global), from ``layer_types`` when the config has them,
+    else ``sliding_window`` for every layer (Mistral, Phi-3)."""
+    n, window = cfg.num_hidden_layers, getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if types is None:
+        return [window] * n
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise refuse(cfg, f"layer types {unknown}")
+    if "sliding_attention" in types and not window:
+        raise refuse(cfg, "sliding-attention layers without a sliding_window")
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def check_common(cfg) -> None:
+    """Refusals every family shares: mixture-of-experts, length-dependent rope, non-causal attention."""
+    experts = next((getattr(cfg, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                    if isinstance(getattr(cfg, k, None), int) and getattr(cfg, k) > 0), None)
+    if experts:
+        raise UnsupportedModel(
+            f"the serving engine does not serve mixture-of-experts models ({getattr(cfg, 'model_type', None)!r} "
+            f"with {experts} experts per layer); merge the delta into the base with `bitdelta merge --base BASE "
+            "--delta DELTA --out MERGED` and serve the merged model with another server (e.g. vLLM)")
+    rp = getattr(cfg, "rope_parameters", None) or {}
+    for params in (rp.values() if rp and all(isinstance(v, dict) for v in rp.values()) else [rp]):
+        kind = (params or {}).get("rope_type", "default")
+        if kind not in STATIC_ROPE:
+            raise refuse(cfg, f"rope_type {kind!r} (its frequencies depend on the sequence length; supported: "
+                              f"{', '.join(STATIC_ROPE)})")
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise refuse(cfg, "use_bidirectional_attention (an encoder, not a causal LM)")
+    for key in ("attention_chunk_size", "no_rope_layers"):
+        if getattr(cfg, key, None):
+            raise refuse(cfg, key)
+
+
+# ---------------------------------------------------------------------------------------- one step
+
+
+@dataclass
+class Step:
+    """What every module needs during one forward: the step's mapping, the KV cache, the dispatch
+    (``deltas``: ``linear``, ``gather1d``, ``embed``, ``extra_logits``), and rotary tables per key."""
+
+    batch: BatchMapping
+    kv: KVCache
+    deltas: object | None
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def per_tenant(self) -> bool:
+        return self.deltas is not None and self.batch.any_delta
+
+    def param(self, name: str, base: torch.Tensor) -> torch.Tensor:
+        """A 1-D parameter, per token (``[T, dim]``) when some token has a delta, else the base's."""
+        return self.deltas.gather1d(name, self.batch) if self.per_tenant else base
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+class TenantLinear(nn.Module):
+    """``y = x Wᵀ (+ b)`` plus each token's delta; ``name`` is the module's checkpoint name."""
+
+    def __init__(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.name = name
+        self.weight = _frozen(weight)
+        self.bias = None if bias is None else _frozen(bias)
+
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        y = step.deltas.linear(self.name, x, self.weight, step.batch) if step.per_tenant else F.linear(x, self.weight)
+        if self.bias is not None:
+            y = y + step.param(f"{self.name}.bias", self.bias)
+        return y
+
+
+class TenantNorm(nn.Module):
+    """RMSNorm over the last dimension, weight gathered per token; ``offset=1``: Gemma's ``(1 + w)``."""
+
+    def __init__(self, name: str, weight: torch.Tensor, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.name, self.eps, self.offset = name, eps, offset
+        self.weight = _frozen(weight)
+
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        w = step.param(f"{self.name}.weight", self.weight)
+        if w.dim() == 2 and x.dim() == 3:  # per-token weights over per-head vectors [T, heads, D]
+            w = w[:, None, :]
+        xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        if self.offset:  # Gemma: scale in float32, then cast
+            return (xf * (self.offset + w.float())).to(x.dtype)
+        return w * xf.to(x.dtype)  # Llama: cast, then scale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x [T, heads, D]`` over its first ``cos.shape[-1]`` dimensions.
+
+    Hugging Face's ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x2, x1)`` equals
+    ``x * cos + roll(x, d/2) * cat(-sin1, sin2)`` exactly (negation is exact); ``sin`` comes signed.
+    """
+    d = cos.shape[-1]
+    if d == x.shape[-1]:
+        return x * cos + torch.roll(x, d // 2, dims=-1) * sin
+    rot, rest = x[..., :d], x[..., d:]  # partial rotary (Phi-3 with partial_rotary_factor < 1)
+    return torch.cat((rot * cos + torch.roll(rot, d // 2, dims=-1) * sin, rest), dim=-1)
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float, dtype):
+    """cos and signed sin ``[T, 1, rot_dim]`` for the step's positions (once per step and table)."""
+    freqs = positions[:, None].float() * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = (emb.cos() * scaling).to(dtype)[:, None, :]
+    sin = (emb.sin() * scaling).to(dtype)
+    h = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[:, :h], sin[:, h:]), dim=-1)[:, None, :]
+
+
+def _attend(q, k, v, mask, scale, softcap, causal=False):
+    """``q [B, H, n, D]`` over ``k, v [B, KV, L, D]``; ``mask`` bool (True = attend), broadcastable to
+    ``[B, H, n, L]``, or None with ``causal``. Soft-capped scores are computed explicitly (SDPA has no cap)."""
+    gqa = k.shape[1] != q.shape[1]
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                              scale=scale, enable_gqa=gqa)
+    rep = q.shape[1] // k.shape[1]
+    kf, vf = k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1)
+    scores = torch.matmul(q.float(), kf.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    if causal and mask is None:
+        n, total = q.shape[2], k.shape[2]
+        mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1), vf).to(q.dtype)
+
+
+def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal (and sliding-window) visibility ``[nq, nk]``: key j for query i iff j <= i and i - j < window."""
+    ok = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        ok &= k_pos[None, :] > q_pos[:, None] - window
+    return ok
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: Arch, layer: int, heads: int, kv_heads: int, head_dim: int, projections: dict,
+                 q_norm: TenantNorm | None = None, k_norm: TenantNorm | None = None):
+        super().__init__()
+        self.layer, self.heads, self.kv_heads, self.head_dim = layer, heads, kv_heads, head_dim
+        for key, mod in projections.items():  # q_proj/k_proj/v_proj/o_proj, or qkv_proj/o_proj
+            setattr(self, key, mod)
+        self.fused = arch.fused_qkv
+        self.q_norm, self.k_norm = q_norm, k_norm
+        self.window = arch.windows[layer]
+        self.scale, self.softcap = arch.attn_scale, arch.attn_softcap
+        self.rope_key = arch.rope_keys[layer]
+
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        t, h, kvh, d = x.shape[0], self.heads, self.kv_heads, self.head_dim
+        if self.fused:  # one matrix, one delta: split its output (queries, then keys, then values)
+            qkv = self.qkv_proj(x, step)
+            q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
+        else:
+            q, k, v = self.q_proj(x, step), self.k_proj(x, step), self.v_proj(x, step)
+        q, k, v = q.reshape(t, h, d), k.reshape(t, kvh, d), v.reshape(t, kvh, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q, step), self.k_norm(k, step)
+        cos, sin = step.rope[self.rope_key]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.o_proj(self._attention(q, k, v, step), step)
+
+    def _attention(self, q, k, v, step: Step) -> torch.Tensor:
+        """q [T, H, D]; k/v [T, KV, D] for the new tokens; returns [T, H*D]."""
+        batch, kv = step.batch, step.kv
+        kc, vc = kv.k[self.layer], kv.v[self.layer]
+        kc[batch.kv_slots, batch.positions] = k
+        vc[batch.kv_slots, batch.positions] = v
+        plan = batch.attn
+        h, nkv, d = self.heads, self.kv_heads, self.head_dim
+        t = q.shape[0]
+        if plan.decode and plan.dec_rows is None:  # a pure decode step: no scatter needed
+            return self._decode(q, kc, vc, plan).reshape(t, -1)
+        out = q.new_empty(q.shape)
+        for row0, g, n in plan.prefill:  # fresh prompts: their cache rows are exactly k, v
+            rows = slice(row0, row0 + g * n)
+            qs = q[rows].view(g, n, h, d).transpose(1, 2)
+            ks = k[rows].view(g, n, nkv, d).transpose(1, 2)
+            vs = v[rows].view(g, n, nkv, d).transpose(1, 2)
+            mask = None
+            if self.window is not None and self.window < n:
+                pos = torch.arange(n, device=q.device)
+                mask = _window_mask(pos, pos, self.window)
+            o = _attend(qs, ks, vs, mask, self.scale, self.softcap, causal=True)
+            out[rows] = o.transpose(1, 2).reshape(g * n, h, d)
+        if plan.decode:
+            out[plan.dec_rows] = self._decode(q[plan.dec_rows], kc, vc, plan)
+        for i in plan.other:  # a sequence continuing with several tokens: its own mask over the cache
+            slot, start, n = batch.seqs[i]
+            o0, total = plan.offsets[i], start + n
+            keys = kc[slot, :total].permute(1, 0, 2)[None]  # [1, KV, L, D]
+            vals = vc[slot, :total].permute(1, 0, 2)[None]
+            qi = q[o0:o0 + n].permute(1, 0, 2)[None]  # [1, H, n, D]
+            mask = _window_mask(start + torch.arange(n, device=q.device), torch.arange(total, device=q.device),
+                                self.window)
+            o = _attend(qi, keys, vals, mask, self.scale, self.softcap)
+            out[o0:o0 + n] = o[0].permute(1, 0, 2)
+        return out.reshape(t, -1)
+
+    def _decode(self, qd, kc, vc, plan: AttentionPlan):
+        """Single-token rows ``qd [B, H, D]`` over their cache rows; returns ``[B, H, D]``."""
+        b, span = qd.shape[0], plan.span
+        if plan.dec_slot0 is not None:  # consecutive slots: read the cache in place
+            keys, vals = kc[plan.dec_slot0:plan.dec_slot0 + b, :span], vc[plan.dec_slot0:plan.dec_slot0 + b, :span]
+        else:
+            keys, vals = kc[plan.dec_slots, :span], vc[plan.dec_slots, :span]
+        mask = None
+        if plan.dec_lens is not None or (self.window is not None and self.window < span):
+            lens = plan.dec_lens[:, None] if plan.dec_lens is not None else span
+            j = torch.arange(span, device=qd.device)[None, :]
+            ok = j < lens
+            if self.window is not None:  # the token at position lens - 1 sees the last `window` positions
+                ok = ok & (j >= lens - self.window)
+            mask = ok[:, None, None, :]
+        o = _attend(qd.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2), mask, self.scale, self.softcap)
+        return o.squeeze(2)  # [B, H, D]
+
+
+class MLP(nn.Module):
+    """Gated MLP: ``down(act(gate(x)) * up(x))``; Phi-3's ``gate_up_proj`` is one matrix, gate first."""
+
+    def __init__(self, arch: Arch, projections: dict):
+        super().__init__()
+        for key, mod in projections.items():
+            setattr(self, key, mod)
+        self.fused, self.act = arch.fused_gate_up, ACTIVATIONS[arch.act]
+
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        if self.fused:
+            g, u = self.gate_up_proj(x, step).chunk(2, dim=-1)
+        else:
+            g, u = self.gate_proj(x, step), self.up_proj(x, step)
+        return self.down_proj(self.act(g) * u, step)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, self_attn: Attention, mlp: MLP, norms: dict[str, TenantNorm]):
+        super().__init__()
+        self.self_attn, self.mlp = self_attn, mlp
+        for key, mod in norms.items():
+            setattr(self, key, mod)
+        self.sandwich = "pre_feedforward_layernorm" in norms
+
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        a = self.self_attn(self.input_layernorm(x, step), step)
+        if self.sandwich:  # Gemma: normalise each block's output too
+            x = x + self.post_attention_layernorm(a, step)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x, step), step), step)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x, step), step)
+
+
+class Backbone(nn.Module):
+    """``model.*`` of the checkpoint: embeddings, layers, final norm."""
+
+    def __init__(self, embed_tokens: nn.Parameter, layers: list[DecoderLayer], norm: TenantNorm):
+        super().__init__()
+        self.embed_tokens = nn.Module()
+        self.embed_tokens.weight = embed_tokens
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+
+
+class DeltaModel(nn.Module):
+    """A served base model as a module tree; deltas come in per step through ``deltas``.
+
+        model = DeltaModel.from_hf(hf_model, device="cpu")      # any supported family
+        logits = model.forward(batch, kv, deltas)              # [num_sequences, vocab (+ extra rows)]
+    """
+
+    def __init__(self, cfg, arch: Arch, tensors: dict[str, torch.Tensor],
+                 ropes: dict[str, tuple[torch.Tensor, float]], dtype, device):
+        """``tensors``: checkpoint name -> tensor (already on ``device`` in ``dtype``); ``ropes``: per
+        rotary key, ``(inv_freq, attention_scaling)``."""
+        super().__init__()
+        self.config, self.arch = cfg, arch
+        self.num_layers = cfg.num_hidden_layers
+        self.hidden = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.num_heads
+        self.max_len = int(getattr(cfg, "max_position_embeddings", 2048))
+        self.dtype, self.device = dtype, torch.device(device)
+        self.ropes = {k: (f.float().to(self.device), float(s)) for k, (f, s) in ropes.items()}
+        self.inv_freq = next(iter(self.ropes.values()))[0]
+        # Gemma multiplies by the scale rounded to the model's dtype (a tensor of that dtype): so do we.
+        self.embed_scale = None if arch.embed_scale is None else float(torch.tensor(arch.embed_scale).to(dtype))
+        eps = cfg.rms_norm_eps
+        used: set[str] = set()
+
+        def take(name):
+            used.add(name)
+            return tensors[name]
+
+        def linear(name):
+            return TenantLinear(name, take(f"{name}.weight"),
+                                take(f"{name}.bias") if f"{name}.bias" in tensors else None)
+
+        def norm(name):
+            return TenantNorm(name, take(f"{name}.weight"), eps, arch.norm_offset)
+
+        layers = []
+        for i in range(self.num_layers):
+            p = f"model.layers.{i}."
+            if arch.fused_qkv:
+                proj = {k: linear(p + f"self_attn.{k}") for k in ("qkv_proj", "o_proj")}
+            else:
+                proj = {k: linear(p + f"self_attn.{k}") for k in ("q_proj", "k_proj", "v_proj", "o_proj")}
+            qn = kn = None
+            if arch.qk_norm:
+                qn, kn = norm(p + "self_attn.q_norm"), norm(p + "self_attn.k_norm")
+            attn = Attention(arch, i, self.num_heads, self.kv_heads, self.head_dim, proj, qn, kn)
+            keys = ("gate_up_proj", "down_proj") if arch.fused_gate_up else ("gate_proj", "up_proj", "down_proj")
+            mlp = MLP(arch, {k: linear(p + f"mlp.{k}") for k in keys})
+            names = ["input_layernorm", "post_attention_layernorm"]
+            if arch.sandwich_norms:
+                names += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+            layers.append(DecoderLayer(attn, mlp, {n: norm(p + n) for n in names}))
+        self.model = Backbone(_frozen(take("model.embed_tokens.weight")), layers, norm("model.norm"))
+        self.embed_name = "model.embed_tokens"
+        tied = "lm_head.weight" not in tensors or tensors["lm_head.weight"] is tensors["model.embed_tokens.weight"]
+        if tied:
+            self.head_name, self.lm_head = self.embed_name, None
+        else:
+            if "lm_head.bias" in tensors:
+                raise UnsupportedModel("output heads with a bias are not supported by the serving engine")
+            self.head_name, self.lm_head = "lm_head", TenantLinear("lm_head", take("lm_head.weight"))
+        used.add("lm_head.weight")
+        left = sorted(set(tensors) - used)
+        if left:  # a tensor the family's tree has no place for: a feature this engine would silently drop
+            raise refuse(cfg, f"tensors {left[:4]}{' ...' if len(left) > 4 else ''} (not part of its "
+                              f"{arch.family} layers)")
+        self.vocab_size = int(self.model.embed_tokens.weight.shape[0])
+        self._head = TenantLinear(self.head_name, self.model.embed_tokens.weight) if tied else self.lm_head
+        self._index()
+
+    def _index(self) -> None:
+        """Checkpoint name -> tensor maps the slots and validation read (the same storage, no copies)."""
+        self.weights: dict[str, torch.Tensor] = {}  # module name -> [out, in] (matrices that take deltas)
+        self.params1d: dict[str, torch.Tensor] = {}  # parameter name -> [dim] (norm weights, biases)
+        for name, p in self.named_parameters(remove_duplicate=True):
+            if name.startswith("_head."):
+                continue
+            if p.dim() == 2:
+                self.weights[name.removesuffix(".weight")] = p.data
+            else:
+                self.params1d[name] = p.data
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    @torch.no_grad()
+    def from_hf(cls, hf_model, device=None, dtype=None) -> "DeltaModel":
+        """The served model of a Hugging Face causal LM of a supported family (raises
+        :class:`UnsupportedModel`, naming the feature, for anything it does not implement)."""
+        from . import family_of
+
+        cfg = hf_model.config
+        check_common(cfg)
+        family = family_of(cfg)
+        arch = family.arch(cfg)
+        device = torch.device(device or next(hf_model.parameters()).device)
+        dtype = dtype or next(hf_model.parameters()).dtype
+        emb = hf_model.get_input_embeddings().weight
+        head = hf_model.get_output_embeddings()
+        tied = head is None or head.weight is emb or head.weight.data_ptr() == emb.data_ptr()
+        tensors = {}
+        for name, t in hf_model.state_dict().items():
+            if name == "lm_head.weight" and tied:
+                continue
+            tensors[name] = t.detach().to(device=device, dtype=dtype).contiguous()
+        return DeltaModel(cfg, arch, tensors, rotary_of(hf_model, arch), dtype, device)
+
+    # ------------------------------------------------------------------ forward
+
+    def delta_modules(self) -> dict[str, tuple[int, int]]:
+        """Matrices that take per-tenant 1-bit deltas: name -> (out, in)."""
+        return {n: tuple(w.shape) for n, w in self.weights.items()}
+
+    def forward(self, batch: BatchMapping, kv: KVCache, deltas=None) -> torch.Tensor:
+        """Runs one step; returns float32 logits ``[num_sequences, vocab + extra]``."""
+        if batch.replay is not None:  # a captured CUDA graph with this step's inputs already in place
+            return batch.replay()
+        return self.forward_eager(batch, kv, deltas)
+
+    @torch.no_grad()
+    def forward_eager(self, batch: BatchMapping, kv: KVCache, deltas=None) -> torch.Tensor:
+        """The step's computation, op by op (what :mod:`bitdelta.serving.graphs` captures)."""
+        with sdpa_kernel(SDPA_BACKENDS):
+            return self._forward(Step(batch, kv, deltas))
+
+    def _forward(self, step: Step) -> torch.Tensor:
+        batch, deltas, arch = step.batch, step.deltas, self.arch
+        x = F.embedding(batch.tokens.clamp(max=self.vocab_size - 1), self.model.embed_tokens.weight)
+        if deltas is not None:
+            x = deltas.embed(x, batch)
+        if self.embed_scale is not None:  # Gemma
+            x = x * self.embed_scale
+        for key, (inv_freq, scaling) in self.ropes.items():
+            step.rope[key] = rope_tables(batch.positions, inv_freq, scaling, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, step)
+        last = batch.take_last()
+        head_step = Step(last, step.kv, deltas)
+        h = self.model.norm(x if last is batch else x[batch.last], head_step)
+        logits = self._head(h, head_step).float()
+        if deltas is not None:
+            logits = deltas.extra_logits(h, logits, last)
+        if arch.final_softcap is not None:  # -inf (no such added token) and non-finite values stay as they are
+            cap = arch.final_softcap
+            logits = torch.where(torch.isfinite(logits), torch.tanh(logits / cap) * cap, logits)
+        return logits
+
+
+def rotary_of(hf_model, arch: Arch) -> dict[str, tuple[torch.Tensor, float]]:
+    """``(inv_freq, attention_scaling)`` per rotary key, as the Hugging Face model computed them."""
+    rot = hf_model.model.rotary_emb
+    out = {}
+    for key in dict.fromkeys(arch.rope_keys):
+        if key == "default":
+            out[key] = (rot.inv_freq, getattr(rot, "attention_scaling", 1.0))
+        else:  # per layer type (Gemma-3: local and global layers have their own base frequency)
+            out[key] = (getattr(rot, f"{key}_inv_freq"), getattr(rot, f"{key}_attention_scaling", 1.0))
+    return out

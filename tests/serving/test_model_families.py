@@ -1,0 +1,128 @@
+"""Every served family against its merged Hugging Face model: tiny random base/fine-tune pairs.
+
+For Qwen3, Gemma-2, Gemma-3 (text), Phi-3 and Mistral with a sliding window (smaller than prompt +
+generated tokens, so the window changes the result): several tenants (the base, a row-scaled and a
+column-scaled delta) in one continuously batched engine produce exactly the greedy tokens of their
+merged models, and one step's logits agree with the merged models' within float32 tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import bitdelta
+from bitdelta.errors import BitDeltaError
+from bitdelta.serving.engine import Engine, Request, SamplingParams
+from bitdelta.serving.graphs import DecodeGraphs
+from bitdelta.serving.mapping import BatchMapping
+from bitdelta.serving.models import DeltaModel, UnsupportedModel
+from bitdelta.serving.slots import DeltaSlots
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from arch_pairs import finetune_of, load_model, make_arch_model  # noqa: E402
+
+WINDOW = 5
+FAMILIES = {  # arch -> config overrides
+    "qwen3": {},
+    "gemma2": {"sliding_window": WINDOW},  # alternating sliding/global layers, both soft-caps on
+    "gemma3": {"sliding_window": WINDOW, "layer_types": ["sliding_attention", "full_attention"],
+               "final_logit_softcapping": 20.0},
+    "phi3": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+    "mistral": {"sliding_window": WINDOW},
+}
+
+
+@torch.no_grad()
+def _greedy(model, prompt, n):
+    ids, out = torch.tensor([prompt]), []
+    for _ in range(n):
+        nxt = int(model(ids).logits[0, -1].argmax())
+        out.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
+def _pair(arch, tmp):
+    base = make_arch_model(arch, **FAMILIES[arch])
+    d = {"base": tmp / "base"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base.save_pretrained(d["base"])
+        for seed in (1, 2):
+            # larger moves than arch_pairs' default, so that each tenant's greedy path is its own
+            finetune_of(base, seed, scale=0.3).save_pretrained(tmp / f"ft{seed}")
+    deltas = {"row": bitdelta.compress(d["base"], tmp / "ft1", scale="row", progress=False),
+              "col": bitdelta.compress(d["base"], tmp / "ft2", scale="col", progress=False)}
+    return load_model(d["base"]), deltas
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_family_mixed_batch_matches_merged(arch, tmp_path):
+    base_hf, deltas = _pair(arch, tmp_path)
+    model = DeltaModel.from_hf(base_hf)
+    assert model.arch.family == base_hf.config.model_type
+    windowed = "sliding_window" in FAMILIES[arch]
+    assert any(w == WINDOW for w in model.arch.windows) == windowed
+    slots = DeltaSlots(model, max_gpu_deltas=2, max_cpu_deltas=4)
+    for name, delta in deltas.items():
+        slots.register(name, f"<memory:{name}>", delta=delta)
+    merged = {None: base_hf}
+    for name, delta in deltas.items():
+        merged[name] = copy.deepcopy(base_hf)
+        bitdelta.merge(merged[name], delta)
+    engine = Engine(model, slots, max_batch=8, kv_cache_mb=16)
+    # Decode steps in the graph layout (padding rows, span buckets, masks), run eagerly on CPU.
+    engine.graphs = DecodeGraphs(model, engine.kv, slots, engine.max_batch, capture=False, min_span=8)
+
+    g = torch.Generator().manual_seed(0)
+    vocab = model.vocab_size
+    plan = [(None, 0, 9, 8), ("row", 0, 6, 18), ("col", 0, 33, 6), ("row", 2, 4, 8), ("col", 3, 7, 9),
+            (None, 4, 12, 5)]  # (tenant, arrival step, prompt length, new tokens): prompt + output > WINDOW
+    reqs, step, pending = [], 0, list(plan)
+    while pending or any(r.finish_reason is None for r in reqs):
+        for item in [p for p in pending if p[1] == step]:
+            tenant, _, plen, n = item
+            prompt = torch.randint(0, vocab, (plen,), generator=g).tolist()
+            reqs.append(engine.submit(Request(prompt=prompt, tenant=tenant,
+                                              params=SamplingParams(max_tokens=n, temperature=0))))
+            pending.remove(item)
+        engine.step()
+        step += 1
+        assert step < 100
+    assert engine.graphs.replays >= 1
+    for r in reqs:
+        assert r.finish_reason == "length"
+        want = _greedy(merged[r.tenant], r.prompt, r.params.max_tokens)
+        assert r.output == want, f"{arch} tenant {r.tenant}: {r.output} != merged {want}"
+
+    # One prefill step of three tenants: logits against each merged model's last-position logits.
+    prompts = [torch.randint(0, vocab, (11,), generator=g).tolist() for _ in range(3)]
+    tenants = [None, "row", "col"]
+    entries = [(i, 0, p, -1 if t is None else slots.load(t)) for i, (t, p) in enumerate(zip(tenants, prompts))]
+    got = model.forward(BatchMapping.build(entries, model.device), engine.kv, slots)
+    with torch.no_grad():
+        want = torch.stack([merged[t](torch.tensor([p])).logits[0, -1] for t, p in zip(tenants, prompts)])
+    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
+    if windowed:  # the window changes these logits: without it they would not match
+        for layer in model.model.layers:
+            layer.self_attn.window = None
+        full = model.forward(BatchMapping.build(entries, model.device), engine.kv, slots)
+        assert (full - want).abs().max() > 1e-3
+
+
+def test_from_hf_refuses_what_it_does_not_implement():
+    with pytest.raises(UnsupportedModel, match="rope_type 'dynamic'"):
+        DeltaModel.from_hf(make_arch_model("llama", rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4,
+                                                                     "factor": 2.0}))
+    with pytest.raises(UnsupportedModel, match="hidden_act 'gelu'"):
+        DeltaModel.from_hf(make_arch_model("qwen3", hidden_act="gelu"))
+    with pytest.raises(UnsupportedModel, match="'gpt2'"):
+        DeltaModel.from_hf(make_arch_model("gpt2"))
+    with pytest.raises(BitDeltaError, match="bitdelta merge"):
+        DeltaModel.from_hf(make_arch_model("olmo2"))
