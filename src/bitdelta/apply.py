@@ -1,7 +1,8 @@
 """Putting a delta onto a base model: ``apply`` (on the fly) and ``merge`` (dense weights).
 
 Both first check the base fingerprint, so a delta applied to the wrong model is a clear
-:class:`WrongBaseError` naming both models, never garbage text, and then the delta's values
+:class:`WrongBaseError` naming both models, never garbage text (a delta compressed against a
+quantized base matches only that base, loaded dequantized, and the error says so), and then the delta's values
 against the base (:func:`bitdelta.validate.check_delta_values`: finite, no absurd scales, dense
 shapes as the base's), so a corrupt delta changes nothing.
 
@@ -87,12 +88,21 @@ def verify_base(model: nn.Module, delta: Delta) -> None:
             f"matrices such as {experts_missing[0]!r} (fused experts, as transformers {made_with} builds the "
             f"model), but model {_model_name(model)!r} has no such parameter. Load the base "
             f"{delta.base_model_name_or_path!r} with a transformers version that fuses experts (5.x).")
-    delta.fingerprint.verify(
-        live,
-        delta_name=delta.info.get("artifact_path") or delta.finetuned_model_name_or_path,
-        base_name=delta.base_model_name_or_path,
-        model_name=_model_name(model),
-    )
+    try:
+        delta.fingerprint.verify(
+            live,
+            delta_name=delta.info.get("artifact_path") or delta.finetuned_model_name_or_path,
+            base_name=delta.base_model_name_or_path,
+            model_name=_model_name(model),
+        )
+    except WrongBaseError as e:
+        from .quant import mismatch_hint
+
+        hint = mismatch_hint(delta.info, model)  # a quantized base on one side only: say which to load
+        if not hint:
+            raise
+        # the generic advice ("load <base name>") would name the unquantized directory: replaced by the hint
+        raise WrongBaseError(str(e).split(" Applying it would produce garbage")[0].rstrip(".") + "." + hint) from None
 
 
 def _modules_sharing_weight(model: nn.Module, weight: nn.Parameter) -> list[str]:

@@ -5,6 +5,7 @@
     bitdelta merge --base BASE --delta ft.bitdelta --out merged/
     bitdelta import-reference --base BASE --diff diff.pt --out ft.bitdelta
     bitdelta generate --base BASE [--delta ft.bitdelta] --prompt "Once upon a time"
+    bitdelta quantize-base BASE --scheme fp8 --out base-fp8/   # then: compress --base base-fp8/ ...
 
 Arguments are checked before any work starts: numbers and sizes by argparse (usage + one error line,
 exit 2), output directories (exists without ``--overwrite``, parent not writable) before a model is
@@ -191,6 +192,8 @@ def cmd_compress(args) -> None:
         raise BitDeltaError("--scale auto chooses each module's scales on held-out samples: --heldout-samples must be at least 1")
     options = dict(target=_patterns(args.target), exclude=_patterns(args.exclude), dense_embeddings=args.dense_embeddings,
                    dtype=args.dtype, base_revision=args.base_revision, finetuned_revision=args.finetuned_revision)
+    if args.base_quant:
+        options["base_quant"] = args.base_quant
     if args.distill_steps or args.scale == "auto":
         from .pipeline import compress_distilled
 
@@ -234,6 +237,17 @@ def cmd_merge(args) -> None:
     model.config._name_or_path = delta.finetuned_model_name_or_path
     out = save_model_atomic(model, delta.files, args.out, overwrite=args.overwrite)
     print(f"merged {delta.finetuned_model_name_or_path!r} ({len(delta.modules)} modules) into {out}")
+
+
+def cmd_quantize_base(args) -> None:
+    from .quant import write_quantized_base
+
+    check_output_dir(args.out, args.overwrite)
+    info = write_quantized_base(args.base, args.scheme, args.out, overwrite=args.overwrite,
+                                max_shard_bytes=args.max_shard_size, progress=not args.quiet)
+    print(f"wrote {args.base} quantized to {info['scheme']} ({info['format']}, {info['quantized_tensors']} linear "
+          f"weights quantized, {info['kept_tensors']} tensors kept) to {info['out']}: "
+          f"{info['bytes_out'] / 1e6:.1f} MB from {info['bytes_in'] / 1e6:.1f} MB")
 
 
 def cmd_import_reference(args) -> None:
@@ -376,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exclude", action="append", help="keep modules matching these globs/regexes dense")
     c.add_argument("--dense-embeddings", action="store_true", help="keep embeddings and lm_head dense (reference behaviour)")
     c.add_argument("--max-shard-size", type=shard_size, default="5GB", help="shard delta.safetensors above this size")
+    c.add_argument("--base-quant", choices=["int8", "fp8"], default=None,
+                   help="compress against the base quantized per output channel (what `bitdelta quantize-base` "
+                        "writes): the delta absorbs the quantization error and applies to that quantized base only")
     c.add_argument("--base-revision", default=None)
     c.add_argument("--finetuned-revision", default=None)
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -411,6 +428,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", type=device_name, default=None, help="where to merge (default cpu)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing directory at --out")
     m.set_defaults(func=cmd_merge)
+
+    qb = sub.add_parser("quantize-base", help="write a base quantized to INT8/FP8 (compressed-tensors layout) "
+                                              "for deltas compressed against it")
+    qb.add_argument("base", help="base model: local directory or hub id (unquantized)")
+    qb.add_argument("--scheme", required=True, choices=["int8", "fp8"],
+                    help="per-output-channel round-to-nearest INT8 or FP8 (e4m3) weights")
+    qb.add_argument("--out", required=True, help="model directory to write (must not exist unless --overwrite)")
+    qb.add_argument("--overwrite", action="store_true", help="replace an existing directory at --out")
+    qb.add_argument("--max-shard-size", type=shard_size, default="5GB", help="shard the weights above this size")
+    qb.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    qb.set_defaults(func=cmd_quantize_base)
 
     r = sub.add_parser("import-reference", help="convert the BitDelta research code's diff.pt")
     r.add_argument("--base", required=True)

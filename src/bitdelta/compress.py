@@ -8,6 +8,12 @@ planes with scales; every other parameter that differs from the base (norms, bia
 modules) is kept dense with the fine-tune's value. Tensors are named as in the model (``naming.py``),
 read from checkpoints through transformers' own weight conversion.
 
+Against a quantized base (``base_quant="int8"|"fp8"``, or a base directory already quantized in a
+standard format, see ``quant.py``) every matrix is compressed as ``Δ = W_ft − Q(W_base)``: the base
+is read with its quantized weights, so the delta also absorbs the base's quantization error, and the
+fingerprint (taken over the dequantized weights) refuses the unquantized base. The scheme is
+recorded under ``compression.base_quantization`` in ``delta_config.json``.
+
 Before any work, base and fine-tune must store the same tensors with the same shapes
 (``coverage.check_structure``); after it, every stored tensor the fine-tune changed must be
 compressed, dense, or excluded by the user (``coverage.audit``), or compression stops naming them.
@@ -67,6 +73,7 @@ def compress(
     base_revision: str | None = None,
     finetuned_revision: str | None = None,
     progress: bool = True,
+    base_quant: str | None = None,
 ) -> Delta:
     """Compresses ``finetuned`` against ``base`` into a 1-bit (or ``bits``-bit) delta.
 
@@ -80,6 +87,9 @@ def compress(
         dense_embeddings: keep embeddings/output head dense, as the reference implementation did.
         dtype: dtype of the dense extras (default: the fine-tune's own).
         progress: show a progress bar.
+        base_quant: ``"int8"`` or ``"fp8"``: compress against the base quantized per output channel
+            (round to nearest), the base ``bitdelta quantize-base`` writes. A base that is already
+            quantized is read as it is (its scheme must then match, if given).
     """
     if scale == "auto":
         raise BitDeltaError(
@@ -94,6 +104,8 @@ def compress(
     dense_dtype = parse_dtype(dtype)
 
     base_src = WeightSource.load(base, base_revision)
+    if base_quant is not None:
+        _quantize_base(base_src, base_quant)
     ft_src = WeightSource.load(finetuned, finetuned_revision)
     _check_compatible(base_src, ft_src)
     plan = plan_targets(ft_src.module_tree, _as_list(target), _as_list(exclude), dense_embeddings)
@@ -149,10 +161,25 @@ def compress(
             "transformers_version": _transformers_version(),
             "coverage": {"tensors": coverage["tensors"], "parameters": coverage["parameters"]},
             "excluded_tensors": coverage["excluded_tensors"],
+            # None for a plain base; else the scheme, format and number of quantized tensors
+            "base_quantization": dict(base_src.quantization) if base_src.quantization else None,
         },
         "distillation": None,
     }
     return Delta(modules, dense, Fingerprint.from_samples(samples), info, ft_src.tokenizer_files())
+
+
+def _quantize_base(base_src: WeightSource, scheme: str) -> None:
+    from .quant import check_scheme
+
+    check_scheme(scheme)
+    found = base_src.quantization
+    if found is None:
+        base_src.quantize_on_the_fly(scheme)
+    elif found["scheme"] != scheme:
+        raise BitDeltaError(
+            f"base {base_src.name!r} is already quantized to {found['scheme']} ({found['format']}), but "
+            f"--base-quant {scheme} was asked for; drop --base-quant to use it as it is, or pass the unquantized base.")
 
 
 def _canonical(weight: torch.Tensor, t) -> torch.Tensor:

@@ -1,6 +1,12 @@
 """Loading and saving plain Hugging Face models and tokenizers for the CLI and examples.
 
+A base directory quantized in a standard format (compressed-tensors 8-bit, transformers' FP8; see
+``quant.py``) loads as a dense model holding its dequantized weights: bitdelta has no INT8/FP8 kernel
+on these paths, so it dequantizes when loading, on any device. ``base_quant`` quantizes a plain
+base's weights as ``compress --base-quant`` does.
+
     model = load_model("models/tiny/base", dtype="float32")
+    model = load_model("base-fp8/")                       # quantized: dequantized weights
     tok = load_tokenizer("ft.bitdelta")          # an artifact carries its fine-tune's tokenizer
     save_model_atomic(model, tokenizer_files, "merged/")
 """
@@ -24,17 +30,34 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(name_or_path, dtype=None, device: str | None = None, revision: str | None = None):
-    """A causal LM from a local directory or hub id, in eval mode on ``device``."""
+def load_model(name_or_path, dtype=None, device: str | None = None, revision: str | None = None,
+               base_quant: str | None = None):
+    """A causal LM from a local directory or hub id, in eval mode on ``device``.
+
+    A quantized base directory loads dequantized; ``base_quant`` (``int8``/``fp8``) quantizes a
+    plain one's linear weights as it loads (each from its stored value, as compression does)."""
     from transformers import AutoModelForCausalLM
+
+    from . import quant
 
     model_dir, _ = resolve_model_dir(name_or_path, revision)
     torch_dtype = parse_dtype(dtype) or "auto"
+    if base_quant is not None:
+        quant.check_scheme(base_quant)
+    if quant.directory_quantization(model_dir) is not None:
+        model = quant.load_dequantized_model(model_dir, dtype=parse_dtype(dtype), name=str(name_or_path))
+        found = model._bitdelta_base_quantization["scheme"]
+        if base_quant is not None and found != base_quant:
+            raise BitDeltaError(f"{name_or_path} is already quantized to {found}, not {base_quant}; "
+                                "drop --base-quant to use it as it is")
+        return model.to(device or default_device()).eval()
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
     except (OSError, ValueError) as e:
         raise FormatError(f"could not load a model from {name_or_path}: {e}") from None
     model.config._name_or_path = str(name_or_path)
+    if base_quant is not None:
+        quant.quantize_model_(model, model_dir, base_quant)
     return model.to(device or default_device()).eval()
 
 

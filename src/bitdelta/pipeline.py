@@ -43,7 +43,7 @@ def compress_distilled(
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(finetuned, base)
     cal = load_calibration(calibration, tokenizer, num_samples=num_samples, seq_len=seq_len, heldout=heldout, seed=seed)
-    base_model = load_model(base, dtype=model_dtype, device=device)
+    base_model = load_model(base, dtype=model_dtype, device=device, base_quant=compress_kwargs.get("base_quant"))
     ft_model = load_model(finetuned, dtype=model_dtype, device=device)
     teacher = TeacherLogits(model=ft_model)
     if teacher_cache:

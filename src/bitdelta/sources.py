@@ -6,6 +6,12 @@ tensors read one at a time by their in-model parameter names (a checkpoint store
 names or layouts, such as per-expert MoE weights, is converted by transformers' own mapping,
 see ``naming.py``), plus the stored tensors as they are for the coverage audit.
 
+A base quantized in a standard format (compressed-tensors 8-bit, transformers' FP8) reads as the
+plain model it stands for, its weights dequantized (``quant.DequantizedCheckpoint``); a plain base
+can be quantized as it is read (``quantize_on_the_fly``, for ``compress --base-quant``). Either way
+``quantization`` describes it, and every tensor read (compression, dense extras, the coverage audit)
+sees the quantized base's values.
+
     src = WeightSource.load("HuggingFaceTB/SmolLM2-135M")      # or a local dir, or a model
     for name in src.parameter_names(): w = src.get(name)
 """
@@ -102,6 +108,9 @@ class WeightSource:
         else:
             self.naming = CheckpointNaming.build(list(self._ckpt.entries), module_tree)
         self._last: tuple[str, torch.Tensor] | None = None  # a fused tensor read for several entries
+        # {"scheme", "format", "quantized_tensors"} of a quantized base, else None
+        self.quantization: dict | None = None
+        self._fake_quant: dict[str, str] = {}  # checkpoint key -> scheme, quantized as it is read
 
     @classmethod
     def load(cls, model: "str | os.PathLike | nn.Module", revision: str | None = None) -> "WeightSource":
@@ -109,10 +118,34 @@ class WeightSource:
             config = getattr(model, "config", None)
             name = getattr(config, "_name_or_path", "") or type(model).__name__
             return cls(name, config, model, live=model)
+        from .quant import DequantizedCheckpoint, dequantized_dtype, quant_format, strip_quantization
+
         model_dir, resolved = resolve_model_dir(model, revision)
         config = load_config(model_dir)
         ckpt = SafetensorsCheckpoint.open(model_dir)
-        return cls(str(model), config, meta_model(config), model_dir, resolved or revision, ckpt)
+        fmt = quant_format(config, str(model))
+        if fmt is not None:  # a quantized base reads as the plain model it stands for
+            ckpt = DequantizedCheckpoint(ckpt, fmt, dequantized_dtype(fmt, config), str(model))
+            config = strip_quantization(config)
+        src = cls(str(model), config, meta_model(config), model_dir, resolved or revision, ckpt)
+        if fmt is not None:
+            src.quantization = ckpt.describe()
+        return src
+
+    def quantize_on_the_fly(self, scheme: str) -> None:
+        """From now on each weight a quantized base quantizes (``quant.quantized_keys``) reads as
+        ``dequantize(quantize(W))`` with ``scheme``: the source stands for the quantized base."""
+        from .errors import BitDeltaError
+        from .quant import check_scheme, quantized_keys
+
+        check_scheme(scheme)
+        if self.quantization is not None:
+            raise BitDeltaError(f"{self.name} is already quantized ({self.quantization['format']})")
+        keys = quantized_keys(self)
+        self._fake_quant = dict.fromkeys(keys, scheme)
+        self._last = None
+        self.quantization = {"scheme": scheme, "format": "quantized as read (per-channel, round to nearest)",
+                             "quantized_tensors": len(keys)}
 
     def has(self, name: str) -> bool:
         """True if the model tensor ``name`` (in-model naming) can be read from this source."""
@@ -155,8 +188,14 @@ class WeightSource:
 
     def checkpoint_get(self, key: str) -> torch.Tensor:
         if self._live is not None:
-            return self._live[key].detach().to("cpu")
-        return self._ckpt.get(key)
+            value = self._live[key].detach().to("cpu")
+        else:
+            value = self._ckpt.get(key)
+        if key in self._fake_quant:
+            from .quant import fake_quantize
+
+            value = fake_quantize(value, self._fake_quant[key])
+        return value
 
     def tokenizer_files(self) -> dict[str, bytes]:
         """The fine-tune's tokenizer/generation files, by file name (empty for live models)."""
