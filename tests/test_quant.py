@@ -250,6 +250,11 @@ def test_cli_misuse_is_one_line(pair, tmp_path, capsys):
                  "--base-quant", "int8", "-q"]) == 2
     assert "already quantized to fp8" in _one_error_line(capsys)
     assert not (tmp_path / "z").exists() and not (tmp_path / "d").exists()
+    # GPT-2's Conv1D layers are not nn.Linear: nothing a quantized base would quantize
+    g_base, g_ft = make_pair("gpt2", tmp_path)
+    assert main(["compress", "--base", str(g_base), "--finetuned", str(g_ft), "--out", str(tmp_path / "g"),
+                 "--base-quant", "fp8", "-q"]) == 2
+    assert "no nn.Linear weight to quantize" in _one_error_line(capsys)
     # a delta for the quantized base, merged onto the plain one: refused, saying what to load
     d = tmp_path / "d8"
     assert main(["compress", "--base", str(pair["base"]), "--finetuned", str(pair["ft"]), "--out", str(d),

@@ -168,7 +168,7 @@ def quantizable_parameters(module_tree: nn.Module) -> list[str]:
 def quantized_keys(src) -> dict[str, str]:
     """Checkpoint key -> in-model name of each weight a quantized base quantizes, for a
     :class:`~bitdelta.sources.WeightSource`: the quantizable weights stored as they are (one
-    checkpoint tensor each, not built by a weight conversion)."""
+    checkpoint tensor each, not built by a weight conversion). Raises if there are none."""
     out = {}
     for name in quantizable_parameters(src.module_tree):
         if not src.has(name) or src.naming.converted(name):
@@ -176,6 +176,10 @@ def quantized_keys(src) -> dict[str, str]:
         keys = src.naming.sources(name)
         if len(keys) == 1 and len(src.checkpoint_shape(keys[0])) == 2:
             out[keys[0]] = name
+    if not out:
+        raise BitDeltaError(
+            f"{src.name} has no nn.Linear weight to quantize: a quantized base quantizes nn.Linear layers, as "
+            "compressed-tensors does (GPT-2-style Conv1D layers and fused expert tensors stay unquantized)")
     return out
 
 
@@ -435,8 +439,6 @@ def write_quantized_base(base, scheme: str, out, overwrite: bool = False,
         raise BitDeltaError(f"{base} is already quantized ({src.quantization['format']}); quantize the "
                             "unquantized base instead")
     keys = quantized_keys(src)
-    if not keys:
-        raise BitDeltaError(f"{base} has no linear weight to quantize")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise BitDeltaError(f"{out} already exists; pass --overwrite to replace it")
