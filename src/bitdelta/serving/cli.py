@@ -12,12 +12,14 @@ A bad artifact in --delta-dir is logged and skipped; a bad --delta stops the sta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import logging
 from pathlib import Path
 
 from ..cli import device_name, dtype_name, float_range, int_range
 from ..errors import BitDeltaError
+from .config import EngineConfig
 
 logger = logging.getLogger("bitdelta.serve")
 
@@ -110,12 +112,7 @@ def build_app(args):
     if args.allow_runtime_deltas:
         logger.warning("runtime delta registration is enabled: holders of the admin key can load artifacts from %s",
                        args.delta_dir or "(no --delta-dir: nothing can be registered)")
-    rt = build_runtime(args.base, deltas, base_name=args.base_name, dtype=args.dtype, device=args.device,
-                       max_gpu_deltas=args.max_gpu_deltas, max_cpu_deltas=args.max_cpu_deltas, max_bits=args.max_bits,
-                       max_extra_vocab=args.max_extra_vocab, max_batch=args.max_batch, max_queue=args.max_queue,
-                       max_model_len=args.max_model_len, kv_cache_mb=args.kv_cache_mb,
-                       cuda_graphs=None if getattr(args, "cuda_graphs", True) else False,
-                       engine_restart=args.engine_restart)
+    rt = build_runtime(args.base, deltas, base_name=args.base_name, config=EngineConfig.from_args(args))
     # every artifact in the allow-listed directory is served under its directory name; one that fails
     # to load for any reason (corrupt, wrong base, unreadable) is logged and skipped, the rest serve
     for name, path in scanned.items():
@@ -142,13 +139,11 @@ def ray_settings(args):
     store = args.delta_store or args.delta_dir
     if not store:
         raise BitDeltaError("--ray needs --delta-store DIR_OR_URL (e.g. deltas/ or s3://bucket/deltas)")
+    engine = dataclasses.asdict(EngineConfig.from_args(args))
     return RaySettings(base=args.base, store=store, base_name=args.base_name, replicas=args.replicas,
                        gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
-                       deltas_per_replica=args.deltas_per_replica, max_gpu_deltas=args.max_gpu_deltas,
-                       max_cpu_deltas=args.max_cpu_deltas, max_bits=args.max_bits, max_extra_vocab=args.max_extra_vocab,
-                       max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
-                       kv_cache_mb=args.kv_cache_mb, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir,
-                       api_keys_file=args.api_keys)
+                       deltas_per_replica=args.deltas_per_replica, cache_dir=args.cache_dir,
+                       api_keys_file=args.api_keys, **engine)
 
 
 def cmd_serve_ray(args) -> None:
@@ -196,26 +191,10 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="allow-listed directory: its artifacts are served by directory name, and runtime registration "
                         "may only use paths inside it")
     s.add_argument("--base-name", default=None, help="model name of the plain base (default: its directory name)")
-    s.add_argument("--max-gpu-deltas", type=int_range(1), default=32, help="device slots for deltas (default 32)")
-    s.add_argument("--max-cpu-deltas", type=int_range(1), default=128, help="deltas kept in host memory (default 128)")
-    s.add_argument("--max-bits", type=int_range(1, 8), default=None, help="sign planes per pool slot (default: max of startup deltas)")
-    s.add_argument("--max-extra-vocab", type=int_range(0), default=None,
-                   help="added tokens a delta may carry (default: max of startup deltas)")
-    s.add_argument("--max-batch", type=int_range(1), default=64, help="max running sequences (KV slots; capped by memory)")
-    s.add_argument("--max-queue", type=int_range(1), default=256, help="max waiting requests before answering 429")
-    s.add_argument("--max-model-len", type=int_range(1), default=None, help="context length (default: the model's)")
-    s.add_argument("--kv-cache-mb", type=float_range(0, strict_lo=True), default=None,
-                   help="KV cache budget in MiB (default: free GPU memory, or 1024 on CPU)")
+    EngineConfig.add_arguments(s)  # --max-gpu-deltas ... --engine-restart: one declaration (serving/config.py)
     s.add_argument("--api-keys", default=None, help='TOML file: [keys] "sk-..." = ["model", ...] ("*" = all)')
     s.add_argument("--admin-key", default=None, help="bearer key of the admin endpoints")
     s.add_argument("--allow-runtime-deltas", action="store_true", help="enable POST/DELETE /v1/deltas (needs --admin-key)")
-    s.add_argument("--dtype", type=dtype_name, default="float32", help="dtype of the base weights (float32, bfloat16, float16)")
-    s.add_argument("--device", type=device_name, default=None, help="cuda or cpu (default: cuda if available)")
-    s.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
-                   help="on CUDA, decode steps replay CUDA graphs captured at start (default: on; "
-                        "--no-cuda-graphs decodes eagerly)")
-    s.add_argument("--engine-restart", action=argparse.BooleanOptionalAction, default=True,
-                   help="restart the engine automatically if it stops (fresh KV state; in-flight requests fail)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int_range(0, 65535), default=8000)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

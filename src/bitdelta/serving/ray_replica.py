@@ -72,10 +72,7 @@ class EngineReplica:
             # Ray reserves cpus_per_replica cores for this replica: use that many threads, not every core
             torch.set_num_threads(int(s.torch_threads or max(1, s.cpus_per_replica)))
         self.replica_id = serve.get_replica_context().replica_tag
-        self.rt = build_runtime(s.base, {}, base_name=s.served_base_name, dtype=s.dtype, device=s.device,
-                                max_gpu_deltas=s.max_gpu_deltas, max_cpu_deltas=s.max_cpu_deltas, max_bits=s.max_bits,
-                                max_extra_vocab=s.max_extra_vocab, max_batch=s.max_batch, max_queue=s.max_queue,
-                                max_model_len=s.max_model_len, kv_cache_mb=s.kv_cache_mb)
+        self.rt = build_runtime(s.base, {}, base_name=s.served_base_name, config=s.engine_settings())
         self.app = create_app(self.rt, ServerConfig(api_keys=s.key_scopes()))
         cache = None if s.cache_dir is None else os.path.join(s.cache_dir, f"replica-{self.replica_id}")
         self.store = DeltaStore(s.store, cache_dir=cache, storage_options=s.storage_options, owns_cache=True)

@@ -23,15 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BitDeltaError
+from .config import EngineConfig
 
 logger = logging.getLogger("bitdelta.serve")
 
 APP_NAME = "bitdelta"
 
 
-@dataclass
-class RaySettings:
-    """Everything a replica needs to build itself (plain values: it travels to every Ray worker)."""
+@dataclass(kw_only=True)
+class RaySettings(EngineConfig):
+    """Everything a replica needs to build itself (plain values: it travels to every Ray worker): the
+    engine's settings (:class:`~bitdelta.serving.config.EngineConfig`, declared once) and Ray's own."""
 
     base: str
     store: str
@@ -40,16 +42,6 @@ class RaySettings:
     gpus_per_replica: float | None = None  # None: 1 if the cluster has GPUs, else 0
     cpus_per_replica: float = 1.0
     deltas_per_replica: int | None = None  # None: max_gpu_deltas (each tenant keeps its device slot)
-    max_gpu_deltas: int = 32
-    max_cpu_deltas: int = 128
-    max_bits: int | None = None
-    max_extra_vocab: int | None = None
-    max_batch: int = 64
-    max_queue: int = 256
-    max_model_len: int | None = None
-    kv_cache_mb: float | None = None
-    dtype: str = "float32"
-    device: str | None = None
     cache_dir: str | None = None
     storage_options: dict | None = None
     api_keys: dict[str, list[str]] | None = None

@@ -4,13 +4,14 @@ What ``bitdelta serve`` builds before handing it to the HTTP app; tests build it
 Deltas are registered by name (validated and base-checked at registration: a corrupt or
 wrong-base artifact raises and changes nothing).
 
-    rt = build_runtime("models/tiny/base", {"shakespeare": "deltas/shakespeare"}, max_gpu_deltas=4)
+    rt = build_runtime("models/tiny/base", {"shakespeare": "deltas/shakespeare"}, config=EngineConfig(max_gpu_deltas=4))
     rt.register("gsm8k", "deltas/gsm8k")    # also what POST /v1/deltas calls
     app = create_app(rt)                     # bitdelta.serving.api
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BitDeltaError
+from .config import EngineConfig
 from .engine import Engine, check_limits
 from .metrics import Metrics
 from .models import DeltaModel
@@ -78,33 +80,38 @@ class ServingRuntime:
 
 
 def build_runtime(base, deltas: dict[str, str] | None = None, *, base_name: str | None = None,
-                  dtype: str | None = None, device: str | None = None, max_gpu_deltas: int = 32,
-                  max_cpu_deltas: int = 128, max_bits: int | None = None, max_extra_vocab: int | None = None,
-                  max_batch: int = 64, max_queue: int = 256, max_model_len: int | None = None,
-                  kv_cache_mb: float | None = None, start: bool = True,
-                  cuda_graphs: bool | None = None, engine_restart: bool = True) -> ServingRuntime:
+                  config: EngineConfig | None = None, start: bool = True, **settings) -> ServingRuntime:
     """Loads the base (with transformers), builds the engine, registers ``deltas`` (name -> path).
-    ``cuda_graphs``: see :class:`~bitdelta.serving.engine.Engine` (None, the default: on when the device is CUDA).
-    ``engine_restart``: the engine's ``auto_restart`` (restart itself after a failure that stops its loop;
-    off: it stays down, every generation request answers 503, until the process restarts)."""
+
+    ``config``: the engine's settings (:class:`~bitdelta.serving.config.EngineConfig`); keyword
+    ``settings`` override its fields (``build_runtime(base, max_batch=8)``). ``cuda_graphs``: on
+    (default) captures decode graphs on CUDA and decodes eagerly, with a warning, where that is not
+    possible; off never captures. ``engine_restart``: the engine restarts itself after a failure that
+    stops its loop (off: it stays down, every generation request answers 503, until the process restarts)."""
+    if settings.get("cuda_graphs", True) is None:  # None meant "where possible", which on (True) now says
+        settings["cuda_graphs"] = True
+    cfg = dataclasses.replace((config or EngineConfig()).engine_settings(), **settings)
+    max_batch, max_queue = cfg.max_batch, cfg.max_queue
     from ..artifact import load_delta
     from ..hf import load_model
 
     check_limits(max_batch, max_queue)  # before the minutes a large base takes to load
     deltas = dict(deltas or {})
-    hf = load_model(base, dtype=dtype or "float32", device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    hf = load_model(base, dtype=cfg.dtype or "float32",
+                    device=cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = DeltaModel.from_hf(hf)
     del hf
     loaded = {name: load_delta(path) for name, path in deltas.items()}  # fail fast on a bad startup delta
-    bits = max_bits or max([1] + [m.bits for d in loaded.values() for m in d.modules.values()])
-    extra = max_extra_vocab if max_extra_vocab is not None else max(
+    bits = cfg.max_bits or max([1] + [m.bits for d in loaded.values() for m in d.modules.values()])
+    extra = cfg.max_extra_vocab if cfg.max_extra_vocab is not None else max(
         [0] + [m.extra_rows.shape[0] for d in loaded.values() for m in d.modules.values() if m.extra_rows is not None])
-    slots = DeltaSlots(model, max_gpu_deltas=max_gpu_deltas, max_cpu_deltas=max_cpu_deltas, max_bits=bits,
+    slots = DeltaSlots(model, max_gpu_deltas=cfg.max_gpu_deltas, max_cpu_deltas=cfg.max_cpu_deltas, max_bits=bits,
                        max_extra_vocab=extra)
     metrics = Metrics()
     metrics.base_name = base_name or Path(str(base)).name or "base"
-    engine = Engine(model, slots, max_batch=max_batch, max_queue=max_queue, max_len=max_model_len,
-                    kv_cache_mb=kv_cache_mb, metrics=metrics, cuda_graphs=cuda_graphs, auto_restart=engine_restart)
+    engine = Engine(model, slots, max_batch=max_batch, max_queue=max_queue, max_len=cfg.max_model_len,
+                    kv_cache_mb=cfg.kv_cache_mb, metrics=metrics, cuda_graphs=None if cfg.cuda_graphs else False,
+                    auto_restart=cfg.engine_restart)
     rt = ServingRuntime(metrics.base_name, str(base), model, slots, engine, metrics)
     metrics.known = rt.has  # metrics label registered names only: clients cannot grow the page
     rt.texts[rt.base_name] = TenantText.load(base)

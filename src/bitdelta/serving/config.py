@@ -1,0 +1,72 @@
+"""EngineConfig: every engine setting declared once, with its default and help text.
+
+The same declaration makes the ``bitdelta serve`` flags (:meth:`EngineConfig.add_arguments`), reads
+them back (:meth:`EngineConfig.from_args`), builds the engine (:func:`bitdelta.serving.runtime.
+build_runtime` takes one) and travels to Ray replicas (:class:`~bitdelta.serving.ray_serve.RaySettings`
+extends it), so a setting added here reaches the single server and Ray alike. Importing this module
+loads neither torch nor the engine.
+
+    cfg = EngineConfig(max_batch=16, kv_cache_mb=256)
+    rt = build_runtime("models/tiny/base", {}, config=cfg)
+    EngineConfig.add_arguments(parser); cfg = EngineConfig.from_args(parser.parse_args())
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+
+def _setting(default, help: str, flag_type=None, optional_bool: bool = False):
+    """A field with what its flag needs: ``flag_type(bitdelta.cli) -> argparse type`` (resolved when the
+    flags are made, so that importing this module stays light), ``optional_bool``: ``--x/--no-x``."""
+    return field(default=default, metadata={"help": help, "type": flag_type, "bool": optional_bool})
+
+
+@dataclass
+class EngineConfig:
+    """The engine's settings (plain values: they travel to Ray workers as a dict)."""
+
+    max_gpu_deltas: int = _setting(32, "device slots for deltas (default 32)", lambda c: c.int_range(1))
+    max_cpu_deltas: int = _setting(128, "deltas kept in host memory (default 128)", lambda c: c.int_range(1))
+    max_bits: int | None = _setting(None, "sign planes per pool slot (default: max of startup deltas)",
+                                    lambda c: c.int_range(1, 8))
+    max_extra_vocab: int | None = _setting(None, "added tokens a delta may carry (default: max of startup deltas)",
+                                           lambda c: c.int_range(0))
+    max_batch: int = _setting(64, "max running sequences (KV slots; capped by memory)", lambda c: c.int_range(1))
+    max_queue: int = _setting(256, "max waiting requests before answering 429", lambda c: c.int_range(1))
+    max_model_len: int | None = _setting(None, "context length (default: the model's)", lambda c: c.int_range(1))
+    kv_cache_mb: float | None = _setting(None, "KV cache budget in MiB (default: free GPU memory, or 1024 on CPU)",
+                                         lambda c: c.float_range(0, strict_lo=True))
+    dtype: str = _setting("float32", "dtype of the base weights (float32, bfloat16, float16)", lambda c: c.dtype_name)
+    device: str | None = _setting(None, "cuda or cpu (default: cuda if available)", lambda c: c.device_name)
+    cuda_graphs: bool = _setting(True, "on CUDA, decode steps replay CUDA graphs captured at start (default: on; "
+                                       "--no-cuda-graphs decodes eagerly)", optional_bool=True)
+    engine_restart: bool = _setting(True, "restart the engine automatically if it stops (fresh KV state; in-flight "
+                                          "requests fail)", optional_bool=True)
+
+    # ------------------------------------------------------------------ flags
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        """Adds one ``--flag`` per setting (``max_gpu_deltas`` -> ``--max-gpu-deltas``) to ``parser``."""
+        from .. import cli as checks  # the CLI's argparse value checkers
+
+        for f in dataclasses.fields(EngineConfig):
+            flag = "--" + f.name.replace("_", "-")
+            meta = f.metadata
+            if meta["bool"]:
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+            else:
+                kind = meta["type"](checks) if meta["type"] else None
+                parser.add_argument(flag, type=kind, default=f.default, help=meta["help"])
+
+    @classmethod
+    def from_args(cls, args) -> "EngineConfig":
+        """The settings of parsed arguments (those :meth:`add_arguments` made)."""
+        return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+
+    def engine_settings(self) -> "EngineConfig":
+        """Just the engine's settings (a subclass's other fields dropped)."""
+        return EngineConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)})

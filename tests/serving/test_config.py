@@ -1,0 +1,32 @@
+"""EngineConfig: one declaration makes the serve flags, builds the engine and reaches Ray replicas."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from bitdelta.cli import build_parser
+from bitdelta.serving.cli import ray_settings
+from bitdelta.serving.config import EngineConfig
+from bitdelta.serving.ray_serve import RaySettings
+
+
+def test_every_setting_is_a_serve_flag_with_its_default():
+    args = build_parser().parse_args(["serve", "--base", "b"])
+    cfg = EngineConfig.from_args(args)
+    for f in dataclasses.fields(EngineConfig):
+        assert getattr(cfg, f.name) == f.default, f.name
+    args = build_parser().parse_args(["serve", "--base", "b", "--max-batch", "3", "--kv-cache-mb", "8",
+                                      "--no-cuda-graphs", "--no-engine-restart", "--max-bits", "2"])
+    cfg = EngineConfig.from_args(args)
+    assert (cfg.max_batch, cfg.kv_cache_mb, cfg.cuda_graphs, cfg.engine_restart, cfg.max_bits) == (3, 8.0, False, False, 2)
+
+
+def test_ray_settings_carry_every_engine_setting(tmp_path):
+    args = build_parser().parse_args(["serve", "--ray", "--base", "b", "--delta-store", str(tmp_path),
+                                      "--no-cuda-graphs", "--no-engine-restart", "--max-queue", "7"])
+    s = ray_settings(args)
+    assert s.engine_settings() == EngineConfig.from_args(args)
+    assert (s.cuda_graphs, s.engine_restart, s.max_queue) == (False, False, 7)
+    # and through the dict a replica is built from (values may arrive as strings from `serve run`)
+    back = RaySettings.from_dict({**s.to_dict(), "cuda_graphs": "true", "max_batch": "5"})
+    assert back.cuda_graphs is True and back.max_batch == 5 and back.engine_restart is False
