@@ -165,3 +165,31 @@ def test_relative_mode_keeps_initial_scales_when_worse_and_rejects_unknown_modes
     with pytest.raises(bitdelta.BitDeltaError, match="lr mode"):
         distill_scales(delta, base, ft, cal, steps=2, progress=False, lr_mode="sideways")
     assert not any(isinstance(m, bitdelta.layers.DeltaWrapper) for m in base.modules())
+
+
+def test_choose_modes_scalar_row_or_col_by_heldout_kl(setup):
+    from bitdelta.distill import choose_modes
+
+    base_dir, ft_dir, cal = setup
+    base, ft = load(base_dir), load(ft_dir)
+    cands = {m: distill_scales(bitdelta.compress(base_dir, ft_dir, scale=m, progress=False), base, ft, cal, steps=6,
+                               lr=3e-2, lr_mode="relative", progress=False) for m in ("scalar", "row", "col")}
+    auto = choose_modes(cands, base, TeacherLogits(model=ft), cal.heldout, min_gain=0.0, progress=False)
+    info = auto.info["distillation"]["auto"]
+    uniform = {m: info[f"heldout_loss_all_{m}"] for m in cands}
+    assert info["criterion"] == "kl" and info["start"] == min(uniform, key=uniform.get)
+    assert info["heldout_loss_chosen"] <= min(uniform.values())
+    matrices = [n for n, m in auto.modules.items() if not m.vocab]
+    assert sum(info[f"{m}_modules"] for m in cands) == len(matrices)
+    for n in matrices:  # each module is one candidate's object, its mode recorded in the module itself
+        assert auto.modules[n] is cands[auto.modules[n].mode].modules[n]
+    bitdelta.apply(base, auto)
+    got = heldout_loss(base, TeacherLogits(model=ft), cal.heldout, 16, "kl")
+    bitdelta.unapply(base)
+    assert got == pytest.approx(info["heldout_loss_chosen"], rel=1e-4)
+    # a huge min_gain accepts no swap: the best uniform candidate, unchanged
+    strict = choose_modes(cands, base, TeacherLogits(model=ft), cal.heldout, min_gain=1.0, progress=False)
+    s = strict.info["distillation"]["auto"]
+    assert s[f"{s['start']}_modules"] == len(matrices) and s["heldout_loss_chosen"] == uniform[s["start"]]
+    with pytest.raises(bitdelta.BitDeltaError, match="held-out"):
+        choose_modes(cands, base, TeacherLogits(model=ft), None, progress=False)

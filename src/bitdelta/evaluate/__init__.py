@@ -4,9 +4,18 @@ fine-tune, and zero-shot tasks. Pure functions over an already-built model and i
     from bitdelta.evaluate import perplexity, fidelity, recovery, evaluate_tasks
     ppl = perplexity(model, tok, text, window=2048, stride=512).ppl
     fid = fidelity(delta_model, finetuned, tok, docs, max_length=512)
+    agree = greedy_agreement(delta_model, finetuned, tok, prompts, max_new_tokens=32)
 """
 
 from .fidelity import FidelityResult, fidelity, recovery
+from .generation import (
+    AgreementResult,
+    answer_accuracy,
+    compare_generations,
+    greedy_agreement,
+    greedy_generations,
+    gsm8k_answer,
+)
 from .perplexity import PerplexityResult, perplexity, perplexity_of_documents
 from .tasks import (
     TASKS,
@@ -21,6 +30,12 @@ from .tasks import (
 
 __all__ = [
     "TASKS",
+    "AgreementResult",
+    "answer_accuracy",
+    "compare_generations",
+    "greedy_agreement",
+    "greedy_generations",
+    "gsm8k_answer",
     "FidelityResult",
     "LoglikelihoodResult",
     "PerplexityResult",
