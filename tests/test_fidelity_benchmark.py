@@ -129,3 +129,49 @@ def test_prepare_makes_only_the_domains_asked_for(fid, tmp_path):
     assert list(record["finetunes"]) == ["shakespeare"] and record["finetunes"]["shakespeare"]["steps"] >= 1
     with pytest.raises(SystemExit, match="run --phase prepare --domain gsm8k first"):
         fid.main(["--phase", "eval", "--domain", "gsm8k", *argv])
+
+
+@pytest.mark.skipif(not (SHARED / "finetune").is_dir(), reason="../shared/data not present")
+def test_hard_domains_and_agreement_prompts(fid):
+    assert fid.data_domain("gsm8k-hard") == "gsm8k" and fid.data_domain("alpaca") == "alpaca"
+    assert fid.domain_docs(SHARED, "gsm8k-hard") == fid.domain_docs(SHARED, "gsm8k")  # same data, harder recipe
+    for name, recipe in fid.HARD_RECIPES.items():
+        assert name in fid.DOMAINS and 6 <= recipe["epochs"] <= 10 and 1e-4 <= recipe["lr"] <= 3e-4
+    args = fid.parse_args(["--phase", "eval", "--data", str(SHARED), "--agree-prompts", "5"])
+    for domain in fid.DOMAINS:
+        prompts = fid.heldout_prompts(args, domain)
+        assert len(prompts) == 5 and all(p.strip() for p in prompts)
+        held = set(fid.domain_docs(SHARED, domain)[1])
+        train = fid.domain_docs(SHARED, domain)[0]
+        # each prompt is the start of a held-out document, never of a training one
+        assert all(any(h.startswith(p.rstrip()[:40]) for h in held) for p in prompts), domain
+        assert not any(t.startswith(p.rstrip()) for p in prompts[:2] for t in train[:2000]), domain
+    assert fid.heldout_prompts(args, "gsm8k")[0].endswith("\nAnswer:")
+    assert fid.heldout_prompts(args, "alpaca-hard")[0].endswith("Response:")
+
+    class A:
+        ft_lr, ft_warmup, ft_min_lr_ratio = 3e-5, 0.1, 0.1
+
+    assert fid.lr_at(9, 100, A, 2e-4) == pytest.approx(2e-4)  # a hard recipe's own peak lr
+
+
+def test_report_marks_calibration_rows_with_agreement_columns_and_current_goals(fid, tmp_path, capsys):
+    import math
+
+    rows = {"base": 20.0, "finetune": 10.0, "scalar": 10.1, "row": 10.3, "col": 10.4, "auto": 10.2, "auto-2bit": 10.02}
+    for model, ppl in rows.items():
+        rec = _record("gsm8k-hard", model, ppl, 0.01, None if model in ("base", "finetune") else 17_000_000)
+        rec["settings"].update(distill_lr_mode="relative", distill_lr=3e-2, calibration="self")
+        rec["recovery"] = (math.log(20.0) - math.log(ppl)) / (math.log(20.0) - math.log(10.0))
+        rec["greedy_agreement"] = {"exact_match": 0.42}
+        rec["gsm8k"] = {"accuracy": 0.071}
+        (tmp_path / f"gsm8k-hard__{model}.json").write_text(json.dumps(rec))
+    assert fid.main(["--phase", "report", "--results", str(tmp_path), "--report-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| gsm8k-hard | auto (rel. lr 0.03, self cal.) | 10.200 | 97.1% | 0.01 | 90.0 | 42 | 7.1 |" in out
+    assert "| gsm8k-hard | base | 20.000 | 0.0% | 0.01 | 90.0 | 42 | 7.1 |" in out
+    goals = [line for line in out.splitlines() if "goals (rel. lr 0.03, self cal.)" in line]
+    assert len(goals) == 1
+    assert "1-bit ≥ 99%: best scalar 98.6% FAIL" in goals[0]
+    assert "2-bit ≥ 99.5%: best auto-2bit 99.7% PASS" in goals[0]
+    assert "auto ≥ best single − 0.2 pts: auto 97.1% vs scalar 98.6% (-1.4 pts) FAIL" in goals[0]
