@@ -319,7 +319,7 @@ def _want(x, w, pool, ids):
 
 
 def _recording_slots(tiny_models, tenants, monkeypatch):
-    import bitdelta.serving.slots as slots_mod
+    import bitdelta.serving.dispatch as slots_mod
 
     model = DeltaLlama.from_hf(_load(tiny_models["base"]))
     slots = DeltaSlots(model, max_gpu_deltas=3, max_cpu_deltas=8, max_bits=2, max_extra_vocab=4)

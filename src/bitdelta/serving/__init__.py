@@ -15,7 +15,7 @@ from .mapping import BatchMapping, KVCache
 from .model import DeltaLlama
 from .models import DeltaModel
 from .runtime import ServingRuntime, build_runtime
-from .slots import DeltaSlots
+from .residency import DeltaSlots
 
 
 def create_app(runtime, config=None):

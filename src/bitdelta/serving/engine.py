@@ -41,6 +41,7 @@ import torch
 from . import graphs as graphs_mod
 from .mapping import BatchMapping, KVCache
 from .models import DeltaModel
+from .residency import DeltaState
 
 logger = logging.getLogger(__name__)
 
@@ -359,11 +360,8 @@ class Engine:
         self._drop_cancelled()
         if not self.waiting or not self.free_kv:
             return False
-        for r in self.waiting:
-            if r.tenant is None:
-                return True
-            e = self.slots.get(r.tenant)
-            if e is None or e.error or e.slot is not None or e.host is not None:
+        for r in self.waiting:  # anything but a delta still loading can start (or fail) now
+            if r.tenant is None or self.slots.state(r.tenant) is not DeltaState.LOADING:
                 return True
         return False
 
@@ -423,19 +421,19 @@ class Engine:
                 keep.append(r)
                 continue
             if r.tenant is not None:
-                e = self.slots.get(r.tenant)
-                if e is None:
+                state = self.slots.state(r.tenant)
+                if state is None:
                     self._finish(r, "error", error=f"model {r.tenant!r} was removed")
                     continue
-                if e.error:
-                    self._finish(r, "error", error=e.error)
+                if state is DeltaState.FAILED:
+                    self._finish(r, "error", error=self.slots.error(r.tenant))
                     continue
-                slot = self.slots.acquire(r.tenant)
-                if slot is None:  # loading in the background, or every slot is busy: wait
-                    slot_blocked = slot_blocked or (e.slot is None and e.host is not None)
+                delta_slot = self.slots.acquire(r.tenant)
+                if delta_slot is None:  # loading in the background, or every delta slot is busy: wait
+                    slot_blocked = slot_blocked or state is DeltaState.WAITING_FOR_SLOT
                     keep.append(r)
                     continue
-                r.delta_slot = slot
+                r.delta_slot = delta_slot
             r.kv_slot = heapq.heappop(self.free_kv)
             budget -= len(r.prompt)
             admitted.append(r)

@@ -19,7 +19,7 @@ Layout (all shapes static, nothing read back on the host):
   so no host-known length is baked into the graph. Keys past a row's length are read but masked.
 * Inputs: per batch bucket one int64 buffer ``[5, B]`` (token, position, delta slot and context
   length per row, then each sequence's row in the engine's order), filled by one host-to-device
-  copy per step. Delta pools are written in place by :class:`~bitdelta.serving.slots.DeltaSlots`,
+  copy per step. Delta pools are written in place by :class:`~bitdelta.serving.layers.DevicePool`,
   so a graph always reads the installed deltas.
 * One graph per (batch bucket, span bucket, variant): "delta" (per-token deltas via the Triton
   decode op) or "base" (no token in the step has a delta: plain GEMMs, as the eager path). All are
@@ -50,7 +50,7 @@ from .mapping import AttentionPlan, BatchMapping
 logger = logging.getLogger(__name__)
 
 # Graphs stop at bitdelta.ops.DECODE_MAX_TOKENS rows: a larger decode step runs eagerly, in chunks of
-# that size (DeltaSlots.linear), whose capture has not been checked on a GPU yet.
+# that size (serving.dispatch.Dispatch.linear), whose capture has not been checked on a GPU yet.
 MAX_ROWS = DECODE_MAX_TOKENS
 MIN_SPAN = 256
 
@@ -103,7 +103,7 @@ def unsupported(model, slots) -> str | None:
 
     if model.device.type != "cuda":
         return "CUDA graphs need a CUDA device"
-    if slots.linear_fn is not None:
+    if not slots.dispatch.graph_safe:
         return "a custom linear_fn (e.g. the unfused baseline) groups tokens on the host"
     try:
         backend = resolve_backend(slots.backend, torch.empty(0, device=model.device))
@@ -188,7 +188,7 @@ class DecodeGraphs:
         b = pick(max(e[0] for e in entries) + 1, self.batches)
         span = pick(max(e[1] for e in entries) + 1, self.spans)
         seq_slots = [e[3] for e in entries]
-        if b is None or span is None or self.slots.linear_fn is not None \
+        if b is None or span is None or not self.slots.dispatch.graph_safe \
                 or not self.slots.col_slots.isdisjoint(seq_slots):
             return None
         delta = any(s >= 0 for s in seq_slots)

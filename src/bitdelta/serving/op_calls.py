@@ -52,7 +52,7 @@ def has_long_sequences(batch) -> bool:
 def plan_calls(batch, col_slots: frozenset) -> list[OpCall]:
     """The op calls of one module in this step (cached per step and set of col-scaled slots).
 
-    ``batch`` is a :class:`~bitdelta.serving.model.BatchMapping` with host ``seqs`` and
+    ``batch`` is a :class:`~bitdelta.serving.mapping.BatchMapping` with host ``seqs`` and
     ``seq_slots``; rows of one sequence are consecutive, in sequence order.
     """
     key = ("op_calls", col_slots)

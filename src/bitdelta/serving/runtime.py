@@ -25,7 +25,7 @@ from .config import EngineConfig
 from .engine import Engine, check_limits
 from .metrics import Metrics
 from .models import DeltaModel
-from .slots import DeltaSlots
+from .residency import DeltaSlots
 from .text import TenantText
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,121 @@
+"""Per-step dispatch: what a model module calls to apply each token's delta (vLLM's punica wrapper, for 1-bit deltas).
+
+:class:`Dispatch` reads a :class:`~bitdelta.serving.layers.DevicePool` and offers the model
+``linear`` (base + per-token delta of one matrix), ``gather1d`` (per-token 1-D parameters),
+``embed`` (per-token embedding deltas and added-token rows) and ``extra_logits`` (added-token
+logits). Its ``linear`` plans the step's op calls once per step and set of column-scaled tenants
+(:mod:`bitdelta.serving.op_calls`, from host values: no device sync): every decode step whose
+tenants are all row/scalar (the usual case, and every graph-captured step) makes one
+:func:`bitdelta.ops.bitdelta_linear` call per module; prompts take the segmented op, column-scaled
+tenants their own calls. :class:`UnfusedDispatch` is the reference-style baseline
+(:mod:`bitdelta.serving.unfused`: one base GEMM, then one binary matmul per tenant), and
+:class:`FunctionDispatch` runs any ``linear_fn(name, x, w, pool, batch)``.
+
+    dispatch = Dispatch(pool, backend="auto")
+    y = dispatch.linear("model.layers.0.mlp.down_proj", x, w, batch)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import DECODE_MAX_TOKENS, bitdelta_linear, bitdelta_linear_segmented
+from ..pack import unpack_signs
+from .op_calls import has_long_sequences, plan_calls
+
+
+class Dispatch:
+    """The fused multi-tenant ops over one device pool."""
+
+    graph_safe = True  # groups no tokens on the host: decode steps may be captured in CUDA graphs
+
+    def __init__(self, pool, backend: str = "auto"):
+        self.pool, self.backend = pool, backend
+
+    def linear(self, name: str, x: torch.Tensor, w: torch.Tensor, batch) -> torch.Tensor:
+        pool = self.pool.pools[name]
+        cols = pool["col_slots"]
+        col = frozenset(cols.intersection(batch.seq_slots)) if cols else frozenset()
+        if not col and not has_long_sequences(batch):  # every decode step (graph-captured ones too)
+            return self._decode_op(x, w, pool, "row", batch.ids)
+        # Prompts and col-scaled tenants: one call per kind of row (serving/op_calls.py), from host values.
+        y = None
+        for call in plan_calls(batch, col):
+            xs, ids = (x, batch.ids) if call.rows is None else (x[call.rows], batch.ids[call.rows])
+            if call.segments is not None:
+                out = bitdelta_linear_segmented(xs, w, None, pool["signs"], pool[call.mode], call.mode,
+                                                *call.segments, self.backend)
+            else:
+                out = self._decode_op(xs, w, pool, call.mode, ids)
+            if call.rows is None:
+                return out
+            if y is None:
+                y = x.new_empty((x.shape[0], w.shape[0]))
+            y[call.rows] = out
+        return y
+
+    def _decode_op(self, x, w, pool, mode: str, ids) -> torch.Tensor:
+        """The decode op, in calls of at most ``DECODE_MAX_TOKENS`` rows: each stays on the decode
+        kernel (no sort by tenant, no host read of a segment table, which cost over a second per step
+        at 133 tenants of a 7B model); a tenant with rows in two calls has its bits read twice."""
+        if x.shape[0] <= DECODE_MAX_TOKENS:
+            return bitdelta_linear(x, w, None, pool["signs"], pool[mode], mode, ids, self.backend)
+        return torch.cat([bitdelta_linear(x[a:a + DECODE_MAX_TOKENS], w, None, pool["signs"], pool[mode], mode,
+                                          ids[a:a + DECODE_MAX_TOKENS], self.backend)
+                          for a in range(0, x.shape[0], DECODE_MAX_TOKENS)])
+
+    def gather1d(self, name: str, batch) -> torch.Tensor:
+        return self.pool.tables[name][batch.gather]
+
+    def embed(self, x: torch.Tensor, batch) -> torch.Tensor:
+        """Adds each token's tenant embedding delta (and added-token rows) to the base rows ``x``."""
+        if not batch.any_delta:
+            return x
+        p, model = self.pool, self.pool.model
+        pool, v = p.pools[model.embed_name], model.vocab_size
+        ids, tok = batch.ids.long(), batch.tokens
+        has = ids >= 0
+        slot = ids.clamp(min=0)
+        row = tok.clamp(max=v - 1)
+        signs = unpack_signs(pool["signs"][slot, :, row], pool["k"])  # [T, bits, H]
+        scales = pool["row"][slot, :, row]  # [T, bits]
+        d = (signs * scales[..., None]).sum(1) * has[:, None]
+        x = x + d.to(x.dtype)
+        if p.max_extra:
+            is_extra = (tok >= v) & has
+            extra = p.extra_embed[slot, (tok - v).clamp(min=0, max=p.max_extra - 1)]
+            x = torch.where(is_extra[:, None], extra, x)
+        return x
+
+    def extra_logits(self, h: torch.Tensor, logits: torch.Tensor, batch) -> torch.Tensor:
+        """Appends added-token logits (``-inf`` where a tenant has fewer, or none)."""
+        p = self.pool
+        if not p.max_extra:
+            return logits
+        ids = batch.ids.long()
+        slot = ids.clamp(min=0)
+        extra = torch.einsum("th,teh->te", h.float(), p.extra_head[slot].float())
+        valid = (torch.arange(p.max_extra, device=h.device)[None, :] < p.n_extra[slot][:, None]) & (ids >= 0)[:, None]
+        return torch.cat([logits, extra.masked_fill(~valid, float("-inf"))], dim=-1)
+
+
+class FunctionDispatch(Dispatch):
+    """``linear`` through ``fn(name, x, w, pool, batch)`` (a module's pool dict); the rest as :class:`Dispatch`."""
+
+    graph_safe = False  # such functions may group tokens on the host
+
+    def __init__(self, pool, fn, backend: str = "auto"):
+        super().__init__(pool, backend)
+        self.fn = fn
+
+    def linear(self, name, x, w, batch):
+        return self.fn(name, x, w, self.pool.pools[name], batch)
+
+
+class UnfusedDispatch(FunctionDispatch):
+    """The reference-style baseline: one base GEMM, then per tenant a binary matmul, a scale and an add."""
+
+    def __init__(self, pool, backend: str = "auto"):
+        from .unfused import unfused_linear
+
+        super().__init__(pool, unfused_linear, backend)

@@ -1,0 +1,98 @@
+"""DevicePool: the stacked per-tenant buffers of every multi-tenant module, and installing a delta into them.
+
+Contract: each compressed matrix of the base has one stacked pool with ``num_slots`` delta slots,
+``signs [slots, bits, out, ceil(in/8)]`` uint8 plus two scale tables, ``row [slots, bits, out]`` and
+``col [slots, bits, in]``. Scale modes are normalised on load: a scalar scale is broadcast into the
+row table (exact), row stays row, col goes to the col table, and a 1-bit delta in a 2-bit pool gets
+zero-scale padding planes (exact). Per-tenant 1-D parameters (norm weights, biases) live in tables
+``[slots + 1, dim]`` (row 0 = the base) gathered per token; added-vocabulary rows are padded to
+``max_extra_vocab`` per slot.
+
+Every device tensor is allocated once, here; :meth:`DevicePool.install` copies into its delta slot
+in place and :meth:`DevicePool.clear` forgets it, so captured CUDA graphs
+(:mod:`bitdelta.serving.graphs`) always read the live buffers. ``col_slots`` (host) says which delta
+slots are column-scaled on some module: their tokens take separate op calls
+(:mod:`bitdelta.serving.dispatch`).
+
+    pool = DevicePool(model, num_slots=8, bits=2, max_extra_vocab=4)
+    pool.install(delta_slot, host_delta)     # engine thread, between steps
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class HostDelta:
+    """A delta prepared for the pools: per module (signs, scales, is_col), 1-D params, extra rows."""
+
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, bool]]
+    params1d: dict[str, torch.Tensor]
+    extra_embed: torch.Tensor | None
+    extra_head: torch.Tensor | None
+
+    def nbytes(self) -> int:
+        n = sum(s.numel() + c.numel() * 4 for s, c, _ in self.modules.values())
+        return n + sum(p.numel() * p.element_size() for p in self.params1d.values())
+
+
+class DevicePool:
+    """Stacked delta buffers for one model: ``pools[module]`` (signs, row, col, col_slots, k), 1-D
+    tables, added-token rows."""
+
+    def __init__(self, model, num_slots: int, bits: int = 1, max_extra_vocab: int = 0):
+        self.model, self.num_slots, self.bits, self.max_extra = model, num_slots, bits, max_extra_vocab
+        dev, s = model.device, num_slots
+        self.pools: dict[str, dict] = {}
+        for name, (n, k) in model.delta_modules().items():
+            self.pools[name] = {
+                "signs": torch.zeros((s, bits, n, (k + 7) // 8), dtype=torch.uint8, device=dev),
+                "row": torch.zeros((s, bits, n), dtype=torch.float32, device=dev),
+                "col": torch.zeros((s, bits, k), dtype=torch.float32, device=dev),
+                "col_slots": set(),  # delta slots column-scaled on this module (host)
+                "k": k,
+            }
+        self.tables = {n: p.unsqueeze(0).repeat(s + 1, 1).contiguous() for n, p in model.params1d.items()}
+        h = model.hidden
+        self.extra_embed = torch.zeros((s, max_extra_vocab, h), dtype=model.dtype, device=dev)
+        self.extra_head = torch.zeros((s, max_extra_vocab, h), dtype=model.dtype, device=dev)
+        self.n_extra = torch.zeros(s, dtype=torch.long, device=dev)
+        self.col_slots: set[int] = set()  # delta slots whose tenant is column-scaled on some module (host)
+
+    @torch.no_grad()
+    def install(self, delta_slot: int, host: HostDelta) -> None:
+        """Copies ``host`` into ``delta_slot`` of every buffer, in place."""
+        for name, pool in self.pools.items():
+            got = host.modules.get(name)
+            if got is None:  # this tenant leaves the module unchanged: zero scales
+                pool["row"][delta_slot].zero_()
+                pool["col"][delta_slot].zero_()
+                pool["col_slots"].discard(delta_slot)
+                continue
+            signs, scales, is_col = got
+            pool["signs"][delta_slot].copy_(signs, non_blocking=True)
+            (pool["col"] if is_col else pool["row"])[delta_slot].copy_(scales, non_blocking=True)
+            (pool["row"] if is_col else pool["col"])[delta_slot].zero_()
+            (pool["col_slots"].add if is_col else pool["col_slots"].discard)(delta_slot)
+            if is_col:
+                self.col_slots.add(delta_slot)
+        for pname, table in self.tables.items():
+            table[delta_slot + 1].copy_(host.params1d.get(pname, self.model.params1d[pname]), non_blocking=True)
+        n = 0 if host.extra_embed is None else host.extra_embed.shape[0]
+        if n:
+            self.extra_embed[delta_slot, :n].copy_(host.extra_embed, non_blocking=True)
+            self.extra_head[delta_slot, :n].copy_(host.extra_head, non_blocking=True)
+        self.n_extra[delta_slot] = n
+
+    def clear(self, delta_slot: int) -> None:
+        """Forgets the host-side facts of ``delta_slot`` (its buffers are overwritten by the next install)."""
+        self.col_slots.discard(delta_slot)
+        for pool in self.pools.values():
+            pool["col_slots"].discard(delta_slot)
+
+    def nbytes_per_slot(self) -> int:
+        return sum(v[0].numel() * v.element_size() for p in self.pools.values() for v in p.values()
+                   if isinstance(v, torch.Tensor))
