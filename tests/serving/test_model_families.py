@@ -25,11 +25,13 @@ from bitdelta.serving.models import DeltaModel, UnsupportedModel
 from bitdelta.serving.slots import DeltaSlots
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import arch_pairs  # noqa: E402
 from arch_pairs import finetune_of, load_model, make_arch_model  # noqa: E402
 
 WINDOW = 5
 FAMILIES = {  # arch -> config overrides
     "qwen3": {},
+    "gemma": {},  # Gemma (1): (1 + w) norms, GELU-tanh, scaled embeddings, no sandwich
     "gemma2": {"sliding_window": WINDOW},  # alternating sliding/global layers, both soft-caps on
     "gemma3": {"sliding_window": WINDOW, "layer_types": ["sliding_attention", "full_attention"],
                "final_logit_softcapping": 20.0},
@@ -48,8 +50,24 @@ def _greedy(model, prompt, n):
     return out
 
 
+def _base(arch):
+    if arch != "gemma":
+        return make_arch_model(arch, **FAMILIES[arch])
+    import transformers
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(transformers.GemmaConfig(**arch_pairs._COMMON, head_dim=8))
+    with torch.no_grad():  # as arch_pairs does: a spread everywhere (Gemma's norms start at zero)
+        g = torch.Generator().manual_seed(100)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
 def _pair(arch, tmp):
-    base = make_arch_model(arch, **FAMILIES[arch])
+    base = _base(arch)
     d = {"base": tmp / "base"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -35,13 +35,13 @@ class Dispatch:
     def linear(self, name: str, x: torch.Tensor, w: torch.Tensor, batch) -> torch.Tensor:
         pool = self.pool.pools[name]
         cols = pool["col_slots"]
-        col = frozenset(cols.intersection(batch.seq_slots)) if cols else frozenset()
+        col = frozenset(cols.intersection(batch.seq_delta_slots)) if cols else frozenset()
         if not col and not has_long_sequences(batch):  # every decode step (graph-captured ones too)
-            return self._decode_op(x, w, pool, "row", batch.ids)
+            return self._decode_op(x, w, pool, "row", batch.delta_slots)
         # Prompts and col-scaled tenants: one call per kind of row (serving/op_calls.py), from host values.
         y = None
         for call in plan_calls(batch, col):
-            xs, ids = (x, batch.ids) if call.rows is None else (x[call.rows], batch.ids[call.rows])
+            xs, ids = (x, batch.delta_slots) if call.rows is None else (x[call.rows], batch.delta_slots[call.rows])
             if call.segments is not None:
                 out = bitdelta_linear_segmented(xs, w, None, pool["signs"], pool[call.mode], call.mode,
                                                 *call.segments, self.backend)
@@ -73,7 +73,7 @@ class Dispatch:
             return x
         p, model = self.pool, self.pool.model
         pool, v = p.pools[model.embed_name], model.vocab_size
-        ids, tok = batch.ids.long(), batch.tokens
+        ids, tok = batch.delta_slots.long(), batch.tokens
         has = ids >= 0
         slot = ids.clamp(min=0)
         row = tok.clamp(max=v - 1)
@@ -92,7 +92,7 @@ class Dispatch:
         p = self.pool
         if not p.max_extra:
             return logits
-        ids = batch.ids.long()
+        ids = batch.delta_slots.long()
         slot = ids.clamp(min=0)
         extra = torch.einsum("th,teh->te", h.float(), p.extra_head[slot].float())
         valid = (torch.arange(p.max_extra, device=h.device)[None, :] < p.n_extra[slot][:, None]) & (ids >= 0)[:, None]

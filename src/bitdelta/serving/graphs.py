@@ -172,10 +172,11 @@ class DecodeGraphs:
         ids = inp[2]
         plan = AttentionPlan(prefill=[], decode=list(range(b)), dec_rows=None, dec_slots=rows, dec_slot0=0,
                              dec_lens=inp[3], span=span, other=[], offsets=list(range(b)))
-        # seq_slots stays empty: no host-side tenant grouping may happen inside a graph (DeltaSlots
+        # seq_delta_slots stays empty: no host-side tenant grouping may happen inside a graph (DeltaSlots
         # then makes the single row-table call; steps with col-scaled tenants never get here).
-        batch = BatchMapping(tokens=inp[0], positions=inp[1], ids=ids.to(torch.int32), gather=ids + 1, kv_slots=rows,
-                             seqs=[(i, 0, 1) for i in range(b)], last=rows, any_delta=delta, seq_slots=[], attn=plan)
+        batch = BatchMapping(tokens=inp[0], positions=inp[1], delta_slots=ids.to(torch.int32), gather=ids + 1,
+                             kv_slots=rows, seqs=[(i, 0, 1) for i in range(b)], last=rows, any_delta=delta,
+                             seq_delta_slots=[], attn=plan)
         return self.model.forward_eager(batch, self.kv, self.slots)
 
     # ------------------------------------------------------------------ per step
@@ -212,9 +213,9 @@ class DecodeGraphs:
             # A fresh tensor in the engine's order: the graph's own output is overwritten next replay.
             return out.index_select(0, inp[4, :n])
 
-        return BatchMapping(tokens=inp[0], positions=inp[1], ids=inp[2], gather=inp[2], kv_slots=self.rows[:b],
+        return BatchMapping(tokens=inp[0], positions=inp[1], delta_slots=inp[2], gather=inp[2], kv_slots=self.rows[:b],
                             seqs=[(e[0], e[1], 1) for e in entries], last=inp[4, :n], any_delta=delta,
-                            seq_slots=seq_slots, replay=replay)
+                            seq_delta_slots=seq_slots, replay=replay)
 
     def stats(self) -> dict:
         return {"graphs": len(self.graphs), "capture_s": self.capture_s, "replays": self.replays,

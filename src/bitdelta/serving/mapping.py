@@ -45,20 +45,22 @@ class AttentionPlan:
 class BatchMapping:
     """One step's token layout, built once per step (like vLLM's punica mapping).
 
-    ``ids`` is the delta slot of each token (-1 = base); ``seqs`` lists, per sequence in token
+    ``delta_slots`` is the delta slot of each token (-1 = base; ``ids`` is the same tensor, under
+    its first name); ``kv_slots`` each token's KV-cache slot; ``seqs`` lists, per sequence in token
     order, ``(kv_slot, start_position, num_new_tokens)``; ``last`` indexes each sequence's last
-    token (where logits are taken); ``seq_slots`` is each sequence's delta slot on the host.
+    token (where logits are taken); ``seq_delta_slots`` (also ``seq_slots``) is each sequence's delta
+    slot on the host.
     """
 
     tokens: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
-    ids: torch.Tensor  # [T] int32, -1 = base only
-    gather: torch.Tensor  # [T] int64 = ids + 1, row index into dense tables (row 0 = base)
+    delta_slots: torch.Tensor  # [T] int32, -1 = base only
+    gather: torch.Tensor  # [T] int64 = delta_slots + 1, row index into dense tables (row 0 = base)
     kv_slots: torch.Tensor  # [T] int64
     seqs: list[tuple[int, int, int]]
     last: torch.Tensor  # [S] int64
     any_delta: bool
-    seq_slots: list[int] = field(default_factory=list)
+    seq_delta_slots: list[int] = field(default_factory=list)
     attn: AttentionPlan | None = None
     cache: dict = field(default_factory=dict)  # per-step values derived by callers (e.g. tenant row groups)
     replay: Callable[[], torch.Tensor] | None = None  # a captured graph computing this step (serving.graphs)
@@ -117,6 +119,16 @@ class BatchMapping:
                    any(s >= 0 for *_, s in entries), [s for *_, s in entries], plan)
 
     @property
+    def ids(self) -> torch.Tensor:
+        """``delta_slots`` (the first design's name)."""
+        return self.delta_slots
+
+    @property
+    def seq_slots(self) -> list[int]:
+        """``seq_delta_slots`` (the first design's name)."""
+        return self.seq_delta_slots
+
+    @property
     def one_token_each(self) -> bool:
         """Every sequence brings exactly one token (a decode step): its last tokens are all tokens."""
         return len(self.seqs) == self.tokens.shape[0]
@@ -125,10 +137,10 @@ class BatchMapping:
         """The mapping restricted to each sequence's last token (for the output head)."""
         if self.one_token_each:  # already is (no gathers)
             return self
-        ids = self.ids[self.last]
+        ids = self.delta_slots[self.last]
         return BatchMapping(self.tokens[self.last], self.positions[self.last], ids, ids.long() + 1,
                             self.kv_slots[self.last], [(k, s + n - 1, 1) for k, s, n in self.seqs],
-                            torch.arange(len(self.seqs), device=ids.device), self.any_delta, self.seq_slots)
+                            torch.arange(len(self.seqs), device=ids.device), self.any_delta, self.seq_delta_slots)
 
 
 class KVCache:

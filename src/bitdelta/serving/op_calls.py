@@ -53,7 +53,7 @@ def plan_calls(batch, col_slots: frozenset) -> list[OpCall]:
     """The op calls of one module in this step (cached per step and set of col-scaled slots).
 
     ``batch`` is a :class:`~bitdelta.serving.mapping.BatchMapping` with host ``seqs`` and
-    ``seq_slots``; rows of one sequence are consecutive, in sequence order.
+    ``seq_delta_slots``; rows of one sequence are consecutive, in sequence order.
     """
     key = ("op_calls", col_slots)
     got = batch.cache.get(key)
@@ -61,7 +61,7 @@ def plan_calls(batch, col_slots: frozenset) -> list[OpCall]:
         return got
     groups: dict[tuple[str, bool], tuple[list[int], list[tuple[int, int]]]] = {}
     at = 0
-    for (_, _, n), slot in zip(batch.seqs, batch.seq_slots):
+    for (_, _, n), slot in zip(batch.seqs, batch.seq_delta_slots):
         mode = "col" if slot in col_slots else "row"
         long = n >= SEGMENT_MIN_TOKENS
         rows, segs = groups.setdefault((mode, long), ([], []))

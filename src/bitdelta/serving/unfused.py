@@ -77,7 +77,7 @@ def tenant_groups(batch) -> list[tuple[int, slice | torch.Tensor]]:
         return got
     rows: dict[int, list[int]] = {}
     at = 0
-    for (_, _, n), slot in zip(batch.seqs, batch.seq_slots):
+    for (_, _, n), slot in zip(batch.seqs, batch.seq_delta_slots):
         if slot >= 0:
             rows.setdefault(slot, []).extend(range(at, at + n))
         at += n
