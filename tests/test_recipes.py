@@ -19,7 +19,7 @@ def test_recipe_values_and_overrides():
                                                                                             "scalar", 200)
     assert (paper["batch_size"], paper["num_samples"], paper["seq_len"]) == (4, 800, 128)
     default = recipe_settings()
-    assert (default["lr"], default["lr_mode"]) == (3e-2, "relative")
+    assert (default["lr"], default["lr_mode"], default["calibration"]) == (3e-2, "relative", "self")
     assert recipe_settings("paper", lr=5e-4, scale=None)["lr"] == 5e-4  # given values win, None leaves the recipe's
     assert recipe_settings("paper", scale=None)["scale"] == "scalar"
     assert RECIPES["paper"]["lr"] == 1e-4  # overriding never edits the recipe itself
@@ -48,7 +48,15 @@ def test_cli_recipes_and_self_calibration(tmp_path, capsys):
     own = _compress(tmp_path, "self", "--calibration", "self", "--distill-steps", "2", "--distill-lr", "1e-2")
     assert own["calibration"] == "self" and own["self_prompts"] == "built-in" and own["lr"] == 1e-2
     assert own["dataset"] == "self (built-in prompts)" and own["heldout_loss_before"] > 0
+    # the default recipe without --calibration: self-calibration, prompts from a file's first sentences
+    implicit = _compress(tmp_path, "implicit", "--distill-steps", "1", "--self-prompts", stdlib)
+    assert implicit["calibration"] == "self" and implicit["self_prompts"] == stdlib
+    assert implicit["dataset"] == f"self (prompts: first sentences of {stdlib})"
     capsys.readouterr()
+    # the paper's recipe distils on text the user gives: without --calibration it is a user error
+    assert main(["compress", "--base", str(TINY / "base"), "--finetuned", str(TINY / "gsm8k"), "--out",
+                 str(tmp_path / "p"), "--recipe", "paper"]) == 2
+    assert "--recipe paper distils on calibration text you give" in capsys.readouterr().err
     # --self-prompts without --calibration self is a user error, before any model loads
     assert main(["compress", "--base", str(TINY / "base"), "--finetuned", str(TINY / "gsm8k"), "--out",
                  str(tmp_path / "x"), "--calibration", stdlib, "--self-prompts", stdlib, "--distill-steps", "1"]) == 2

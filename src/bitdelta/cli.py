@@ -190,7 +190,7 @@ def cmd_compress(args) -> None:
         check_text_source(args.calibration, "--calibration")
     if args.self_prompts:
         check_text_source(args.self_prompts, "--self-prompts")
-        if args.calibration != "self":
+        if args.calibration not in (None, "self"):
             raise BitDeltaError("--self-prompts is for --calibration self; drop it or add --calibration self")
     if args.scale == "auto" and args.heldout_samples == 0:
         raise BitDeltaError("--scale auto chooses each module's scales on held-out samples: --heldout-samples must be at least 1")
@@ -202,9 +202,11 @@ def cmd_compress(args) -> None:
     if args.distill_steps or args.scale == "auto" or args.recipe:
         from .pipeline import compress_distilled
 
-        if not args.calibration:
-            raise BitDeltaError("scale distillation (--recipe, --distill-steps or --scale auto) needs --calibration: "
-                                "a file (.jsonl, .txt or a datasets name), or 'self' to sample it from the fine-tune")
+        from .pipeline import recipe_settings
+
+        if not args.calibration and not recipe_settings(args.recipe or "default")["calibration"]:
+            raise BitDeltaError(f"--recipe {args.recipe} distils on calibration text you give: pass --calibration FILE "
+                                "(.jsonl, .txt or a datasets name), or --calibration self")
         delta = compress_distilled(
             args.base, args.finetuned, args.calibration, scale=args.scale, bits=args.bits,
             steps=args.distill_steps or None, lr=args.distill_lr, lr_mode=args.distill_lr_mode,
@@ -420,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "then the recipe's 200)")
     d.add_argument("--calibration", default=None,
                    help="calibration text: .jsonl (text field), .txt, a datasets name, or 'self': samples the "
-                        "fine-tune generates itself (seeded; through its chat template when it has one)")
+                        "fine-tune generates itself (seeded; through its chat template when it has one). Default: "
+                        "self for the default recipe; the paper recipe needs a file")
     d.add_argument("--self-prompts", default=None,
                    help="with --calibration self: a text file whose documents' first sentences are the prompts "
                         "(default: built-in generic prompts)")

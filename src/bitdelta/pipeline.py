@@ -7,9 +7,11 @@ scales and keeps, per module, the one with the lowest held-out KL (``distill.cho
 Settings come from a named recipe (``RECIPES``); any argument given explicitly overrides it:
 
 * ``default``: relative lr 3e-2 (AdamW on a multiplier of each initial scale), MSE on logits,
-  scalar scales, 200 steps of batch 4 x 128 tokens on 800 samples. The relative lr raised recovery
-  on every real fine-tune measured (docs/benchmarks.md, "Fidelity"); the paper's absolute lr is a
-  15-30% jump per step for the scales of real deltas (3e-4 to 9e-4) and same-seed runs end far apart.
+  scalar scales, 200 steps of batch 4 x 128 tokens on 800 samples, calibration text sampled from the
+  fine-tune itself unless a file is given. The relative lr raised recovery on every real fine-tune
+  measured (docs/benchmarks.md, "Fidelity"); the paper's absolute lr is a 15-30% jump per step for
+  the scales of real deltas (3e-4 to 9e-4) and same-seed runs end far apart. Self-generated text beat
+  generic text on both bundled tiny fine-tunes (docs/distillation.md, "Settings compared").
 * ``paper``: the BitDelta paper exactly: absolute lr 1e-4, MSE, scalar scales, 200 steps of
   batch 4 x 128 tokens on 800 samples of generic calibration text (a file must be given).
 
@@ -39,7 +41,7 @@ AUTO_CANDIDATES = ("scalar", "row", "col")
 # Every distillation setting of each recipe. "calibration": None means the user's file is required.
 RECIPES: dict[str, dict] = {
     "default": {"steps": 200, "lr": 3e-2, "lr_mode": "relative", "loss": "mse", "scale": "scalar",
-                "batch_size": 4, "num_samples": 800, "seq_len": 128, "calibration": None},
+                "batch_size": 4, "num_samples": 800, "seq_len": 128, "calibration": SELF},
     "paper": {"steps": 200, "lr": 1e-4, "lr_mode": "absolute", "loss": "mse", "scale": "scalar",
               "batch_size": 4, "num_samples": 800, "seq_len": 128, "calibration": None},
 }
@@ -79,14 +81,14 @@ def compress_distilled(
 ) -> Delta:
     """Compress ``finetuned`` against ``base`` and distil the scales; see the module docstring.
 
-    ``calibration`` is a text source or ``"self"`` (None: the recipe's, and both recipes ask for a
-    file). ``self_prompts`` is the prompt source for ``"self"`` (a text file whose documents' first
+    ``calibration`` is a text source or ``"self"`` (None: the recipe's: ``self`` for ``default``;
+    ``paper`` needs a file). ``self_prompts`` is the prompt source for ``"self"`` (a text file whose documents' first
     sentences become prompts; default: bitdelta's built-in generic prompts)."""
     cfg = recipe_settings(recipe, steps=steps, lr=lr, lr_mode=lr_mode, batch_size=batch_size,
                           num_samples=num_samples, seq_len=seq_len, loss=loss, scale=scale, calibration=calibration)
     if not cfg["calibration"]:
-        raise BitDeltaError("scale distillation needs calibration text: give a file (.jsonl, .txt or a datasets "
-                            "name) or 'self' to sample it from the fine-tune")
+        raise BitDeltaError(f"the {recipe!r} recipe distils on calibration text you give: pass a file (.jsonl, .txt "
+                            "or a datasets name), or 'self' to sample it from the fine-tune")
     device = device or default_device()
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(finetuned, base)
