@@ -48,8 +48,8 @@ def test_cli_recipes_and_self_calibration(tmp_path, capsys):
     own = _compress(tmp_path, "self", "--calibration", "self", "--distill-steps", "2", "--distill-lr", "1e-2")
     assert own["calibration"] == "self" and own["self_prompts"] == "built-in" and own["lr"] == 1e-2
     assert own["dataset"] == "self (built-in prompts)" and own["heldout_loss_before"] > 0
-    # the default recipe without --calibration: self-calibration, prompts from a file's first sentences
-    implicit = _compress(tmp_path, "implicit", "--distill-steps", "1", "--self-prompts", stdlib)
+    # the default recipe named without --calibration: self-calibration, prompts from a file's first sentences
+    implicit = _compress(tmp_path, "implicit", "--recipe", "default", "--distill-steps", "1", "--self-prompts", stdlib)
     assert implicit["calibration"] == "self" and implicit["self_prompts"] == stdlib
     assert implicit["dataset"] == f"self (prompts: first sentences of {stdlib})"
     capsys.readouterr()
@@ -57,6 +57,10 @@ def test_cli_recipes_and_self_calibration(tmp_path, capsys):
     assert main(["compress", "--base", str(TINY / "base"), "--finetuned", str(TINY / "gsm8k"), "--out",
                  str(tmp_path / "p"), "--recipe", "paper"]) == 2
     assert "--recipe paper distils on calibration text you give" in capsys.readouterr().err
+    # no recipe named and no calibration: the user is asked which text to use
+    assert main(["compress", "--base", str(TINY / "base"), "--finetuned", str(TINY / "gsm8k"), "--out",
+                 str(tmp_path / "p"), "--distill-steps", "3"]) == 2
+    assert "--calibration self (or --recipe default)" in capsys.readouterr().err
     # --self-prompts without --calibration self is a user error, before any model loads
     assert main(["compress", "--base", str(TINY / "base"), "--finetuned", str(TINY / "gsm8k"), "--out",
                  str(tmp_path / "x"), "--calibration", stdlib, "--self-prompts", stdlib, "--distill-steps", "1"]) == 2

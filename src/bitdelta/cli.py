@@ -204,9 +204,13 @@ def cmd_compress(args) -> None:
 
         from .pipeline import recipe_settings
 
-        if not args.calibration and not recipe_settings(args.recipe or "default")["calibration"]:
-            raise BitDeltaError(f"--recipe {args.recipe} distils on calibration text you give: pass --calibration FILE "
-                                "(.jsonl, .txt or a datasets name), or --calibration self")
+        # A named recipe brings its calibration (the default recipe: self); without one, say which text to use.
+        if not args.calibration and not (args.recipe and recipe_settings(args.recipe)["calibration"]):
+            if args.recipe:
+                raise BitDeltaError(f"--recipe {args.recipe} distils on calibration text you give: pass --calibration "
+                                    "FILE (.jsonl, .txt or a datasets name), or --calibration self")
+            raise BitDeltaError("scale distillation needs --calibration FILE (.jsonl, .txt or a datasets name), or "
+                                "--calibration self (or --recipe default) to sample the text from the fine-tune")
         delta = compress_distilled(
             args.base, args.finetuned, args.calibration, scale=args.scale, bits=args.bits,
             steps=args.distill_steps or None, lr=args.distill_lr, lr_mode=args.distill_lr_mode,
@@ -422,8 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "then the recipe's 200)")
     d.add_argument("--calibration", default=None,
                    help="calibration text: .jsonl (text field), .txt, a datasets name, or 'self': samples the "
-                        "fine-tune generates itself (seeded; through its chat template when it has one). Default: "
-                        "self for the default recipe; the paper recipe needs a file")
+                        "fine-tune generates itself (seeded; through its chat template when it has one). With "
+                        "--recipe default and no --calibration: self; --recipe paper needs a file")
     d.add_argument("--self-prompts", default=None,
                    help="with --calibration self: a text file whose documents' first sentences are the prompts "
                         "(default: built-in generic prompts)")
