@@ -295,3 +295,14 @@ def test_distill_and_eval_through_the_cli_on_a_quantized_base(tmp_path, capsys):
         assert main(["eval", "ppl", "--model", str(TINY / "base"), "--delta", str(d), "--device", "cpu",
                      "--data", str(TINY / "heldout" / "shakespeare.txt"), "--window", "64"]) == 2
     assert "quantize-base" in _one_error_line(capsys)
+
+
+def test_inspect_names_the_quantized_base(pair, tmp_path, capsys):
+    from bitdelta.report import describe_artifact, format_report
+
+    compress(pair["int8"], pair["ft"], progress=False).save_pretrained(tmp_path / "q")
+    compress(pair["base"], pair["ft"], progress=False).save_pretrained(tmp_path / "plain")
+    text = format_report(describe_artifact(tmp_path / "q"))
+    line = next(ln for ln in text.splitlines() if ln.startswith("base quantized"))
+    assert "scheme=int8" in line and "quantized_tensors=14" in line
+    assert "base quantized" not in format_report(describe_artifact(tmp_path / "plain"))

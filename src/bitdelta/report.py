@@ -81,12 +81,21 @@ def _mb(n) -> str:
     return "?" if n is None else f"{n / 1e6:,.3f} MB"
 
 
+def _format_base_quantization(q) -> list[str]:
+    """One line naming the quantized base a delta was made against (nothing for a plain base)."""
+    if not isinstance(q, dict) or not q:
+        return []
+    what = ", ".join(f"{k}={v}" for k, v in sorted(q.items()) if not isinstance(v, (dict, list)))
+    return [f"base quantized    {what} (apply it to that quantized base only)"]
+
+
 def format_report(info: dict) -> str:
     lines = [
         f"artifact          {info['path']}",
         f"format            {info['format']}",
         f"base              {info['base']}" + (f" @ {info['base_revision']}" if info["base_revision"] else ""),
         f"base fingerprint  {(info['base_fingerprint'] or '?')[:16]}",
+        *_format_base_quantization((info.get("compression") or {}).get("base_quantization")),
         f"fine-tune         {info['finetuned']}",
         f"model type        {info['model_type']}",
         f"compressed        {info['compressed_modules']} modules",
