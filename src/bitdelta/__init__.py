@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 from .apply import apply, merge, unapply, verify_base  # noqa: E402
 from .compress import compress  # noqa: E402
 from .delta import Delta, PackedModule  # noqa: E402
-from .errors import BitDeltaError, FormatError, ShapeMismatchError, WrongBaseError  # noqa: E402
+from .errors import BitDeltaError, FormatError, InvalidDeltaError, ShapeMismatchError, WrongBaseError  # noqa: E402
 from .pack import pack_signs, unpack_signs  # noqa: E402
 from .reference_import import import_reference  # noqa: E402
 
@@ -19,6 +19,7 @@ __all__ = [
     "BitDeltaError",
     "Delta",
     "FormatError",
+    "InvalidDeltaError",
     "PackedModule",
     "ShapeMismatchError",
     "WrongBaseError",
