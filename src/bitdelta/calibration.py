@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import BitDeltaError
+from .hf_cache import cache_argument, cache_of
 
 
 @dataclass
@@ -205,23 +206,6 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
 
-def _cache_argument(model) -> str:
-    """The forward keyword that takes the KV cache: ``cache`` in recent transformers, else
-    ``past_key_values``."""
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _cache_of(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
 @torch.no_grad()
 def generate_samples(model, tokenizer, prompts: list[str], seq_len: int, seed: int, batch_size: int = 32,
                      temperature: float = 1.0, chat: bool | None = None, progress: bool = False) -> TokenBatches:
@@ -246,7 +230,7 @@ def generate_samples(model, tokenizer, prompts: list[str], seq_len: int, seed: i
     was_training = model.training
     model.eval()
     keep = max(1, seq_len // 2)
-    cache_arg = _cache_argument(model)
+    cache_arg = cache_argument(model)
     encoded = [_prompt_ids(tokenizer, p, chat)[:keep] for p in prompts]
     ids_out, masks_out = [], []
     gen = torch.Generator(device="cpu")
@@ -266,7 +250,7 @@ def generate_samples(model, tokenizer, prompts: list[str], seq_len: int, seed: i
             ids, mask = ids.to(dev), mask.to(dev)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-            past = _cache_of(out)
+            past = cache_of(out)
             logits = out.logits[:, -1]
             next_pos = pos[:, -1:] + 1
             for _ in range(seq_len - min(len(r) for r in rows)):
@@ -283,7 +267,7 @@ def generate_samples(model, tokenizer, prompts: list[str], seq_len: int, seed: i
                 mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long, device=dev)], dim=1)
                 out = model(input_ids=nxt.view(-1, 1).to(dev), attention_mask=mask, position_ids=next_pos,
                             use_cache=True, **{cache_arg: past})
-                past, logits, next_pos = _cache_of(out), out.logits[:, -1], next_pos + 1
+                past, logits, next_pos = cache_of(out), out.logits[:, -1], next_pos + 1
             for r in rows:
                 ids_out.append(r + [pad] * (seq_len - len(r)))
                 masks_out.append([1] * len(r) + [0] * (seq_len - len(r)))

@@ -17,7 +17,6 @@ generated answers against references (``gsm8k_answer`` extracts GSM8K's final nu
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._common import encode, model_device, resolve_add_bos
+from ..hf_cache import cache_argument, cache_of
 
 
 @dataclass
@@ -45,19 +45,6 @@ class AgreementResult:
         return dataclasses.asdict(self)
 
 
-def _cache_argument(model) -> str:
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _cache_of(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
 @torch.no_grad()
 def _greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos: int | None, pad: int) -> list[list[int]]:
     """Greedy continuations (new tokens only, stopping after EOS) of a batch of token-id prompts.
@@ -72,7 +59,7 @@ def _greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos: int
         mask[i, width - len(p):] = 1
     ids, mask = ids.to(dev), mask.to(dev)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache_arg = _cache_argument(model)
+    cache_arg = cache_argument(model)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
     gens: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
@@ -87,7 +74,7 @@ def _greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos: int
             break
         mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=torch.long, device=dev)], dim=1)
         out = model(input_ids=nxt.view(-1, 1), attention_mask=mask, position_ids=next_pos, use_cache=True,
-                    **{cache_arg: _cache_of(out)})
+                    **{cache_arg: cache_of(out)})
         next_pos = next_pos + 1
     return gens
 
