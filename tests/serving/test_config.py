@@ -30,3 +30,27 @@ def test_ray_settings_carry_every_engine_setting(tmp_path):
     # and through the dict a replica is built from (values may arrive as strings from `serve run`)
     back = RaySettings.from_dict({**s.to_dict(), "cuda_graphs": "true", "max_batch": "5"})
     assert back.cuda_graphs is True and back.max_batch == 5 and back.engine_restart is False
+
+
+def test_base_dtype_defaults_to_the_checkpoints_on_cuda_and_float32_on_cpu(tiny_models, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bitdelta.hf import load_model
+    from bitdelta.serving.runtime import build_runtime
+
+    cfg = EngineConfig()
+    assert cfg.load_dtype("cpu") == "float32"
+    assert cfg.load_dtype("cuda") is None and cfg.load_dtype("cuda:1") is None  # None: as the checkpoint stores it
+    assert EngineConfig(dtype="float16").load_dtype("cuda") == "float16"
+    # a bf16 checkpoint: "as stored" really is bf16, and the CPU default still serves it in float32
+    from transformers import AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(tiny_models["base"], dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    AutoTokenizer.from_pretrained(tiny_models["base"]).save_pretrained(tmp_path / "bf16")
+    assert next(load_model(tmp_path / "bf16", dtype=None, device="cpu").parameters()).dtype == torch.bfloat16
+    rt = build_runtime(tmp_path / "bf16", {}, device="cpu", kv_cache_mb=16, start=False)
+    try:
+        assert rt.model.dtype == torch.float32
+    finally:
+        rt.shutdown()

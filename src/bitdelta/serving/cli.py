@@ -175,7 +175,8 @@ def cmd_serve(args) -> None:
     g = rt.engine.graphs
     graphs = f", {len(g.graphs)} CUDA graphs captured in {g.capture_s:.1f}s" if g is not None else ""
     print(f"serving {rt.base_name!r} + {len(rt.models()) - 1} deltas ({', '.join(rt.models()[1:]) or 'none'}) "
-          f"on http://{args.host}:{args.port}  (KV slots {rt.engine.max_batch} x {rt.engine.max_len} tokens{graphs})",
+          f"on http://{args.host}:{args.port}  ({str(rt.model.dtype).replace('torch.', '')} on {rt.model.device}, "
+          f"KV slots {rt.engine.max_batch} x {rt.engine.max_len} tokens{graphs})",
           flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -39,7 +39,8 @@ class EngineConfig:
     max_model_len: int | None = _setting(None, "context length (default: the model's)", lambda c: c.int_range(1))
     kv_cache_mb: float | None = _setting(None, "KV cache budget in MiB (default: free GPU memory, or 1024 on CPU)",
                                          lambda c: c.float_range(0, strict_lo=True))
-    dtype: str = _setting("float32", "dtype of the base weights (float32, bfloat16, float16)", lambda c: c.dtype_name)
+    dtype: str | None = _setting(None, "dtype of the base weights (float32, bfloat16, float16; default: the "
+                                       "checkpoint's own on CUDA, float32 on CPU)", lambda c: c.dtype_name)
     device: str | None = _setting(None, "cuda or cpu (default: cuda if available)", lambda c: c.device_name)
     cuda_graphs: bool = _setting(True, "on CUDA, decode steps replay CUDA graphs captured at start (default: on; "
                                        "--no-cuda-graphs decodes eagerly)", optional_bool=True)
@@ -66,6 +67,15 @@ class EngineConfig:
     def from_args(cls, args) -> "EngineConfig":
         """The settings of parsed arguments (those :meth:`add_arguments` made)."""
         return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+
+    def load_dtype(self, device: str) -> str | None:
+        """The dtype to load the base in on ``device``: the one asked for; otherwise, on CUDA, the
+        checkpoint's own (None: as stored, e.g. bfloat16 for most releases: float32 would double the
+        memory and halve the speed of every step), and on CPU float32 (half-precision matrix
+        products are slow or missing on many CPUs)."""
+        if self.dtype:
+            return self.dtype
+        return None if str(device).startswith("cuda") else "float32"
 
     def engine_settings(self) -> "EngineConfig":
         """Just the engine's settings (a subclass's other fields dropped)."""

@@ -97,8 +97,8 @@ def build_runtime(base, deltas: dict[str, str] | None = None, *, base_name: str 
 
     check_limits(max_batch, max_queue)  # before the minutes a large base takes to load
     deltas = dict(deltas or {})
-    hf = load_model(base, dtype=cfg.dtype or "float32",
-                    device=cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    hf = load_model(base, dtype=cfg.load_dtype(device), device=device)
     model = DeltaModel.from_hf(hf)
     del hf
     loaded = {name: load_delta(path) for name, path in deltas.items()}  # fail fast on a bad startup delta
