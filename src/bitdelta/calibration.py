@@ -118,18 +118,23 @@ def tokenize_samples(texts: list[str], tokenizer, num_samples: int, seq_len: int
     return TokenBatches(torch.tensor(ids, dtype=torch.long), torch.tensor(masks, dtype=torch.long))
 
 
+def _split_heldout(items: list, heldout: int, seed: int) -> tuple[list, list]:
+    """(held-out, train): a seeded shuffle of ``items`` split into disjoint parts, at most half held out
+    (at least one item when ``heldout`` > 0, none when it is 0)."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_held = min(max(1, heldout), len(items) // 2) if heldout else 0
+    return [items[i] for i in order[:n_held]], [items[i] for i in order[n_held:]]
+
+
 def load_calibration(source: str, tokenizer, num_samples: int = 800, seq_len: int = 128, heldout: int = 64,
                      seed: int = 0) -> Calibration:
     """Train and held-out samples from disjoint documents of ``source``."""
     texts = read_texts(source)
     if len(texts) < 2:
         raise BitDeltaError(f"{source} has {len(texts)} documents; calibration needs at least 2")
-    rng = random.Random(seed)
-    order = list(range(len(texts)))
-    rng.shuffle(order)
-    n_held = min(max(1, heldout), len(texts) // 2) if heldout else 0
-    held_texts = [texts[i] for i in order[:n_held]]
-    train_texts = [texts[i] for i in order[n_held:]]
+    held_texts, train_texts = _split_heldout(texts, heldout, seed)
+    n_held = len(held_texts)
     train = tokenize_samples(train_texts, tokenizer, num_samples, seq_len, seed)
     held = tokenize_samples(held_texts, tokenizer, heldout, seq_len, seed + 1) if n_held else TokenBatches(
         torch.zeros(0, seq_len, dtype=torch.long), torch.zeros(0, seq_len, dtype=torch.long))
@@ -297,12 +302,7 @@ def self_calibration(model, tokenizer, prompts: str | list[str] | None = None, n
         source, texts = "self (given prompts)", [p for p in prompts if p and p.strip()]
     if len(texts) < (2 if heldout else 1):
         raise BitDeltaError(f"self-calibration needs at least 2 distinct prompts, got {len(texts)} from {source}")
-    rng = random.Random(seed)
-    order = list(range(len(texts)))
-    rng.shuffle(order)
-    n_held_prompts = min(max(1, heldout), len(texts) // 2) if heldout else 0
-    held_prompts = [texts[i] for i in order[:n_held_prompts]]
-    train_prompts = [texts[i] for i in order[n_held_prompts:]]
+    held_prompts, train_prompts = _split_heldout(texts, heldout, seed)
 
     def cycle(pool, n):
         return [pool[i % len(pool)] for i in range(n)]
