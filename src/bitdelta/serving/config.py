@@ -18,6 +18,14 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
+def _base_quant_name(text: str) -> str:
+    """``--base-quant`` value: int8, fp8, or none (a dense base, even from a quantized directory)."""
+    value = text.strip().lower()
+    if value not in ("none", "int8", "fp8"):
+        raise argparse.ArgumentTypeError(f"--base-quant must be none, int8 or fp8 (got {text!r})")
+    return value
+
+
 def _setting(default, help: str, flag_type=None, optional_bool: bool = False):
     """A field with what its flag needs: ``flag_type(bitdelta.cli) -> argparse type`` (resolved when the
     flags are made, so that importing this module stays light), ``optional_bool``: ``--x/--no-x``."""
@@ -42,6 +50,10 @@ class EngineConfig:
     dtype: str | None = _setting(None, "dtype of the base weights (float32, bfloat16, float16; default: the "
                                        "checkpoint's own on CUDA, float32 on CPU)", lambda c: c.dtype_name)
     device: str | None = _setting(None, "cuda or cpu (default: cuda if available)", lambda c: c.device_name)
+    base_quant: str | None = _setting(None, "serve the base quantized: int8 or fp8 (per-channel, as `compress "
+                                            "--base-quant`; FP8 GEMMs on Hopper/Ada, INT8 weight-only elsewhere); "
+                                            "none: dense weights. Default: as the base directory stores them",
+                                      lambda c: _base_quant_name)
     cuda_graphs: bool = _setting(True, "on CUDA, decode steps replay CUDA graphs captured at start (default: on; "
                                        "--no-cuda-graphs decodes eagerly)", optional_bool=True)
     engine_restart: bool = _setting(True, "restart the engine automatically if it stops (fresh KV state; in-flight "
