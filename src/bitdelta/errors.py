@@ -28,3 +28,7 @@ class ShapeMismatchError(BitDeltaError):
 
 class InvalidDeltaError(FormatError):
     """A delta's values are non-finite or absurd for its base (see :mod:`bitdelta.validate`)."""
+
+
+class ConfigError(BitDeltaError):
+    """A setting (a config field, a settings file, a recipe name) is unknown or out of range."""

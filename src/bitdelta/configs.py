@@ -1,0 +1,291 @@
+"""Settings of a compression, declared once: :class:`CompressConfig` (what ``compress`` does to each
+matrix) and :class:`DistillConfig` (how distillation trains the scales), and settings files.
+
+The CLI builds these from its flags, a settings file and a named recipe (``recipes.py``); the library
+(``compress``, ``distill_scales``, ``compress_distilled``) takes them. Both are frozen: a variant is
+``dataclasses.replace(config, bits=2)``. Every field is checked when the object is made, so a wrong
+value fails before any model is read, naming the field.
+
+A settings file (YAML ``.yaml``/``.yml`` or TOML ``.toml``) has the recipe's name and a section per
+dataclass; a key that is not a field is an error naming the valid keys::
+
+    recipe: default          # the named recipe the sections start from (recipes.py)
+    compress: {scale: row, bits: 2}
+    distill: {steps: 100, calibration: self}
+
+    cfg = CompressConfig(scale="row", bits=2)
+    settings = read_settings_file("recipe.yaml")       # {"recipe": ..., "compress": {...}, "distill": {...}}
+    cfg = fill(cfg, settings["compress"], "compress")  # the file's values over cfg's
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+from .scale_modes import MATRIX_MODES, ScaleMode
+
+LR_MODES = ("absolute", "relative")
+LOSSES = ("mse", "kl")
+BASE_QUANT_SCHEMES = ("int8", "fp8")
+SELF_CALIBRATION = "self"
+MAX_BITS = 8
+
+
+def _int(name: str, value, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bounds = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+        raise ConfigError(f"{name} must be an integer {bounds}, got {value!r}")
+    return value
+
+
+def _float(name: str, value, positive: bool = True) -> float:
+    # YAML reads 3e-2 (no dot) as a string: accept any spelling float() accepts
+    try:
+        number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+    except ValueError:
+        number = None
+    if number is None or not math.isfinite(number) or (positive and number <= 0):
+        raise ConfigError(f"{name} must be a {'positive ' if positive else ''}number, got {value!r}")
+    return number
+
+
+def _bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return str(value)
+
+
+def _optional_str(name: str, value) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _patterns(name: str, value) -> tuple[str, ...] | None:
+    """Module-name patterns: a list, or one comma-separated string (as the CLI flags take them)."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
+        raise ConfigError(f"{name} must be a list of module-name patterns, got {value!r}")
+    return tuple(p for p in items if p) or None
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """What compression does to each matrix.
+
+    Attributes:
+        scale: ``scalar`` (one scale per matrix, the paper), ``row``, ``col``, or ``auto`` (distillation
+            picks one per matrix; needs a :class:`DistillConfig`). Vocabulary matrices always use row.
+        bits: residual sign planes per matrix (1 to 8).
+        target, exclude: module-name patterns (globs or regexes) of what is compressed / kept dense.
+        dense_embeddings: keep embeddings and the output head dense (the reference implementation's way).
+        dtype: dtype of the dense extras (default: the fine-tune's own).
+        base_quant: ``int8``/``fp8``: compress against the base quantized per output channel.
+    """
+
+    scale: ScaleMode = ScaleMode.SCALAR
+    bits: int = 1
+    target: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    dense_embeddings: bool = False
+    dtype: str | None = None
+    base_quant: str | None = None
+
+    def __post_init__(self):
+        try:
+            scale = ScaleMode(self.scale)
+        except ValueError:
+            raise ConfigError(f"scale must be one of {[m.value for m in ScaleMode]}, got {self.scale!r}") from None
+        _set(self, "scale", scale)
+        _int("bits", self.bits, 1, MAX_BITS)
+        _set(self, "target", _patterns("target", self.target))
+        _set(self, "exclude", _patterns("exclude", self.exclude))
+        _bool("dense_embeddings", self.dense_embeddings)
+        _optional_str("dtype", self.dtype)
+        if self.base_quant is not None:
+            _choice("base_quant", self.base_quant, BASE_QUANT_SCHEMES)
+
+    @property
+    def needs_distillation(self) -> bool:
+        """``auto`` picks each matrix's mode by distilling every candidate mode."""
+        return self.scale is ScaleMode.AUTO
+
+    def matrix_modes(self) -> tuple[ScaleMode, ...]:
+        """The modes compression runs: the one asked for, or every candidate for ``auto``."""
+        return MATRIX_MODES if self.needs_distillation else (self.scale,)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How scale distillation trains a delta's scales, and on what text.
+
+    Field defaults are the BitDelta paper's numbers (what ``distill_scales`` has always defaulted to);
+    the recommended settings are the ``default`` recipe (``recipes.get_recipe("default").distill``).
+
+    Attributes:
+        steps, lr, batch_size: AdamW steps, learning rate and samples per step.
+        lr_mode: ``absolute`` (AdamW on the scales, the paper) or ``relative`` (on a multiplier of each
+            initial scale: each step is about ``lr`` times the scale).
+        loss: ``mse`` on logits (the paper) or ``kl``.
+        num_samples, seq_len, heldout: calibration samples for training, tokens per sample, held-out
+            samples (the guard below and ``auto``'s choice).
+        calibration: ``self`` (text the fine-tune samples itself), a ``.jsonl``/``.txt`` file or a
+            datasets name; None: the caller must give one.
+        self_prompts: with ``self``: a text file whose documents' first sentences are the prompts.
+        seed: seeds sampling, the held-out split and the batch order.
+        keep_better: keep the initial scales when training made the held-out loss worse.
+        train_dense: also train the dense embeddings, output head and norms (the reference code's recipe).
+    """
+
+    steps: int = 200
+    lr: float = 1e-4
+    lr_mode: str = "absolute"
+    loss: str = "mse"
+    batch_size: int = 4
+    num_samples: int = 800
+    seq_len: int = 128
+    heldout: int = 32
+    calibration: str | None = None
+    self_prompts: str | None = None
+    seed: int = 0
+    keep_better: bool = True
+    train_dense: bool = False
+
+    def __post_init__(self):
+        _int("steps", self.steps, 1)
+        _set(self, "lr", _float("lr", self.lr))
+        if self.lr_mode not in LR_MODES:  # worded as distill_scales has always worded it
+            raise ConfigError(f"unknown lr mode {self.lr_mode!r}; expected one of {', '.join(LR_MODES)}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be 'mse' or 'kl', got {self.loss!r}")
+        _int("batch_size", self.batch_size, 1)
+        _int("num_samples", self.num_samples, 1)
+        _int("seq_len", self.seq_len, 1)
+        _int("heldout", self.heldout, 0)
+        _optional_str("calibration", self.calibration)
+        _optional_str("self_prompts", self.self_prompts)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        _bool("keep_better", self.keep_better)
+        _bool("train_dense", self.train_dense)
+
+    @property
+    def self_calibrated(self) -> bool:
+        return self.calibration == SELF_CALIBRATION
+
+
+def _set(obj, name: str, value) -> None:
+    object.__setattr__(obj, name, value)  # normalising a frozen dataclass's own field in __post_init__
+
+
+# ---------------------------------------------------------------------------------- plain values
+
+
+def field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def to_plain(config) -> dict:
+    """A config's fields as plain YAML/JSON/TOML values (enums as strings, tuples as lists)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, ScaleMode):
+            value = value.value
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def changed_fields(config, reference) -> dict:
+    """The fields of ``config`` whose values differ from ``reference``'s, as plain values."""
+    mine, theirs = to_plain(config), to_plain(reference)
+    return {k: v for k, v in mine.items() if theirs[k] != v}
+
+
+def check_keys(cls, mapping, where: str) -> None:
+    """``ConfigError`` naming every key of ``mapping`` that is not a field of ``cls``, and the valid keys."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{where} must be a mapping of settings, got {type(mapping).__name__}")
+    unknown = sorted(str(k) for k in mapping if k not in field_names(cls))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                          f"valid keys: {', '.join(field_names(cls))}")
+
+
+def fill(config, mapping: dict | None, where: str):
+    """``config`` with the values of ``mapping`` put over it (keys checked, values validated)."""
+    if not mapping:
+        return config
+    check_keys(type(config), mapping, where)
+    return dataclasses.replace(config, **mapping)
+
+
+def build(cls, mapping: dict | None, where: str):
+    """A ``cls`` from the keys of ``mapping`` (defaults for the rest)."""
+    check_keys(cls, mapping or {}, where)
+    return cls(**(mapping or {}))
+
+
+# ---------------------------------------------------------------------------------- settings files
+
+SETTINGS_SUFFIXES = (".yaml", ".yml", ".toml")
+
+
+def read_settings_file(path) -> dict:
+    """The mapping a YAML (``.yaml``/``.yml``) or TOML (``.toml``) settings file holds."""
+    path = Path(path)
+    if path.suffix.lower() not in SETTINGS_SUFFIXES:
+        raise ConfigError(f"--config {path}: name a .yaml, .yml or .toml file")
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except ImportError as e:
+        raise ConfigError(f"--config {path}: cannot read it here ({e}); use a .yaml file") from None
+    except Exception as e:  # the parsers' own error types: say where the file is malformed
+        raise ConfigError(f"--config {path} is not valid {path.suffix.lstrip('.').upper()}: "
+                          f"{' '.join(str(e).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must hold a mapping of settings, not a {type(data).__name__}")
+    return data
+
+
+def check_sections(data: dict, sections: tuple[str, ...], where: str) -> None:
+    """``ConfigError`` for a top-level key of a settings file that is not one of ``sections``."""
+    unknown = sorted(str(k) for k in data if k not in sections)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                          f"valid keys: {', '.join(sections)}")
+
+
+def settings_yaml(data: dict) -> str:
+    """``data`` as the YAML block a settings file holds (keys in the order given)."""
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
