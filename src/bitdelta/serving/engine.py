@@ -130,14 +130,18 @@ class Engine:
     def __init__(self, model: DeltaModel, slots, max_batch: int = 64, max_queue: int = 256,
                  max_len: int | None = None, kv_cache_mb: float | None = None, gpu_memory_fraction: float = 0.9,
                  max_prefill_tokens: int = 4096, metrics=None, cuda_graphs: bool | None = None,
-                 auto_restart: bool = True, restart_delay_s: float = 1.0, max_restarts_per_minute: int = 5):
+                 auto_restart: bool = True, restart_delay_s: float = 1.0, max_restarts_per_minute: int = 5,
+                 wrap_forward=None):
         """``cuda_graphs``: None (default) captures decode graphs when the model is on CUDA and falls
         back to eager decoding, with a warning, if that is not possible; True requires them (raises
         otherwise); False never captures. ``auto_restart``: after a failure that stops the loop, wait
         ``restart_delay_s`` and serve again with a fresh KV state, at most ``max_restarts_per_minute``
-        times in any 60 s (then the engine stays down until the process restarts)."""
+        times in any 60 s (then the engine stays down until the process restarts).
+        ``wrap_forward(run, batch) -> logits``, for measurements: called in place of each step's
+        forward, with ``run()`` doing that forward (benchmarks time and profile steps through it)."""
         check_limits(max_batch, max_queue, max_prefill_tokens)
         self.model, self.slots, self.metrics = model, slots, metrics
+        self.wrap_forward = wrap_forward
         self.max_len = min(max_len or model.max_len, model.max_len)
         self.max_queue, self.max_prefill_tokens = max_queue, max_prefill_tokens
         per_seq = KVCache.bytes_per_sequence(model.num_layers, self.max_len, model.kv_heads, model.head_dim, model.dtype)
@@ -462,7 +466,10 @@ class Engine:
             batch = self.graphs.prepare(entries) if self.graphs is not None else None  # None: not graphable
             if batch is None:
                 batch = BatchMapping.build(entries, self.model.device)
-            logits = self.model.forward(batch, self.kv, self.slots)
+            if self.wrap_forward is None:
+                logits = self.model.forward(batch, self.kv, self.slots)
+            else:
+                logits = self.wrap_forward(lambda: self.model.forward(batch, self.kv, self.slots), batch)
         except Exception as e:  # noqa: BLE001 (find the request that caused it; the rest go on)
             logits, batch_reqs, failed = self._isolate(batch_reqs, entries, e)
         results = self._sample(logits, batch_reqs) if batch_reqs else []

@@ -1,5 +1,5 @@
-"""benchmarks/serve.py end to end on the CPU (tiny shapes, the real engine, artifacts on disk), and
-its report: the table has a row per N with every mode, goals are stated, a run cut before its first
+"""``python -m benchmarks.serve`` end to end on the CPU (tiny shapes, the real engine, artifacts on
+disk), and its report: the table has a row per N with every mode, goals are stated, a run cut before its first
 decode step is marked rather than given a throughput, and runs combine."""
 
 from __future__ import annotations
@@ -11,15 +11,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("serve-smoke")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out
 
@@ -40,7 +39,7 @@ def test_smoke_run_measures_every_mode(smoke):
 
 
 def test_report_marks_runs_cut_before_decoding_and_merges(smoke, tmp_path):
-    from serve_report import markdown, merge_results
+    from benchmarks.serve.report import markdown, merge_results
 
     result = json.loads((smoke / "serve.json").read_text())
     cut = next(r for r in result["runs"] if r["mode"] == "unfused" and r["n"] == 2)
@@ -60,7 +59,7 @@ def test_report_marks_runs_cut_before_decoding_and_merges(smoke, tmp_path):
 
 
 def test_merge_drops_skips_another_run_measured(smoke, tmp_path):
-    from serve_report import merge_results
+    from benchmarks.serve.report import merge_results
 
     first = json.loads((smoke / "serve.json").read_text())
     first["skipped"] = ["bitdelta N=2: time budget", "base N=64: time budget"]

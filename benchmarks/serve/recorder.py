@@ -1,0 +1,89 @@
+"""Per-step records of an engine run, taken through the engine's ``wrap_forward`` hook: tokens,
+sequences, decode or not, distinct tenants, cache rows read and host time of every forward; on a
+GPU, one chosen decode step is run under the torch profiler, its kernels grouped by part.
+
+    rec = StepRecorder(dev, profile_decode_step=1)
+    engine = Engine(model, slots, ..., wrap_forward=rec)
+    engine.step(); rec.records[-1]     # {"tokens", "seqs", "decode", "tenants", "ctx", "host_s"}
+"""
+
+from __future__ import annotations
+
+import time
+
+
+class StepRecorder:
+    def __init__(self, dev, profile_decode_step: int | None = None):
+        self.dev = dev
+        self.profile_decode_step = profile_decode_step  # the n-th decode step (0 = first) to profile
+        self.records: list[dict] = []
+        self.profile: dict | None = None
+
+    def __call__(self, forward, batch):
+        decode = all(n == 1 for _, _, n in batch.seqs)
+        rec = {"tokens": sum(n for _, _, n in batch.seqs), "seqs": len(batch.seqs), "decode": decode,
+               "tenants": len({s for s in batch.seq_delta_slots if s >= 0}),
+               "ctx": sum(start for _, start, n in batch.seqs if n == 1)}  # cache rows read besides the new token
+        n_dec = sum(r["decode"] for r in self.records)
+        out = None
+        if decode and n_dec == self.profile_decode_step and self.dev.on_gpu:
+            try:
+                out = self._profiled(forward, batch)
+            except Exception as e:  # noqa: BLE001 (the profile is optional; the step is re-run plainly)
+                self.profile = {"error": f"{type(e).__name__}: {e}"}
+        if out is None:
+            t = time.perf_counter()
+            out = forward()
+            rec["host_s"] = time.perf_counter() - t
+        self.records.append(rec)
+        return out
+
+    def _profiled(self, forward, batch):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.dev.sync()
+        t = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            out = forward()
+            host = time.perf_counter() - t
+            self.dev.sync()
+        wall = time.perf_counter() - t
+        kernels = gpu_kernels(prof)
+        top = sorted(kernels.items(), key=lambda kv_: -kv_[1][0])[:8]
+        self.profile = {"gpu_busy_ms": sum(v[0] for v in kernels.values()) / 1e3,
+                        "kernels": sum(v[1] for v in kernels.values()), "host_enqueue_ms_profiled": host * 1e3,
+                        "wall_ms_profiled": wall * 1e3, "by_group_ms": by_group_ms(kernels),
+                        "top_kernels": [{"name": n[:120], "ms": v[0] / 1e3, "count": v[1]} for n, v in top],
+                        "batch_tokens": sum(n for _, _, n in batch.seqs)}
+        return out
+
+
+def gpu_kernels(prof) -> dict[str, list]:
+    """Kernel name -> [GPU µs, launches] of a finished profile."""
+    kernels = {}
+    for e in prof.key_averages():
+        if str(getattr(e, "device_type", "")).endswith("CUDA") and not getattr(e, "is_user_annotation", False):
+            us = e.self_device_time_total
+            if us > 0:
+                k = kernels.setdefault(e.key, [0.0, 0])
+                k[0] += us
+                k[1] += e.count
+    return kernels
+
+
+def kernel_group(name: str) -> str:
+    low = name.lower()
+    if "bitdelta" in low or low.startswith("bd_"):  # bd_*: the popc kernels
+        return "bitdelta ops"
+    if any(s in low for s in ("flash", "fmha", "attention", "efficient")):
+        return "attention"
+    if any(s in low for s in ("gemm", "gemv", "cutlass", "sm90", "nvjet", "cublas")):
+        return "cuBLAS GEMM/GEMV"
+    return "other (norms, rope, gathers, elementwise)"
+
+
+def by_group_ms(kernels: dict[str, list]) -> dict[str, float]:
+    groups: dict[str, float] = {}
+    for name, (us, _) in kernels.items():
+        groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + us / 1e3
+    return groups
