@@ -12,6 +12,12 @@ shapes as the base's), so a corrupt delta changes nothing.
   Matrices that are not a module's own weight (each expert's slice of fused mixture-of-experts
   parameters, MoE routers) get a :class:`DeltaParametrization`: the parameter reads as
   ``W_base + Δ̂``, so every routed token meets its expert's fine-tuned matrix.
+- Aliasing: when the delta's tensors are already on the model's device, ``apply`` installs the
+  delta's own :class:`PackedModule` objects (no copies): a scale written to an applied module
+  (``applied_holders(model)[name].packed.scale = ...``) is the delta's scale. ``distill_scales``
+  trains scales this way and returns the delta it applied; ``choose_modes`` swaps modules with
+  :func:`set_applied_packed`. On another device ``apply`` works on moved copies and the caller's
+  delta is never changed.
 - ``merge(model, delta)`` writes ``W_base + Δ̂`` into the weights (Δ̂ computed in float32, cast to
   the weight dtype, then added, as the reference implementation does) and returns the model,
   ready for ``save_pretrained``. A delta of a model against itself merges to the base exactly.
@@ -84,14 +90,14 @@ def verify_base(model: nn.Module, delta: Delta) -> None:
     if experts_missing:
         made_with = (delta.info.get("compression") or {}).get("transformers_version") or "?"
         raise WrongBaseError(
-            f"delta {delta.info.get('artifact_path') or delta.finetuned_model_name_or_path!r} holds expert "
+            f"delta {delta.artifact_path or delta.finetuned_model_name_or_path!r} holds expert "
             f"matrices such as {experts_missing[0]!r} (fused experts, as transformers {made_with} builds the "
             f"model), but model {_model_name(model)!r} has no such parameter. Load the base "
             f"{delta.base_model_name_or_path!r} with a transformers version that fuses experts (5.x).")
     try:
         delta.fingerprint.verify(
             live,
-            delta_name=delta.info.get("artifact_path") or delta.finetuned_model_name_or_path,
+            delta_name=delta.artifact_path or delta.finetuned_model_name_or_path,
             base_name=delta.base_model_name_or_path,
             model_name=_model_name(model),
         )
@@ -151,7 +157,9 @@ def _set_vocab_size(model: nn.Module, delta: Delta) -> None:
 def apply(model: nn.Module, delta: Delta, check_base: bool = True) -> nn.Module:
     """Makes ``model`` compute the fine-tune on the fly (in place; returns ``model``).
 
-    The base's weight tensors are never written; ``unapply(model)`` undoes everything.
+    The base's weight tensors are never written; ``unapply(model)`` undoes everything. A delta on the
+    model's device is applied as it is, its PackedModule objects shared with the model (see the module
+    docstring, "Aliasing"); one elsewhere is applied as a moved copy.
     """
     if hasattr(model, _RESTORE_ATTR):
         raise BitDeltaError("a delta is already applied to this model; call bitdelta.unapply(model) first")
@@ -159,9 +167,8 @@ def apply(model: nn.Module, delta: Delta, check_base: bool = True) -> nn.Module:
         verify_base(model, delta)
     check_values(model, delta)
     device = next(model.parameters()).device
-    if any(m.sign.device != device for m in delta.modules.values()):
-        delta = Delta(dict(delta.modules), dict(delta.dense), delta.fingerprint, delta.info, delta.files)
-        delta.modules = {k: _moved(m, device) for k, m in delta.modules.items()}
+    # PackedModule.to returns the module itself when it is already on ``device``: the aliasing contract
+    delta = delta.copy(modules={k: m.to(device) for k, m in delta.modules.items()}, info=delta.info)
     restore = {"modules": {}, "params": [], "buffers": [], "config_vocab": _current_vocab(model)}
     # Dense parameters first, so the wrappers below pick up the fine-tune values too.
     for pname, value in delta.dense.items():
@@ -251,11 +258,6 @@ def _current_vocab(model: nn.Module):
     if cfg is None:
         return None
     return getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "vocab_size", None)
-
-
-def _moved(m: PackedModule, device) -> PackedModule:
-    extra = None if m.extra_rows is None else m.extra_rows.to(device)
-    return PackedModule(m.kind, m.mode, m.sign.to(device), m.scale.to(device), m.in_features, m.vocab, extra)
 
 
 @torch.no_grad()

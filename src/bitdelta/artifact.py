@@ -44,22 +44,21 @@ from typing import Callable
 
 import torch
 
-from . import __version__
+from ._version import __version__
+from .artifact_info import FORMAT_NAME, FORMAT_VERSION, LAYOUT_KEYS, DeltaInfo, migrate
 from .atomic import atomic_directory
-from .binarize import SCALE_MODES
 from .delta import Delta, PackedModule
 from .errors import FormatError
 from .fingerprint import SAMPLES_PER_MODULE, Fingerprint
 from .model_card import model_card
 from .pack import packed_width
 from .safetensors_io import SafetensorsCheckpoint, confined, plain_name, write_sharded
+from .scale_modes import MATRIX_MODES, scale_shape
 from .sources import resolve_model_dir
 from .targets import CONV1D, EMBEDDING, LINEAR
 
 logger = logging.getLogger(__name__)
 
-FORMAT_NAME = "bitdelta"
-FORMAT_VERSION = 1
 CONFIG_NAME = "delta_config.json"
 WEIGHTS_STEM = "delta"
 FINGERPRINT_KEY = "__bitdelta__.base_fingerprint_samples"
@@ -67,12 +66,7 @@ PACKING = {"dtype": "uint8", "axis": "in_features", "bit_order": "little", "one_
            "zero_means": "-1", "sign_of_zero": "-1"}
 _MODULE_KEYS = {"kind", "scale", "bits", "shape", "extra_rows", "vocab"}
 _REQUIRED = ("format", "format_version", "modules", "base_fingerprint")
-_KNOWN = set(_REQUIRED) | {
-    "bitdelta_version", "base_model_name_or_path", "base_model_revision", "finetuned_model_name_or_path",
-    "finetuned_model_revision", "finetuned_num_parameters", "model_type", "architectures", "vocab_size",
-    "tied_parameters", "compression", "distillation", "packing", "dense_parameters", "files",
-    "imported_from", "fidelity",
-}
+_KNOWN = set(LAYOUT_KEYS) | set(DeltaInfo.schema_keys())
 MAX_BITS = 8  # compress accepts 1..8 sign planes
 # Largest dimension a config may declare (2**31 rows of a matrix is beyond any model); keeps shape
 # arithmetic small before anything is compared with the file.
@@ -152,7 +146,7 @@ def delta_to_config(delta: Delta) -> dict:
             entry["extra_rows"] = int(m.extra_rows.shape[0])
         modules[name] = entry
     fp = delta.fingerprint
-    cfg = {k: v for k, v in delta.info.items() if k in _KNOWN}
+    cfg = delta.info.to_dict()
     cfg.update({
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -259,8 +253,9 @@ def _check_module_entry(cfg_path, name, entry) -> None:
         _fail(cfg_path, field, f"must be an object, got {type(entry).__name__}")
     if entry.get("kind") not in (LINEAR, CONV1D, EMBEDDING):
         _fail(cfg_path, f"{field}.kind", f"must be one of {[LINEAR, CONV1D, EMBEDDING]}, got {str(entry.get('kind'))[:80]!r}")
-    if entry.get("scale") not in SCALE_MODES:
-        _fail(cfg_path, f"{field}.scale", f"must be one of {list(SCALE_MODES)}, got {str(entry.get('scale'))[:80]!r}")
+    if entry.get("scale") not in MATRIX_MODES:
+        _fail(cfg_path, f"{field}.scale", f"must be one of {[m.value for m in MATRIX_MODES]}, "
+                                          f"got {str(entry.get('scale'))[:80]!r}")
     if not _int_in(entry.get("bits"), 1, MAX_BITS):
         _fail(cfg_path, f"{field}.bits", f"must be an integer from 1 to {MAX_BITS}, got {str(entry.get('bits'))[:80]!r}")
     shape = entry.get("shape")
@@ -340,11 +335,7 @@ def read_config(path: Path, root=None) -> dict:
     version = cfg["format_version"]
     if type(version) is not int or version < 1:
         raise FormatError(f"{cfg_path} has an invalid format_version {str(version)[:80]!r}")
-    if version > FORMAT_VERSION:
-        raise FormatError(
-            f"{path} uses artifact format_version {version}, newer than this bitdelta "
-            f"{__version__} understands (up to {FORMAT_VERSION}); upgrade: pip install -U bitdelta"
-        )
+    cfg = migrate(cfg, where=str(path))  # an older format_version brought to this one; a newer one refused
     unknown = sorted(str(k)[:80] for k in set(cfg) - _KNOWN)
     if unknown:
         warnings.warn(f"{cfg_path}: ignoring unknown keys {unknown} (written by a newer bitdelta?)", stacklevel=3)
@@ -397,7 +388,7 @@ def load_delta(path, device="cpu", revision: str | None = None, *, root=None,
         mode, bits, (out_f, in_f) = entry["scale"], entry["bits"], entry["shape"]
         extra = entry.get("extra_rows", 0) or 0
         header(f"{name}.sign", (torch.uint8,), (bits, out_f, packed_width(in_f)), "sign planes")
-        header(f"{name}.scale", FLOAT_DTYPES, {"scalar": (bits,), "row": (bits, out_f), "col": (bits, in_f)}[mode], "scales")
+        header(f"{name}.scale", FLOAT_DTYPES, scale_shape(mode, out_f, in_f, bits), "scales")
         if extra:
             header(f"{name}.extra_rows", FLOAT_DTYPES, (extra, in_f), "added-token rows")
         layouts[name] = ModuleLayout(entry["kind"], mode, bits, out_f, in_f, extra, bool(entry.get("vocab", False)))
@@ -442,7 +433,7 @@ def load_delta(path, device="cpu", revision: str | None = None, *, root=None,
             raise FormatError(f"{local}: listed file {fname!r} is {real.stat().st_size:,} bytes, more than a "
                               f"tokenizer or config file can be ({MAX_LISTED_FILE_BYTES:,}); remove it from 'files'")
         files[fname] = real.read_bytes()
-    info = {k: v for k, v in cfg.items() if k not in ("modules", "base_fingerprint", "packing", "dense_parameters", "files")}
-    info["artifact_path"] = str(local)
+    info = DeltaInfo.from_dict(cfg, unknown="drop")  # read_config already warned about and dropped unknown keys
+    info.artifact_path = str(local)
     delta = Delta(modules, dense, fp, info, files)
     return delta.to(device) if str(device) != "cpu" else delta

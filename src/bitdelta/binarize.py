@@ -4,9 +4,11 @@ For ``delta`` (out × in), plane p of ``bits`` is ``R_p ≈ scale_p ⊙ sign(R_p
 ``R_0 = delta`` and ``R_{p+1} = R_p − scale_p ⊙ sign(R_p)``. sign(x) is +1 where x > 0 and −1
 where x ≤ 0. Scales start at the mean absolute value of what they multiply:
 
-- ``scalar``: one value per plane, ``mean |R_p|``               -> scale ``[bits]``
-- ``row``: one per output row i, ``mean_j |R_p[i, j]|``         -> scale ``[bits, out]``
-- ``col``: one per input column j, ``mean_i |R_p[i, j]|``       -> scale ``[bits, in]``
+- ``scalar``: one value per plane, ``mean |R_p|``
+- ``row``: one per output row i, ``mean_j |R_p[i, j]|``
+- ``col``: one per input column j, ``mean_i |R_p[i, j]|``
+
+(the scale tensor's shape for each mode: :func:`bitdelta.scale_modes.scale_shape`).
 
     sign, scale = binarize(w_ft.float() - w_base.float(), mode="row", bits=2)
     approx = reconstruct(sign, scale, w_base.shape[1], "row")   # float32 out × in
@@ -17,41 +19,41 @@ from __future__ import annotations
 import torch
 
 from .pack import pack_signs, unpack_signs
+from .scale_modes import MATRIX_MODES, ScaleMode, matrix_mode
 
-SCALE_MODES = ("scalar", "row", "col")
-
-
-def check_mode(mode: str) -> str:
-    if mode not in SCALE_MODES:
-        raise ValueError(f"scale mode must be one of {SCALE_MODES}, got {mode!r}")
-    return mode
+SCALE_MODES = tuple(m.value for m in MATRIX_MODES)  # the modes a matrix can have, as strings
 
 
-def _initial_scale(magnitude: torch.Tensor, mode: str) -> torch.Tensor:
-    if mode == "scalar":
+def check_mode(mode) -> ScaleMode:
+    """``mode`` as a :class:`ScaleMode` a matrix can have; ``ValueError`` otherwise."""
+    return matrix_mode(mode)
+
+
+def _initial_scale(magnitude: torch.Tensor, mode: ScaleMode) -> torch.Tensor:
+    if mode is ScaleMode.SCALAR:
         return magnitude.mean()
-    if mode == "row":
+    if mode is ScaleMode.ROW:
         return magnitude.mean(dim=1)
     return magnitude.mean(dim=0)
 
 
-def expand_scale(scale: torch.Tensor, mode: str) -> torch.Tensor:
+def expand_scale(scale: torch.Tensor, mode) -> torch.Tensor:
     """Shapes one plane's scale to broadcast against an out × in matrix."""
-    if mode == "row":
+    if mode == ScaleMode.ROW:
         return scale[:, None]
-    if mode == "col":
+    if mode == ScaleMode.COL:
         return scale[None, :]
     return scale
 
 
-def binarize(delta: torch.Tensor, mode: str, bits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def binarize(delta: torch.Tensor, mode: str | ScaleMode, bits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Compresses a float matrix ``delta`` [out, in] into ``bits`` sign planes and scales.
 
     Returns:
         sign: uint8 ``[bits, out, ceil(in/8)]`` (pack.py layout); scale: float32 ``[bits]``,
         ``[bits, out]`` or ``[bits, in]`` for scalar, row and col.
     """
-    check_mode(mode)
+    mode = check_mode(mode)
     if bits < 1:
         raise ValueError(f"bits must be at least 1, got {bits}")
     if delta.dim() != 2:

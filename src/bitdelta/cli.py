@@ -171,70 +171,70 @@ def check_input_dir(path, option: str) -> None:
         raise BitDeltaError(f"{option} {path}: no such directory")
 
 
-def _patterns(values):
-    if not values:
-        return None
-    out = []
-    for v in values:
-        out += [p for p in v.split(",") if p]
-    return out
-
-
 def cmd_compress(args) -> None:
+    from .cli_settings import compress_settings
     from .compress import compress
-    from .errors import BitDeltaError
 
     replace = check_output_dir(args.out, args.overwrite, artifact=True)
     check_device(args.device)
-    if args.calibration and args.calibration != "self":
-        check_text_source(args.calibration, "--calibration")
-    if args.self_prompts:
-        check_text_source(args.self_prompts, "--self-prompts")
-        if args.calibration not in (None, "self"):
-            raise BitDeltaError("--self-prompts is for --calibration self; drop it or add --calibration self")
-    if args.scale == "auto" and args.heldout_samples == 0:
-        raise BitDeltaError("--scale auto chooses each module's scales on held-out samples: --heldout-samples must be at least 1")
-    options = dict(target=_patterns(args.target), exclude=_patterns(args.exclude), dense_embeddings=args.dense_embeddings,
-                   dtype=args.dtype, base_revision=args.base_revision, finetuned_revision=args.finetuned_revision)
-    if args.base_quant:
-        options["base_quant"] = args.base_quant
-    # A named recipe is a distillation recipe: naming one distils (its 200 steps unless --distill-steps says otherwise).
-    if args.distill_steps or args.scale == "auto" or args.recipe:
+    if args.config:
+        check_input_file(args.config, "--config")
+    settings = compress_settings(args, _given(args))
+    ccfg, dcfg = settings.compress, settings.distill
+    if dcfg is not None and not dcfg.self_calibrated:
+        check_text_source(dcfg.calibration, "--calibration")
+    if dcfg is not None and dcfg.self_prompts:
+        check_text_source(dcfg.self_prompts, "--self-prompts")
+    revisions = dict(base_revision=args.base_revision, finetuned_revision=args.finetuned_revision)
+    if dcfg is not None:
         from .pipeline import compress_distilled
 
-        from .pipeline import recipe_settings
-
-        # A named recipe brings its calibration (the default recipe: self); without one, say which text to use.
-        if not args.calibration and not (args.recipe and recipe_settings(args.recipe)["calibration"]):
-            if args.recipe:
-                raise BitDeltaError(f"--recipe {args.recipe} distils on calibration text you give: pass --calibration "
-                                    "FILE (.jsonl, .txt or a datasets name), or --calibration self")
-            raise BitDeltaError("scale distillation needs --calibration FILE (.jsonl, .txt or a datasets name), or "
-                                "--calibration self (or --recipe default) to sample the text from the fine-tune")
         delta = compress_distilled(
-            args.base, args.finetuned, args.calibration, scale=args.scale, bits=args.bits,
-            steps=args.distill_steps or None, lr=args.distill_lr, lr_mode=args.distill_lr_mode,
-            batch_size=args.distill_batch_size,
-            num_samples=args.num_samples, seq_len=args.seq_len, heldout=args.heldout_samples, loss=args.distill_loss,
-            seed=args.seed, device=args.device, teacher_cache=args.teacher_cache, progress=not args.quiet,
-            model_dtype=args.model_dtype, recipe=args.recipe or "default", self_prompts=args.self_prompts, **options,
+            args.base, args.finetuned, compress_config=ccfg, distill_config=dcfg, recipe=settings.recipe,
+            device=args.device, teacher_cache=args.teacher_cache, progress=not args.quiet,
+            model_dtype=args.model_dtype, **revisions,
         )
     else:
-        delta = compress(args.base, args.finetuned, scale=args.scale or "scalar", bits=args.bits,
-                         progress=not args.quiet, **options)
+        delta = compress(args.base, args.finetuned, ccfg, progress=not args.quiet, **revisions)
     delta.save_pretrained(args.out, max_shard_size=args.max_shard_size, overwrite=replace)
     _print_inspect(args.out)
 
 
-def _print_inspect(path, as_json: bool = False) -> None:
+def _given(args) -> frozenset[str]:
+    """The options the command line set explicitly (``main`` records them); for arguments parsed
+    elsewhere, every option whose value differs from its default."""
+    given = getattr(args, "given_options", None)
+    if given is not None:
+        return given
+    defaults = vars(build_parser().parse_args([args.command, *_required_placeholders(args.command)]))
+    return frozenset(k for k, v in vars(args).items() if k not in defaults or defaults[k] != v)
+
+
+def _required_placeholders(command: str) -> list[str]:
+    return ["--base", "b", "--finetuned", "f", "--out", "o"] if command == "compress" else []
+
+
+def _print_inspect(path, as_json: bool = False, settings_only: bool = False) -> None:
+    from .artifact import read_config
+    from .cli_settings import recorded_settings
+    from .configs import settings_yaml
     from .report import describe_artifact, format_report
 
+    settings = settings_yaml(recorded_settings(read_config(Path(path))))
+    if settings_only:
+        print(settings, end="")
+        return
     info = describe_artifact(path)
-    print(json.dumps(info, indent=2) if as_json else format_report(info))
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    print(format_report(info))
+    print("\nsettings (bitdelta compress --config FILE repeats them; inspect --settings prints only these):")
+    print("  " + settings.rstrip("\n").replace("\n", "\n  "))
 
 
 def cmd_inspect(args) -> None:
-    _print_inspect(args.path, args.json)
+    _print_inspect(args.path, args.json, args.settings)
 
 
 def cmd_merge(args) -> None:
@@ -383,7 +383,9 @@ def _add_eval_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
+    from .recipes import RECIPES
+    from .scale_modes import ScaleMode
 
     p = argparse.ArgumentParser(prog="bitdelta", description="1-bit fine-tune deltas: compress, inspect, merge, serve.")
     p.add_argument("--version", action="version", version=f"bitdelta {__version__}")
@@ -395,7 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--finetuned", required=True, help="fine-tuned model: local directory or hub id")
     c.add_argument("--out", required=True, help="artifact directory to write (must not exist unless --overwrite)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
-    c.add_argument("--scale", default=None, choices=["scalar", "row", "col", "auto"],
+    c.add_argument("--config", default=None, metavar="FILE",
+                   help="settings file (.yaml/.yml/.toml) with 'recipe', 'compress' and 'distill' keys, the form "
+                        "`bitdelta inspect --settings` prints; flags given explicitly override it")
+    c.add_argument("--scale", default=None, choices=[m.value for m in ScaleMode],
                    help="scale granularity of linear layers (embeddings always use per-row scales); default scalar. "
                         "auto distils scalar, row and col scales and keeps per module the mode with the lowest "
                         "KL to the fine-tune on held-out calibration samples")
@@ -419,8 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
         "be the paper's absolute lr; the relative lr raised 1-bit recovery on every real fine-tune measured "
         "(SmolLM2-135M: GSM8K 98.4 -> 99.3%, Alpaca 99.3 -> 100.1%, Shakespeare 93.2 -> 98.7%; "
         "docs/distillation.md). Flags given explicitly override the recipe; the recipe is recorded in the artifact.")
-    d.add_argument("--recipe", choices=["default", "paper"], default=None,
-                   help="named distillation settings (naming one turns distillation on); default: 'default'")
+    d.add_argument("--recipe", choices=list(RECIPES), default=None,
+                   help="named settings (naming one turns distillation on; default: 'default'): "
+                        + "; ".join(f"{r.name}: {r.description}" for r in RECIPES.values()))
     d.add_argument("--distill-steps", type=int_range(0), default=0,
                    help="train the scales for this many steps (0 = no distillation unless --recipe/--scale auto; "
                         "then the recipe's 200)")
@@ -450,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show an artifact's config, modes, sizes and compression factor")
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--settings", action="store_true",
+                   help="print only the settings the delta records, as a file for `bitdelta compress --config`")
     i.set_defaults(func=cmd_inspect)
 
     m = sub.add_parser("merge", help="write base + delta as a normal Hugging Face model directory")
@@ -553,7 +561,11 @@ def report_error(e: BaseException, verbose: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .configs import explicit_options
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.given_options = explicit_options(parser, sys.argv[1:] if argv is None else argv)  # flags beat --config
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -18,7 +18,8 @@ Before any work, base and fine-tune must store the same tensors with the same sh
 (``coverage.check_structure``); after it, every stored tensor the fine-tune changed must be
 compressed, dense, or excluded by the user (``coverage.audit``), or compression stops naming them.
 
-    delta = compress("base_dir", "finetune_dir", scale="row", bits=1, exclude=["lm_head"])
+    delta = compress("base_dir", "finetune_dir", CompressConfig(scale="row", exclude=("lm_head",)))
+    delta = compress("base_dir", "finetune_dir", scale="row", exclude=["lm_head"])   # the same
     delta.save_pretrained("ft.bitdelta")
 """
 
@@ -28,25 +29,19 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .binarize import SCALE_MODES, binarize
+from ._version import __version__
+from .binarize import binarize
+from .configs import CompressConfig, fill
 from .coverage import audit, check_structure
 from .delta import Delta, PackedModule
 from .errors import BitDeltaError, ShapeMismatchError
 from .fingerprint import Fingerprint, sample_weight
 from .naming import NAMING
+from .scale_modes import ScaleMode
 from .sources import WeightSource
 from .targets import CONV1D, plan_targets, vocab_parameter_names
 
 ModelLike = "str | os.PathLike | nn.Module"
-
-
-def _as_list(patterns) -> list[str] | None:
-    if patterns is None:
-        return None
-    if isinstance(patterns, str):
-        return [p for p in patterns.split(",") if p]
-    return list(patterns)
 
 
 def parse_dtype(dtype) -> torch.dtype | None:
@@ -64,43 +59,46 @@ def parse_dtype(dtype) -> torch.dtype | None:
 def compress(
     base: ModelLike,
     finetuned: ModelLike,
-    scale: str = "scalar",
-    bits: int = 1,
-    target: list[str] | str | None = None,
-    exclude: list[str] | str | None = None,
-    dense_embeddings: bool = False,
-    dtype: str | torch.dtype | None = None,
+    config: CompressConfig | None = None,
+    *,
     base_revision: str | None = None,
     finetuned_revision: str | None = None,
     progress: bool = True,
-    base_quant: str | None = None,
+    **settings,
 ) -> Delta:
     """Compresses ``finetuned`` against ``base`` into a 1-bit (or ``bits``-bit) delta.
 
     Args:
         base, finetuned: local model directories, hub ids, or loaded ``nn.Module`` models.
-        scale: ``scalar`` (one per matrix, the paper), ``row`` or ``col``; vocabulary matrices
-            always use per-row scales. ``auto`` needs calibration data: see ``distill_scales``.
-        bits: residual sign planes per matrix.
-        target, exclude: module-name patterns (globs or regexes) selecting what is compressed;
-            by default every linear-like matrix and embedding.
-        dense_embeddings: keep embeddings/output head dense, as the reference implementation did.
-        dtype: dtype of the dense extras (default: the fine-tune's own).
+        config: the settings (:class:`~bitdelta.configs.CompressConfig`; default: its defaults, scalar
+            scales and one bit). ``scale="auto"`` needs distillation: see ``pipeline.compress_distilled``.
+        base_revision, finetuned_revision: hub revisions of the two models.
         progress: show a progress bar.
-        base_quant: ``"int8"`` or ``"fp8"``: compress against the base quantized per output channel
-            (round to nearest), the base ``bitdelta quantize-base`` writes. A base that is already
-            quantized is read as it is (its scheme must then match, if given).
+        settings: fields of :class:`~bitdelta.configs.CompressConfig` as keywords (``scale="row",
+            bits=2``), put over ``config``:
+
+            - ``scale``: ``scalar`` (one per matrix, the paper), ``row`` or ``col``; vocabulary
+              matrices always use per-row scales.
+            - ``bits``: residual sign planes per matrix.
+            - ``target``, ``exclude``: module-name patterns (globs or regexes) selecting what is
+              compressed; by default every linear-like matrix and embedding.
+            - ``dense_embeddings``: keep embeddings/output head dense, as the reference implementation did.
+            - ``dtype``: dtype of the dense extras (default: the fine-tune's own).
+            - ``base_quant``: ``"int8"`` or ``"fp8"``: compress against the base quantized per output
+              channel (round to nearest), the base ``bitdelta quantize-base`` writes. A base that is
+              already quantized is read as it is (its scheme must then match, if given).
     """
-    if scale == "auto":
+    cfg = fill(config or CompressConfig(), settings, "compress")
+    if cfg.needs_distillation:
         raise BitDeltaError(
-            "scale='auto' picks row or col per module by the loss on held-out calibration data, "
-            "so it needs distillation: use `bitdelta compress --scale auto --distill-steps N "
-            "--calibration FILE` (or bitdelta.distill_scales)."
+            "scale='auto' picks scalar, row or col per module by the KL on held-out calibration data, "
+            "so it needs distillation: use `bitdelta compress --recipe auto` (or "
+            "bitdelta.pipeline.compress_distilled)."
         )
-    if scale not in SCALE_MODES:
-        raise BitDeltaError(f"--scale must be one of {SCALE_MODES + ('auto',)}, got {scale!r}")
-    if not isinstance(bits, int) or bits < 1 or bits > 8:
-        raise BitDeltaError(f"bits must be an integer from 1 to 8, got {bits!r}")
+    scale, bits, dtype, base_quant = cfg.scale, cfg.bits, cfg.dtype, cfg.base_quant
+    target = None if cfg.target is None else list(cfg.target)
+    exclude = None if cfg.exclude is None else list(cfg.exclude)
+    dense_embeddings = cfg.dense_embeddings
     dense_dtype = parse_dtype(dtype)
 
     base_src = WeightSource.load(base, base_revision)
@@ -108,7 +106,7 @@ def compress(
         _quantize_base(base_src, base_quant)
     ft_src = WeightSource.load(finetuned, finetuned_revision)
     _check_compatible(base_src, ft_src)
-    plan = plan_targets(ft_src.module_tree, _as_list(target), _as_list(exclude), dense_embeddings)
+    plan = plan_targets(ft_src.module_tree, target, exclude, dense_embeddings)
     base_ties = plan_targets(base_src.module_tree).ties
     if set(plan.ties) != set(base_ties):
         raise BitDeltaError(
@@ -126,7 +124,7 @@ def compress(
         w_ft = _canonical(ft_src.get(t.param), t)
         w_base = _canonical(base_src.get(t.param), t)
         base_rows = _check_shapes(t, w_base, w_ft)
-        mode = "row" if t.vocab else scale
+        mode = ScaleMode.ROW if t.vocab else scale
         sign, scl = binarize(w_ft[:base_rows].float() - w_base.float(), mode, bits)
         extra = None
         if w_ft.shape[0] > base_rows:
@@ -136,7 +134,7 @@ def compress(
         del w_ft, w_base
     dense = _dense_extras(plan.other_params, base_src, ft_src, dense_dtype, progress)
     ft_params = _count_parameters(ft_src, plan)
-    coverage = audit(base_src, ft_src, {t.param for t in plan.targets}, set(dense), plan.ties, _as_list(exclude))
+    coverage = audit(base_src, ft_src, {t.param for t in plan.targets}, set(dense), plan.ties, exclude)
 
     info = {
         "bitdelta_version": __version__,
@@ -150,10 +148,10 @@ def compress(
         "vocab_size": _vocab_size(ft_src.config),
         "tied_parameters": dict(plan.ties),
         "compression": {
-            "scale": scale,
+            "scale": scale.value,
             "bits": bits,
-            "target": _as_list(target),
-            "exclude": _as_list(exclude),
+            "target": target,
+            "exclude": exclude,
             "dense_embeddings": dense_embeddings,
             "dense_dtype": str(dense_dtype).replace("torch.", "") if dense_dtype else None,
             # tensors are keyed by the model's own parameter names; fused experts as "<param>[<e>]"

@@ -78,7 +78,7 @@ def _patterns(name: str, value) -> tuple[str, ...] | None:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
         raise ConfigError(f"{name} must be a list of module-name patterns, got {value!r}")
-    return tuple(p for p in items if p) or None
+    return tuple(p for p in items if p)
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,8 @@ class CompressConfig:
         _set(self, "target", _patterns("target", self.target))
         _set(self, "exclude", _patterns("exclude", self.exclude))
         _bool("dense_embeddings", self.dense_embeddings)
+        if self.dtype is not None and not isinstance(self.dtype, str) and str(self.dtype).startswith("torch."):
+            _set(self, "dtype", str(self.dtype).removeprefix("torch."))  # a torch.dtype, kept by name
         _optional_str("dtype", self.dtype)
         if self.base_quant is not None:
             _choice("base_quant", self.base_quant, BASE_QUANT_SCHEMES)
@@ -289,3 +291,63 @@ def settings_yaml(data: dict) -> str:
     import yaml
 
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+# ---------------------------------------------------------------------------------- flags over files
+
+
+def explicit_options(parser, argv) -> frozenset[str]:
+    """The destinations that ``argv`` sets explicitly on ``parser``'s command line, as opposed to
+    defaults: ``argv`` is parsed again with every default (subcommands' too) suppressed."""
+    import argparse
+
+    saved_defaults, saved_parsers, seen = [], [], set()
+
+    def suppress(p) -> None:
+        if id(p) in seen:
+            return
+        seen.add(id(p))
+        saved_parsers.append((p, dict(p._defaults)))
+        p._defaults.clear()
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    suppress(sub)
+            elif id(action) not in seen:
+                seen.add(id(action))
+                saved_defaults.append((action, action.default))
+                action.default = argparse.SUPPRESS
+
+    suppress(parser)
+    try:
+        namespace = parser.parse_args(argv)
+    finally:
+        for action, default in saved_defaults:
+            action.default = default
+        for p, defaults in saved_parsers:
+            p._defaults.update(defaults)
+    return frozenset(vars(namespace))
+
+
+def settings_into_args(args, settings: dict, readers: dict, given, where: str) -> None:
+    """Puts each setting of a file into the parsed ``args`` unless its flag was given explicitly.
+
+    ``readers`` maps every valid key (an ``args`` attribute) to a function checking a file value
+    (raising ``ValueError``/``argparse.ArgumentTypeError`` with the reason), or to None to take it as
+    it is; a key it lacks is an error naming the valid keys."""
+    import argparse
+
+    unknown = sorted(str(k) for k in settings if k not in readers)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                          f"valid keys: {', '.join(readers)}")
+    for key, value in settings.items():
+        if key in given:
+            continue
+        reader = readers[key]
+        if reader is not None and value is not None:
+            try:
+                value = reader(value)
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+                raise ConfigError(f"{where}: {key}: {e}") from None
+        setattr(args, key, value)

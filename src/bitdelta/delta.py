@@ -2,7 +2,12 @@
 
 A :class:`Delta` is what :func:`bitdelta.compress` returns and what ``apply``/``merge`` consume.
 It knows nothing about any particular model class; it is keyed by the base model's own module
-and parameter names. Saving and loading live in ``artifact.py``.
+and parameter names. Saving and loading live in ``artifact.py``; the metadata written beside the
+tensors is a :class:`~bitdelta.artifact_info.DeltaInfo`.
+
+Copies: ``delta.copy()`` and ``packed.copy(scale=...)`` (both ``dataclasses.replace``) share tensors
+unless a field is given anew; nothing here copies fields by hand, so a field added to the dataclass is
+carried by every copy.
 
     delta = bitdelta.compress(base, finetuned)
     delta.modules["model.layers.0.self_attn.q_proj"].dense()   # float32 Δ̂, out × in
@@ -11,13 +16,16 @@ and parameter names. Saving and loading live in ``artifact.py``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
+from .artifact_info import DeltaInfo
 from .binarize import check_mode, reconstruct
 from .fingerprint import Fingerprint
 from .pack import packed_width
+from .scale_modes import ScaleMode, scale_shape
 from .targets import CONV1D, EMBEDDING, LINEAR
 
 
@@ -31,7 +39,7 @@ class PackedModule:
     """
 
     kind: str
-    mode: str
+    mode: ScaleMode  # scalar, row or col (a str: compares equal to "row" etc.)
     sign: torch.Tensor
     scale: torch.Tensor
     in_features: int
@@ -39,7 +47,7 @@ class PackedModule:
     extra_rows: torch.Tensor | None = None
 
     def __post_init__(self):
-        check_mode(self.mode)
+        self.mode = check_mode(self.mode)
         if self.kind not in (LINEAR, CONV1D, EMBEDDING):
             raise ValueError(f"unknown module kind {self.kind!r}")
 
@@ -62,7 +70,7 @@ class PackedModule:
         from .errors import FormatError
 
         bits, out = self.sign.shape[0], self.sign.shape[1]
-        want_scale = {"scalar": (bits,), "row": (bits, out), "col": (bits, self.in_features)}[self.mode]
+        want_scale = scale_shape(self.mode, int(out), self.in_features, int(bits))
         problems = []
         if self.sign.dtype != torch.uint8 or self.sign.dim() != 3:
             problems.append(f"sign must be uint8 [bits, out, in/8], got {self.sign.dtype} {tuple(self.sign.shape)}")
@@ -81,6 +89,19 @@ class PackedModule:
         """Float32 Δ̂ for the base's rows, out × in."""
         return reconstruct(self.sign, self.scale, self.in_features, self.mode)
 
+    def copy(self, **changes) -> "PackedModule":
+        """A copy with ``changes`` (e.g. ``scale=...``); tensors not given are shared, not cloned."""
+        return dataclasses.replace(self, **changes)
+
+    def to(self, device: str | torch.device) -> "PackedModule":
+        """A copy with every tensor on ``device`` (self when they already are: no copy)."""
+        device = torch.device(device)
+        tensors = [self.sign, self.scale] + ([] if self.extra_rows is None else [self.extra_rows])
+        if all(t.device == device for t in tensors):
+            return self
+        extra = None if self.extra_rows is None else self.extra_rows.to(device)
+        return self.copy(sign=self.sign.to(device), scale=self.scale.to(device), extra_rows=extra)
+
     def nbytes(self) -> int:
         n = self.sign.numel() + self.scale.numel() * self.scale.element_size()
         if self.extra_rows is not None:
@@ -96,15 +117,36 @@ class Delta:
         modules: module FQN -> :class:`PackedModule`.
         dense: parameter FQN -> the fine-tune's full value (norms, biases, modules kept dense).
         fingerprint: samples of the base weights, checked before applying.
-        info: metadata recorded in ``delta_config.json`` (model ids, options, distillation...).
+        info: metadata recorded in ``delta_config.json`` (model ids, options, distillation...), a
+            :class:`DeltaInfo` (a plain dict given here is read into one; it still reads like a dict).
         files: tokenizer and generation-config files of the fine-tune, by file name.
     """
 
     modules: dict[str, PackedModule]
     dense: dict[str, torch.Tensor]
     fingerprint: Fingerprint
-    info: dict = field(default_factory=dict)
+    info: DeltaInfo = field(default_factory=DeltaInfo)
     files: dict[str, bytes] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.info, DeltaInfo):
+            self.info = DeltaInfo.from_dict(dict(self.info or {}))
+
+    def copy(self, **changes) -> "Delta":
+        """A new Delta with its own module/dense/file dicts and info (``changes`` replace fields). The
+        packed modules and tensors themselves are shared: replace a module to change it."""
+        fields = {"modules": dict(self.modules), "dense": dict(self.dense), "info": self.info.copy(),
+                  "files": dict(self.files)}
+        return dataclasses.replace(self, **{**fields, **changes})
+
+    @property
+    def artifact_path(self) -> str | None:
+        """Where this delta was loaded from (None when made in memory); never written to the artifact."""
+        return self.info.artifact_path
+
+    @artifact_path.setter
+    def artifact_path(self, path: str | None) -> None:
+        self.info.artifact_path = None if path is None else str(path)
 
     @property
     def base_model_name_or_path(self) -> str:
@@ -126,7 +168,8 @@ class Delta:
         return packed + dense + self.fingerprint.samples.numel() * 4
 
     def to(self, device: str | torch.device) -> "Delta":
-        """Moves every tensor to ``device`` (in place) and returns self."""
+        """Moves every tensor to ``device`` in place (the PackedModule objects stay the same objects,
+        which ``distill_scales`` relies on, see ``apply``) and returns self."""
         for m in self.modules.values():
             m.sign, m.scale = m.sign.to(device), m.scale.to(device)
             if m.extra_rows is not None:

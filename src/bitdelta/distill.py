@@ -18,7 +18,8 @@ than the best of scalar/row/col. ``choose_auto`` is the earlier row/col-only sea
 distillation loss, kept so its results can be reproduced.
 
     cal = load_calibration("calibration.jsonl", tok)
-    delta = distill_scales(delta, base_model, finetuned_model, cal, steps=200, lr=1e-4)
+    delta = distill_scales(delta, base_model, finetuned_model, cal, DistillConfig(steps=200, lr=1e-4))
+    delta = distill_scales(delta, base_model, finetuned_model, cal, steps=200, lr=1e-4)   # the same
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .apply import apply, set_applied_packed, unapply
 from .calibration import Calibration, TokenBatches
+from .configs import LR_MODES, DistillConfig, fill
 from .delta import Delta, PackedModule
 from .errors import BitDeltaError
 from .layers import DeltaParametrization, DeltaWrapper
@@ -114,9 +116,6 @@ def _applied_packed(model: nn.Module) -> list[PackedModule]:
     return out
 
 
-LR_MODES = ("absolute", "relative")
-
-
 class _TrainableScales:
     """Every distinct packed module's scale as a trainable leaf (tied users share it).
 
@@ -176,16 +175,11 @@ def distill_scales(
     base: nn.Module,
     finetuned: nn.Module | None,
     calibration: Calibration | TokenBatches,
-    steps: int = 200,
-    lr: float = 1e-4,
-    batch_size: int = 4,
-    loss: str = "mse",
-    seed: int = 0,
+    config: DistillConfig | None = None,
+    *,
     teacher: TeacherLogits | None = None,
     progress: bool = True,
-    train_dense: bool = False,
-    keep_better: bool = True,
-    lr_mode: str = "absolute",
+    **settings,
 ) -> Delta:
     """Returns a copy of ``delta`` whose scales minimise the logit distance to the fine-tune.
 
@@ -195,6 +189,12 @@ def distill_scales(
         finetuned: the teacher, or None when ``teacher`` holds precomputed logits.
         calibration: samples (``Calibration.train`` is used for training and ``.heldout`` for
             the held-out loss recorded before and after).
+        config: the settings (:class:`DistillConfig`; default: its field defaults, the paper's).
+            Of it, ``steps``, ``lr``, ``lr_mode``, ``batch_size``, ``loss``, ``seed``, ``keep_better``
+            and ``train_dense`` are used here; the calibration fields made ``calibration``.
+        settings: fields of :class:`DistillConfig` as keywords (``steps=60, lr=1e-3``), put over ``config``.
+
+    Settings:
         train_dense: the reference recipe, for comparison only: also train the delta's dense
             extras that are embeddings, the output head or norms (as the reference code did by
             accident; with ``compress(dense_embeddings=True)`` these are the embedding/lm_head
@@ -211,18 +211,21 @@ def distill_scales(
             ``lr`` (small models, light fine-tunes, the second plane of ``bits=2``) move by tens of
             percent per step and runs with the same seed can end far apart.
     """
-    if steps < 1:
-        raise BitDeltaError(f"distillation needs at least one step, got {steps}")
+    cfg = fill(config or DistillConfig(), settings, "distill_scales")
+    steps, lr, lr_mode, batch_size, loss, seed = cfg.steps, cfg.lr, cfg.lr_mode, cfg.batch_size, cfg.loss, cfg.seed
+    train_dense, keep_better = cfg.train_dense, cfg.keep_better
     train = calibration.train if isinstance(calibration, Calibration) else calibration
     held = calibration.heldout if isinstance(calibration, Calibration) else None
     if teacher is None:
         if finetuned is None:
             raise BitDeltaError("distillation needs the fine-tuned model or precomputed teacher logits")
         teacher = TeacherLogits(model=finetuned.eval())
-    work = Delta({k: _copy(m) for k, m in delta.modules.items()}, dict(delta.dense), delta.fingerprint,
-                 dict(delta.info), dict(delta.files))
+    # Fresh PackedModules (own scale tensors) that training writes into: moved in place to the model's
+    # device first, so that apply() installs these very objects (apply.py, "Aliasing") and the
+    # scales trained through the model are this delta's.
+    work = delta.copy(modules={k: m.copy(scale=m.scale.detach().clone()) for k, m in delta.modules.items()})
     home = next(iter(delta.modules.values())).sign.device if delta.modules else torch.device("cpu")
-    work.to(next(base.parameters()).device)  # so apply() uses these very objects, not copies
+    work.to(next(base.parameters()).device)
     frozen = {p: p.requires_grad for p in base.parameters()}
     for p in base.parameters():
         p.requires_grad_(False)
@@ -316,10 +319,6 @@ def _trainable_dense(model: nn.Module, work: Delta) -> dict[str, nn.Parameter]:
     return out
 
 
-def _copy(m: PackedModule) -> PackedModule:
-    return PackedModule(m.kind, m.mode, m.sign, m.scale.detach().clone(), m.in_features, m.vocab, m.extra_rows)
-
-
 @torch.no_grad()
 def choose_auto(row_delta: Delta, col_delta: Delta, base: nn.Module, teacher: TeacherLogits,
                 heldout: TokenBatches, batch_size: int = 16, loss: str = "mse", progress: bool = True) -> Delta:
@@ -331,8 +330,7 @@ def choose_auto(row_delta: Delta, col_delta: Delta, base: nn.Module, teacher: Te
     dev = next(base.parameters()).device
     row_delta.to(dev)
     col_delta.to(dev)
-    chosen = Delta(dict(row_delta.modules), dict(row_delta.dense), row_delta.fingerprint, dict(row_delta.info),
-                   dict(row_delta.files))
+    chosen = row_delta.copy()
     # The held-out teacher logits are reused for every trial: compute them once.
     cached = torch.cat([teacher.get(heldout, torch.arange(i, min(i + batch_size, len(heldout))), dev)
                         for i in range(0, len(heldout), batch_size)])
@@ -412,7 +410,7 @@ def choose_modes(candidates: dict[str, Delta], base: nn.Module, teacher: Teacher
         raise BitDeltaError("every candidate's held-out loss is non-finite; lower --distill-lr")
     start = min(finite, key=finite.get)
     first = candidates[start]
-    chosen = Delta(dict(first.modules), dict(first.dense), first.fingerprint, dict(first.info), dict(first.files))
+    chosen = first.copy()
     names = [n for n, m in chosen.modules.items() if not m.vocab]
     choices = {n: start for n in names}
     best = uniform[start]

@@ -19,7 +19,7 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from ._version import __version__
 from .delta import Delta, PackedModule
 from .errors import FormatError, ShapeMismatchError
 from .fingerprint import Fingerprint, sample_weight

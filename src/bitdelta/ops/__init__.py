@@ -195,7 +195,7 @@ def bitdelta_linear(
     bias: torch.Tensor | None,  # [N] or None
     signs: torch.Tensor,  # [D, bits, N, ceil(K/8)] uint8
     scales: torch.Tensor,  # [D, bits] | [D, bits, N] | [D, bits, K] float32
-    mode: str,  # "scalar" | "row" | "col"
+    mode: str,  # "scalar" | "row" | "col" (or the ScaleMode)
     ids: torch.Tensor,  # [T] int32, -1 = base only
     backend: str | Backend = "auto",
 ) -> torch.Tensor:
@@ -205,7 +205,7 @@ def bitdelta_linear(
         raise ValueError(f"ids must be [{x.shape[0]}] (one tenant index per token; got {tuple(ids.shape)})")
     b = backend.value if isinstance(backend, Backend) else str(backend)
     op = _linear_impl if _direct(x) else _linear_op
-    return op(x, weight, bias, signs, scales, mode, ids, b)
+    return op(x, weight, bias, signs, scales, str(mode), ids, b)  # str(): a ScaleMode as the op's plain string
 
 
 def bitdelta_linear_segmented(
@@ -225,4 +225,4 @@ def bitdelta_linear_segmented(
         raise ValueError(f"seg_starts must have one more entry than seg_ids (got {tuple(seg_starts.shape)}, {tuple(seg_ids.shape)})")
     b = backend.value if isinstance(backend, Backend) else str(backend)
     op = _segmented_impl if _direct(x) else _segmented_op
-    return op(x, weight, bias, signs, scales, mode, seg_starts, seg_ids, b)
+    return op(x, weight, bias, signs, scales, str(mode), seg_starts, seg_ids, b)

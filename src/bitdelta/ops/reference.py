@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 
 from bitdelta.pack import unpack_signs
+from bitdelta.scale_modes import MATRIX_MODES, scale_shape
 
-MODES = ("scalar", "row", "col")
+MODES = tuple(m.value for m in MATRIX_MODES)
 
 
 def check_inputs(x, weight, bias, signs, scales, mode) -> None:
@@ -35,7 +36,7 @@ def check_inputs(x, weight, bias, signs, scales, mode) -> None:
     d, bits = signs.shape[:2]
     if signs.shape[2:] != (n, (k + 7) // 8):
         raise ValueError(f"signs must be [D, bits, {n}, {(k + 7) // 8}] for a {n}x{k} weight (got {tuple(signs.shape)})")
-    want = {"scalar": (d, bits), "row": (d, bits, n), "col": (d, bits, k)}[mode]
+    want = (d, *scale_shape(mode, n, k, bits))
     if tuple(scales.shape) != want:
         raise ValueError(f"scales for mode {mode!r} must be {list(want)} (got {list(scales.shape)})")
 

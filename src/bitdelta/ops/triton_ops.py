@@ -19,8 +19,9 @@ import triton
 
 from bitdelta.ops import DECODE_MAX_TOKENS, _interpreting
 from bitdelta.ops import triton_kernels as K_
+from bitdelta.scale_modes import MATRIX_MODES
 
-MODE_CODE = {"scalar": 0, "row": 1, "col": 2}
+MODE_CODE = {m.value: m.code for m in MATRIX_MODES}  # the kernels' MODE constexpr
 TARGET_PROGRAMS = 1024
 
 # Launch configs; "decode" keyed by nothing (one config works across the three Llama shapes),
