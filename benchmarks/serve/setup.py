@@ -33,7 +33,7 @@ class SharedArtifactSlots(DeltaSlots):
         self.prepared: dict[str, object] = {}
 
     def prepare(self, delta, name: str = "?"):
-        key = delta.info.get("artifact_path")
+        key = delta.artifact_path
         if key not in self.shared:
             return super().prepare(delta, name)
         if key not in self.prepared:
