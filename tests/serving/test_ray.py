@@ -17,8 +17,10 @@ import httpx
 import openai
 import pytest
 
-from bitdelta.serving.ray_board import merge_prometheus
-from bitdelta.serving.ray_serve import RaySettings
+pytest.importorskip("ray", reason="scale-out tests need Ray: pip install 'bitdelta[ray]'")
+
+from bitdelta.serving.ray.board import merge_prometheus  # noqa: E402
+from bitdelta.serving.ray.settings import RaySettings  # noqa: E402
 
 GREEDY = dict(temperature=0, max_tokens=12)
 PROMPT = "To be, or not"
@@ -58,7 +60,7 @@ def ray_app(tiny_models, delta_dir, corrupt_delta, tmp_path_factory):
     import ray
     from ray import serve
 
-    from bitdelta.serving.ray_serve import run
+    from bitdelta.serving.ray.deployment import run
 
     store = tmp_path_factory.mktemp("store")
     for name in ("shakespeare", "gsm8k", "corrupt"):

@@ -98,7 +98,9 @@ def scan_delta_dir(delta_dir) -> dict[str, str]:
 
 def build_app(args):
     """The runtime and FastAPI app for parsed ``serve`` arguments (no network yet)."""
-    from .api import ServerConfig, create_app, load_api_keys
+    from .http.app import create_app
+    from .http.auth import load_api_keys
+    from .http.server_config import ServerConfig
     from .runtime import build_runtime
 
     # everything checkable without the base first, so a mistake fails in a second, not after loading it
@@ -128,8 +130,8 @@ def build_app(args):
 
 
 def ray_settings(args):
-    """:class:`~bitdelta.serving.ray_serve.RaySettings` for parsed ``serve --ray`` arguments."""
-    from .ray_serve import RaySettings
+    """:class:`~bitdelta.serving.ray.settings.RaySettings` for parsed ``serve --ray`` arguments."""
+    from .ray.settings import RaySettings
 
     if args.delta:
         raise BitDeltaError("--delta is not used with --ray: replicas load deltas on demand from --delta-store "
@@ -147,8 +149,8 @@ def ray_settings(args):
 
 
 def cmd_serve_ray(args) -> None:
-    from .api import load_api_keys
-    from .ray_serve import run
+    from .http.auth import load_api_keys
+    from .ray.deployment import run
 
     settings = ray_settings(args)
     if args.api_keys:

@@ -19,7 +19,7 @@ from collections import defaultdict
 from typing import Callable
 
 UNKNOWN_MODEL = "__unknown__"
-MAX_LABEL_CHARS = 128  # registered names are at most 128 characters (runtime.NAME_RE)
+MAX_LABEL_CHARS = 128  # registered names are at most 128 characters (names.MAX_NAME_CHARS)
 
 
 def _esc(v: str) -> str:

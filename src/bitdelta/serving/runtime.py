@@ -6,14 +6,13 @@ wrong-base artifact raises and changes nothing).
 
     rt = build_runtime("models/tiny/base", {"shakespeare": "deltas/shakespeare"}, config=EngineConfig(max_gpu_deltas=4))
     rt.register("gsm8k", "deltas/gsm8k")    # also what POST /v1/deltas calls
-    app = create_app(rt)                     # bitdelta.serving.api
+    app = create_app(rt)                     # bitdelta.serving.http.app
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +24,11 @@ from .config import EngineConfig
 from .engine import Engine, check_limits
 from .metrics import Metrics
 from .models import DeltaModel
+from .names import check_tenant_name
 from .residency import DeltaSlots
 from .text import TenantText
 
 logger = logging.getLogger(__name__)
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 
 
 @dataclass
@@ -56,8 +54,7 @@ class ServingRuntime:
     def register(self, name: str, path, delta=None, root=None) -> None:
         """Loads + checks ``path`` as tenant ``name`` (raises ``BitDeltaError`` with the reason).
         ``root``: the directory the artifact and every file it reads must lie in (``--delta-dir``)."""
-        if not NAME_RE.match(name or ""):
-            raise BitDeltaError(f"invalid model name {name!r}: use letters, digits and . _ - : @ / (max 128)")
+        check_tenant_name(name)
         if name == self.base_name:
             raise BitDeltaError(f"{name!r} is the base model's name; pick another name for the delta")
         with self.lock:

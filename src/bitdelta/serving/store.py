@@ -22,26 +22,19 @@ import uuid
 from pathlib import Path
 
 from ..errors import BitDeltaError
+from .names import check_tenant_name
 
 logger = logging.getLogger(__name__)
 
 CONFIG = "delta_config.json"
-_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+# the store's directory names are tenant names, checked by the one rule every entry point uses
+check_name = check_tenant_name
 
 
 class DeltaNotFound(BitDeltaError):
     """No artifact of that name in the store."""
-
-
-def check_name(name: str) -> str:
-    """``name`` if it is a safe tenant name: ``/``-separated segments of letters, digits and ``._:@-``,
-    none starting with a dot (so a name can never climb out of the store root)."""
-    parts = (name or "").split("/")
-    if len(name or "") > 128 or not all(_SEGMENT.match(p) for p in parts):
-        raise BitDeltaError(f"invalid model name {name!r}: use letters, digits and . _ - : @ with / between parts "
-                            "(no part may start with a dot; max 128 characters)")
-    return name
 
 
 class DeltaStore:
@@ -75,7 +68,7 @@ class DeltaStore:
     # ------------------------------------------------------------------ lookup
 
     def exists(self, name: str) -> bool:
-        check_name(name)
+        check_tenant_name(name)
         if self.remote:
             return self.fs.exists(f"{self.path}/{name}/{CONFIG}")
         return (Path(self.path) / name / CONFIG).is_file()
@@ -92,7 +85,7 @@ class DeltaStore:
             for h in hits:
                 name = h[: -len(CONFIG) - 1]
                 try:
-                    found.append(check_name(name))
+                    found.append(check_tenant_name(name))
                 except BitDeltaError:
                     continue
         return sorted(set(found))
@@ -101,7 +94,7 @@ class DeltaStore:
 
     def fetch(self, name: str) -> str:
         """A local directory holding artifact ``name`` (the store's own for paths, a fresh cached copy for URLs)."""
-        check_name(name)
+        check_tenant_name(name)
         if not self.exists(name):
             raise DeltaNotFound(f"the model {name!r} does not exist: no artifact {self.root.rstrip('/')}/{name}/{CONFIG}")
         if not self.remote:

@@ -25,11 +25,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 
-from .api import ApiError, check_in_scope, error_body, key_scope
+from ..http.auth import check_in_scope, key_scope
+from ..http.errors import ApiError, error_body
+from ..names import check_tenant_name
+from ..store import DeltaStore
 from .asgi_bridge import HttpRequest, ResponseStart
-from .ray_board import merge_prometheus
-from .ray_serve import RaySettings
-from .store import DeltaStore, check_name
+from .board import merge_prometheus
+from .settings import RaySettings
 
 logger = logging.getLogger("bitdelta.serve")
 
@@ -123,7 +125,7 @@ class Ingress:
         ok = scope is None or name in scope
         if ok and name != self.base_name:
             try:
-                ok = await asyncio.to_thread(self.store.exists, check_name(name))
+                ok = await asyncio.to_thread(self.store.exists, check_tenant_name(name))
             except ValueError:
                 ok = False
         if not ok:
@@ -175,7 +177,7 @@ class Ingress:
             except ApiError as e:
                 return _error(e.status, e.message, e.code, e.param)
             try:
-                tenant = check_name(model)
+                tenant = check_tenant_name(model)
             except ValueError:
                 return _error(404, f"the model {model!r} does not exist; GET /v1/models lists them",
                               "model_not_found", "model")

@@ -22,10 +22,10 @@ import threading
 
 from ray import serve
 
-from ..errors import BitDeltaError
+from ...errors import BitDeltaError
+from ..store import DeltaNotFound, DeltaStore
 from .asgi_bridge import HttpRequest, ResponseStart, call_asgi
-from .ray_serve import RaySettings
-from .store import DeltaNotFound, DeltaStore
+from .settings import RaySettings
 
 logger = logging.getLogger("bitdelta.serve")
 
@@ -34,7 +34,7 @@ REPLICA_HEADER = "x-bitdelta-replica"
 
 def error_response(status: int, message: str, code: str, param: str | None = None, replica: str = ""):
     """An OpenAI-style error as the two items a forwarded response is made of."""
-    from .api import error_body
+    from ..http.errors import error_body
 
     body = json.dumps(error_body(status, message, code, param)).encode()
     return [ResponseStart(status, [("content-type", "application/json"), ("content-length", str(len(body))),
@@ -63,8 +63,9 @@ class EngineReplica:
     def __init__(self, settings: dict, board=None):
         import torch
 
-        from .api import ServerConfig, create_app
-        from .runtime import build_runtime
+        from ..http.app import create_app
+        from ..http.server_config import ServerConfig
+        from ..runtime import build_runtime
 
         s = RaySettings.from_dict(settings)
         self.settings, self.board = s, board
