@@ -4,8 +4,9 @@ For every fine-tune in models/tiny (a Shakespeare one and a grade-school-math on
 fine-tunes of the same tiny base), this script:
   1. compresses it against the base into a 1-bit delta artifact under outputs/;
   2. prints the artifact's size and compression factor (what `bitdelta inspect` shows);
-  3. measures on the fine-tune's held-out domain text: perplexity of the base, the fine-tune
-     and base + delta, the recovery of the fine-tune's gain, KL and top-1 agreement;
+  3. measures on the fine-tune's held-out domain text, with the fidelity suite
+     (bitdelta.evaluate.suite): perplexity of the base, the fine-tune and base + delta, the
+     recovery of the fine-tune's gain, KL, top-1 agreement, and greedy-generation agreement;
   4. generates a few lines from the base + delta for a domain prompt.
 
     python examples/quickstart.py [--scale row] [--bits 1] [--models models/tiny] [--out outputs]
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 import bitdelta
-from bitdelta.evaluate import fidelity, perplexity_of_documents, recovery
+from bitdelta.evaluate.suite import SuiteData, SuiteSettings, evaluate_delta
 from bitdelta.hf import generate_text, load_model, load_tokenizer
 from bitdelta.report import describe_artifact
 
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--scale", default="scalar", choices=["scalar", "row", "col"])
     ap.add_argument("--bits", type=int, default=1)
     ap.add_argument("--docs", type=int, default=40, help="held-out documents per domain")
+    ap.add_argument("--prompts", type=int, default=8, help="prompts for greedy agreement with the fine-tune")
     args = ap.parse_args()
     torch.manual_seed(0)
     base_dir = args.models / "base"
@@ -73,22 +75,22 @@ def main() -> None:
 
         tok = load_tokenizer(out)
         docs = heldout_docs(args.models, name, args.docs)
-        ft = load_model(ft_dir, device="cpu")
-        ppl_base = perplexity_of_documents(base, tok, docs).ppl
-        ppl_ft = perplexity_of_documents(ft, tok, docs).ppl
+        prompts = [PROMPTS.get(name, "The")] + [d[:80] for d in docs[: args.prompts - 1]]
+        result = evaluate_delta(base, ft_dir, out, SuiteData(heldout=docs, prompts=prompts),
+                                SuiteSettings(max_length=None, batch_size=8, agree_tokens=16), tokenizer=tok)
         bitdelta.apply(base, bitdelta.Delta.from_pretrained(out))
-        ppl_delta = perplexity_of_documents(base, tok, docs).ppl
-        fid = fidelity(base, ft, tok, docs)
         text = generate_text(base, tok, PROMPTS.get(name, "The"), max_new_tokens=60, do_sample=True, temperature=0.7)
         bitdelta.unapply(base)
-        rows.append((name, info, ppl_base, ppl_ft, ppl_delta, recovery(ppl_base, ppl_ft, ppl_delta), fid))
+        rows.append((name, info, result))
         print(f"--- sample from base + {name} delta ---\n{PROMPTS.get(name, 'The')}{text}\n")
 
     print(f"\n{'fine-tune':<12} {'delta MB':>9} {'factor':>7} {'ppl base':>9} {'ppl ft':>8} {'ppl delta':>10} "
-          f"{'recovery':>9} {'KL':>7} {'top-1':>6}")
-    for name, info, pb, pf, pd, rec, fid in rows:
-        print(f"{name:<12} {info['artifact_bytes'] / 1e6:>9.2f} {info['compression_factor']:>6.1f}x {pb:>9.2f} "
-              f"{pf:>8.2f} {pd:>10.2f} {rec:>8.1%} {fid.kl:>7.4f} {fid.top1_agreement:>6.1%}")
+          f"{'recovery':>9} {'KL':>7} {'top-1':>6} {'greedy':>7}")
+    for name, info, r in rows:
+        print(f"{name:<12} {info['artifact_bytes'] / 1e6:>9.2f} {info['compression_factor']:>6.1f}x "
+              f"{r.base.heldout_ppl:>9.2f} {r.finetuned.heldout_ppl:>8.2f} {r.delta.heldout_ppl:>10.2f} "
+              f"{r.recovery:>8.1%} {r.fidelity.kl:>7.4f} {r.fidelity.top1_agreement:>6.1%} "
+              f"{r.greedy_agreement.exact_match:>6.1%}")
     print(f"\nArtifacts are in {args.out}/. Try: bitdelta inspect {args.out}/{finetunes[0]}.bitdelta")
 
 
