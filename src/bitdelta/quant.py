@@ -255,6 +255,19 @@ def _is_quant_key(key: str) -> bool:
     return any(key == s or key.endswith("." + s) for s in QUANT_SUFFIXES)
 
 
+@dataclass
+class StoredQuantized:
+    """One quantized weight as a checkpoint stores it: ``dequantize(q, scale, dtype, zero_point,
+    block)`` is the weight every reader of the checkpoint sees."""
+
+    q: torch.Tensor  # [out, in] int8 or float8_e4m3fn
+    scale: torch.Tensor  # per tensor, per row, per group or per block (see _expand)
+    zero_point: torch.Tensor | None
+    block: tuple[int, int] | None  # transformers' FP8 block size, None: from the scale's shape
+    dtype: torch.dtype  # what the weight dequantizes to
+    scheme: str  # "int8" or "fp8"
+
+
 class DequantizedCheckpoint:
     """A quantized safetensors checkpoint seen as the plain one it stands for: the scale, zero-point
     and activation-scale tensors are hidden and each quantized weight reads dequantized, in the
@@ -309,9 +322,18 @@ class DequantizedCheckpoint:
         return self.entries[key].shape
 
     def get(self, key: str) -> torch.Tensor:
-        value = self.inner.get(key)
         if key not in self.quantized:
-            return value
+            return self.inner.get(key)
+        stored = self.read_quantized(key)
+        try:
+            return dequantize(stored.q, stored.scale, stored.dtype, zero_point=stored.zero_point, block=stored.block)
+        except FormatError as e:
+            raise FormatError(f"{self.where}: {key}: {e}") from None
+
+    def read_quantized(self, key: str) -> "StoredQuantized":
+        """The quantized weight ``key`` as stored (its 8-bit values, scale and zero point, read
+        without dequantizing) and the dtype :meth:`get` dequantizes it to: what a server that
+        multiplies by the quantized weights itself needs."""
         scale_key, zp_key = self.quantized[key]
         scale = self.inner.get(scale_key)
         if scale.dtype == torch.uint8:  # ue8m0 scales (transformers' fp8, scale_fmt "ue8m0"): 2^(b-127)
@@ -320,10 +342,8 @@ class DequantizedCheckpoint:
         dtype = self.dtype
         if dtype is None:
             dtype = scale.dtype if scale.is_floating_point() and scale.element_size() >= 2 else torch.bfloat16
-        try:
-            return dequantize(value, scale, dtype, zero_point=zp, block=self.format.block)
-        except FormatError as e:
-            raise FormatError(f"{self.where}: {key}: {e}") from None
+        q = self.inner.get(key)
+        return StoredQuantized(q, scale, zp, self.format.block, dtype, "int8" if q.dtype == torch.int8 else "fp8")
 
     def describe(self) -> dict:
         return {"scheme": self.scheme, "format": self.format.describe(), "quantized_tensors": len(self.quantized)}

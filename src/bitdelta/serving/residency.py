@@ -182,9 +182,9 @@ class DeltaSlots:
 
     def _verify(self, delta, path):
         delta.info.setdefault("artifact_path", str(path))
-        live = {n: w for n, w in self.model.weights.items()}
+        live = self.model.readable()  # a quantized base's matrices are dequantized as they are read
         if self.model.head_name == self.model.embed_name:
-            live["lm_head"] = self.model.weights[self.model.embed_name]
+            live["lm_head"] = live[self.model.embed_name]
         delta.fingerprint.verify(live, delta_name=str(path), base_name=delta.base_model_name_or_path,
                                  model_name=str(getattr(self.model.config, "_name_or_path", "base")))
         check_delta_values(delta, self._base_for(delta))
@@ -194,7 +194,7 @@ class DeltaSlots:
         """Base magnitudes (and shapes) under the delta's names, computed once per server."""
         m = self.model
         if self._base_mags is None:
-            mags = base_magnitudes({**m.weights, **m.params1d})
+            mags = base_magnitudes(m.readable())
             self._base_mags = {n: (mags[n], tuple(t.shape)) for n, t in {**m.weights, **m.params1d}.items()}
         base = {n: self._base_mags[n] for n in delta.modules if n in self._base_mags}
         if "lm_head" in delta.modules and "lm_head" not in m.weights:

@@ -58,6 +58,7 @@ class ServingRuntime:
         if name == self.base_name:
             raise BitDeltaError(f"{name!r} is the base model's name; pick another name for the delta")
         with self.lock:
+            self._check_base_quantization(name, path, delta, root)
             self.slots.register(name, path, delta=delta, root=root)
             try:
                 self.texts[name] = TenantText.load(path, fallback=self.base_path)
@@ -65,6 +66,17 @@ class ServingRuntime:
                 self.slots.unregister(name)
                 raise BitDeltaError(f"delta {name!r}: could not load its tokenizer: {e}") from None
         logger.info("registered delta %s from %s", name, path)
+
+    def _check_base_quantization(self, name: str, path, delta, root) -> None:
+        """Refuses, before its tensors are read, a delta made against another base quantization than
+        the one served (its recorded scheme; the fingerprint then checks the values)."""
+        from ..artifact import read_config
+        from .quant_base import refuse_other_quantization
+
+        if delta is None and not Path(path).is_dir():
+            return  # not an artifact directory: the slots say so
+        info = delta.info if delta is not None else read_config(Path(path), root)
+        refuse_other_quantization(info, self.model, name)
 
     def unregister(self, name: str) -> None:
         with self.lock:
@@ -91,13 +103,19 @@ def build_runtime(base, deltas: dict[str, str] | None = None, *, base_name: str 
     max_batch, max_queue = cfg.max_batch, cfg.max_queue
     from ..artifact import load_delta
     from ..hf import load_model
+    from .quant_base import describe as describe_base
+    from .quant_base import load_quantized_base, serves_quantized
 
     check_limits(max_batch, max_queue)  # before the minutes a large base takes to load
     deltas = dict(deltas or {})
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    hf = load_model(base, dtype=cfg.load_dtype(device), device=device)
-    model = DeltaModel.from_hf(hf)
-    del hf
+    if serves_quantized(base, cfg.base_quant):  # INT8/FP8 weights, read or quantized one tensor at a time
+        model = load_quantized_base(base, cfg.base_quant, dtype=cfg.load_dtype(device), device=device)
+    else:
+        hf = load_model(base, dtype=cfg.load_dtype(device), device=device)
+        model = DeltaModel.from_hf(hf)
+        del hf
+    logger.info("base %s: %s", base, describe_base(model))
     loaded = {name: load_delta(path) for name, path in deltas.items()}  # fail fast on a bad startup delta
     bits = cfg.max_bits or max([1] + [m.bits for d in loaded.values() for m in d.modules.values()])
     extra = cfg.max_extra_vocab if cfg.max_extra_vocab is not None else max(

@@ -8,7 +8,9 @@ use; this module builds the tree from an ``Arch`` and the checkpoint's tensors:
 
 * :class:`TenantLinear`: a base matrix (and bias) whose output adds each token's own delta, through
   the step's dispatch (``deltas.linear``); fused projections (Phi-3's ``qkv_proj``, ``gate_up_proj``)
-  are one matrix with one delta, split after the call;
+  are one matrix with one delta, split after the call. A matrix given as a
+  :class:`~bitdelta.serving.quant_linear.QuantizedWeight` (an INT8/FP8 base) becomes a
+  :class:`~bitdelta.serving.quant_linear.QuantTenantLinear` instead, which adds the same delta;
 * :class:`TenantNorm`: RMSNorm whose weight is gathered per token (a tenant may carry its own);
   ``offset=1`` is Gemma's ``(1 + w)`` scaling, computed in float32 before the cast, as Gemma does;
 * :class:`Attention`: grouped-query attention on the slotted KV cache, optional per-head q/k norms
@@ -35,6 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...errors import BitDeltaError
 from ..mapping import AttentionPlan, BatchMapping, KVCache
+from ..quant_linear import QuantizedWeight, QuantTenantLinear
 
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -381,8 +384,10 @@ class DeltaModel(nn.Module):
             return tensors[name]
 
         def linear(name):
-            return TenantLinear(name, take(f"{name}.weight"),
-                                take(f"{name}.bias") if f"{name}.bias" in tensors else None)
+            weight, bias = take(f"{name}.weight"), take(f"{name}.bias") if f"{name}.bias" in tensors else None
+            if isinstance(weight, QuantizedWeight):
+                return QuantTenantLinear(name, weight, bias, dtype)
+            return TenantLinear(name, weight, bias)
 
         def norm(name):
             return TenantNorm(name, take(f"{name}.weight"), eps, arch.norm_offset)
@@ -420,11 +425,15 @@ class DeltaModel(nn.Module):
                               f"{arch.family} layers)")
         self.vocab_size = int(self.model.embed_tokens.weight.shape[0])
         self._head = TenantLinear(self.head_name, self.model.embed_tokens.weight) if tied else self.lm_head
+        # the quantized base the weights are, if any ({"scheme", "format", ...}, as bitdelta.quant
+        # describes it): deltas made against another base quantization are refused at registration
+        self._bitdelta_base_quantization: dict | None = None
         self._index()
 
     def _index(self) -> None:
         """Checkpoint name -> tensor maps the slots and validation read (the same storage, no copies)."""
-        self.weights: dict[str, torch.Tensor] = {}  # module name -> [out, in] (matrices that take deltas)
+        # module name -> [out, in] matrix that takes deltas: a tensor, or a quantized base's QuantizedWeight
+        self.weights: dict[str, torch.Tensor | QuantizedWeight] = {}
         self.params1d: dict[str, torch.Tensor] = {}  # parameter name -> [dim] (norm weights, biases)
         for name, p in self.named_parameters(remove_duplicate=True):
             if name.startswith("_head."):
@@ -433,6 +442,22 @@ class DeltaModel(nn.Module):
                 self.weights[name.removesuffix(".weight")] = p.data
             else:
                 self.params1d[name] = p.data
+        for name, m in self.named_modules():
+            if isinstance(m, QuantTenantLinear):
+                self.weights[name] = m.quantized
+
+    @property
+    def base_quantization(self) -> dict | None:
+        """The quantized base these weights are (scheme, format, quantized tensors), None for a plain base."""
+        return self._bitdelta_base_quantization
+
+    def readable(self) -> "ReadableWeights":
+        """Every base matrix (dequantized when read, one at a time) and 1-D parameter by name, as a
+        delta sees them: what registration checks a delta's fingerprint and values against."""
+        return ReadableWeights(self)
+
+    def quantized_modules(self) -> dict[str, QuantTenantLinear]:
+        return {n: m for n, m in self.named_modules() if isinstance(m, QuantTenantLinear)}
 
     # ------------------------------------------------------------------ construction
 
@@ -457,7 +482,10 @@ class DeltaModel(nn.Module):
             if name == "lm_head.weight" and tied:
                 continue
             tensors[name] = t.detach().to(device=device, dtype=dtype).contiguous()
-        return DeltaModel(cfg, arch, tensors, rotary_of(hf_model, arch), dtype, device)
+        model = DeltaModel(cfg, arch, tensors, rotary_of(hf_model, arch), dtype, device)
+        # a quantized base loaded dequantized is still that base: deltas are checked against its scheme
+        model._bitdelta_base_quantization = getattr(hf_model, "_bitdelta_base_quantization", None)
+        return model
 
     # ------------------------------------------------------------------ forward
 
@@ -502,7 +530,11 @@ class DeltaModel(nn.Module):
 
 def rotary_of(hf_model, arch: Arch) -> dict[str, tuple[torch.Tensor, float]]:
     """``(inv_freq, attention_scaling)`` per rotary key, as the Hugging Face model computed them."""
-    rot = hf_model.model.rotary_emb
+    return rotary_tables(hf_model.model.rotary_emb, arch)
+
+
+def rotary_tables(rot: nn.Module, arch: Arch) -> dict[str, tuple[torch.Tensor, float]]:
+    """``(inv_freq, attention_scaling)`` per rotary key of a Hugging Face rotary-embedding module."""
     out = {}
     for key in dict.fromkeys(arch.rope_keys):
         if key == "default":
@@ -510,3 +542,43 @@ def rotary_of(hf_model, arch: Arch) -> dict[str, tuple[torch.Tensor, float]]:
         else:  # per layer type (Gemma-3: local and global layers have their own base frequency)
             out[key] = (getattr(rot, f"{key}_inv_freq"), getattr(rot, f"{key}_attention_scaling", 1.0))
     return out
+
+
+class ReadableWeights:
+    """Name -> tensor over a served model's base matrices and 1-D parameters, read lazily: a quantized
+    matrix is dequantized (in the model's dtype) each time it is read, so checking a delta against
+    a quantized base never holds more than one dense matrix. Names set on it (an alias such as a
+    tied ``lm_head``) are kept beside the model's."""
+
+    def __init__(self, model: DeltaModel):
+        self.model = model
+        self.extra: dict[str, torch.Tensor] = {}
+
+    def _names(self):
+        return [*self.model.weights, *self.model.params1d, *self.extra]
+
+    def __contains__(self, name) -> bool:
+        return name in self.extra or name in self.model.weights or name in self.model.params1d
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.extra:
+            return self.extra[name]
+        w = self.model.weights.get(name)
+        if isinstance(w, QuantizedWeight):
+            return w.dequantized(self.model.dtype)
+        return w if w is not None else self.model.params1d[name]
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        self.extra[name] = value
+
+    def __iter__(self):
+        return iter(dict.fromkeys(self._names()))
+
+    def __len__(self) -> int:
+        return len(dict.fromkeys(self._names()))
+
+    def keys(self):
+        return list(self)
+
+    def items(self):
+        return ((name, self[name]) for name in self)

@@ -1,0 +1,297 @@
+"""Quantized base matrices in the served model: INT8 or FP8 weights, each token's delta added as on a dense base.
+
+A base quantized as ``compress --base-quant`` quantizes it (:mod:`bitdelta.quant`: per output
+channel, symmetric, round to nearest) is served on its quantized weights, the very ``q`` and scale
+the delta was compressed against. :class:`QuantTenantLinear` computes the base product in one of
+three ways, chosen once per matrix when it is built, by a trial call on its device that must agree
+with the dequantized product (a kernel that is missing, refuses the shapes, or computes something
+else falls back to the next way):
+
+* ``fp8-gemm``: FP8 weights on a GPU with FP8 tensor cores (compute capability 8.9 or more) through
+  ``torch._scaled_mm``: the step's activations are quantized to e4m3 per token (row-wise scale
+  ``amax / 448``) and both scales are applied in the GEMM's epilogue. cuBLASLt/CUTLASS want the
+  weight column-major (``q.t()`` of the row-major ``[out, in]`` matrix) and dimensions in multiples
+  of 16: rows are padded up to a multiple of 16 (a fixed size per captured batch size) and sliced off;
+* ``int8-weight-only``: INT8 weights through ``torch._weight_int8pack_mm`` (the 8-bit weight is read,
+  converted and scaled inside the kernel), on the CPU at any batch size and on a GPU for decode-sized
+  batches (a prompt's large product runs faster on a dequantized weight);
+* ``dequantize``: anything else (FP8 weights on the CPU or an older GPU, block-scaled checkpoints):
+  the weight is dequantized in the step, exactly as :func:`bitdelta.quant.dequantize` does.
+
+The delta term is unchanged: a decode step on a GPU adds the decode kernel's delta-only product
+(the popc or Triton kernel :func:`bitdelta.ops.bitdelta_linear` would run) to the quantized base
+product; every other step with a tenant (prompts, column-scaled tenants, the CPU, a custom
+dispatch) makes the usual dispatch call with the weight dequantized for that call. No step syncs
+with the host or has a shape that depends on values, so decode steps can be captured in CUDA graphs.
+
+    qw = QuantizedWeight.quantize(w, "fp8")                 # or from a checkpoint's stored q and scale
+    layer = QuantTenantLinear("model.layers.0.mlp.up_proj", qw, None, torch.bfloat16)
+    y = layer(x, step)                                    # base product + each token's delta
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import BitDeltaError
+from ..quant import dequantize, quantize
+
+logger = logging.getLogger(__name__)
+
+FP8_MAX = 448.0  # e4m3fn's largest finite value
+FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper have FP8 tensor cores
+GEMM_ALIGN = 16  # cuBLASLt FP8: every dimension a multiple of 16
+INT8_GPU_MAX_ROWS = 128  # above this a GPU runs the dequantized weight through cuBLAS instead
+# A trial product may differ from the dequantized one by the activations' e4m3 rounding (about 2^-4
+# of a value, averaging out over the sum): a kernel that is off by more computes something else.
+TRIAL_REL_ERROR = 0.1
+_TRIALS: dict[tuple, str] = {}  # (device, scheme, dtype, out, in) -> the way that passed its trial
+
+WAYS = ("fp8-gemm", "int8-weight-only", "dequantize")
+
+
+@dataclass
+class QuantizedWeight:
+    """One base matrix as its quantized base stores it: ``dequantize(q, scale, dtype)`` is the weight a
+    delta of that base was compressed against."""
+
+    q: torch.Tensor  # [out, in] int8 or float8_e4m3fn
+    scale: torch.Tensor  # [out, 1] per channel; or a checkpoint's block scales
+    scheme: str  # "int8" or "fp8"
+    dtype: torch.dtype  # what the stored weight dequantizes to (the checkpoint's dtype)
+    block: tuple[int, int] | None = None
+    zero_point: torch.Tensor | None = None
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, scheme: str) -> "QuantizedWeight":
+        """``weight`` quantized as ``compress --base-quant`` quantizes it (the same function, so the
+        same bits): pass the tensor as the checkpoint stores it, in its own dtype."""
+        q, scale = quantize(weight, scheme)
+        return cls(q, scale, scheme, weight.dtype)
+
+    @classmethod
+    def from_stored(cls, stored) -> "QuantizedWeight":
+        """From a :class:`bitdelta.quant.StoredQuantized` (a quantized checkpoint's weight, as stored).
+        A per-tensor scale becomes a per-channel one (the same products); an all-zero zero point is dropped."""
+        q, scale, zp = stored.q, stored.scale, stored.zero_point
+        if zp is not None and not bool((zp == 0).all()):
+            return cls(q, scale, stored.scheme, stored.dtype, stored.block, zp)
+        rows = q.shape[0]
+        if scale.numel() == 1:
+            scale = scale.reshape(1, 1).expand(rows, 1).contiguous()
+        elif scale.numel() == rows and (scale.dim() == 1 or scale.shape[-1] == 1):
+            scale = scale.reshape(rows, 1)
+        block = None if scale.shape == (rows, 1) else stored.block
+        return cls(q, scale, stored.scheme, stored.dtype, block)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def per_channel(self) -> bool:
+        """One scale per output row and no zero point: the form the FP8 and INT8 kernels take."""
+        return self.zero_point is None and tuple(self.scale.shape) == (self.q.shape[0], 1)
+
+    def numel(self) -> int:
+        return self.q.numel()
+
+    def nbytes(self) -> int:
+        extra = 0 if self.zero_point is None else self.zero_point.numel() * self.zero_point.element_size()
+        return self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size() + extra
+
+    def to(self, device) -> "QuantizedWeight":
+        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+        return QuantizedWeight(move(self.q), move(self.scale), self.scheme, self.dtype, self.block,
+                               move(self.zero_point))
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight ``[out, in]`` in ``dtype`` (default: the stored dtype): ``dequantize`` in the stored
+        dtype, then cast. When the two dtypes agree, ``q.to(dtype) * scale`` is the same number (the 8-bit
+        value converts exactly, and both forms round the float32 product once) without a float32 copy
+        of the matrix."""
+        dtype = dtype or self.dtype
+        if self.per_channel and dtype == self.dtype and self.scale.dtype == dtype:
+            return self.q.to(dtype) * self.scale
+        return dequantize(self.q, self.scale, self.dtype, zero_point=self.zero_point, block=self.block).to(dtype)
+
+
+# ---------------------------------------------------------------------------------- the base product
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per-token) e4m3 quantization: ``(x_fp8 [M, K], scale [M, 1] float32)`` with
+    ``x ≈ x_fp8 · scale``; an all-zero row gets a tiny scale (and zeros) instead of a division by zero."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_(min=1e-12)
+    return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def fp8_gemm(x: torch.Tensor, q_t: torch.Tensor, scale_b: torch.Tensor) -> torch.Tensor:
+    """``x [M, K] @ (q · scale)ᵀ`` by ``torch._scaled_mm`` with row-wise scales; ``q_t`` is ``q.t()``
+    (column-major ``[K, N]``), ``scale_b`` ``[1, N]`` float32. Output in ``x``'s dtype."""
+    m = x.shape[0]
+    pad = -m % GEMM_ALIGN
+    if pad:  # a fixed amount for a given batch size: nothing here depends on values
+        x = F.pad(x, (0, 0, 0, pad))
+    x8, scale_a = quantize_rows_fp8(x)
+    y = torch._scaled_mm(x8, q_t, scale_a=scale_a, scale_b=scale_b, out_dtype=x.dtype)
+    return y[:m] if pad else y
+
+
+def int8_weight_only(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (q · scale)ᵀ`` by ``torch._weight_int8pack_mm`` (``scale`` ``[N]`` in ``x``'s dtype)."""
+    return torch._weight_int8pack_mm(x.contiguous(), q, scale)
+
+
+def _gpu_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _try_way(way: str, qw: QuantizedWeight, dtype: torch.dtype) -> bool:
+    """Whether ``way`` runs on ``qw``'s device for ``qw``'s shapes and agrees with the dequantized
+    product on a random input (a trial, outside any CUDA graph capture)."""
+    device = qw.device
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn((GEMM_ALIGN + 1, qw.shape[1]), generator=g, device=device).to(dtype)
+    try:
+        if way == "fp8-gemm":
+            y = fp8_gemm(x, qw.q.t(), qw.scale.float().reshape(1, -1).contiguous())
+        else:
+            y = int8_weight_only(x, qw.q, qw.scale.reshape(-1).to(dtype))
+    except (RuntimeError, NotImplementedError, TypeError, AttributeError) as e:  # missing, or refuses these shapes
+        logger.debug("%s is not available for a %s %s matrix on %s: %s", way, qw.scheme, tuple(qw.shape), device, e)
+        return False
+    ref = x.float() @ qw.dequantized(torch.float32).t()
+    err = float((y.float() - ref).norm() / ref.norm().clamp(min=1e-30))
+    if not err < TRIAL_REL_ERROR:
+        logger.warning("%s gave a product %.1f%% away from the dequantized one on %s; using the dequantized weight",
+                       way, 100 * err, device)
+        return False
+    return True
+
+
+def choose_way(qw: QuantizedWeight, dtype: torch.dtype) -> str:
+    """How to compute the base product of ``qw`` in ``dtype`` on its device (module docstring)."""
+    device = qw.device
+    key = (str(device), qw.scheme, dtype, tuple(qw.shape), qw.per_channel)
+    got = _TRIALS.get(key)
+    if got is not None:
+        return got
+    way = "dequantize"
+    if qw.per_channel and qw.scheme == "fp8":
+        if (device.type == "cuda" and hasattr(torch, "_scaled_mm") and _gpu_capability(device) >= FP8_MIN_CAPABILITY
+                and qw.shape[0] % GEMM_ALIGN == 0 and qw.shape[1] % GEMM_ALIGN == 0
+                and _try_way("fp8-gemm", qw, dtype)):
+            way = "fp8-gemm"
+    elif qw.per_channel and qw.scheme == "int8":
+        if hasattr(torch, "_weight_int8pack_mm") and _try_way("int8-weight-only", qw, dtype):
+            way = "int8-weight-only"
+    _TRIALS[key] = way
+    return way
+
+
+# ---------------------------------------------------------------------------------- the delta term
+
+
+def decode_delta(dispatch, name: str, x: torch.Tensor, batch) -> torch.Tensor | None:
+    """The delta-only product ``Δ̂_{ids[t]} x[t]`` (float32 ``[T, N]``) of a decode step on a GPU, by the
+    kernel the fused op would run; None where the fused op would do something else (prompts,
+    column-scaled tenants, the torch backend, a custom dispatch): the caller then makes the usual call."""
+    from ..ops import DECODE_MAX_TOKENS, Backend, _use_popc, resolve_backend
+    from .dispatch import Dispatch
+    from .op_calls import has_long_sequences
+
+    if type(dispatch) is not Dispatch or not x.is_cuda or has_long_sequences(batch):
+        return None
+    pool = dispatch.pool.pools[name]
+    if pool["col_slots"] and pool["col_slots"].intersection(batch.seq_delta_slots):
+        return None
+    # the fused op's choice: the popc kernel where it runs, else Triton's; the torch backend has no delta-only form
+    if _use_popc(x[:DECODE_MAX_TOKENS], dispatch.backend):
+        from ..ops.cuda_popc import decode_delta as kernel
+    elif resolve_backend(dispatch.backend, x) is Backend.TRITON:
+        from ..ops.triton_ops import decode_delta as kernel
+    else:
+        return None
+    signs, scales, ids = pool["signs"], pool["row"], batch.delta_slots
+    parts = [kernel(x[a:a + DECODE_MAX_TOKENS], signs, scales, "row", ids[a:a + DECODE_MAX_TOKENS])
+             for a in range(0, x.shape[0], DECODE_MAX_TOKENS)]  # the decode kernels take at most this many rows
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+# ---------------------------------------------------------------------------------- the module
+
+
+class QuantTenantLinear(nn.Module):
+    """``y = x Ŵᵀ (+ b)`` plus each token's delta, where ``Ŵ`` is a quantized base matrix; ``name`` is
+    the module's checkpoint name. ``way`` says how the base product runs (module docstring)."""
+
+    def __init__(self, name: str, weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        if weight.q.dim() != 2 or weight.q.dtype not in (torch.int8, torch.float8_e4m3fn):
+            raise BitDeltaError(f"{name}: a quantized base matrix must be 2-D int8 or float8_e4m3fn, got "
+                                f"{weight.q.dtype} {tuple(weight.q.shape)}")
+        self.name, self.dtype = name, dtype
+        self.scheme, self.stored_dtype, self.block = weight.scheme, weight.dtype, weight.block
+        self.register_buffer("qweight", weight.q, persistent=False)
+        self.register_buffer("weight_scale", weight.scale, persistent=False)
+        self.register_buffer("weight_zero_point", weight.zero_point, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.way = choose_way(weight, dtype)
+        # the scale in the form the chosen kernel takes (a few KB per matrix)
+        if self.way == "fp8-gemm":
+            self.register_buffer("scale_b", weight.scale.float().reshape(1, -1).contiguous(), persistent=False)
+        elif self.way == "int8-weight-only":
+            self.register_buffer("scale_n", weight.scale.reshape(-1).to(dtype).contiguous(), persistent=False)
+
+    @property
+    def quantized(self) -> QuantizedWeight:
+        """The stored weight (its live buffers, not a copy)."""
+        return QuantizedWeight(self.qweight, self.weight_scale, self.scheme, self.stored_dtype, self.block,
+                               self.weight_zero_point)
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.quantized.dequantized(dtype or self.dtype)
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """``x Ŵᵀ`` in ``x``'s dtype, by this matrix's way."""
+        if self.way == "fp8-gemm":
+            return fp8_gemm(x.contiguous(), self.qweight.t(), self.scale_b)
+        if self.way == "int8-weight-only" and (not x.is_cuda or x.shape[0] <= INT8_GPU_MAX_ROWS):
+            return int8_weight_only(x, self.qweight, self.scale_n)
+        return F.linear(x, self.dequantized(x.dtype))
+
+    def forward(self, x: torch.Tensor, step) -> torch.Tensor:
+        if not step.per_tenant:
+            y = self.base(x)
+        else:
+            delta = decode_delta(step.deltas, self.name, x, step.batch)
+            if delta is not None:
+                y = self.base(x).add_(delta)
+            else:  # the dispatch's own call, on the weight dequantized for this call
+                y = step.deltas.linear(self.name, x, self.dequantized(x.dtype), step.batch)
+        if self.bias is not None:
+            y = y + step.param(f"{self.name}.bias", self.bias)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, {self.scheme} {tuple(self.qweight.shape)}, {self.way}"
+
+
+def ways_used(model: nn.Module) -> dict[str, int]:
+    """How many quantized matrices of ``model`` compute their base product each way."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantTenantLinear):
+            counts[m.way] = counts.get(m.way, 0) + 1
+    return counts

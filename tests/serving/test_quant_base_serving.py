@@ -1,0 +1,317 @@
+"""The engine on a quantized (INT8/FP8) base: the tokens of the merged dequantized model, the stored
+weights served as they are, and deltas of another base quantization refused.
+
+A tiny random Llama base with two fine-tunes, compressed with ``base_quant`` int8 and fp8 (and none).
+On the CPU the quantized matrices run weight-only (``torch._weight_int8pack_mm``) or dequantized;
+the tests marked ``cuda`` check the FP8 GEMM path (``torch._scaled_mm``) and CUDA graphs on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import bitdelta
+from bitdelta.cli import build_parser
+from bitdelta.errors import BitDeltaError, WrongBaseError
+from bitdelta.hf import load_model
+from bitdelta.quant import write_quantized_base
+from bitdelta.safetensors_io import SafetensorsCheckpoint
+from bitdelta.serving.config import EngineConfig
+from bitdelta.serving.engine import Request, SamplingParams
+from bitdelta.serving.graphs import DecodeGraphs
+from bitdelta.serving.mapping import BatchMapping
+from bitdelta.serving.quant_base import describe
+from bitdelta.serving.quant_linear import QuantizedWeight, QuantTenantLinear, fp8_gemm
+from bitdelta.serving.runtime import build_runtime
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from arch_pairs import byte_tokenizer, finetune_of  # noqa: E402
+
+SCHEMES = ("int8", "fp8")
+STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _tiny_base():
+    # every dimension a multiple of 16, so that the same pair also runs the FP8 GEMM on a GPU
+    tok = byte_tokenizer()
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # a spread large enough that greedy paths depend on the weights
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.08)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Base and two fine-tune directories, and per base quantization two saved deltas (row, col)."""
+    tmp = tmp_path_factory.mktemp("quant-serve")
+    base, tok = _tiny_base()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base.save_pretrained(tmp / "base")
+        tok.save_pretrained(tmp / "base")
+        for seed in (1, 2):
+            finetune_of(base, seed, scale=0.3).save_pretrained(tmp / f"ft{seed}")
+    deltas = {}
+    for scheme in (None, *SCHEMES):
+        for tenant, seed, scale in (("row", 1, "row"), ("col", 2, "col")):
+            d = bitdelta.compress(tmp / "base", tmp / f"ft{seed}", scale=scale, base_quant=scheme, progress=False)
+            path = tmp / f"delta-{scheme or 'none'}-{tenant}"
+            d.save_pretrained(path)
+            deltas[scheme, tenant] = path
+    return {"base": tmp / "base", "deltas": deltas, "tmp": tmp}
+
+
+def _runtime(base, deltas, **settings):
+    return build_runtime(base, {k: str(v) for k, v in deltas.items()}, device="cpu", kv_cache_mb=16,
+                         start=False, **settings)
+
+
+def _merged(pair, scheme, tenant):
+    """The reference: the dequantized base loaded as merge loads it, with the delta merged in."""
+    model = load_model(pair["base"], dtype="float32", device="cpu", base_quant=scheme)
+    if tenant is not None:
+        bitdelta.merge(model, bitdelta.Delta.from_pretrained(pair["deltas"][scheme, tenant]))
+    return model
+
+
+@torch.no_grad()
+def _greedy(model, prompt, n):
+    ids, out = torch.tensor([prompt]), []
+    for _ in range(n):
+        nxt = int(model(ids).logits[0, -1].argmax())
+        out.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
+def _run(engine, plan, vocab, seed=0):
+    """Submits ``plan`` [(tenant, arrival step, prompt length, new tokens)] and steps until all finish."""
+    g = torch.Generator().manual_seed(seed)
+    reqs, step, pending = [], 0, list(plan)
+    while pending or any(r.finish_reason is None for r in reqs):
+        for item in [p for p in pending if p[1] == step]:
+            tenant, _, plen, n = item
+            prompt = torch.randint(3, vocab, (plen,), generator=g).tolist()
+            reqs.append(engine.submit(Request(prompt=prompt, tenant=tenant,
+                                              params=SamplingParams(max_tokens=n, temperature=0))))
+            pending.remove(item)
+        engine.step()
+        step += 1
+        assert step < 200
+    return reqs
+
+
+# ---------------------------------------------------------------------------------- CPU
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_engine_on_quantized_base_matches_merged_dequantized_model(pair, scheme):
+    deltas = {t: pair["deltas"][scheme, t] for t in ("row", "col")}
+    rt = _runtime(pair["base"], deltas, base_quant=scheme)
+    try:
+        model = rt.model
+        assert model.base_quantization["scheme"] == scheme
+        layers = model.quantized_modules()
+        assert len(layers) == 2 * 7  # every decoder matrix; the tied embedding/head stays dense
+        for name, layer in layers.items():  # the served weights are the 8-bit ones, one scale per row
+            assert layer.qweight.dtype == STORAGE[scheme] and layer.weight_scale.shape == (layer.qweight.shape[0], 1)
+            assert isinstance(model.weights[name], QuantizedWeight)
+        want_way = "dequantize" if scheme == "fp8" else ("int8-weight-only" if hasattr(torch, "_weight_int8pack_mm")
+                                                          else "dequantize")
+        assert {m.way for m in layers.values()} == {want_way}
+        assert describe(model).startswith(f"{scheme} base")
+
+        engine = rt.engine
+        engine.graphs = DecodeGraphs(model, engine.kv, rt.slots, engine.max_batch, capture=False, min_span=8)
+        plan = [(None, 0, 9, 8), ("row", 0, 6, 14), ("col", 0, 40, 6), ("row", 2, 4, 8), ("col", 3, 7, 9),
+                (None, 4, 12, 5)]  # base-only, decode, prompt (segmented) and column-scaled rows in one engine
+        reqs = _run(engine, plan, model.vocab_size)
+        assert engine.graphs.replays >= 1
+        merged = {t: _merged(pair, scheme, t) for t in (None, "row", "col")}
+        outputs = set()
+        for r in reqs:
+            assert r.finish_reason == "length"
+            assert r.output == _greedy(merged[r.tenant], r.prompt, r.params.max_tokens), r.tenant
+            outputs.add(tuple(r.output[:4]))
+        assert len(outputs) > 2  # tenants really take different paths
+
+        # one step with the three tenants: logits against each merged model's
+        g = torch.Generator().manual_seed(1)
+        prompts = [torch.randint(3, model.vocab_size, (11,), generator=g).tolist() for _ in range(3)]
+        tenants = [None, "row", "col"]
+        entries = [(i, 0, p, -1 if t is None else rt.slots.load(t)) for i, (t, p) in enumerate(zip(tenants, prompts))]
+        got = model.forward(BatchMapping.build(entries, model.device), engine.kv, rt.slots)
+        with torch.no_grad():
+            want = torch.stack([merged[t](torch.tensor([p])).logits[0, -1] for t, p in zip(tenants, prompts)])
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
+    finally:
+        rt.shutdown()
+
+
+def test_quantized_base_uses_the_same_bits_as_compress(pair):
+    """Quantizing at load is compress's own quantization: the served weights dequantize to exactly
+    the base the merged reference holds, matrix by matrix."""
+    rt = _runtime(pair["base"], {}, base_quant="fp8")
+    try:
+        ref = _merged(pair, "fp8", None)
+        for name, layer in rt.model.quantized_modules().items():
+            assert torch.equal(layer.dequantized(torch.float32), ref.get_parameter(f"{name}.weight"))
+    finally:
+        rt.shutdown()
+
+
+@pytest.mark.parametrize("served, made", [("int8", "fp8"), ("int8", None), ("fp8", "int8"), ("none", "fp8"),
+                                          ("none", "int8")])
+def test_delta_of_another_base_quantization_is_refused(pair, served, made):
+    rt = _runtime(pair["base"], {}, base_quant=served)
+    try:
+        with pytest.raises(WrongBaseError) as err:
+            rt.register("other", str(pair["deltas"][made, "row"]))
+        msg = str(err.value)
+        assert "'other'" in msg and (made or "unquantized") in msg
+        assert (served if served != "none" else "unquantized") in msg
+        assert f"--base-quant {made or 'none'}" in msg  # says how to serve it
+        assert rt.slots.names() == [] and "other" not in rt.texts  # nothing kept
+        same = None if served == "none" else served
+        rt.register("same", str(pair["deltas"][same, "row"]))  # the matching one registers
+        assert rt.slots.names() == ["same"]
+    finally:
+        rt.shutdown()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantize_base_directory_is_served_as_stored(pair, scheme, monkeypatch):
+    qdir = pair["tmp"] / f"base-{scheme}"
+    if not qdir.exists():
+        write_quantized_base(pair["base"], scheme, qdir, progress=False)
+    import bitdelta.quant as quant
+
+    def no_requantization(*args, **kwargs):
+        raise AssertionError("a quantized directory must be served as stored, not quantized again")
+
+    monkeypatch.setattr(quant, "quantize", no_requantization)
+    monkeypatch.setattr("bitdelta.serving.quant_linear.quantize", no_requantization)
+    rt = _runtime(qdir, {"row": pair["deltas"][scheme, "row"]})  # no --base-quant: as the directory says
+    try:
+        assert rt.model.base_quantization["scheme"] == scheme
+        stored = SafetensorsCheckpoint.open(qdir)
+        layers = rt.model.quantized_modules()
+        assert layers
+        for name, layer in layers.items():  # the very bytes of the file
+            q = stored.get(f"{name}.weight")
+            assert q.dtype == layer.qweight.dtype
+            assert q.view(torch.uint8).numpy().tobytes() == layer.qweight.view(torch.uint8).numpy().tobytes()
+            assert torch.equal(stored.get(f"{name}.weight_scale").reshape(-1, 1), layer.weight_scale)
+        # the delta made against the plain base quantized on the fly serves here with the same tokens
+        reqs = _run(rt.engine, [("row", 0, 7, 6), (None, 0, 5, 6)], rt.model.vocab_size)
+        monkeypatch.undo()
+        for r in reqs:
+            assert r.output == _greedy(_merged(pair, scheme, r.tenant), r.prompt, 6)
+    finally:
+        rt.shutdown()
+    other = "int8" if scheme == "fp8" else "fp8"
+    with pytest.raises(BitDeltaError, match=f"already quantized to {scheme}"):
+        _runtime(qdir, {}, base_quant=other)
+
+
+def test_quantized_directory_served_dense_keeps_its_scheme(pair):
+    """``--base-quant none`` serves a quantized directory dequantized; its deltas still match and the
+    other scheme's are still refused."""
+    qdir = pair["tmp"] / "base-fp8"
+    if not qdir.exists():
+        write_quantized_base(pair["base"], "fp8", qdir, progress=False)
+    rt = _runtime(qdir, {"row": pair["deltas"]["fp8", "row"]}, base_quant="none")
+    try:
+        assert not rt.model.quantized_modules() and rt.model.base_quantization["scheme"] == "fp8"
+        with pytest.raises(WrongBaseError, match="int8"):
+            rt.register("int8-delta", str(pair["deltas"]["int8", "row"]))
+    finally:
+        rt.shutdown()
+
+
+def test_base_quant_flag():
+    args = build_parser().parse_args(["serve", "--base", "b", "--base-quant", "FP8"])
+    assert EngineConfig.from_args(args).base_quant == "fp8"
+    assert EngineConfig.from_args(build_parser().parse_args(["serve", "--base", "b"])).base_quant is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--base", "b", "--base-quant", "int4"])
+
+
+# ---------------------------------------------------------------------------------- GPU
+
+
+def _fp8_weight(n, k, seed, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    w = torch.randn(n, k, generator=g, device=device, dtype=torch.bfloat16) * 0.02
+    return QuantizedWeight.quantize(w, "fp8")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("n, k", [(4096, 4096), (11008, 4096), (4096, 11008)])
+def test_fp8_gemm_against_dequantized_reference(n, k):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores need compute capability 8.9+")
+    qw = _fp8_weight(n, k, seed=n + k)
+    layer = QuantTenantLinear("m", qw, None, torch.bfloat16)
+    assert layer.way == "fp8-gemm"
+    ref_w = qw.dequantized(torch.float32)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for m in (1, 3, 17, 64):
+        x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
+        y = layer.base(x)
+        assert y.shape == (m, n) and y.dtype == torch.bfloat16
+        ref = x.float() @ ref_w.t()
+        rel = float((y.float() - ref).norm() / ref.norm())
+        assert rel < 0.04, (m, rel)  # e4m3 activations per token: about 2.5% relative
+        assert torch.equal(fp8_gemm(x, qw.q.t(), layer.scale_b), y)  # the module runs exactly this
+
+
+@pytest.mark.cuda
+@cuda
+def test_fp8_base_with_cuda_graphs_gives_eager_tokens(pair):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores need compute capability 8.9+")
+    deltas = {t: pair["deltas"]["fp8", t] for t in ("row", "col")}
+    plan = [(None, 0, 9, 12), ("row", 0, 6, 16), ("col", 0, 40, 10), ("row", 1, 4, 12)]
+    outputs = []
+    for graphs in (True, False):
+        rt = build_runtime(pair["base"], {k: str(v) for k, v in deltas.items()}, device="cuda", dtype="bfloat16",
+                           kv_cache_mb=64, base_quant="fp8", cuda_graphs=graphs, start=False)
+        try:
+            assert {m.way for m in rt.model.quantized_modules().values()} == {"fp8-gemm"}
+            reqs = _run(rt.engine, plan, rt.model.vocab_size)
+            if graphs:
+                assert rt.engine.graphs is not None and rt.engine.graphs.replays > 0
+            outputs.append([r.output for r in reqs])
+        finally:
+            rt.shutdown()
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.cuda
+@cuda
+def test_quantizing_on_the_gpu_gives_compress_bits():
+    """The benchmark builds large bases quantized on the GPU: the bits equal the CPU's (compress's)."""
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(512, 768, generator=g) * 0.02).to(torch.bfloat16)
+    for scheme in SCHEMES:
+        cpu, gpu = QuantizedWeight.quantize(w, scheme), QuantizedWeight.quantize(w.cuda(), scheme)
+        assert torch.equal(cpu.q.view(torch.uint8), gpu.q.cpu().view(torch.uint8))
+        assert torch.equal(cpu.scale, gpu.scale.cpu())
