@@ -80,6 +80,13 @@ def _greedy(model, prompt, n):
     return out
 
 
+@torch.no_grad()
+def _margin(model, context, theirs, ours) -> float:
+    """How far apart the model's logits for two tokens are after ``context``, relative to its largest logit."""
+    logits = model(torch.tensor([context], device="cuda")).logits[0, -1].float()
+    return (logits[theirs] - logits[ours]).abs().item() / logits.abs().max().item()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemma3_engine_matches_merged_on_gpu(gemma, dtype):
     base, tok, deltas = gemma
@@ -107,16 +114,6 @@ def test_gemma3_engine_matches_merged_on_gpu(gemma, dtype):
         merged[name] = copy.deepcopy(base)
         bitdelta.merge(merged[name], delta)
         merged[name] = merged[name].to("cuda", dtype)
-    agree = total = 0
-    for r in reqs:
-        k = r.params.max_tokens
-        want = _greedy(merged[r.tenant], r.prompt, k)
-        first = next((i for i, (a, b) in enumerate(zip(r.output, want)) if a != b), k)
-        print(f"{dtype} tenant={r.tenant} prompt={len(r.prompt)}: {first}/{k} tokens as merged")
-        if dtype == torch.float32:
-            assert r.output == want, f"tenant {r.tenant}: {r.output} != merged {want}"
-        agree, total = agree + first, total + k
-    assert agree >= 0.5 * total
     # Last-prompt logits of the three long prompts in one step, against each merged model.
     entries = [(i, 0, p, -1 if t is None else slots.load(t)) for i, (t, p) in enumerate(prompts.items())]
     got = model.forward(BatchMapping.build(entries, model.device), engine.kv, slots)
@@ -125,4 +122,20 @@ def test_gemma3_engine_matches_merged_on_gpu(gemma, dtype):
                             for t, p in prompts.items()])
     err = (got - want).abs().max().item() / want.abs().max().item()
     print(f"{dtype}: max |logit error| / max |logit| = {err:.2e}")
+    agree = total = 0
+    for r in reqs:
+        k = r.params.max_tokens
+        want_tokens = _greedy(merged[r.tenant], r.prompt, k)
+        first = next((i for i, (a, b) in enumerate(zip(r.output, want_tokens)) if a != b), k)
+        margin = _margin(merged[r.tenant], r.prompt + want_tokens[:first], want_tokens[first], r.output[first]) \
+            if first < k else None
+        print(f"{dtype} tenant={r.tenant} prompt={len(r.prompt)}: {first}/{k} tokens as merged"
+              + ("" if margin is None else f"; at the first difference the merged model's own margin between "
+                 f"the two tokens is {margin:.2e} of its largest logit"))
+        if dtype == torch.float32:
+            # Equal greedy tokens, except where the merged model itself is within the logit tolerance of a tie
+            # (a real model's long prompt can leave two tokens closer than float32 kernels agree).
+            assert margin is None or margin < 1e-3, f"tenant {r.tenant}: {r.output} != merged {want_tokens}"
+        agree, total = agree + first, total + k
+    assert agree >= 0.5 * total
     assert err < (1e-3 if dtype == torch.float32 else 5e-2)
