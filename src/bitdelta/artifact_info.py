@@ -164,7 +164,7 @@ def migrate(cfg: dict, where: str = "delta_config.json") -> dict:
             raise FormatError(f"{where}: format_version {version} cannot be read by this bitdelta (no migration "
                               f"to {version + 1}); convert it with the bitdelta version that wrote it")
         out = step(dict(out))
-        logger.info("%s: migrated delta_config.json from format_version %d to %d", where, version, version + 1)
+        logger.info("%s: migrated from format_version %d to %d", where, version, version + 1)
         version += 1
         out["format_version"] = version
     return out

@@ -220,14 +220,14 @@ def _print_inspect(path, as_json: bool = False, settings_only: bool = False) -> 
     from .configs import settings_yaml
     from .report import describe_artifact, format_report
 
-    settings = settings_yaml(recorded_settings(read_config(Path(path))))
     if settings_only:
-        print(settings, end="")
+        print(settings_yaml(recorded_settings(read_config(Path(path)))), end="")
         return
     info = describe_artifact(path)
     if as_json:
         print(json.dumps(info, indent=2))
         return
+    settings = settings_yaml(recorded_settings(read_config(Path(path))))
     print(format_report(info))
     print("\nsettings (bitdelta compress --config FILE repeats them; inspect --settings prints only these):")
     print("  " + settings.rstrip("\n").replace("\n", "\n  "))

@@ -351,3 +351,24 @@ def settings_into_args(args, settings: dict, readers: dict, given, where: str) -
             except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
                 raise ConfigError(f"{where}: {key}: {e}") from None
         setattr(args, key, value)
+
+
+def flag_reader(flag_type=None, is_bool: bool = False):
+    """A file value's checker for ``settings_into_args`` from what a flag declares: its argparse
+    ``type`` (which takes the value as text, as the command line gives it), or true/false."""
+    if is_bool:
+        def read_bool(value):
+            if not isinstance(value, bool):
+                raise ValueError(f"must be true or false, got {value!r}")
+            return value
+
+        return read_bool
+    if flag_type is None:
+        return None
+
+    def read(value):
+        if isinstance(value, (bool, list, dict)):
+            raise ValueError(f"must be a single value, got {value!r}")
+        return flag_type(str(value))
+
+    return read

@@ -166,6 +166,8 @@ def cmd_serve(args) -> None:
 
     from ..cli import check_device
 
+    if args.config:  # engine settings from a file; flags given on the command line win
+        EngineConfig.apply_settings_file(args, args.config, getattr(args, "given_options", frozenset()))
     if args.ray:
         return cmd_serve_ray(args)
     check_device(args.device)
@@ -198,6 +200,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                         "may only use paths inside it")
     s.add_argument("--base-name", default=None, help="model name of the plain base (default: its directory name)")
     EngineConfig.add_arguments(s)  # --max-gpu-deltas ... --engine-restart: one declaration (serving/config.py)
+    s.add_argument("--config", default=None, metavar="FILE",
+                   help="engine settings file (.yaml/.yml/.toml; keys as the flags above: max_batch: 16); flags "
+                        "given explicitly override it")
     s.add_argument("--api-keys", default=None, help='TOML file: [keys] "sk-..." = ["model", ...] ("*" = all)')
     s.add_argument("--admin-key", default=None, help="bearer key of the admin endpoints")
     s.add_argument("--allow-runtime-deltas", action="store_true", help="enable POST/DELETE /v1/deltas (needs --admin-key)")

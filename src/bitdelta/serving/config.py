@@ -76,6 +76,17 @@ class EngineConfig:
                 parser.add_argument(flag, type=kind, default=f.default, help=meta["help"])
 
     @classmethod
+    def apply_settings_file(cls, args, path, given=frozenset()) -> None:
+        """``serve --config FILE``: the file's settings (YAML or TOML, keys named as these fields) go
+        into parsed ``args``, except those whose flags ``given`` says were set on the command line."""
+        from .. import cli as checks
+        from ..configs import flag_reader, read_settings_file, settings_into_args
+
+        readers = {f.name: flag_reader(f.metadata["type"](checks) if f.metadata["type"] else None, f.metadata["bool"])
+                   for f in dataclasses.fields(EngineConfig)}
+        settings_into_args(args, read_settings_file(path), readers, given, f"--config {path}")
+
+    @classmethod
     def from_args(cls, args) -> "EngineConfig":
         """The settings of parsed arguments (those :meth:`add_arguments` made)."""
         return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
