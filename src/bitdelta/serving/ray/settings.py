@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import BitDeltaError
 from ..config import EngineConfig
-
-logger = logging.getLogger("bitdelta.serve")
 
 APP_NAME = "bitdelta"
 
