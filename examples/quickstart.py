@@ -77,7 +77,7 @@ def main() -> None:
         docs = heldout_docs(args.models, name, args.docs)
         prompts = [PROMPTS.get(name, "The")] + [d[:80] for d in docs[: args.prompts - 1]]
         result = evaluate_delta(base, ft_dir, out, SuiteData(heldout=docs, prompts=prompts),
-                                SuiteSettings(max_length=None, batch_size=8, agree_tokens=16), tokenizer=tok)
+                                SuiteSettings(batch_size=8, agree_tokens=16), tokenizer=tok)
         bitdelta.apply(base, bitdelta.Delta.from_pretrained(out))
         text = generate_text(base, tok, PROMPTS.get(name, "The"), max_new_tokens=60, do_sample=True, temperature=0.7)
         bitdelta.unapply(base)

@@ -50,9 +50,9 @@ class SuiteData:
 
 @dataclass
 class SuiteSettings:
-    """Budgets of the measures (the fidelity benchmark's defaults)."""
+    """Budgets of the measures (as the fidelity benchmark's defaults, but documents as long as the models take)."""
 
-    max_length: int | None = 512  # tokens per held-out document (None: the model's context)
+    max_length: int | None = None  # tokens per held-out document (None: the models' context)
     heldout_docs: int | None = None  # first N held-out documents (None: all)
     batch_size: int = 16
     agree_prompts: int = 100
