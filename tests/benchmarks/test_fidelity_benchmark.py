@@ -1,14 +1,14 @@
-"""benchmarks/fidelity.py's CPU-cheap parts: held-out splits, packing, the schedule, the report.
+"""benchmarks/fidelity's CPU-cheap parts: held-out splits, packing, the schedule, the report.
 
 The whole benchmark's CPU smoke run (minutes) is
-``python benchmarks/fidelity.py --phase all --smoke --base-dir models/tiny/base --work /tmp/fid-smoke``.
+``python -m benchmarks.fidelity --phase all --smoke --base-dir models/tiny/base --work /tmp/fid-smoke``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,10 +18,12 @@ SHARED = ROOT.parent / "shared" / "data"
 
 @pytest.fixture(scope="module")
 def fid():
-    spec = importlib.util.spec_from_file_location("fidelity_benchmark", ROOT / "benchmarks" / "fidelity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks.fidelity import cli, data, report, settings, trainer
+
+    return SimpleNamespace(main=cli.main, parse_args=settings.parse_args, DOMAINS=settings.DOMAINS,
+                           HARD_RECIPES=settings.HARD_RECIPES, data_domain=data.data_domain,
+                           domain_docs=data.domain_docs, heldout_prompts=data.heldout_prompts,
+                           pack_blocks=data.pack_blocks, lr_at=trainer.lr_at, REPORT_START=report.REPORT_START)
 
 
 @pytest.mark.skipif(not (SHARED / "finetune").is_dir(), reason="../shared/data not present")
