@@ -206,18 +206,20 @@ def measure_base(run, part: str, kind: str, model, ns: list[int], bw: float, con
     try:
         terms = roofline_terms(model, slots)
         terms["base"] = decode_base_bytes(model)  # quantized matrices at their stored bytes
-        run_workload(run, model, slots, names[:1], new_tokens=4, label="warm")  # kernels compiled once
         for n in todo:
             if run.left_s() < 20:
                 run.skip(f"{part} {kind} N={n}: time budget")
                 continue
 
             def one(n=n):
-                r = run_workload(run, model, slots, names[:n], terms=terms, bw=bw, label=f"{part}-{kind}-{n}",
-                                 deadline=run.deadline - args.reserve_tail_s,
+                # a warm-up run compiles this batch's kernel shapes (and profiles one decode step at the
+                # largest N: the profiler's start-up would otherwise land in a measured step)
+                w = run_workload(run, model, slots, names[:n], new_tokens=6, label="warm", deadline=run.deadline,
                                  profile_step=1 if args.profile and n == max(todo) else None)
+                r = run_workload(run, model, slots, names[:n], terms=terms, bw=bw, label=f"{part}-{kind}-{n}",
+                                 deadline=run.deadline - args.reserve_tail_s)
                 r.update(part=part, base=kind, n=n, base_bytes=info["base_bytes"], delta_bytes=n * per_slot,
-                         is_largest_fit=n == fit["nmax"])
+                         is_largest_fit=n == fit["nmax"], profile=w["profile"])
                 result["runs"].append(r)
                 run.log(summary_line(kind, n, r))
 

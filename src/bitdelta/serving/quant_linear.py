@@ -9,9 +9,12 @@ else falls back to the next way):
 
 * ``fp8-gemm``: FP8 weights on a GPU with FP8 tensor cores (compute capability 8.9 or more) through
   ``torch._scaled_mm``: the step's activations are quantized to e4m3 per token (row-wise scale
-  ``amax / 448``) and both scales are applied in the GEMM's epilogue. cuBLASLt/CUTLASS want the
-  weight column-major (``q.t()`` of the row-major ``[out, in]`` matrix) and dimensions in multiples
-  of 16: rows are padded up to a multiple of 16 (a fixed size per captured batch size) and sliced off;
+  ``amax / 448``, :mod:`bitdelta.serving.fp8_rows`) and both scales are applied in the GEMM's
+  epilogue. cuBLASLt wants the first operand row-major, the second column-major and every dimension
+  a multiple of 16: rows are padded up to a multiple of 16 (a fixed size per captured batch size)
+  and sliced off. A decode-sized batch runs as ``(W x_fp8ᵀ)ᵀ`` (the weight first: its rows spread over
+  the whole GPU, where a 16-row activation tile as the first operand leaves most of it idle), a
+  larger one as ``x_fp8 Wᵀ`` (the weight ``q.t()``, column-major as stored);
 * ``int8-weight-only``: INT8 weights through ``torch._weight_int8pack_mm`` (the 8-bit weight is read,
   converted and scaled inside the kernel), on the CPU at any batch size and on a GPU for decode-sized
   batches (a prompt's large product runs faster on a dequantized weight);
@@ -40,12 +43,13 @@ from torch.nn import functional as F
 
 from ..errors import BitDeltaError
 from ..quant import dequantize, quantize
+from .fp8_rows import quantize_rows
 
 logger = logging.getLogger(__name__)
 
-FP8_MAX = 448.0  # e4m3fn's largest finite value
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper have FP8 tensor cores
 GEMM_ALIGN = 16  # cuBLASLt FP8: every dimension a multiple of 16
+WEIGHT_FIRST_MAX_ROWS = 64  # padded batches up to this many rows run with the weight as the first operand
 INT8_GPU_MAX_ROWS = 128  # above this a GPU runs the dequantized weight through cuBLAS instead
 # A trial product may differ from the dequantized one by the activations' e4m3 rounding (about 2^-4
 # of a value, averaging out over the sum): a kernel that is off by more computes something else.
@@ -128,24 +132,17 @@ class QuantizedWeight:
 # ---------------------------------------------------------------------------------- the base product
 
 
-def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (per-token) e4m3 quantization: ``(x_fp8 [M, K], scale [M, 1] float32)`` with
-    ``x ≈ x_fp8 · scale``; an all-zero row gets a tiny scale (and zeros) instead of a division by zero."""
-    xf = x.float()
-    scale = (xf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_(min=1e-12)
-    return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
-
-
-def fp8_gemm(x: torch.Tensor, q_t: torch.Tensor, scale_b: torch.Tensor) -> torch.Tensor:
-    """``x [M, K] @ (q · scale)ᵀ`` by ``torch._scaled_mm`` with row-wise scales; ``q_t`` is ``q.t()``
-    (column-major ``[K, N]``), ``scale_b`` ``[1, N]`` float32. Output in ``x``'s dtype."""
-    m = x.shape[0]
-    pad = -m % GEMM_ALIGN
-    if pad:  # a fixed amount for a given batch size: nothing here depends on values
-        x = F.pad(x, (0, 0, 0, pad))
-    x8, scale_a = quantize_rows_fp8(x)
-    y = torch._scaled_mm(x8, q_t, scale_a=scale_a, scale_b=scale_b, out_dtype=x.dtype)
-    return y[:m] if pad else y
+def fp8_gemm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x [M, K] @ (q · scale)ᵀ`` by ``torch._scaled_mm`` with row-wise scales: ``q [N, K]`` float8_e4m3fn
+    (row-major, as stored), ``scale [N]`` float32. Output ``[M, N]`` in ``x``'s dtype."""
+    m, n = x.shape[0], q.shape[0]
+    m_pad = -(-m // GEMM_ALIGN) * GEMM_ALIGN  # a fixed amount for a given batch size: nothing depends on values
+    x8, sx = quantize_rows(x, m_pad)
+    if m_pad <= WEIGHT_FIRST_MAX_ROWS:
+        yt = torch._scaled_mm(q, x8.t(), scale_a=scale.view(n, 1), scale_b=sx.view(1, m_pad), out_dtype=x.dtype)
+        return yt[:, :m].t().contiguous()
+    y = torch._scaled_mm(x8, q.t(), scale_a=sx, scale_b=scale.view(1, n), out_dtype=x.dtype)
+    return y[:m] if m_pad != m else y
 
 
 def int8_weight_only(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -162,21 +159,24 @@ def _try_way(way: str, qw: QuantizedWeight, dtype: torch.dtype) -> bool:
     product on a random input (a trial, outside any CUDA graph capture)."""
     device = qw.device
     g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn((GEMM_ALIGN + 1, qw.shape[1]), generator=g, device=device).to(dtype)
-    try:
-        if way == "fp8-gemm":
-            y = fp8_gemm(x, qw.q.t(), qw.scale.float().reshape(1, -1).contiguous())
-        else:
-            y = int8_weight_only(x, qw.q, qw.scale.reshape(-1).to(dtype))
-    except (RuntimeError, NotImplementedError, TypeError, AttributeError) as e:  # missing, or refuses these shapes
-        logger.debug("%s is not available for a %s %s matrix on %s: %s", way, qw.scheme, tuple(qw.shape), device, e)
-        return False
-    ref = x.float() @ qw.dequantized(torch.float32).t()
-    err = float((y.float() - ref).norm() / ref.norm().clamp(min=1e-30))
-    if not err < TRIAL_REL_ERROR:
-        logger.warning("%s gave a product %.1f%% away from the dequantized one on %s; using the dequantized weight",
-                       way, 100 * err, device)
-        return False
+    ref_w = qw.dequantized(torch.float32)
+    # a decode-sized and a larger batch: the FP8 GEMM runs each with its own operand order
+    for rows in (GEMM_ALIGN + 1, WEIGHT_FIRST_MAX_ROWS + GEMM_ALIGN + 1):
+        x = torch.randn((rows, qw.shape[1]), generator=g, device=device).to(dtype)
+        try:
+            if way == "fp8-gemm":
+                y = fp8_gemm(x, qw.q, qw.scale.float().reshape(-1))
+            else:
+                y = int8_weight_only(x, qw.q, qw.scale.reshape(-1).to(dtype))
+        except (RuntimeError, NotImplementedError, TypeError, AttributeError) as e:  # missing, or refuses these shapes
+            logger.debug("%s is not available for a %s %s matrix on %s: %s", way, qw.scheme, tuple(qw.shape), device, e)
+            return False
+        ref = x.float() @ ref_w.t()
+        err = float((y.float() - ref).norm() / ref.norm().clamp(min=1e-30))
+        if not err < TRIAL_REL_ERROR:
+            logger.warning("%s gave a product %.1f%% away from the dequantized one on %s; using the dequantized "
+                           "weight", way, 100 * err, device)
+            return False
     return True
 
 
@@ -203,14 +203,17 @@ def choose_way(qw: QuantizedWeight, dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------------------------- the delta term
 
 
-def decode_delta(dispatch, name: str, x: torch.Tensor, batch) -> torch.Tensor | None:
+def decode_delta(deltas, name: str, x: torch.Tensor, batch) -> torch.Tensor | None:
     """The delta-only product ``Δ̂_{ids[t]} x[t]`` (float32 ``[T, N]``) of a decode step on a GPU, by the
     kernel the fused op would run; None where the fused op would do something else (prompts,
-    column-scaled tenants, the torch backend, a custom dispatch): the caller then makes the usual call."""
+    column-scaled tenants, the torch backend, a custom dispatch): the caller then makes the usual call.
+    ``deltas``: the step's deltas (the engine's :class:`~bitdelta.serving.residency.DeltaSlots`, whose
+    ``dispatch`` runs the ops, or a dispatch itself)."""
     from ..ops import DECODE_MAX_TOKENS, Backend, _use_popc, resolve_backend
     from .dispatch import Dispatch
     from .op_calls import has_long_sequences
 
+    dispatch = getattr(deltas, "dispatch", deltas)
     if type(dispatch) is not Dispatch or not x.is_cuda or has_long_sequences(batch):
         return None
     pool = dispatch.pool.pools[name]
@@ -250,7 +253,7 @@ class QuantTenantLinear(nn.Module):
         self.way = choose_way(weight, dtype)
         # the scale in the form the chosen kernel takes (a few KB per matrix)
         if self.way == "fp8-gemm":
-            self.register_buffer("scale_b", weight.scale.float().reshape(1, -1).contiguous(), persistent=False)
+            self.register_buffer("scale_f32", weight.scale.float().reshape(-1).contiguous(), persistent=False)
         elif self.way == "int8-weight-only":
             self.register_buffer("scale_n", weight.scale.reshape(-1).to(dtype).contiguous(), persistent=False)
 
@@ -266,7 +269,7 @@ class QuantTenantLinear(nn.Module):
     def base(self, x: torch.Tensor) -> torch.Tensor:
         """``x Ŵᵀ`` in ``x``'s dtype, by this matrix's way."""
         if self.way == "fp8-gemm":
-            return fp8_gemm(x.contiguous(), self.qweight.t(), self.scale_b)
+            return fp8_gemm(x, self.qweight, self.scale_f32)
         if self.way == "int8-weight-only" and (not x.is_cuda or x.shape[0] <= INT8_GPU_MAX_ROWS):
             return int8_weight_only(x, self.qweight, self.scale_n)
         return F.linear(x, self.dequantized(x.dtype))
