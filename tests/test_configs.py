@@ -213,6 +213,11 @@ def test_copies_share_tensors_not_containers(pair):
     assert torch.equal(delta.modules[name].scale * 2, twin.modules[name].scale) and delta.info["distillation"] is None
     assert twin.modules[name].sign is delta.modules[name].sign
     assert delta.modules[name].to("cpu") is delta.modules[name]  # already there: no copy
+    # the third argument was the scale before configs: a string there still is
+    assert {m.mode for m in bitdelta.compress(base_dir, ft_dir, "col", progress=False).modules.values()
+            if not m.vocab} == {"col"}
+    with pytest.raises(TypeError, match="CompressConfig"):
+        bitdelta.compress(base_dir, ft_dir, 2, progress=False)
 
 
 def test_apply_shares_the_deltas_modules_which_distillation_trains(pair):

@@ -418,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     d = c.add_argument_group(
         "scale distillation",
-        "Runs with --recipe, --distill-steps N or --scale auto. Recipes: 'default' = 200 steps of batch 4 x 128 "
+        "Runs with --recipe, --distill-steps N, --scale auto, or a --config file naming a recipe or a 'distill' "
+        "section. Recipes (all listed under --recipe): 'default' = 200 steps of batch 4 x 128 "
         "tokens (800 samples), MSE on logits, relative lr 3e-2 (AdamW on a multiplier of each initial scale); "
         "'paper' = the BitDelta paper exactly (the same but absolute lr 1e-4, scalar scales). The default used to "
         "be the paper's absolute lr; the relative lr raised 1-bit recovery on every real fine-tune measured "

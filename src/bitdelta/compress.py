@@ -88,6 +88,10 @@ def compress(
               channel (round to nearest), the base ``bitdelta quantize-base`` writes. A base that is
               already quantized is read as it is (its scheme must then match, if given).
     """
+    if isinstance(config, str):  # compress(base, ft, "row"): the scale, as the third argument used to be
+        config, settings = None, {"scale": config, **settings}
+    if config is not None and not isinstance(config, CompressConfig):
+        raise TypeError(f"config must be a CompressConfig, got {type(config).__name__}; pass settings as keywords")
     cfg = fill(config or CompressConfig(), settings, "compress")
     if cfg.needs_distillation:
         raise BitDeltaError(

@@ -211,6 +211,8 @@ def distill_scales(
             ``lr`` (small models, light fine-tunes, the second plane of ``bits=2``) move by tens of
             percent per step and runs with the same seed can end far apart.
     """
+    if config is not None and not isinstance(config, DistillConfig):
+        raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}; pass steps, lr... as keywords")
     cfg = fill(config or DistillConfig(), settings, "distill_scales")
     steps, lr, lr_mode, batch_size, loss, seed = cfg.steps, cfg.lr, cfg.lr_mode, cfg.batch_size, cfg.loss, cfg.seed
     train_dense, keep_better = cfg.train_dense, cfg.keep_better
