@@ -15,19 +15,23 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-import transformers
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "src")]  # run as a script: the benchmarks package and the library
 
-from bitdelta import __version__
-from bitdelta.delta import Delta, PackedModule
-from bitdelta.fingerprint import SAMPLES_PER_MODULE, Fingerprint
-from bitdelta.pack import packed_width
-from bitdelta.sources import meta_model
-from bitdelta.targets import plan_targets
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from benchmarks._common import random_packed_module  # noqa: E402
+from bitdelta import __version__  # noqa: E402
+from bitdelta.delta import Delta  # noqa: E402
+from bitdelta.fingerprint import SAMPLES_PER_MODULE, Fingerprint  # noqa: E402
+from bitdelta.sources import meta_model  # noqa: E402
+from bitdelta.targets import plan_targets  # noqa: E402
 
 CONFIGS = {
     "Llama-2-7B": transformers.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -64,10 +68,7 @@ def synthetic_delta(config, scale: str, bits: int, dense_embeddings: bool) -> tu
         if t.index is not None:  # one expert of a fused [E, a, b] parameter
             shape = shape[1:]
         out_f, in_f = reversed(shape) if t.kind == "conv1d" else shape
-        mode = "row" if t.vocab else scale
-        sign = torch.randint(0, 256, (bits, out_f, packed_width(in_f)), dtype=torch.uint8, generator=g)
-        n_scale = {"scalar": (bits,), "row": (bits, out_f), "col": (bits, in_f)}[mode]
-        modules[t.name] = PackedModule(t.kind, mode, sign, torch.rand(n_scale, generator=g), in_f, t.vocab)
+        modules[t.name] = random_packed_module(t.kind, "row" if t.vocab else scale, out_f, in_f, bits, g, t.vocab)
         samples[t.name] = ((out_f, in_f), torch.randn(SAMPLES_PER_MODULE, generator=g))
     dense = {n: torch.randn(stored[n].shape, generator=g).half() for n in plan.other_params}
     num_params = sum(p.numel() for p in params.values())

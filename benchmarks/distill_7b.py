@@ -17,15 +17,20 @@ import gc
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "src")]  # run as a script: the benchmarks package and the library
 
-import bitdelta
-from bitdelta.calibration import Calibration, TokenBatches
-from bitdelta.distill import distill_scales
-from bitdelta.hf import load_model
+import torch  # noqa: E402
+
+import bitdelta  # noqa: E402
+from benchmarks._common import dir_bytes  # noqa: E402
+from bitdelta.calibration import Calibration, TokenBatches  # noqa: E402
+from bitdelta.distill import distill_scales  # noqa: E402
+from bitdelta.hf import load_model  # noqa: E402
 
 GB = 1e9
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: smoke tests with --layers 1
@@ -67,10 +72,6 @@ def build_pair(work: Path, layers: int, rel: float, seed: int) -> dict:
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
     return {"params": n_params, "build_and_save_s": round(time.perf_counter() - t0, 1), "save_base_s": round(t_base, 1)}
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def main() -> None:

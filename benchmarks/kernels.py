@@ -29,16 +29,17 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "src")]  # run as a script: the benchmarks package and the library
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+from benchmarks._common import copy_bandwidth, decode_op_bytes, random_linear_inputs, roofline_us  # noqa: E402
 from bitdelta.ops import reference as ref  # noqa: E402
 from bitdelta.ops import bitplane, triton_ops  # noqa: E402
-from bitdelta.pack import pack_signs  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K in, N out): 4096->4096, 4096->11008, 11008->4096
 BATCHES = [1, 4, 16, 64]
@@ -76,14 +77,9 @@ def bench(fn, warmup=10, rep=50):
     return do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e3  # microseconds
 
 
-def make(t, n, k, d, bits, mode, dtype, ids, dev="cuda", seed=0):
-    g = torch.Generator(device=dev).manual_seed(seed)
-    x = torch.randn(t, k, device=dev, generator=g).to(dtype)
-    w = (torch.randn(n, k, device=dev, generator=g) / k**0.5).to(dtype)
-    signs = pack_signs(torch.rand(d, bits, n, k, device=dev, generator=g) > 0.5)
-    shape = {"scalar": (d, bits), "row": (d, bits, n), "col": (d, bits, k)}[mode]
-    sc = ((torch.rand(shape, device=dev, generator=g) + 0.5) * (2.0 / k**0.5)).float()
-    return x, w, None, signs, sc, torch.as_tensor(ids, dtype=torch.int32, device=dev)
+def make(t, n, k, d, bits, mode, dtype, ids, seed=0):
+    """Random op inputs on the GPU (``_common.random_linear_inputs``): x, w, None, signs, scales, ids."""
+    return random_linear_inputs(t, n, k, d, bits, mode, dtype, ids=ids, seed=seed, device="cuda")
 
 
 def rel_err(y, r):
@@ -98,14 +94,6 @@ def naive_path(x, w, signs, sc, mode, tenants_rows):
         dense = ref.delta_dense(signs[d], sc[d], mode, k, dtype=x.dtype)
         y[rows] += x[rows] @ dense.T
     return y
-
-
-def copy_bandwidth():
-    n = 1 << 30  # 1 GiB
-    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    t = bench(lambda: dst.copy_(src))
-    return 2 * n / (t * 1e-6) / 1e9  # GB/s
 
 
 def checks(log):
@@ -355,9 +343,9 @@ def popc_table(log, bw, records):
                 y = cuda_popc.bitdelta_decode(x, w, None, s, sc, "row", ids, config=cfg)
                 err = rel_err(y, ref.bitdelta_linear_ref(x, w, None, s, sc, "row", ids))
                 del sets
-                byts = 2 * n * k + b * n * k / 8
-                roof = byts / (bw * 1e9) * 1e6
-                read = (b * n * k / 8) / (bw * 1e9) * 1e6
+                byts = decode_op_bytes(n, k, b)
+                roof = roofline_us(byts, bw)
+                read = roofline_us(b * n * k / 8, bw)
                 best_pop = min(pop, pov)
                 records.append(dict(kind="decode_popc", dtype=dname, k=k, n=n, B=b, triton_us=tri, triton_delta_us=tri_d,
                                     popc_us=pop, popc_overlap_us=pov, popc_delta_us=pop_d, cublas_base_us=cub,
@@ -400,7 +388,7 @@ def main():
     t0 = time.time()
     if args.popc:
         popc_checks(log)
-        bw = copy_bandwidth()
+        bw = copy_bandwidth("cuda")
         log(f"copy bandwidth: {bw:.0f} GB/s (1 GiB device-to-device copy, read + write)")
         records = []
         popc_table(log, bw, records)
@@ -412,7 +400,7 @@ def main():
     checks(log)
     popc_checks(log)
     log(f"[{time.time() - t0:.0f}s] checks done")
-    bw = copy_bandwidth()
+    bw = copy_bandwidth("cuda")
     log(f"copy bandwidth: {bw:.0f} GB/s (1 GiB device-to-device copy, read + write)")
 
     best_dec = sweep_decode(log, args.quick)
@@ -438,8 +426,8 @@ def main():
                 tr = [(d, slice(d, d + 1)) for d in range(b)]
                 naive = bench(lambda: naive_path(x, w, s, sc, "row", tr), warmup=5, rep=30)
                 del sets
-                byts = 2 * n * k + b * n * k / 8
-                roof = byts / (bw * 1e9) * 1e6
+                byts = decode_op_bytes(n, k, b)
+                roof = roofline_us(byts, bw)
                 rec = dict(kind="decode", dtype=dname, k=k, n=n, B=b, ours_us=ours, roofline_us=roof,
                            pct_roofline=100 * roof / ours, gbps=byts / ours / 1e3, cublas_base_us=cub,
                            naive_us=naive, rel_err=err, config=cfg, delta_total_us=delta_only,

@@ -22,13 +22,14 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "src")]  # run as a script: the benchmarks package and the library
 
 import torch  # noqa: E402
 
+from benchmarks._common import random_linear_inputs  # noqa: E402
 from bitdelta.ops import reference as ref  # noqa: E402
 from bitdelta.ops import triton_ops  # noqa: E402
-from bitdelta.pack import pack_signs  # noqa: E402
 
 
 def main():
@@ -42,12 +43,10 @@ def main():
     ap.add_argument("--device", default="cuda", help="cpu runs the kernel under TRITON_INTERPRET=1 (a smoke check)")
     args = ap.parse_args()
     dev = args.device
-    g = torch.Generator(device=dev).manual_seed(0)
     b, n, k = args.batch, args.n, args.k
-    x = torch.randn(b, k, device=dev, dtype=torch.float16, generator=g)
-    signs = pack_signs(torch.rand(b, 1, n, k, device=dev, generator=g) > 0.5)  # [D, bits, N, K/8]
-    scales = torch.rand(b, 1, n, device=dev, generator=g) * 1e-3 + 1e-4
-    ids = torch.arange(b, device=dev, dtype=torch.int32)
+    # B tenants x 1 token each: signs [B, 1, N, K/8], row scales [B, 1, N]
+    x, _, _, signs, scales, ids = random_linear_inputs(b, n, k, b, 1, "row", torch.float16, ids=list(range(b)),
+                                                       device=dev)
     cfg = {**triton_ops.DEFAULT_CONFIGS["decode"], "GEMV": args.gemv}
     for _ in range(2):  # the first launch compiles; ncu profiles the second
         if args.popc:

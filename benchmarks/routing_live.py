@@ -16,11 +16,15 @@ import argparse
 import random
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "src")]  # run as a script: the benchmarks package and the library
+
+from benchmarks.routing_sim import zipf_weights  # noqa: E402  (the simulator this run checks)
 
 
 def loads_by_replica(http) -> dict[str, float]:
@@ -68,8 +72,7 @@ def main(argv=None) -> None:
         for i, t in enumerate(tenants):
             shutil.copytree(src[("shakespeare", "gsm8k")[i % 2]], tmp / "store" / t)
         rng = random.Random(a.seed)
-        weights = [1.0 / (k ** a.zipf) for k in range(1, a.tenants + 1)]
-        stream = rng.choices(tenants, weights=weights, k=a.warmup + a.requests)
+        stream = rng.choices(tenants, weights=zipf_weights(a.tenants, a.zipf), k=a.warmup + a.requests)
 
         ray.init(num_cpus=a.replicas + 2, include_dashboard=False, log_to_driver=False)
         with socket.socket() as s:
