@@ -12,9 +12,8 @@ else falls back to the next way):
   ``amax / 448``, :mod:`bitdelta.serving.fp8_rows`) and both scales are applied in the GEMM's
   epilogue. cuBLASLt wants the first operand row-major, the second column-major and every dimension
   a multiple of 16: rows are padded up to a multiple of 16 (a fixed size per captured batch size)
-  and sliced off. A decode-sized batch runs as ``(W x_fp8ᵀ)ᵀ`` (the weight first: its rows spread over
-  the whole GPU, where a 16-row activation tile as the first operand leaves most of it idle), a
-  larger one as ``x_fp8 Wᵀ`` (the weight ``q.t()``, column-major as stored);
+  and sliced off; the weight goes in as ``q.t()``, column-major as stored. (Swapping the operands,
+  ``(W x_fp8ᵀ)ᵀ``, ran no faster at decode sizes on an H200 with torch 2.11.);
 * ``int8-weight-only``: INT8 weights through ``torch._weight_int8pack_mm`` (the 8-bit weight is read,
   converted and scaled inside the kernel), on the CPU at any batch size and on a GPU for decode-sized
   batches (a prompt's large product runs faster on a dequantized weight);
@@ -23,7 +22,7 @@ else falls back to the next way):
 
 The delta term is unchanged: a decode step on a GPU adds the decode kernel's delta-only product
 (the popc or Triton kernel :func:`bitdelta.ops.bitdelta_linear` would run) to the quantized base
-product; every other step with a tenant (prompts, column-scaled tenants, the CPU, a custom
+product, the two running at once on two streams for small batches as the fused op runs them; every other step with a tenant (prompts, column-scaled tenants, the CPU, a custom
 dispatch) makes the usual dispatch call with the weight dequantized for that call. No step syncs
 with the host or has a shape that depends on values, so decode steps can be captured in CUDA graphs.
 
@@ -49,12 +48,15 @@ logger = logging.getLogger(__name__)
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper have FP8 tensor cores
 GEMM_ALIGN = 16  # cuBLASLt FP8: every dimension a multiple of 16
-WEIGHT_FIRST_MAX_ROWS = 64  # padded batches up to this many rows run with the weight as the first operand
 INT8_GPU_MAX_ROWS = 128  # above this a GPU runs the dequantized weight through cuBLAS instead
 # A trial product may differ from the dequantized one by the activations' e4m3 rounding (about 2^-4
 # of a value, averaging out over the sum): a kernel that is off by more computes something else.
 TRIAL_REL_ERROR = 0.1
 _TRIALS: dict[tuple, str] = {}  # (device, scheme, dtype, out, in) -> the way that passed its trial
+# Decode batches up to this many rows run the delta kernels beside the base product, on a second
+# stream (the fused decode op's own rule, bitdelta.ops.cuda_popc: small batches leave the GPU idle).
+OVERLAP_MAX_ROWS = 16
+_SIDE: dict[int, torch.cuda.Stream] = {}
 
 WAYS = ("fp8-gemm", "int8-weight-only", "dequantize")
 
@@ -138,9 +140,6 @@ def fp8_gemm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Ten
     m, n = x.shape[0], q.shape[0]
     m_pad = -(-m // GEMM_ALIGN) * GEMM_ALIGN  # a fixed amount for a given batch size: nothing depends on values
     x8, sx = quantize_rows(x, m_pad)
-    if m_pad <= WEIGHT_FIRST_MAX_ROWS:
-        yt = torch._scaled_mm(q, x8.t(), scale_a=scale.view(n, 1), scale_b=sx.view(1, m_pad), out_dtype=x.dtype)
-        return yt[:, :m].t().contiguous()
     y = torch._scaled_mm(x8, q.t(), scale_a=sx, scale_b=scale.view(1, n), out_dtype=x.dtype)
     return y[:m] if m_pad != m else y
 
@@ -148,6 +147,13 @@ def fp8_gemm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Ten
 def int8_weight_only(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x @ (q · scale)ᵀ`` by ``torch._weight_int8pack_mm`` (``scale`` ``[N]`` in ``x``'s dtype)."""
     return torch._weight_int8pack_mm(x.contiguous(), q, scale)
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE:
+        _SIDE[index] = torch.cuda.Stream(device)
+    return _SIDE[index]
 
 
 def _gpu_capability(device: torch.device) -> tuple[int, int]:
@@ -160,8 +166,7 @@ def _try_way(way: str, qw: QuantizedWeight, dtype: torch.dtype) -> bool:
     device = qw.device
     g = torch.Generator(device=device).manual_seed(0)
     ref_w = qw.dequantized(torch.float32)
-    # a decode-sized and a larger batch: the FP8 GEMM runs each with its own operand order
-    for rows in (GEMM_ALIGN + 1, WEIGHT_FIRST_MAX_ROWS + GEMM_ALIGN + 1):
+    for rows in (1, GEMM_ALIGN + 1):  # one row (padded) and a padded batch
         x = torch.randn((rows, qw.shape[1]), generator=g, device=device).to(dtype)
         try:
             if way == "fp8-gemm":
@@ -277,6 +282,21 @@ class QuantTenantLinear(nn.Module):
     def forward(self, x: torch.Tensor, step) -> torch.Tensor:
         if not step.per_tenant:
             y = self.base(x)
+        elif x.is_cuda and x.shape[0] <= OVERLAP_MAX_ROWS:
+            # as the fused decode op does: the delta kernels on a side stream while the base product runs
+            cur = torch.cuda.current_stream(x.device)
+            side = _side_stream(x.device)
+            side.wait_stream(cur)
+            with torch.cuda.stream(side):
+                delta = decode_delta(step.deltas, self.name, x, step.batch)
+            if delta is None:
+                cur.wait_stream(side)
+                y = step.deltas.linear(self.name, x, self.dequantized(x.dtype), step.batch)
+            else:
+                y = self.base(x)
+                cur.wait_stream(side)
+                delta.record_stream(cur)
+                y = y.add_(delta)
         else:
             delta = decode_delta(step.deltas, self.name, x, step.batch)
             if delta is not None:
