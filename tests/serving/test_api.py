@@ -135,7 +135,7 @@ def test_error_cases(http, server):
     _err(http.post("/v1/completions", json={"model": "shakespeare"}), 422)  # no prompt
     _err(http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 422)
     _err(http.post("/v1/chat/completions", json={"model": "gsm8k", "messages": [{"role": "wizard", "content": "x"}]}), 422)
-    _err(http.post("/v1/completions", json={**ok, "n": 2}), 400, "unsupported_parameter")
+    _err(http.post("/v1/completions", json={**ok, "n": 17}), 400, "invalid_value")
     _err(http.post("/v1/chat/completions", json={"model": "gsm8k", "messages": []}), 400)
     _err(http.post("/v1/completions", json={**ok, "prompt": [10**9]}), 400)
     max_len = server.runtime.engine.max_len

@@ -11,9 +11,14 @@ the lowest free slot. With ``cuda_graphs`` on (the default on CUDA), steps where
 one token replay CUDA graphs captured when the engine is built (:mod:`bitdelta.serving.graphs`);
 other steps run the forward eagerly.
 
+Sampling (:mod:`bitdelta.serving.sampling`) runs per request after the forward, outside any captured
+graph: penalties on the request's logits row, then greedy or seeded sampling, then log-probabilities
+when asked. A request that wants its prompt scored (``prompt_logprobs``) is prefilled as one-token
+rows of its own KV slot, :data:`SCORED_PREFILL_CHUNK` per step, so every prompt position has logits.
+
 Faults stay with the request that caused them. Sampling runs per request (a failure ends that request
-with finish "error"); a request whose logits come out non-finite (a corrupt delta, an overflow) ends
-with code ``invalid_output``; when a batched forward raises, the step's sequences are retried one by
+with finish "error"); a request whose logits come out non-finite (a corrupt delta, an overflow, a
+penalty pushing a huge logit past float32) ends with code ``invalid_output``; when a batched forward raises, the step's sequences are retried one by
 one, so only the culprit fails. A failure outside any one request (a bug, a broken device) stops the
 loop: every request in flight gets an error event, :meth:`Engine.submit` raises
 :class:`EngineUnavailable` (HTTP 503), and with ``auto_restart`` (the default) the engine resets its
@@ -42,6 +47,8 @@ from . import graphs as graphs_mod
 from .mapping import BatchMapping, KVCache
 from .models import DeltaModel
 from .residency import DeltaState
+from .sampling import (MIN_TEMPERATURE, SEED_MAX, SEED_MIN, InvalidRequest, PenaltyTable,  # noqa: F401 (re-exported)
+                       SamplingParams, TokenLogprob, check_params, non_finite_message, sample_step, token_logprobs)
 
 logger = logging.getLogger(__name__)
 
@@ -58,39 +65,22 @@ class EngineFailure(RuntimeError):
     """A failure that no single request explains (the model fails even on a probe): stops the loop."""
 
 
-class InvalidRequest(ValueError):
-    """A request the engine cannot run; ``param`` names the offending field (HTTP 400)."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
 class PromptTooLong(InvalidRequest):
     """The prompt leaves no room in the context for a generated token (HTTP 400, context_length_exceeded)."""
 
 
-# Below this, dividing logits by the temperature overflows float32 (1e-300 even rounds to 0): such a
-# temperature means "pick the most likely token", which is what greedy decoding does exactly.
-MIN_TEMPERATURE = 1e-5
-# torch.Generator.manual_seed takes a signed or unsigned 64-bit integer.
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0  # below MIN_TEMPERATURE (0 included) = greedy (argmax, exact)
-    top_p: float = 1.0
-    top_k: int = 0  # 0 or -1 = off
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
+# Prompt positions a scored prefill feeds per step: each is a one-token row whose attention reads
+# the cache, so a step's attention memory grows with this times the prompt length.
+SCORED_PREFILL_CHUNK = 128
 
 
 @dataclass
 class Event:
     token: int | None = None
+    logprob: TokenLogprob | None = None  # with SamplingParams.logprobs: the token's, from the raw logits
+    # with SamplingParams.prompt_logprobs, on the event before the first token: one entry per prompt
+    # token, None for the first (nothing precedes it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     finish: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
     # with finish "error": "engine_error" (this request failed), "invalid_output" (non-finite logits),
@@ -113,6 +103,8 @@ class Request:
     arrival: float = field(default_factory=time.monotonic)
     generator: torch.Generator | None = None
     prefilled: bool = False
+    prompt_done: int = 0  # prompt tokens a scored prefill has put in the KV cache so far
+    prompt_scores: list[TokenLogprob] = field(default_factory=list)  # of prompt tokens 1, 2, ... so far
 
 
 def check_limits(max_batch: int, max_queue: int, max_prefill_tokens: int = 4096) -> None:
@@ -181,6 +173,8 @@ class Engine:
         slots.on_ready = self._wake
         self._want_graphs = cuda_graphs
         self.graphs: graphs_mod.DecodeGraphs | None = self._capture_graphs(cuda_graphs)
+        # rows are KV slots; columns every token a step's logits can hold (the base's and added ones)
+        self.penalties = PenaltyTable(self.max_batch, model.vocab_size + getattr(slots, "max_extra", 0), model.device)
 
     def _capture_graphs(self, want: bool | None):
         if want is False or (want is None and self.model.device.type != "cuda"):
@@ -229,9 +223,8 @@ class Engine:
         if len(req.prompt) >= self.max_len:
             raise PromptTooLong(f"the prompt has {len(req.prompt)} tokens; this model's context is {self.max_len} "
                                 "tokens including at least one generated token", "prompt")
+        check_params(req.params)
         seed = req.params.seed
-        if seed is not None and (not isinstance(seed, int) or not SEED_MIN <= seed <= SEED_MAX):
-            raise InvalidRequest(f"seed must be an integer from -2**63 to 2**64 - 1 (got {seed!r})", "seed")
         if req.tenant is not None and self.slots.get(req.tenant) is None:
             raise KeyError(req.tenant)
         if req.params.temperature >= MIN_TEMPERATURE:
@@ -445,10 +438,16 @@ class Engine:
         return admitted
 
     @staticmethod
-    def _entry(r: Request):
-        if not r.prefilled:
-            return (r.kv_slot, 0, list(r.prompt), r.delta_slot)
-        return (r.kv_slot, len(r.prompt) + len(r.output) - 1, [r.output[-1]], r.delta_slot)
+    def _entries(r: Request) -> list[tuple[int, int, list[int], int]]:
+        """``r``'s sequences in this step, as :meth:`BatchMapping.build` takes them."""
+        if r.prefilled:
+            return [(r.kv_slot, len(r.prompt) + len(r.output) - 1, [r.output[-1]], r.delta_slot)]
+        if r.params.prompt_logprobs is None:
+            return [(r.kv_slot, 0, list(r.prompt), r.delta_slot)]
+        # A scored prefill: one-token rows of the same KV slot, each with its own logits. Every row
+        # writes its key/value before any row attends, so each sees exactly the positions before it.
+        end = min(r.prompt_done + SCORED_PREFILL_CHUNK, len(r.prompt))
+        return [(r.kv_slot, i, [r.prompt[i]], r.delta_slot) for i in range(r.prompt_done, end)]
 
     def step(self) -> None:
         """Admits what fits, runs one forward over every running sequence, samples, emits, retires.
@@ -456,62 +455,124 @@ class Engine:
         Raises (stopping the loop) only for a failure no single request explains."""
         with self.cond:
             self._drop_cancelled()
-            self.running += self._admit()
+            admitted = self._admit()
+            self.running += admitted
             batch_reqs = list(self.running)
+        for r in admitted:
+            if r.params.penalized:
+                self.penalties.start(r.kv_slot, r.prompt)
         if not batch_reqs:
             return
-        entries = [self._entry(r) for r in batch_reqs]
+        groups = [self._entries(r) for r in batch_reqs]
+        entries = [e for g in groups for e in g]
+        # A scored prefill puts one KV slot on several rows, which a graph (rows = slots) cannot hold.
+        scoring = any(not r.prefilled and r.params.prompt_logprobs is not None for r in batch_reqs)
         failed: list[tuple[Request, str]] = []
         try:
-            batch = self.graphs.prepare(entries) if self.graphs is not None else None  # None: not graphable
-            if batch is None:
+            batch = self.graphs.prepare(entries) if self.graphs is not None and not scoring else None
+            if batch is None:  # not graphable
                 batch = BatchMapping.build(entries, self.model.device)
             if self.wrap_forward is None:
                 logits = self.model.forward(batch, self.kv, self.slots)
             else:
                 logits = self.wrap_forward(lambda: self.model.forward(batch, self.kv, self.slots), batch)
         except Exception as e:  # noqa: BLE001 (find the request that caused it; the rest go on)
-            logits, batch_reqs, failed = self._isolate(batch_reqs, entries, e)
-        results = self._sample(logits, batch_reqs) if batch_reqs else []
+            logits, batch_reqs, groups, failed = self._isolate(batch_reqs, groups, e)
+        due, rows, scores = self._read_rows(batch_reqs, groups)
+        outcomes = sample_step(logits, rows, due, self.penalties) if due else []
+        scored = self._score_prompts(logits, scores)
         self.steps += 1
         with self.cond:
             for r, msg in failed:
                 if r.finish_reason is None:
                     self.request_errors += 1
                     self._finish(r, "error", error=msg, code="engine_error")
-            for r, (tok, err, code) in zip(batch_reqs, results):
+            for r, g in zip(batch_reqs, groups):
+                if not r.prefilled and r.params.prompt_logprobs is not None:
+                    r.prompt_done += len(g)
+                bad = scored.get(r.id)
+                if bad is not None and r.finish_reason is None and r.id not in self.cancelled:
+                    self.request_errors += 1
+                    self._finish(r, "error", error=bad, code="invalid_output")
+            for r, o in zip(due, outcomes):
+                first = not r.prefilled
                 r.prefilled = True
                 if r.finish_reason is not None or r.id in self.cancelled:
                     continue
-                if err is not None:
+                if o.error is not None:
                     self.request_errors += 1
-                    self._finish(r, "error", error=err, code=code)
+                    self._finish(r, "error", error=o.error, code=o.code)
                     continue
+                tok = o.token
                 r.output.append(tok)
                 if self.metrics:
                     self.metrics.token(r)
+                if first and r.params.prompt_logprobs is not None:
+                    self._emit(r, Event(prompt_logprobs=[None, *r.prompt_scores]))
                 p = r.params
-                stop = tok in p.stop_token_ids and not p.ignore_eos
+                stop = tok in p.stop_token_ids or (tok in p.eos_token_ids and not p.ignore_eos)
                 if not stop:
-                    self._emit(r, Event(token=tok))
+                    self._emit(r, Event(token=tok, logprob=o.logprob))
                 if stop:
                     self._finish(r, "stop")
                 elif len(r.output) >= p.max_tokens or len(r.prompt) + len(r.output) >= self.max_len:
                     self._finish(r, "length")
             self._drop_cancelled()
 
-    def _isolate(self, reqs: list[Request], entries, exc: Exception):
-        """After a batched forward raised: runs each sequence's forward alone. Returns the logits of
-        those that succeeded, those requests, and (request, error message) for those that failed.
-        Raises :class:`EngineFailure` when every one failed and so does a probe on the plain base
-        (the model or device is broken, not a request)."""
+    @staticmethod
+    def _read_rows(reqs: list[Request], groups):
+        """Which logits rows this step reads: (requests due a token, their rows) and, for scored
+        prefills, (request, row, the prompt token that row predicts) per prompt position."""
+        due, rows, scores, at = [], [], [], 0
+        for r, g in zip(reqs, groups):
+            n = len(g)
+            if not r.prefilled and r.params.prompt_logprobs is not None:
+                for j in range(n):
+                    pos = r.prompt_done + j
+                    if pos + 1 < len(r.prompt):
+                        scores.append((r, at + j, r.prompt[pos + 1]))
+                if r.prompt_done + n < len(r.prompt):  # more of the prompt to come: no token yet
+                    at += n
+                    continue
+            due.append(r)
+            rows.append(at + n - 1)
+            at += n
+        return due, rows, scores
+
+    @staticmethod
+    def _score_prompts(logits: torch.Tensor | None, scores) -> dict[int, str]:
+        """Appends each scored prompt position's log-probabilities to its request; returns an error
+        message per request whose rows were not finite (or could not be scored)."""
+        if not scores:
+            return {}
+        bad: dict[int, str] = {}
+        try:
+            k = max(r.params.prompt_logprobs for r, _, _ in scores)
+            results = token_logprobs(logits, [row for _, row, _ in scores], [t for _, _, t in scores], k)
+        except Exception as e:  # noqa: BLE001 (fail the scored requests, not the step)
+            logger.warning("scoring prompts failed", exc_info=True)
+            return {r.id: f"scoring the prompt failed: {type(e).__name__}: {e}" for r, _, _ in scores}
+        for (r, _, _), lp in zip(scores, results):
+            if lp is None:
+                bad[r.id] = non_finite_message(r.tenant)
+            elif r.id not in bad:
+                lp.top = lp.top[:r.params.prompt_logprobs]
+                r.prompt_scores.append(lp)
+        return bad
+
+    def _isolate(self, reqs: list[Request], groups, exc: Exception):
+        """After a batched forward raised: runs each request's sequences alone. Returns the logits of
+        those that succeeded, those requests and their entry groups, and (request, error message) for
+        those that failed. Raises :class:`EngineFailure` when every one failed and so does a probe on
+        the plain base (the model or device is broken, not a request)."""
         logger.warning("a forward of %d sequences failed (%s: %s); running each alone", len(reqs),
                        type(exc).__name__, exc)
-        rows, ok, failed = [], [], []
-        for r, entry in zip(reqs, entries):
+        rows, ok, ok_groups, failed = [], [], [], []
+        for r, group in zip(reqs, groups):
             try:
-                rows.append(self.model.forward(BatchMapping.build([entry], self.model.device), self.kv, self.slots))
+                rows.append(self.model.forward(BatchMapping.build(group, self.model.device), self.kv, self.slots))
                 ok.append(r)
+                ok_groups.append(group)
             except Exception as e:  # noqa: BLE001
                 logger.warning("request %d (model %s) fails on its own: %s: %s", r.id, r.tenant or "base",
                                type(e).__name__, e)
@@ -525,46 +586,4 @@ class Engine:
             except Exception as e:
                 raise EngineFailure(f"the model's forward fails even on a one-token probe: {type(e).__name__}: {e}") \
                     from exc
-        return (torch.cat(rows) if rows else None), ok, failed
-
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[tuple[int | None, str | None, str | None]]:
-        """(token, None, None) per request, or (None, error message, error code) for one that failed."""
-        greedy = logits.argmax(dim=-1)
-        # A row is unusable when its top logit is NaN (argmax lands on NaN), +inf, or -inf (all masked).
-        # One gather on the device, read back with the argmax: no extra sync in the normal case.
-        top = logits.gather(-1, greedy[:, None])[:, 0]
-        greedy = torch.where(torch.isfinite(top), greedy, -1).tolist()
-        out = []
-        for i, r in enumerate(reqs):
-            if greedy[i] < 0:
-                whose = "the base model's weights" if r.tenant is None else f"the delta of model {r.tenant!r}"
-                out.append((None, "the model produced non-finite values (NaN or infinity) for this request; "
-                                  f"{whose} may hold corrupt values", "invalid_output"))
-                continue
-            p = r.params
-            if not p.temperature >= MIN_TEMPERATURE:  # also catches NaN
-                out.append((greedy[i], None, None))
-                continue
-            try:
-                out.append((self._sample_one(logits[i], p, r.generator), None, None))
-            except Exception as e:  # noqa: BLE001 (this request's sampling failed; the batch goes on)
-                logger.warning("request %d: sampling failed", r.id, exc_info=True)
-                out.append((None, f"sampling failed: {type(e).__name__}: {e}", "engine_error"))
-        return out
-
-    @staticmethod
-    def _sample_one(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-        x = logits.float().cpu()
-        # Shift so the top logit is 0 before dividing: every value stays <= 0, so a small temperature
-        # cannot overflow to +inf (which softmax turns into NaN); the distribution is unchanged.
-        x = (x - x.max()) / p.temperature
-        if p.top_k and p.top_k > 0:
-            kth = torch.topk(x, min(p.top_k, x.numel())).values[-1]
-            x = x.masked_fill(x < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_x, order = torch.sort(x, descending=True)
-            probs = torch.softmax(sorted_x, dim=-1)
-            drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix with mass >= top_p
-            x[order[drop]] = float("-inf")
-        probs = torch.softmax(x, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=generator))
+        return (torch.cat(rows) if rows else None), ok, ok_groups, failed

@@ -2,7 +2,11 @@
 
 The engine sees token ids only; the API turns prompts/messages into ids with the tenant's own
 tokenizer (the fine-tune's files carried in its artifact, else the base's) and turns ids back into
-text as they stream, holding back text that could still become a stop sequence.
+text as they stream, holding back text that could still become a stop sequence. Generation ends at
+the tokenizer's end tokens (``eos_ids``: its eos and the generation config's) and, for chat, also at
+the special token the chat template puts after an assistant turn (``chat_end_ids``, e.g.
+``<|im_end|>``). Log-probabilities name tokens by their text and their exact bytes
+(:meth:`TenantText.token_text`, :meth:`TenantText.token_bytes`).
 
     tt = TenantText.load("deltas/zephyr", fallback="base_dir")
     ids = tt.encode_chat([{"role": "user", "content": "hi"}])
@@ -13,6 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from functools import lru_cache
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -22,6 +28,60 @@ DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token or '' }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
+
+
+# A marker no chat template produces by itself: where an assistant turn's content ends.
+_TURN_MARKER = "\u2063bitdelta-turn-end\u2063"
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: character -> the byte it stands for."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    # the alphabet maps printable bytes to themselves and the rest to 256 + their rank
+    table, extra = {}, 0
+    for b in range(256):
+        ch = chr(b)
+        if ch in alphabet and (33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255):
+            table[ch] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+def _decoder_kinds(tokenizer) -> set[str]:
+    """The decoder types of a fast tokenizer (``ByteLevel``, ``Metaspace``, ``Replace``, ...)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    dec = getattr(backend, "decoder", None)
+    if dec is None:
+        return set()
+    try:
+        state = json.loads(dec.__getstate__())
+    except Exception:  # noqa: BLE001 (an unusual decoder: fall back to decoding token by token)
+        return set()
+    parts = state.get("decoders") or [state]
+    return {d.get("type") for d in parts if isinstance(d, dict)}
+
+
+def chat_end_ids(tokenizer) -> tuple[int, ...]:
+    """The special token a chat template writes right after an assistant turn (empty if none, or
+    if the template cannot render a plain user/assistant exchange)."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"},
+                                              {"role": "assistant", "content": _TURN_MARKER}], tokenize=False)
+    except Exception:  # noqa: BLE001 (templates may refuse this exchange; then nothing to add)
+        return ()
+    at = text.rfind(_TURN_MARKER) if isinstance(text, str) else -1
+    if at < 0:
+        return ()
+    tail = tokenizer(text[at + len(_TURN_MARKER):], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+    return next(((int(t),) for t in tail if t in special), ())
 
 
 def _has_tokenizer(path) -> bool:
@@ -36,6 +96,12 @@ class TenantText:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.chat_template_source = chat_template_source
+        self.chat_end_ids = tuple(t for t in chat_end_ids(tokenizer) if t not in eos_ids)
+        kinds = _decoder_kinds(tokenizer)
+        self._byte_level = "ByteLevel" in kinds
+        self._metaspace = bool(kinds & {"Metaspace", "Replace"})
+        self._special = set(tokenizer.all_special_ids)
+        self._texts: dict[int, tuple[str, bytes]] = {}
 
     @classmethod
     def load(cls, path, fallback=None) -> "TenantText":
@@ -75,6 +141,43 @@ class TenantText:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The exact bytes ``token`` adds to a text (a special token: its name)."""
+        return self._token(token)[1]
+
+    def token_text(self, token: int) -> str:
+        """``token`` as text; a token that ends inside a character is ``bytes:\\xNN...``, as OpenAI writes it."""
+        return self._token(token)[0]
+
+    def _token(self, token: int) -> tuple[str, bytes]:
+        got = self._texts.get(token)
+        if got is None:
+            got = self._texts[token] = self._describe(token)
+        return got
+
+    def _describe(self, token: int) -> tuple[str, bytes]:
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if not isinstance(piece, str):  # past the tokenizer's vocabulary (an id only a delta's head has)
+            return f"<|token_{token}|>", b""
+        if token in self._special:
+            return piece, piece.encode()
+        raw = None
+        m = _BYTE_FALLBACK.fullmatch(piece)
+        if m:  # SentencePiece byte fallback
+            raw = bytes([int(m.group(1), 16)])
+        elif self._byte_level:
+            table = _byte_level_decoder()
+            if all(c in table for c in piece):
+                raw = bytes(table[c] for c in piece)
+        elif self._metaspace:
+            raw = piece.replace("\u2581", " ").encode()
+        if raw is None:
+            raw = self.tokenizer.decode([token], skip_special_tokens=False).encode()
+        try:
+            return raw.decode("utf-8"), raw
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
 
 
 class Detokenizer:

@@ -5,7 +5,11 @@
 request costs no engine time; :mod:`.streaming` then runs it. Sampling: ``temperature`` 0..2, where
 anything below 1e-5 (0 included) means greedy decoding; ``top_p`` in (0, 1]; ``top_k`` -1/0 (off)
 or any positive count; ``seed`` a 64-bit integer (-2**63 .. 2**64 - 1); ``max_tokens`` at most the
-model's context length (what does not fit after the prompt is cut, finish "length").
+model's context length (what does not fit after the prompt is cut, finish "length"); ``n`` 1..16
+choices (``best_of`` only equal to ``n``); ``presence_penalty`` and ``frequency_penalty`` -2..2,
+``repetition_penalty`` 0.01..100; log-probabilities (completions ``logprobs`` 0..20, chat
+``logprobs: true`` with ``top_logprobs`` 0..20); ``echo`` (completions); ``stop`` strings and
+``stop_token_ids``; ``stream_options.include_usage`` (streams only). docs/serving.md has the table.
 """
 
 from __future__ import annotations
@@ -13,13 +17,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from ..engine import SEED_MAX, SEED_MIN, SamplingParams
 from ..metrics import UNKNOWN_MODEL
+from ..sampling import MAX_LOGPROBS, InvalidRequest, SamplingParams, check_params
 from .auth import check_access
 from .errors import ApiError, quoted_name
 from .schemas import ChatBody, CompletionBody, GenerationBody
 from .state import Config, Runtime
-from .streaming import generate
+from .streaming import Answer, generate
 
 # A token covers far fewer characters than this with any real tokenizer: a longer prompt cannot fit
 # the context, and is refused before spending seconds tokenizing it.
@@ -27,6 +31,9 @@ MAX_CHARS_PER_TOKEN = 1024
 # Longer texts are tokenized in a worker thread, so other requests' streams keep flowing meanwhile.
 THREAD_ENCODE_CHARS = 16384
 MAX_STOP_SEQUENCES = 16
+MAX_STOP_TOKEN_IDS = 256
+# Choices per request: each is a sequence of its own in the batch (and a place in the queue).
+N_MAX = 16
 
 router = APIRouter()
 
@@ -68,17 +75,55 @@ def resolve(rt, config, request: Request, body: GenerationBody) -> str:
         rt.metrics.rejected(UNKNOWN_MODEL, 404)  # client-chosen names never become metric labels
         raise ApiError(404, f"the model {quoted_name(body.model)} does not exist; GET /v1/models lists them",
                        "model_not_found", "model")
-    if body.seed is not None and not SEED_MIN <= body.seed <= SEED_MAX:
-        raise ApiError(400, f"seed must be an integer from -2**63 to 2**64 - 1 (got {str(body.seed)[:40]})",
-                       "invalid_value", "seed")
-    if body.n != 1:
-        raise ApiError(400, "only n=1 is supported", "unsupported_parameter", "n")
-    if body.logprobs:
-        raise ApiError(400, "logprobs are not supported", "unsupported_parameter", "logprobs")
-    if body.presence_penalty or body.frequency_penalty:
-        raise ApiError(400, "presence/frequency penalties are not supported", "unsupported_parameter",
-                       "presence_penalty" if body.presence_penalty else "frequency_penalty")
+    try:  # seed and penalties, with the engine's own rules
+        check_params(SamplingParams(seed=body.seed, presence_penalty=body.presence_penalty,
+                                    frequency_penalty=body.frequency_penalty,
+                                    repetition_penalty=body.repetition_penalty))
+    except InvalidRequest as e:
+        raise ApiError(400, str(e), "invalid_value", e.param) from None
+    if body.n > N_MAX:
+        raise ApiError(400, f"n must be from 1 to {N_MAX} (got {str(body.n)[:40]})", "invalid_value", "n")
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options is only allowed with stream: true", "invalid_value", "stream_options")
+    if body.stop_token_ids is not None and len(body.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise ApiError(400, f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids", "invalid_value", "stop_token_ids")
     return body.model
+
+
+def _logprobs_range(value: int, param: str) -> int:
+    if not 0 <= value <= MAX_LOGPROBS:
+        raise ApiError(400, f"{param} must be an integer from 0 to {MAX_LOGPROBS} (got {str(value)[:40]})",
+                       "invalid_value", param)
+    return value
+
+
+def completion_logprobs_count(body: CompletionBody) -> int | None:
+    """How many alternatives per token a completion request wants (None: no log-probabilities)."""
+    if body.logprobs is None or body.logprobs is False:
+        return None
+    if body.logprobs is True:
+        raise ApiError(400, f"logprobs of a completion is an integer from 0 to {MAX_LOGPROBS} (how many "
+                            "alternatives to list per token)", "invalid_value", "logprobs")
+    return _logprobs_range(body.logprobs, "logprobs")
+
+
+def chat_logprobs_count(body: ChatBody) -> int | None:
+    """How many alternatives per token a chat request wants (None: no log-probabilities)."""
+    if body.logprobs is not None and not isinstance(body.logprobs, bool):
+        raise ApiError(400, f"logprobs of a chat completion is true or false; top_logprobs (0 to {MAX_LOGPROBS}) "
+                            "says how many alternatives to list per token", "invalid_value", "logprobs")
+    top = body.top_logprobs
+    if top is not None:
+        _logprobs_range(top, "top_logprobs")
+        if top and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
+    return (top or 0) if body.logprobs else None
+
+
+def check_best_of(body: CompletionBody) -> None:
+    if body.best_of is not None and body.best_of != body.n:
+        raise ApiError(400, f"best_of must equal n ({body.n}): choosing the best of more sequences than are returned "
+                            "is not supported", "unsupported_parameter", "best_of")
 
 
 def stop_strings(body: GenerationBody) -> list[str]:
@@ -89,7 +134,9 @@ def stop_strings(body: GenerationBody) -> list[str]:
 
 
 def sampling_params(rt, body: GenerationBody, name: str, prompt: list[int], max_tokens: int | None,
-                    max_tokens_param: str = "max_tokens") -> SamplingParams:
+                    max_tokens_param: str = "max_tokens", chat: bool = False, logprobs: int | None = None,
+                    echo: bool = False) -> SamplingParams:
+    """The engine's settings for this request; chat requests also end at the template's end-of-turn token."""
     if max_tokens is not None and max_tokens > rt.engine.max_len:
         raise ApiError(400, f"{max_tokens_param} is {str(max_tokens)[:40]}; this model's context length is "
                             f"{rt.engine.max_len} tokens (prompt included)", "invalid_value", max_tokens_param)
@@ -97,7 +144,11 @@ def sampling_params(rt, body: GenerationBody, name: str, prompt: list[int], max_
     text = rt.text(name)
     return SamplingParams(max_tokens=min(max_tokens or room, room), temperature=body.temperature, top_p=body.top_p,
                           top_k=body.top_k, seed=body.seed, ignore_eos=body.ignore_eos,
-                          stop_token_ids=tuple(set(text.eos_ids) | set(body.stop_token_ids or ())))
+                          eos_token_ids=tuple(text.eos_ids) + (tuple(text.chat_end_ids) if chat else ()),
+                          stop_token_ids=tuple(sorted(set(body.stop_token_ids or ()))),
+                          presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                          repetition_penalty=body.repetition_penalty, logprobs=logprobs,
+                          prompt_logprobs=logprobs if echo else None)
 
 
 def refuse_too_long_text(rt, name: str, chars: int, param: str) -> None:
@@ -126,7 +177,7 @@ def check_prompt(rt, name: str, prompt: list[int]) -> None:
 
 
 def _include_usage(body: GenerationBody) -> bool:
-    return bool((body.stream_options or {}).get("include_usage"))
+    return body.stream_options is not None and body.stream_options.include_usage
 
 
 # ---------------------------------------------------------------------------------- generation
@@ -135,8 +186,8 @@ def _include_usage(body: GenerationBody) -> bool:
 @router.post("/v1/completions")
 async def completions(body: CompletionBody, request: Request, rt: Runtime, config: Config):
     name = resolve(rt, config, request, body)
-    if body.echo:
-        raise ApiError(400, "echo is not supported", "unsupported_parameter", "echo")
+    check_best_of(body)
+    logprobs = completion_logprobs_count(body)
     p = body.prompt
     if isinstance(p, list) and p and isinstance(p[0], str):
         if len(p) != 1:
@@ -149,13 +200,19 @@ async def completions(body: CompletionBody, request: Request, rt: Runtime, confi
     else:
         prompt = list(p)
     check_prompt(rt, name, prompt)
-    sp = sampling_params(rt, body, name, prompt, body.max_tokens or 16)
-    return await generate(request, rt, name, prompt, sp, stop_strings(body), False, body.stream, _include_usage(body))
+    sp = sampling_params(rt, body, name, prompt, body.max_tokens or 16, logprobs=logprobs, echo=body.echo)
+    echo = None
+    if body.echo:  # the prompt as sent; token ids as their text
+        echo = p if isinstance(p, str) else rt.text(name).decode(prompt)
+    answer = Answer(chat=False, stream=body.stream, include_usage=_include_usage(body), stop=stop_strings(body),
+                    echo=echo, logprobs=logprobs is not None)
+    return await generate(request, rt, name, prompt, sp, body.n, answer)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatBody, request: Request, rt: Runtime, config: Config):
     name = resolve(rt, config, request, body)
+    logprobs = chat_logprobs_count(body)
     if not body.messages:
         raise ApiError(400, "messages must not be empty", "invalid_value", "messages")
     msgs = []
@@ -175,5 +232,8 @@ async def chat_completions(body: ChatBody, request: Request, rt: Runtime, config
         raise ApiError(400, f"the chat template of {name!r} rejected these messages: {e}", "invalid_value", "messages")
     check_prompt(rt, name, prompt)
     sp = sampling_params(rt, body, name, prompt, body.max_completion_tokens or body.max_tokens,
-                         "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
-    return await generate(request, rt, name, prompt, sp, stop_strings(body), True, body.stream, _include_usage(body))
+                         "max_completion_tokens" if body.max_completion_tokens else "max_tokens", chat=True,
+                         logprobs=logprobs)
+    answer = Answer(chat=True, stream=body.stream, include_usage=_include_usage(body), stop=stop_strings(body),
+                    logprobs=logprobs is not None)
+    return await generate(request, rt, name, prompt, sp, body.n, answer)
