@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
 from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
 
 from .delta import Delta, PackedModule
 from .errors import BitDeltaError, WrongBaseError
@@ -261,11 +261,13 @@ def _current_vocab(model: nn.Module):
 
 
 @torch.no_grad()
-def merge(model: nn.Module, delta: Delta, check_base: bool = True, safe: bool = True) -> nn.Module:
+def merge(model: nn.Module, delta: Delta, check_base: bool = True, safe: bool = True,
+          progress: bool = False) -> nn.Module:
     """Writes ``W_base + Δ̂`` into ``model``'s weights (in place) and returns it.
 
     Args:
         safe: check every merged tensor for NaN/inf before committing any change.
+        progress: show a bar over the modules (a 7B model takes minutes).
     """
     if hasattr(model, _RESTORE_ATTR):
         raise BitDeltaError("this model has a delta applied on the fly; call bitdelta.unapply(model) before merging")
@@ -274,7 +276,7 @@ def merge(model: nn.Module, delta: Delta, check_base: bool = True, safe: bool = 
     check_values(model, delta)
     updates: list[tuple[nn.Parameter, torch.Tensor, nn.Module]] = []
     fused: dict[int, tuple[nn.Parameter, torch.Tensor, nn.Module]] = {}
-    for name, packed in delta.modules.items():
+    for name, packed in tqdm(delta.modules.items(), desc="merge", unit="module", disable=not progress):
         owner, attr, index = locate(model, name)
         weight = getattr(owner, attr)
         dhat = packed.dense().to(weight.device)

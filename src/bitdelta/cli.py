@@ -1,16 +1,24 @@
 """The ``bitdelta`` command: each subcommand parses arguments and calls one library function.
 
-    bitdelta compress --base BASE --finetuned FT --out ft.bitdelta [--scale row] [--bits 2]
-    bitdelta inspect ft.bitdelta
+    bitdelta compress --base BASE --finetuned FT --out ft.bitdelta [--scale row] [--bits 2] [--recipe default]
+    bitdelta inspect ft.bitdelta [--json | --settings]
     bitdelta merge --base BASE --delta ft.bitdelta --out merged/
+    bitdelta quantize-base --base BASE --scheme fp8 --out base-fp8/   # then: compress --base base-fp8/ ...
     bitdelta import-reference --base BASE --diff diff.pt --out ft.bitdelta
     bitdelta generate --base BASE [--delta ft.bitdelta] --prompt "Once upon a time"
-    bitdelta quantize-base BASE --scheme fp8 --out base-fp8/   # then: compress --base base-fp8/ ...
+    bitdelta eval ppl|fidelity|tasks --base BASE [--delta ft.bitdelta] ...   (cli_eval.py)
+    bitdelta serve --base BASE --delta NAME=ft.bitdelta ...                    (serving/cli.py)
+
+One grammar (``cli_options.py``): ``--base`` is the base wherever one is loaded, ``--dtype`` the dtype
+it loads in, ``--device`` defaults to cuda if available, else cpu, every command that writes refuses
+an existing ``--out`` without ``--overwrite``, every long command draws progress bars that ``-q``
+silences. Former flag names keep working and print a one-line note after the command succeeds.
 
 Arguments are checked before any work starts: numbers and sizes by argparse (usage + one error line,
 exit 2), output directories (exists without ``--overwrite``, parent not writable) before a model is
-loaded. Every user error is printed as one line (``error: ...``) with exit code 2; anything else is a
-bug and prints one ``error: internal error: ...`` line with exit code 1. ``-v`` adds the traceback.
+loaded (``cli_checks.py``). Every user error is printed as one line (``error: ...``) with exit code 2;
+anything else is a bug and prints one ``error: internal error: ...`` line with exit code 1. ``-v``
+adds the traceback.
 """
 
 from __future__ import annotations
@@ -18,157 +26,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import os
 import re
 import sys
 from pathlib import Path
 
+from .cli_checks import (check_device, check_input_dir, check_input_file, check_output_dir, check_output_file,
+                         check_text_source)
+from .cli_options import (NOTES, add_base, add_device, add_dtype, add_output, add_quiet, dtype_name, float_range,
+                          int_range, library_progress_bars, note, shard_size)
+from .cli_options import device_name as device_name  # serving/config.py reads the flag types from this module
 
-# ---------------------------------------------------------------------------------- argument types
-# Each raises argparse.ArgumentTypeError, so a bad value is reported by argparse (usage + one line,
-# exit 2) while parsing, before any model is loaded.
-
-
-def _bounds(lo, hi, strict_lo: bool = False) -> str:
-    low = f"> {lo}" if strict_lo else f">= {lo}"
-    return f"between {lo} and {hi}" if hi is not None else low
-
-
-def int_range(lo: int, hi: int | None = None):
-    """An argparse ``type`` accepting integers in ``[lo, hi]``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer {_bounds(lo, hi)}, got {text!r}") from None
-        if value < lo or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"must be an integer {_bounds(lo, hi)} (got {value})")
-        return value
-
-    return parse
-
-
-def float_range(lo: float, hi: float | None = None, strict_lo: bool = False):
-    """An argparse ``type`` accepting finite numbers ``>= lo`` (``> lo`` when ``strict_lo``), ``<= hi``."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number {_bounds(lo, hi, strict_lo)}, got {text!r}") from None
-        if (not math.isfinite(value) or value < lo or (strict_lo and value == lo)
-                or (hi is not None and value > hi)):
-            raise argparse.ArgumentTypeError(f"must be a number {_bounds(lo, hi, strict_lo)} (got {text})")
-        return value
-
-    return parse
-
-
-def shard_size(text: str) -> int:
-    """``--max-shard-size``: ``5GB`` / ``500MB`` / ``2GiB`` / bytes, parsed now rather than after compressing."""
-    from .artifact import parse_size
-
-    try:
-        value = parse_size(text)
-    except ValueError:  # also float() of a malformed number such as 1.2.3
-        raise argparse.ArgumentTypeError(f"cannot parse size {text!r}; use e.g. 5GB, 500MB or 2GiB") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive size such as 5GB (got {text!r})")
-    return value
-
-
-def dtype_name(text: str) -> str:
-    """A floating-point dtype name (float16, bfloat16, float32, fp16, ...); the name itself is kept."""
-    from .compress import parse_dtype
-    from .errors import BitDeltaError
-
-    try:
-        parse_dtype(text)
-    except BitDeltaError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
-def device_name(text: str) -> str:
-    """A torch device string (cpu, cuda, cuda:1, mps, ...); whether it exists is checked before the run."""
-    import torch
-
-    try:
-        torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N") from None
-    return text
-
-
-# ---------------------------------------------------------------------------------- pre-flight checks
-
-
-def check_output_dir(out, overwrite: bool, artifact: bool = False) -> bool:
-    """Raises ``BitDeltaError`` unless ``out`` can be written: it must not exist (an empty directory
-    is fine) unless ``overwrite``; with ``artifact``, a non-empty directory that is not a bitdelta
-    artifact is never replaced; its nearest existing parent must be a writable directory. Returns
-    whether an existing ``out`` may be replaced. Run before any work, so a bad path costs nothing."""
-    from .errors import BitDeltaError
-
-    out = Path(out)
-    existed = out.exists()
-    if existed:
-        if not out.is_dir():
-            raise BitDeltaError(f"{out} exists and is not a directory; choose another --out")
-        if any(out.iterdir()):
-            if artifact and not (out / "delta_config.json").is_file():
-                raise BitDeltaError(f"{out} exists and is not a bitdelta artifact; choose an empty or new --out")
-            if not overwrite:
-                raise BitDeltaError(f"{out} already exists; pass --overwrite to replace it")
-    parent = out.absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise BitDeltaError(f"cannot create {out}: {parent} is not a directory")
-    # the output is written into a sibling temporary directory and renamed: the parent must be writable
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BitDeltaError(f"cannot write {out}: {parent} is not writable; choose another --out or fix its permissions")
-    return existed
-
-
-def check_device(device: str | None) -> None:
-    """A CUDA device that this machine does not have is a one-line error now, not a traceback later."""
-    if not device or not device.startswith("cuda"):
-        return
-    import torch
-
-    from .errors import BitDeltaError
-
-    if not torch.cuda.is_available():
-        raise BitDeltaError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    index = torch.device(device).index
-    if index is not None and index >= torch.cuda.device_count():
-        raise BitDeltaError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-
-
-def check_input_file(path, option: str) -> None:
-    from .errors import BitDeltaError
-
-    if not Path(path).is_file():
-        why = "a directory, not a file" if Path(path).is_dir() else "no such file"
-        raise BitDeltaError(f"{option} {path}: {why}")
-
-
-def check_text_source(source, option: str) -> None:
-    """Calibration/evaluation text: a bare name may be a ``datasets`` id, anything that looks like a
-    path (a directory part or a .jsonl/.json/.txt suffix) must be an existing file."""
-    path = Path(source)
-    if not path.exists() and (path.suffix in (".jsonl", ".json", ".txt") or path.parent != Path(".")):
-        check_input_file(source, option)
-
-
-def check_input_dir(path, option: str) -> None:
-    from .errors import BitDeltaError
-
-    if not Path(path).is_dir():
-        raise BitDeltaError(f"{option} {path}: no such directory")
+COMPRESS_DTYPE_NOTE = ("compress --dtype is the dtype the models load in; for this release it also sets the dense "
+                       "extras' dtype, which --extras-dtype sets alone")
 
 
 def cmd_compress(args) -> None:
@@ -179,7 +48,10 @@ def cmd_compress(args) -> None:
     check_device(args.device)
     if args.config:
         check_input_file(args.config, "--config")
-    settings = compress_settings(args, _given(args))
+    if args.teacher_cache:
+        check_output_file(args.teacher_cache, args.overwrite, "--teacher-cache")
+    given = _given(args)
+    settings = compress_settings(args, given)
     ccfg, dcfg = settings.compress, settings.distill
     if dcfg is not None and not dcfg.self_calibrated:
         check_text_source(dcfg.calibration, "--calibration")
@@ -192,12 +64,14 @@ def cmd_compress(args) -> None:
         delta = compress_distilled(
             args.base, args.finetuned, compress_config=ccfg, distill_config=dcfg, recipe=settings.recipe,
             device=args.device, teacher_cache=args.teacher_cache, progress=not args.quiet,
-            model_dtype=args.model_dtype, **revisions,
+            model_dtype=args.dtype or args.model_dtype, **revisions,
         )
     else:
         delta = compress(args.base, args.finetuned, ccfg, progress=not args.quiet, **revisions)
     delta.save_pretrained(args.out, max_shard_size=args.max_shard_size, overwrite=replace)
     _print_inspect(args.out)
+    if "dtype" in given and "extras_dtype" not in given:
+        note(args, COMPRESS_DTYPE_NOTE)
 
 
 def _given(args) -> frozenset[str]:
@@ -245,8 +119,8 @@ def cmd_merge(args) -> None:
     check_output_dir(args.out, args.overwrite)
     check_device(args.device)
     delta = load_delta(args.delta)
-    model = load_model(args.base, dtype=args.dtype, device=args.device or "cpu")
-    merge(model, delta)
+    model = load_model(args.base, dtype=args.dtype, device=args.device)
+    merge(model, delta, progress=not args.quiet)
     model.config._name_or_path = delta.finetuned_model_name_or_path
     out = save_model_atomic(model, delta.files, args.out, overwrite=args.overwrite)
     print(f"merged {delta.finetuned_model_name_or_path!r} ({len(delta.modules)} modules) into {out}")
@@ -297,106 +171,81 @@ def cmd_generate(args) -> None:
     print(args.prompt + text)
 
 
-def _model_with_delta(model_path, delta_path, dtype, device):
-    from .apply import apply
-    from .artifact import load_delta
-    from .hf import load_model, load_tokenizer
-
-    check_device(device)
-    delta = load_delta(delta_path) if delta_path else None  # a bad artifact fails before the model loads
-    model = load_model(model_path, dtype=dtype, device=device)
-    if delta is not None:
-        apply(model, delta)
-    return model, load_tokenizer(delta_path, model_path)
-
-
-def _read_docs(path) -> list[str]:
-    from .calibration import read_texts
-
-    return read_texts(str(path))
-
-
-def cmd_eval_ppl(args) -> None:
-    from pathlib import Path
-
-    from .evaluate import perplexity, perplexity_of_documents
-
-    check_input_file(args.data, "--data")
-    model, tok = _model_with_delta(args.model, args.delta, args.dtype, args.device)
-    if Path(args.data).suffix == ".jsonl":
-        result = perplexity_of_documents(model, tok, _read_docs(args.data), max_length=args.window,
-                                         batch_size=args.batch_size)
-    else:
-        text = Path(args.data).read_text(encoding="utf-8")
-        result = perplexity(model, tok, text, window=args.window, stride=args.stride, batch_size=args.batch_size)
-    print(json.dumps({"model": args.model, "delta": args.delta, "data": args.data, **result.to_dict()}, indent=2))
-
-
-def cmd_eval_fidelity(args) -> None:
-    from .evaluate import fidelity
-    from .hf import load_model
-
-    check_text_source(args.data, "--data")
-    student, tok = _model_with_delta(args.base, args.delta, args.dtype, args.device)
-    teacher = load_model(args.finetuned, dtype=args.dtype, device=args.device)
-    docs = _read_docs(args.data)[: args.limit] if args.limit else _read_docs(args.data)
-    result = fidelity(student, teacher, tok, docs, max_length=args.max_length, batch_size=args.batch_size)
-    print(json.dumps({"base": args.base, "finetuned": args.finetuned, "delta": args.delta, **result.to_dict()}, indent=2))
-
-
-def cmd_eval_tasks(args) -> None:
-    from .evaluate import evaluate_tasks
-
-    check_input_dir(args.data_dir, "--data-dir")
-    model, tok = _model_with_delta(args.model, args.delta, args.dtype, args.device)
-    result = evaluate_tasks(model, tok, args.tasks, args.data_dir, limit=args.limit, batch_size=args.batch_size)
-    print(json.dumps({"model": args.model, "delta": args.delta, "tasks": result.to_dict()}, indent=2))
-
-
-def _add_eval_parser(sub) -> None:
-    e = sub.add_parser("eval", help="perplexity, fidelity to the fine-tune, zero-shot tasks (--delta optional)")
-    esub = e.add_subparsers(dest="eval_command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--delta", default=None, help="apply this delta artifact to the model first")
-    common.add_argument("--dtype", type=dtype_name, default=None)
-    common.add_argument("--device", type=device_name, default=None)
-    common.add_argument("--batch-size", type=int_range(1), default=8)
-    p = esub.add_parser("ppl", parents=[common], help="sliding-window perplexity of a text file (or per-document for .jsonl)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--window", type=int_range(1), default=None, help="tokens per window (default: the model's context)")
-    p.add_argument("--stride", type=int_range(1), default=None, help="new tokens scored per window (default: window/2)")
-    p.set_defaults(func=cmd_eval_ppl)
-    f = esub.add_parser("fidelity", parents=[common], help="KL(ft||delta), top-1 agreement, ppl of both")
-    f.add_argument("--base", required=True)
-    f.add_argument("--finetuned", required=True)
-    f.add_argument("--data", required=True, help=".jsonl (text field) or .txt (blank-line separated documents)")
-    f.add_argument("--max-length", type=int_range(1), default=None)
-    f.add_argument("--limit", type=int_range(1), default=None)
-    f.set_defaults(func=cmd_eval_fidelity)
-    t = esub.add_parser("tasks", parents=[common], help="zero-shot multiple choice (llm-foundry JSONL), acc and acc_norm")
-    t.add_argument("--model", required=True)
-    t.add_argument("--tasks", required=True, help="comma-separated, e.g. arc_easy,piqa,hellaswag,winogrande,lambada_openai")
-    t.add_argument("--data-dir", required=True)
-    t.add_argument("--limit", type=int_range(1), default=None)
-    t.set_defaults(func=cmd_eval_tasks)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
-    from .recipes import RECIPES
-    from .scale_modes import ScaleMode
+    from .cli_eval import add_eval_parser
+    from .serving.cli import add_serve_parser
 
-    p = argparse.ArgumentParser(prog="bitdelta", description="1-bit fine-tune deltas: compress, inspect, merge, serve.")
+    p = argparse.ArgumentParser(prog="bitdelta", description="1-bit fine-tune deltas: compress, inspect, merge, "
+                                                             "evaluate, serve.")
     p.add_argument("--version", action="version", version=f"bitdelta {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level; errors show their traceback")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_compress_parser(sub)
+
+    i = sub.add_parser("inspect", help="show an artifact's config, modes, sizes and compression factor")
+    i.add_argument("path", help="artifact directory (with delta_config.json)")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.add_argument("--settings", action="store_true",
+                   help="print only the settings the delta records, as a file for `bitdelta compress --config`")
+    i.set_defaults(func=cmd_inspect)
+
+    m = sub.add_parser("merge", help="write base + delta as a normal Hugging Face model directory")
+    add_base(m)
+    m.add_argument("--delta", required=True, help="delta artifact directory (or hub id) to merge into the base")
+    add_output(m, "model directory")
+    add_dtype(m, help="load the base in this dtype, which the merged model is written in (default: as stored)")
+    add_device(m, "where to merge")
+    add_quiet(m)
+    m.set_defaults(func=cmd_merge)
+
+    qb = sub.add_parser("quantize-base", help="write a base quantized to INT8/FP8 (compressed-tensors layout) "
+                                              "for deltas compressed against it")
+    group = qb.add_mutually_exclusive_group(required=True)
+    group.add_argument("--base", help="base model: local directory or hub id (unquantized); "
+                                      "`quantize-base BASE` is accepted too")
+    group.add_argument("base", nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    qb.add_argument("--scheme", required=True, choices=["int8", "fp8"],
+                    help="per-output-channel round-to-nearest INT8 or FP8 (e4m3) weights")
+    add_output(qb, "model directory")
+    qb.add_argument("--max-shard-size", type=shard_size, default="5GB", help="shard the weights above this size")
+    add_quiet(qb)
+    qb.set_defaults(func=cmd_quantize_base)
+
+    r = sub.add_parser("import-reference", help="convert the BitDelta research code's diff.pt")
+    add_base(r, help="the base the diff was made against: local directory or hub id")
+    r.add_argument("--diff", required=True, help="the research code's diff.pt")
+    add_output(r, "artifact directory")
+    r.add_argument("--finetuned-name", default=None, help="fine-tune id to record")
+    r.add_argument("--tokenizer", default=None, help="directory with the fine-tune's tokenizer files to include")
+    add_quiet(r)
+    r.set_defaults(func=cmd_import_reference)
+
+    g = sub.add_parser("generate", help="generate text from the base, or base + delta")
+    add_base(g)
+    g.add_argument("--delta", default=None, help="apply this delta artifact to the base first")
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument("--max-new-tokens", type=int_range(1), default=40, help="tokens to generate (default 40)")
+    g.add_argument("--temperature", type=float_range(0), default=0.0, help="0 = greedy (default)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    add_dtype(g)
+    add_device(g)
+    add_quiet(g)
+    g.set_defaults(func=cmd_generate)
+    add_eval_parser(sub)
+    add_serve_parser(sub)
+    _add_verbose_everywhere(p)
+    return p
+
+
+def _add_compress_parser(sub) -> None:
+    from .recipes import RECIPES
+    from .scale_modes import ScaleMode
 
     c = sub.add_parser("compress", help="compress a fine-tune against its base into a delta artifact")
-    c.add_argument("--base", required=True, help="base model: local directory or hub id")
+    add_base(c)
     c.add_argument("--finetuned", required=True, help="fine-tuned model: local directory or hub id")
-    c.add_argument("--out", required=True, help="artifact directory to write (must not exist unless --overwrite)")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
+    add_output(c, "artifact directory")
     c.add_argument("--config", default=None, metavar="FILE",
                    help="settings file (.yaml/.yml/.toml) with 'recipe', 'compress' and 'distill' keys, the form "
                         "`bitdelta inspect --settings` prints; flags given explicitly override it")
@@ -405,17 +254,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto distils scalar, row and col scales and keeps per module the mode with the lowest "
                         "KL to the fine-tune on held-out calibration samples")
     c.add_argument("--bits", type=int_range(1, 8), default=1, help="residual sign planes per matrix (default 1)")
-    c.add_argument("--dtype", type=dtype_name, default=None, help="dtype of dense extras (default: the fine-tune's)")
+    add_dtype(c, former="--model-dtype", former_dest="model_dtype",
+              help="dtype to load the models in for distillation (default: as stored). For this release it also "
+                   "sets the dense extras' dtype unless --extras-dtype is given (before, that was its only meaning)")
+    c.add_argument("--extras-dtype", type=dtype_name, default=None,
+                   help="dtype of the dense extras: norms, biases, kept modules (default: the fine-tune's); "
+                        "the settings file's compress.dtype")
     c.add_argument("--target", action="append", help="only compress modules matching these globs/regexes")
     c.add_argument("--exclude", action="append", help="keep modules matching these globs/regexes dense")
-    c.add_argument("--dense-embeddings", action="store_true", help="keep embeddings and lm_head dense (reference behaviour)")
+    c.add_argument("--dense-embeddings", action="store_true",
+                   help="keep embeddings and lm_head dense (reference behaviour)")
     c.add_argument("--max-shard-size", type=shard_size, default="5GB", help="shard delta.safetensors above this size")
     c.add_argument("--base-quant", choices=["int8", "fp8"], default=None,
                    help="compress against the base quantized per output channel (what `bitdelta quantize-base` "
                         "writes): the delta absorbs the quantization error and applies to that quantized base only")
-    c.add_argument("--base-revision", default=None)
-    c.add_argument("--finetuned-revision", default=None)
-    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    c.add_argument("--base-revision", default=None, help="hub revision (branch, tag or commit) of --base")
+    c.add_argument("--finetuned-revision", default=None, help="hub revision (branch, tag or commit) of --finetuned")
+    add_quiet(c)
     d = c.add_argument_group(
         "scale distillation",
         "Runs with --recipe, --distill-steps N, --scale auto, or a --config file naming a recipe or a 'distill' "
@@ -445,67 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "recipe): steps of about the lr times each scale")
     d.add_argument("--distill-batch-size", type=int_range(1), default=None, help="recipe default 4")
     d.add_argument("--num-samples", type=int_range(1), default=None, help="calibration samples (recipe default 800)")
-    d.add_argument("--seq-len", type=int_range(1), default=None, help="tokens per calibration sample (recipe default 128)")
-    d.add_argument("--heldout-samples", type=int_range(0), default=32, help="held-out samples (loss before/after; auto's choice)")
+    d.add_argument("--seq-len", type=int_range(1), default=None, metavar="TOKENS",
+                   help="tokens per calibration sample (recipe default 128)")
+    d.add_argument("--heldout-samples", type=int_range(0), default=32,
+                   help="held-out samples (loss before/after; auto's choice)")
     d.add_argument("--distill-loss", choices=["mse", "kl"], default=None, help="recipe default mse")
-    d.add_argument("--teacher-cache", default=None, help="precompute teacher logits to this file and free the fine-tune")
-    d.add_argument("--model-dtype", type=dtype_name, default=None, help="dtype to load the models in for distillation (e.g. bfloat16)")
-    d.add_argument("--device", type=device_name, default=None, help="device for distillation (default: cuda if available)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--teacher-cache", default=None, metavar="FILE",
+                   help="precompute teacher logits to this file and free the fine-tune (an existing file is "
+                        "replaced only with --overwrite)")
+    add_device(d, "device for distillation")
+    d.add_argument("--seed", type=int, default=0, help="seed of sampling and training (default 0)")
     c.set_defaults(func=cmd_compress)
-
-    i = sub.add_parser("inspect", help="show an artifact's config, modes, sizes and compression factor")
-    i.add_argument("path")
-    i.add_argument("--json", action="store_true")
-    i.add_argument("--settings", action="store_true",
-                   help="print only the settings the delta records, as a file for `bitdelta compress --config`")
-    i.set_defaults(func=cmd_inspect)
-
-    m = sub.add_parser("merge", help="write base + delta as a normal Hugging Face model directory")
-    m.add_argument("--base", required=True)
-    m.add_argument("--delta", required=True)
-    m.add_argument("--out", required=True)
-    m.add_argument("--dtype", type=dtype_name, default=None, help="load the base in this dtype (default: as stored)")
-    m.add_argument("--device", type=device_name, default=None, help="where to merge (default cpu)")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing directory at --out")
-    m.set_defaults(func=cmd_merge)
-
-    qb = sub.add_parser("quantize-base", help="write a base quantized to INT8/FP8 (compressed-tensors layout) "
-                                              "for deltas compressed against it")
-    qb.add_argument("base", help="base model: local directory or hub id (unquantized)")
-    qb.add_argument("--scheme", required=True, choices=["int8", "fp8"],
-                    help="per-output-channel round-to-nearest INT8 or FP8 (e4m3) weights")
-    qb.add_argument("--out", required=True, help="model directory to write (must not exist unless --overwrite)")
-    qb.add_argument("--overwrite", action="store_true", help="replace an existing directory at --out")
-    qb.add_argument("--max-shard-size", type=shard_size, default="5GB", help="shard the weights above this size")
-    qb.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    qb.set_defaults(func=cmd_quantize_base)
-
-    r = sub.add_parser("import-reference", help="convert the BitDelta research code's diff.pt")
-    r.add_argument("--base", required=True)
-    r.add_argument("--diff", required=True)
-    r.add_argument("--out", required=True, help="artifact directory to write (must not exist unless --overwrite)")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
-    r.add_argument("--finetuned-name", default=None, help="fine-tune id to record")
-    r.add_argument("--tokenizer", default=None, help="directory with the fine-tune's tokenizer files to include")
-    r.add_argument("-q", "--quiet", action="store_true")
-    r.set_defaults(func=cmd_import_reference)
-
-    g = sub.add_parser("generate", help="generate text from the base, or base + delta")
-    g.add_argument("--base", required=True)
-    g.add_argument("--delta", default=None)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int_range(1), default=40)
-    g.add_argument("--temperature", type=float_range(0), default=0.0, help="0 = greedy")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", type=dtype_name, default=None)
-    g.add_argument("--device", type=device_name, default=None)
-    g.set_defaults(func=cmd_generate)
-    _add_eval_parser(sub)
-    from .serving.cli import add_serve_parser
-    add_serve_parser(sub)
-    _add_verbose_everywhere(p)
-    return p
 
 
 def _add_verbose_everywhere(parser: argparse.ArgumentParser) -> None:
@@ -568,14 +373,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.given_options = explicit_options(parser, sys.argv[1:] if argv is None else argv)  # flags beat --config
     verbose = getattr(args, "verbose", False)
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
-        args.func(args)
+        with library_progress_bars(enabled=not getattr(args, "quiet", False)):
+            args.func(args)
     except KeyboardInterrupt:
         print("interrupted; nothing was written under the output name", file=sys.stderr)
         return 130
     except Exception as e:  # every failure becomes one line; only -v shows where it came from
         return report_error(e, verbose)
+    # after the work, so that a failing command still prints exactly one line
+    for text in getattr(args, NOTES, None) or ():
+        print(f"note: {text}", file=sys.stderr)
     return 0
 
 

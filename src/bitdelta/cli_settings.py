@@ -22,9 +22,10 @@ from .errors import BitDeltaError
 from .recipes import get_recipe
 
 SECTIONS = ("recipe", "compress", "distill")
-# compress flag destination -> CompressConfig field, and the same for distillation
+# compress flag destination -> CompressConfig field, and the same for distillation. The dense extras'
+# dtype is --extras-dtype; --dtype (the load dtype) sets it too for one release, as it did alone before.
 COMPRESS_FLAGS = {"scale": "scale", "bits": "bits", "target": "target", "exclude": "exclude",
-                  "dense_embeddings": "dense_embeddings", "dtype": "dtype", "base_quant": "base_quant"}
+                  "dense_embeddings": "dense_embeddings", "extras_dtype": "dtype", "base_quant": "base_quant"}
 DISTILL_FLAGS = {"distill_steps": "steps", "distill_lr": "lr", "distill_lr_mode": "lr_mode",
                  "distill_batch_size": "batch_size", "num_samples": "num_samples", "seq_len": "seq_len",
                  "heldout_samples": "heldout", "distill_loss": "loss", "calibration": "calibration",
@@ -66,6 +67,8 @@ def compress_settings(args, given) -> CompressSettings:
     if recipe is not None:
         get_recipe(recipe)  # an unknown name fails here, listing the names
     compress_flags = _given_flags(args, COMPRESS_FLAGS, given)
+    if "dtype" not in compress_flags and "dtype" in given and getattr(args, "dtype", None):
+        compress_flags["dtype"] = args.dtype  # --dtype without --extras-dtype: the extras too, for one release
     distill_flags = _given_flags(args, DISTILL_FLAGS, given)
     named = get_recipe(recipe or "default")
     ccfg = fill(fill(named.compress if recipe else CompressConfig(), data.get("compress"), f"{where}: compress"),

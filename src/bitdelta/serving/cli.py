@@ -17,7 +17,7 @@ import ipaddress
 import logging
 from pathlib import Path
 
-from ..cli import device_name, dtype_name, float_range, int_range
+from ..cli_options import add_base, add_quiet, float_range, int_range
 from ..errors import BitDeltaError
 from .config import EngineConfig
 
@@ -164,7 +164,7 @@ def cmd_serve_ray(args) -> None:
 def cmd_serve(args) -> None:
     import uvicorn
 
-    from ..cli import check_device
+    from ..cli_checks import check_device
 
     if args.config:  # engine settings from a file; flags given on the command line win
         EngineConfig.apply_settings_file(args, args.config, getattr(args, "given_options", frozenset()))
@@ -193,7 +193,7 @@ def cmd_serve(args) -> None:
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the base and many deltas over an OpenAI-compatible HTTP API")
-    s.add_argument("--base", required=True, help="base model: local directory or hub id")
+    add_base(s)
     s.add_argument("--delta", action="append", metavar="NAME=PATH", help="serve an artifact under NAME (repeatable)")
     s.add_argument("--delta-dir", default=None,
                    help="allow-listed directory: its artifacts are served by directory name, and runtime registration "
@@ -207,8 +207,10 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--admin-key", default=None, help="bearer key of the admin endpoints")
     s.add_argument("--allow-runtime-deltas", action="store_true", help="enable POST/DELETE /v1/deltas (needs --admin-key)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
-    s.add_argument("--port", type=int_range(0, 65535), default=8000)
-    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--port", type=int_range(0, 65535), default=8000, help="TCP port (default 8000; 0: any free one)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="the HTTP server's log level (default info)")
+    add_quiet(s)
     r = s.add_argument_group("scale-out on Ray Serve (install bitdelta[ray]; see docs/scale_out.md)")
     r.add_argument("--ray", action="store_true", help="deploy engine replicas on Ray Serve, routed by tenant")
     r.add_argument("--replicas", type=int_range(1), default=None, help="engine replicas (default: one per GPU of the cluster)")
