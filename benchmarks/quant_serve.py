@@ -42,22 +42,32 @@ for p in (ROOT / "src", ROOT):  # `python benchmarks/quant_serve.py` and `python
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks._common import (GiB, LINEARS, LLAMA2_7B, SMOKE, BenchDevice, RunLog, build_base,  # noqa: E402
-                                copy_bandwidth, random_packed_module, roofline_terms)
-from benchmarks.serve.context import BenchRun  # noqa: E402
-from benchmarks.serve.measure import run_workload, summary_line  # noqa: E402
-from benchmarks.serve.setup import SharedArtifactSlots  # noqa: E402
-from benchmarks.serve.workload import kv_bytes_per_seq  # noqa: E402
-from bitdelta import __version__  # noqa: E402
-from bitdelta.delta import Delta  # noqa: E402
-from bitdelta.fingerprint import Fingerprint, sample_weight  # noqa: E402
-from bitdelta.serving.model import DeltaLlama  # noqa: E402
-from bitdelta.serving.quant_linear import QuantizedWeight, ways_used  # noqa: E402
-from bitdelta.targets import EMBEDDING, LINEAR  # noqa: E402
+from benchmarks._common import (
+    LINEARS,
+    LLAMA2_7B,
+    SMOKE,
+    BenchDevice,
+    GiB,
+    RunLog,
+    build_base,
+    copy_bandwidth,
+    random_packed_module,
+    roofline_terms,
+)
+from benchmarks.serve.context import BenchRun
+from benchmarks.serve.measure import run_workload, summary_line
+from benchmarks.serve.setup import SharedArtifactSlots
+from benchmarks.serve.workload import kv_bytes_per_seq
+from bitdelta import __version__
+from bitdelta.delta import Delta
+from bitdelta.fingerprint import Fingerprint, sample_weight
+from bitdelta.serving.model import DeltaLlama
+from bitdelta.serving.quant_linear import QuantizedWeight, ways_used
+from bitdelta.targets import EMBEDDING, LINEAR
 
-LLAMA2_70B = dict(vocab=32000, hidden=8192, inter=28672, layers=80, heads=64, kv_heads=8, max_pos=4096)
+LLAMA2_70B = {"vocab": 32000, "hidden": 8192, "inter": 28672, "layers": 80, "heads": 64, "kv_heads": 8, "max_pos": 4096}
 SMOKE_GQA = dict(SMOKE, kv_heads=1)  # the 70B part's grouped-query layout at smoke size
 DEFAULT_NS = {"7b": "1,8,32", "70b": "1,4,8"}
 SHARED = "random-delta"  # the artifact name every tenant's registration shares
@@ -73,7 +83,7 @@ def build_quantized_base(shape: dict, scheme: str, dtype, device, seed: int = 0)
     h, kvd, i = shape["hidden"], shape["hidden"] // shape["heads"] * shape["kv_heads"], shape["inter"]
     dims = {"h": h, "kv": kvd, "i": i}
     g = torch.Generator(device=device).manual_seed(seed)
-    rnd = lambda *s: torch.randn(s, generator=g, device=device, dtype=dtype) * 0.02  # noqa: E731
+    rnd = lambda *s: torch.randn(s, generator=g, device=device, dtype=dtype) * 0.02
     weights, params1d = {}, {}
     for layer in range(shape["layers"]):
         for sub, (o, k) in LINEARS.items():
@@ -229,22 +239,29 @@ def measure_base(run, part: str, kind: str, model, ns: list[int], bw: float, con
         release(run, slots)
 
 
+def measure_part(run, part: str, kind: str, shape: dict, ns: list[int], bw: float, confirm_max: bool = False):
+    """Builds one base (``bf16``, or ``fp8`` matrix by matrix) and measures it; the base is freed after."""
+
+    def go():
+        t = time.perf_counter()
+        if kind == "bf16":
+            model = build_base(shape, run.dtype, run.dev.device)
+        else:
+            model = build_quantized_base(shape, kind, run.dtype, run.dev.device)
+        run.dev.sync()
+        run.log(f"{part} {kind} base built in {time.perf_counter() - t:.1f}s")
+        measure_base(run, part, kind, model, ns, bw, confirm_max)
+
+    run.guarded(f"{part} {kind}", go)
+
+
 def part_7b(run, bw: float) -> None:
     args = run.args
     shape = dict(SMOKE if args.smoke else LLAMA2_7B)
     if args.layers:
         shape["layers"] = args.layers
-    ns = parse_ns(args.ns or DEFAULT_NS["7b"])
     for kind in ("bf16", "fp8"):
-        t = time.perf_counter()
-        if kind == "bf16":
-            model = build_base(shape, run.dtype, run.dev.device)
-        else:
-            model = build_quantized_base(shape, "fp8", run.dtype, run.dev.device)
-        run.log(f"7b {kind} base built in {time.perf_counter() - t:.1f}s")
-        run.guarded(f"7b {kind}", lambda: measure_base(run, "7b", kind, model, ns, bw))
-        del model
-        run.dev.free_memory()
+        measure_part(run, "7b", kind, shape, parse_ns(args.ns or DEFAULT_NS["7b"]), bw)
 
 
 def part_70b(run, bw: float) -> None:
@@ -252,14 +269,8 @@ def part_70b(run, bw: float) -> None:
     shape = dict(SMOKE_GQA if args.smoke else LLAMA2_70B)
     if args.layers:
         shape["layers"] = args.layers
-    t = time.perf_counter()
-    model = build_quantized_base(shape, "fp8", run.dtype, run.dev.device)
-    run.dev.sync()
-    run.log(f"70b fp8 base built in {time.perf_counter() - t:.1f}s")
-    ns = parse_ns(args.ns or DEFAULT_NS["70b"])
-    run.guarded("70b fp8", lambda: measure_base(run, "70b", "fp8", model, ns, bw, confirm_max=not args.no_confirm_max))
-    del model
-    run.dev.free_memory()
+    measure_part(run, "70b", "fp8", shape, parse_ns(args.ns or DEFAULT_NS["70b"]), bw,
+                 confirm_max=not args.no_confirm_max)
 
 
 # ---------------------------------------------------------------------------------- report

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import quant_serve  # noqa: E402
-from benchmarks._common import SMOKE, BenchDevice, RunLog  # noqa: E402
+from benchmarks import quant_serve
+from benchmarks._common import SMOKE, BenchDevice, RunLog
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_smoke_run_measures_both_parts_for_every_n(smoke, capsys):
 def test_markdown_table_has_a_row_per_run(smoke):
     _, result = smoke
     md = quant_serve.markdown(result)
-    rows = [line for line in md.splitlines() if line.startswith("| 7b") or line.startswith("| 70b")]
+    rows = [line for line in md.splitlines() if line.startswith(("| 7b", "| 70b"))]
     assert len(rows) == len(result["runs"])
     assert "| 70b | fp8 | 4 (max fit) |" in md and "largest N that fits = 4" in md
 

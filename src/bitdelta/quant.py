@@ -330,7 +330,7 @@ class DequantizedCheckpoint:
         except FormatError as e:
             raise FormatError(f"{self.where}: {key}: {e}") from None
 
-    def read_quantized(self, key: str) -> "StoredQuantized":
+    def read_quantized(self, key: str) -> StoredQuantized:
         """The quantized weight ``key`` as stored (its 8-bit values, scale and zero point, read
         without dequantizing) and the dtype :meth:`get` dequantizes it to: what a server that
         multiplies by the quantized weights itself needs."""

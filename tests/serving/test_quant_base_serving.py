@@ -8,7 +8,6 @@ the tests marked ``cuda`` check the FP8 GEMM path (``torch._scaled_mm``) and CUD
 
 from __future__ import annotations
 
-import copy
 import sys
 import warnings
 from pathlib import Path
@@ -32,7 +31,7 @@ from bitdelta.serving.quant_linear import QuantizedWeight, QuantTenantLinear, fp
 from bitdelta.serving.runtime import build_runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from arch_pairs import byte_tokenizer, finetune_of  # noqa: E402
+from arch_pairs import byte_tokenizer, finetune_of
 
 SCHEMES = ("int8", "fp8")
 STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -203,7 +202,7 @@ def test_quantize_base_directory_is_served_as_stored(pair, scheme, monkeypatch):
     qdir = pair["tmp"] / f"base-{scheme}"
     if not qdir.exists():
         write_quantized_base(pair["base"], scheme, qdir, progress=False)
-    import bitdelta.quant as quant
+    from bitdelta import quant
 
     def no_requantization(*args, **kwargs):
         raise AssertionError("a quantized directory must be served as stored, not quantized again")

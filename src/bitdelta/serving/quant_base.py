@@ -27,7 +27,7 @@ import logging
 import torch
 
 from ..errors import BitDeltaError, WrongBaseError
-from ..quant import check_scheme, directory_quantization, quantize, quantized_keys
+from ..quant import check_scheme, directory_quantization, quantized_keys
 from .quant_linear import QuantizedWeight
 
 logger = logging.getLogger(__name__)

@@ -22,8 +22,9 @@ else falls back to the next way):
 
 The delta term is unchanged: a decode step on a GPU adds the decode kernel's delta-only product
 (the popc or Triton kernel :func:`bitdelta.ops.bitdelta_linear` would run) to the quantized base
-product, the two running at once on two streams for small batches as the fused op runs them; every other step with a tenant (prompts, column-scaled tenants, the CPU, a custom
-dispatch) makes the usual dispatch call with the weight dequantized for that call. No step syncs
+product, the two running at once on two streams for small batches as the fused op runs them;
+every other step with a tenant (prompts, column-scaled tenants, the CPU, a custom dispatch) makes
+the usual dispatch call with the weight dequantized for that call. No step syncs
 with the host or has a shape that depends on values, so decode steps can be captured in CUDA graphs.
 
     qw = QuantizedWeight.quantize(w, "fp8")                 # or from a checkpoint's stored q and scale
@@ -74,14 +75,14 @@ class QuantizedWeight:
     zero_point: torch.Tensor | None = None
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, scheme: str) -> "QuantizedWeight":
+    def quantize(cls, weight: torch.Tensor, scheme: str) -> QuantizedWeight:
         """``weight`` quantized as ``compress --base-quant`` quantizes it (the same function, so the
         same bits): pass the tensor as the checkpoint stores it, in its own dtype."""
         q, scale = quantize(weight, scheme)
         return cls(q, scale, scheme, weight.dtype)
 
     @classmethod
-    def from_stored(cls, stored) -> "QuantizedWeight":
+    def from_stored(cls, stored) -> QuantizedWeight:
         """From a :class:`bitdelta.quant.StoredQuantized` (a quantized checkpoint's weight, as stored).
         A per-tensor scale becomes a per-channel one (the same products); an all-zero zero point is dropped."""
         q, scale, zp = stored.q, stored.scale, stored.zero_point
@@ -115,8 +116,8 @@ class QuantizedWeight:
         extra = 0 if self.zero_point is None else self.zero_point.numel() * self.zero_point.element_size()
         return self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size() + extra
 
-    def to(self, device) -> "QuantizedWeight":
-        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+    def to(self, device) -> QuantizedWeight:
+        move = (lambda t: None if t is None else t.to(device))
         return QuantizedWeight(move(self.q), move(self.scale), self.scheme, self.dtype, self.block,
                                move(self.zero_point))
 
@@ -149,7 +150,7 @@ def int8_weight_only(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> t
     return torch._weight_int8pack_mm(x.contiguous(), q, scale)
 
 
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SIDE:
         _SIDE[index] = torch.cuda.Stream(device)
@@ -192,15 +193,15 @@ def choose_way(qw: QuantizedWeight, dtype: torch.dtype) -> str:
     got = _TRIALS.get(key)
     if got is not None:
         return got
+    fp8_gemm_fits = (qw.per_channel and qw.scheme == "fp8" and device.type == "cuda" and hasattr(torch, "_scaled_mm")
+                     and _gpu_capability(device) >= FP8_MIN_CAPABILITY
+                     and qw.shape[0] % GEMM_ALIGN == 0 and qw.shape[1] % GEMM_ALIGN == 0)
+    int8_fits = qw.per_channel and qw.scheme == "int8" and hasattr(torch, "_weight_int8pack_mm")
     way = "dequantize"
-    if qw.per_channel and qw.scheme == "fp8":
-        if (device.type == "cuda" and hasattr(torch, "_scaled_mm") and _gpu_capability(device) >= FP8_MIN_CAPABILITY
-                and qw.shape[0] % GEMM_ALIGN == 0 and qw.shape[1] % GEMM_ALIGN == 0
-                and _try_way("fp8-gemm", qw, dtype)):
-            way = "fp8-gemm"
-    elif qw.per_channel and qw.scheme == "int8":
-        if hasattr(torch, "_weight_int8pack_mm") and _try_way("int8-weight-only", qw, dtype):
-            way = "int8-weight-only"
+    if fp8_gemm_fits and _try_way("fp8-gemm", qw, dtype):
+        way = "fp8-gemm"
+    elif int8_fits and _try_way("int8-weight-only", qw, dtype):
+        way = "int8-weight-only"
     _TRIALS[key] = way
     return way
 
