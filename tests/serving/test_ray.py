@@ -167,7 +167,7 @@ def test_errors(ray_app):
     assert _text(ray_app.client, "gsm8k")
     r = ray_app.http.post("/v1/completions", json={"model": "../etc/passwd", "prompt": "x"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-    r = ray_app.http.post("/v1/completions", json={"model": "gsm8k", "prompt": "x", "n": 2})
+    r = ray_app.http.post("/v1/completions", json={"model": "gsm8k", "prompt": "x", "n": 17})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"  # the replica's own validation
     r = ray_app.http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422

@@ -47,8 +47,8 @@ from . import graphs as graphs_mod
 from .mapping import BatchMapping, KVCache
 from .models import DeltaModel
 from .residency import DeltaState
-from .sampling import (MIN_TEMPERATURE, SEED_MAX, SEED_MIN, InvalidRequest, PenaltyTable,  # noqa: F401 (re-exported)
-                       SamplingParams, TokenLogprob, check_params, non_finite_message, sample_step, token_logprobs)
+from .sampling import MIN_TEMPERATURE, SEED_MAX, SEED_MIN, InvalidRequest, SamplingParams  # noqa: F401 (re-exported)
+from .sampling import PenaltyTable, TokenLogprob, check_params, non_finite_message, sample_step, token_logprobs
 
 logger = logging.getLogger(__name__)
 

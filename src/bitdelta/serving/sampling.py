@@ -118,7 +118,7 @@ class TokenLogprob:
 
 
 def _json_safe(v: float) -> float:
-    return LOGPROB_FLOOR if v < LOGPROB_FLOOR else v  # -inf included
+    return max(v, LOGPROB_FLOOR)  # -inf included
 
 
 def token_logprobs(logits: torch.Tensor, rows: list[int], targets: list[int], k: int) -> list[TokenLogprob | None]:
