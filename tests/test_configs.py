@@ -13,8 +13,7 @@ import bitdelta
 from bitdelta import artifact_info
 from bitdelta.apply import applied_holders
 from bitdelta.artifact_info import FORMAT_VERSION, DeltaInfo, migrate
-from bitdelta.configs import (CompressConfig, DistillConfig, build, fill, read_settings_file, settings_yaml,
-                              to_plain)
+from bitdelta.configs import CompressConfig, DistillConfig, build, fill, read_settings_file, settings_yaml, to_plain
 from bitdelta.errors import ConfigError, FormatError
 from bitdelta.recipes import RECIPES, Recipe, get_recipe
 from bitdelta.scale_modes import MATRIX_MODES, ScaleMode, scale_shape

@@ -5,9 +5,15 @@ import torch
 
 import bitdelta
 from bitdelta.calibration import Calibration, TokenBatches
-from bitdelta.distill import (TeacherLogits, choose_auto, distill_scales, heldout_loss, logits_loss,
-                              precompute_teacher_logits)
 from bitdelta.delta import PackedModule
+from bitdelta.distill import (
+    TeacherLogits,
+    choose_auto,
+    distill_scales,
+    heldout_loss,
+    logits_loss,
+    precompute_teacher_logits,
+)
 from models import load, make_pair
 
 

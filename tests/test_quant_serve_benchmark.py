@@ -5,15 +5,9 @@ arithmetic behind "the largest N that fits" equal to what the delta pool really 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from benchmarks import quant_serve
 from benchmarks._common import SMOKE, BenchDevice, RunLog

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from .cli_checks import check_device, check_input_dir, check_input_file, check_text_source
-from .cli_options import add_base, add_dtype, add_device, add_quiet, int_range
+from .cli_options import add_base, add_device, add_dtype, add_quiet, int_range
 
 
 def _model_with_delta(model_path, delta_path, dtype, device):

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 
 from bitdelta.evaluate import fidelity, perplexity_of_documents, recovery
+from conftest import make_tiny_llama
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import make_bpe_tokenizer, make_tiny_llama, manual_logprobs
 
 from bitdelta.evaluate import perplexity, perplexity_of_documents
+from conftest import make_bpe_tokenizer, make_tiny_llama, manual_logprobs
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. She poured milk in the bowl and lost her appetite. "

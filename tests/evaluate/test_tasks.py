@@ -8,9 +8,9 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import SuccessorLM, make_bpe_tokenizer, make_tiny_llama, manual_logprobs
 
 from bitdelta.evaluate import TASKS, evaluate_task, evaluate_tasks, loglikelihood
+from conftest import SuccessorLM, make_bpe_tokenizer, make_tiny_llama, manual_logprobs
 
 SHARED_TASKS = Path(__file__).resolve().parents[3] / "shared" / "data" / "tasks"
 

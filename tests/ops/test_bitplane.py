@@ -4,7 +4,7 @@ quantisation bound of the reference op itself."""
 
 import pytest
 import torch
-from _inputs import TOLERANCES, make_inputs
+from _inputs import make_inputs
 
 from bitdelta.ops import bitplane as bp
 from bitdelta.ops import reference as ref

@@ -1,5 +1,7 @@
 """Triton kernels vs the reference. On CPU they run under TRITON_INTERPRET=1 (set before the kernels
-are decorated); on a CUDA machine the same tests run compiled, plus the cuda-marked ones."""
+are decorated); on a CUDA machine the same tests run compiled, plus the cuda-marked ones. The matrix
+of modes, bits, dtypes and launch variants is marked slow (minutes in the interpreter); the public-API
+and all-base-only checks stay in the quick set."""
 
 import importlib
 import os
@@ -35,6 +37,10 @@ SMALL_SEG = {"BM": 16, "BN": 16, "BK": 32, "SWAP": False, "num_warps": 4, "num_s
 SHAPES = [(24, 16), (40, 96), (24, 200)]  # (N, K): N not a multiple of BN, K not of BK/BKD; 96: int32 sign words
 
 
+def _dtype_id(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _to(dev, *ts):
     return [t.to(dev) if t is not None else None for t in ts]
 
@@ -45,6 +51,9 @@ def _check(y, expected, dtype):
     torch.testing.assert_close(y.cpu().float(), expected.cpu().float(), rtol=rtol, atol=atol)
 
 
+ID_PATTERNS = ("mixed", "all_base", "one_tenant")
+
+
 def _id_patterns(t, d):
     g = torch.Generator().manual_seed(t)
     mixed = torch.randint(-1, d, (t,), generator=g)
@@ -52,39 +61,50 @@ def _id_patterns(t, d):
     return {"mixed": mixed, "all_base": torch.full((t,), -1), "one_tenant": torch.full((t,), d - 1)}
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+# (tokens, tenant-id pattern); shape SHAPES[i] and launch variant (i + j) for the i-th token count and
+# j-th pattern. One token of one tenant is the "mixed" case already.
+DECODE_CASES = [(t, name) for t in (1, 3, 17) for name in ID_PATTERNS if not (t == 1 and name == "one_tenant")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("t,ids_name", DECODE_CASES, ids=[f"T{t}-{name}" for t, name in DECODE_CASES])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=_dtype_id)
 @pytest.mark.parametrize("bits", [1, 2])
 @pytest.mark.parametrize("mode", ["scalar", "row", "col"])
-def test_decode_kernel_matches_reference(mode, bits, dtype):
-    for i, t in enumerate([1, 3, 17]):
-        n, k = SHAPES[i]
-        for j, (name, ids) in enumerate(_id_patterns(t, 3).items()):
-            if t == 1 and name == "one_tenant":
-                continue
-            cfg = DECODE_VARIANTS[(i + j) % len(DECODE_VARIANTS)]
-            x, w, b, signs, sc, ids = make_inputs(t, n, k, 3, bits, mode, dtype, seed=i, ids=ids)
-            expected = ref.bitdelta_linear_ref(x, w, b, signs, sc, mode, ids)
-            y = triton_ops.bitdelta_decode(*_to(DEVICE, x, w, b, signs, sc), mode, ids.to(DEVICE), config=cfg)
-            _check(y, expected, dtype)
+def test_decode_kernel_matches_reference(mode, bits, dtype, t, ids_name):
+    i, j = (1, 3, 17).index(t), ID_PATTERNS.index(ids_name)
+    n, k = SHAPES[i]
+    cfg = DECODE_VARIANTS[(i + j) % len(DECODE_VARIANTS)]
+    ids = _id_patterns(t, 3)[ids_name]
+    x, w, b, signs, sc, ids = make_inputs(t, n, k, 3, bits, mode, dtype, seed=i, ids=ids)
+    expected = ref.bitdelta_linear_ref(x, w, b, signs, sc, mode, ids)
+    y = triton_ops.bitdelta_decode(*_to(DEVICE, x, w, b, signs, sc), mode, ids.to(DEVICE), config=cfg)
+    _check(y, expected, dtype)
 
 
 # Lookup tables on fp16; packed fp16 pairs on bf16 inputs (rounded to fp16 inside; col scales take the
 # default GEMV there). One dtype each keeps the interpreter's time down.
-@pytest.mark.parametrize("gemv,dtype", [(1, torch.float16), (2, torch.bfloat16)])
+# (tenant ids, (N, K), SPLIT_K): 3 and 5 sign words
+GEMV_CASES = [([2], (24, 96), 1), ([0, -1, 2, 0, 1], (40, 160), 0)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ids,shape,split", GEMV_CASES, ids=["T1-split1", "T5-split-auto"])
+@pytest.mark.parametrize("gemv,dtype", [(1, torch.float16), (2, torch.bfloat16)], ids=["lut-fp16", "pairs-bf16"])
 @pytest.mark.parametrize("bits", [1, 2])
 @pytest.mark.parametrize("mode", ["scalar", "row", "col"])
-def test_decode_experimental_gemvs_match_reference(mode, bits, gemv, dtype):
+def test_decode_experimental_gemvs_match_reference(mode, bits, gemv, dtype, ids, shape, split):
     lut = {**SMALL_DECODE, "DOT_MIN": 65, "GEMV": gemv}  # every tenant through that GEMV
-    for ids, (n, k), split in [([2], (24, 96), 1), ([0, -1, 2, 0, 1], (40, 160), 0)]:  # 3 / 5 sign words
-        t, ids = len(ids), torch.tensor(ids)
-        x, w, b, signs, sc, ids = make_inputs(t, n, k, 3, bits, mode, dtype, seed=t, ids=ids)
-        expected = ref.bitdelta_linear_ref(x, w, b, signs, sc, mode, ids)
-        y = triton_ops.bitdelta_decode(*_to(DEVICE, x, w, b, signs, sc), mode, ids.to(DEVICE),
-                                       config={**lut, "SPLIT_K": split})
-        _check(y, expected, dtype)
+    (n, k), t, ids = shape, len(ids), torch.tensor(ids)
+    x, w, b, signs, sc, ids = make_inputs(t, n, k, 3, bits, mode, dtype, seed=t, ids=ids)
+    expected = ref.bitdelta_linear_ref(x, w, b, signs, sc, mode, ids)
+    y = triton_ops.bitdelta_decode(*_to(DEVICE, x, w, b, signs, sc), mode, ids.to(DEVICE),
+                                   config={**lut, "SPLIT_K": split})
+    _check(y, expected, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dtype_id)
 def test_decode_kernel_no_bias_default_config(dtype):
     # The production config (BKD larger than K) on a token count that needs the 128-row tile.
     x, w, b, signs, sc, ids = make_inputs(100, 40, 72, 5, 1, "row", dtype, seed=7, bias=False)
@@ -92,7 +112,8 @@ def test_decode_kernel_no_bias_default_config(dtype):
     _check(y, ref.bitdelta_linear_ref(x, w, None, signs, sc, "row", ids), dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=_dtype_id)
 @pytest.mark.parametrize("bits", [1, 2])
 @pytest.mark.parametrize("mode", ["scalar", "row", "col"])
 def test_segmented_kernel_matches_reference(mode, bits, dtype):
@@ -120,6 +141,7 @@ def test_segmented_all_base_only():
     _check(y, (x.float() @ w.float().T + b.float()).half(), torch.float16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["row", "col"])
 def test_large_batch_sorts_into_segments(mode):
     # T > DECODE_MAX_TOKENS in arbitrary tenant order goes through the device-side sort + segmented GEMM.
@@ -159,6 +181,7 @@ def test_decode_cuda_graph_capture(t):
     assert not torch.equal(y, y_g) or t == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [1, 2])
 @pytest.mark.parametrize("mode", ["scalar", "row", "col"])
 def test_expand_delta_matches_reference(mode, bits):

@@ -138,8 +138,9 @@ class LiveServer:
 @pytest.fixture(scope="session")
 def wrong_base_delta(delta_dir, tiny_models, tmp_path_factory) -> Path:
     """A well-formed delta made against a different base of the same shapes."""
-    import bitdelta
     from transformers import AutoModelForCausalLM
+
+    import bitdelta
 
     tmp = tmp_path_factory.mktemp("other-base")
     other = AutoModelForCausalLM.from_pretrained(tiny_models["base"], dtype=torch.float32)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +13,7 @@ from bitdelta.serving.engine import Engine, QueueFull, Request, SamplingParams
 from bitdelta.serving.graphs import DecodeGraphs, batch_buckets, pack_inputs, pick, span_buckets
 from bitdelta.serving.model import BatchMapping, DeltaLlama
 from bitdelta.serving.slots import DeltaSlots
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models import finetune_like  # noqa: E402
+from models import finetune_like
 
 
 def _load(path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -19,13 +18,11 @@ import pytest
 import torch
 
 import bitdelta
+from arch_pairs import finetune_of
 from bitdelta.serving.engine import Engine, Request, SamplingParams
 from bitdelta.serving.mapping import BatchMapping
 from bitdelta.serving.models import DeltaModel
 from bitdelta.serving.slots import DeltaSlots
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from arch_pairs import finetune_of  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "

@@ -9,24 +9,20 @@ merged models, and one step's logits agree with the merged models' within float3
 from __future__ import annotations
 
 import copy
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
+import arch_pairs
 import bitdelta
+from arch_pairs import finetune_of, load_model, make_arch_model
 from bitdelta.errors import BitDeltaError
 from bitdelta.serving.engine import Engine, Request, SamplingParams
 from bitdelta.serving.graphs import DecodeGraphs
 from bitdelta.serving.mapping import BatchMapping
 from bitdelta.serving.models import DeltaModel, UnsupportedModel
 from bitdelta.serving.slots import DeltaSlots
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import arch_pairs  # noqa: E402
-from arch_pairs import finetune_of, load_model, make_arch_model  # noqa: E402
 
 WINDOW = 5
 FAMILIES = {  # arch -> config overrides

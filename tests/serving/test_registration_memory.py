@@ -15,7 +15,7 @@ import torch
 
 import bitdelta
 from bitdelta.errors import BitDeltaError, FormatError
-from bitdelta.safetensors_io import SafetensorsCheckpoint, _DTYPE_NAMES
+from bitdelta.safetensors_io import _DTYPE_NAMES, SafetensorsCheckpoint
 from models import load, make_pair
 
 GIB = 1 << 30

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ._common import encode, model_device, resolve_add_bos
 from ..hf_cache import cache_argument, cache_of
+from ._common import encode, model_device, resolve_add_bos
 
 
 @dataclass

@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 
 from ..errors import BitDeltaError, ShapeMismatchError
-from ..validate import base_magnitudes, check_delta_values
 from ..safetensors_io import bytes_read
+from ..validate import base_magnitudes, check_delta_values
 from .dispatch import Dispatch, FunctionDispatch
 from .layers import DevicePool, HostDelta
 
