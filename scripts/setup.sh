@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (if needed) and installs bitdelta with its test extras. Safe to run repeatedly.
+# Creates .venv (if needed) and installs bitdelta with its test and dev (ruff) extras. Safe to run repeatedly.
 # PyTorch is installed explicitly first: a bare `torch` requirement would otherwise pull a
 # CUDA build (several GB) on machines that have a local CPU wheel.
 set -euo pipefail
@@ -12,5 +12,5 @@ VPY=.venv/bin/python
 if ! "$VPY" -c "import torch" 2>/dev/null; then
   "$VPY" -m pip install -q --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
 fi
-"$VPY" -m pip install -q --disable-pip-version-check -e ".[test]"
+"$VPY" -m pip install -q --disable-pip-version-check -e ".[test,dev]"
 echo "bitdelta $("$VPY" -c 'import bitdelta; print(bitdelta.__version__)') ready in .venv (torch $("$VPY" -c 'import torch; print(torch.__version__)'))"
