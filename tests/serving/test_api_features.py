@@ -396,14 +396,10 @@ def test_end_tokens_stop_unless_ignored(client, server, ids_of):
         tt.eos_ids, tt.chat_end_ids = saved[0], tuple(ids_of([chat_out[j]]))
         c = client.chat.completions.create(**chat_kw).choices[0]
         assert c.finish_reason == "stop" and [t.token for t in c.logprobs.content] == chat_out[:j]
-        r = client.completions.create(**{**kw, "prompt": text_of_chat(tt, msgs)}).choices[0]
+        r = client.completions.create(**{**kw, "prompt": tt.encode_chat(msgs)}).choices[0]
         assert len(r.logprobs.tokens) == 12  # completions do not end at the template's end of turn
     finally:
         tt.eos_ids, tt.chat_end_ids = saved
-
-
-def text_of_chat(tt, msgs) -> list[int]:
-    return tt.encode_chat(msgs)
 
 
 def test_chat_template_end_token_is_an_end_token(tiny_models):

@@ -70,8 +70,10 @@ class PromptTooLong(InvalidRequest):
 
 
 # Prompt positions a scored prefill feeds per step: each is a one-token row whose attention reads
-# the cache, so a step's attention memory grows with this times the prompt length.
+# the cache up to its position, so a step's attention memory grows with rows times prompt length.
+# At most SCORED_PREFILL_CHUNK rows a step, fewer for long prompts (rows x length within the budget).
 SCORED_PREFILL_CHUNK = 128
+SCORED_PREFILL_POSITIONS = 1 << 17
 
 
 @dataclass
@@ -446,7 +448,8 @@ class Engine:
             return [(r.kv_slot, 0, list(r.prompt), r.delta_slot)]
         # A scored prefill: one-token rows of the same KV slot, each with its own logits. Every row
         # writes its key/value before any row attends, so each sees exactly the positions before it.
-        end = min(r.prompt_done + SCORED_PREFILL_CHUNK, len(r.prompt))
+        rows = max(1, min(SCORED_PREFILL_CHUNK, SCORED_PREFILL_POSITIONS // len(r.prompt)))
+        end = min(r.prompt_done + rows, len(r.prompt))
         return [(r.kv_slot, i, [r.prompt[i]], r.delta_slot) for i in range(r.prompt_done, end)]
 
     def step(self) -> None:

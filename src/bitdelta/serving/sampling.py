@@ -105,6 +105,15 @@ def derive_seed(seed: int, index: int) -> int:
     return z ^ (z >> 31)
 
 
+def on_device(values, device, dtype=torch.long) -> torch.Tensor:
+    """A small host list as a device tensor; on CUDA through pinned memory without waiting for the
+    device, so building a step's indices does not stall the host behind the forward."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 # ---------------------------------------------------------------------------------- log-probabilities
 
 
@@ -127,10 +136,10 @@ def token_logprobs(logits: torch.Tensor, rows: list[int], targets: list[int], k:
     if not rows:
         return []
     dev, width = logits.device, logits.shape[-1]
-    x = logits.index_select(0, torch.tensor(rows, device=dev)).float()
+    x = logits.index_select(0, on_device(rows, dev)).float()
     ok = torch.isfinite(x.amax(dim=-1))  # amax carries NaN through
     lp = torch.log_softmax(x, dim=-1)
-    tgt = torch.tensor([t if 0 <= t < width else 0 for t in targets], device=dev)
+    tgt = on_device([t if 0 <= t < width else 0 for t in targets], dev)
     parts = [ok.double()[:, None], lp.gather(-1, tgt[:, None]).double()]
     k = min(k, width)
     if k:
@@ -169,14 +178,13 @@ class PenaltyTable:
         self.seen[slot].zero_()
         ids = [t for t in prompt if 0 <= t < self.width]
         if ids:
-            self.seen[slot, torch.tensor(ids, device=self.device)] = True
+            self.seen[slot, on_device(ids, self.device)] = True
 
     def record(self, slots: list[int], tokens: list[int]) -> None:
         """Each ``slots[i]`` generated ``tokens[i]`` this step."""
         if not slots or self.counts is None:
             return
-        s = torch.tensor(slots, device=self.device)
-        t = torch.tensor(tokens, device=self.device)
+        s, t = on_device(slots, self.device), on_device(tokens, self.device)
         self.counts.index_put_((s, t), torch.ones(len(slots), device=self.device), accumulate=True)
         self.seen[s, t] = True
 
@@ -184,9 +192,9 @@ class PenaltyTable:
         """Rows ``x`` (one per entry of ``slots``) with their requests' penalties applied (a new tensor)."""
         w = min(self.width, x.shape[-1])
         dev = x.device
-        s = torch.tensor(slots, device=dev)
-        knobs = torch.tensor([[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in params],
-                             dtype=torch.float32, device=dev)
+        s = on_device(slots, dev)
+        knobs = on_device([[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in params], dev,
+                          torch.float32)
         rep, freq, pres = knobs[:, 0:1], knobs[:, 1:2], knobs[:, 2:3]
         counts, seen = self.counts[s, :w], self.seen[s, :w]
         head = x[:, :w].float()
@@ -240,10 +248,10 @@ def sample_step(logits: torch.Tensor, rows: list[int], reqs: list, penalties: Pe
     if not reqs:
         return []
     dev = logits.device
-    x = logits if rows == list(range(logits.shape[0])) else logits.index_select(0, torch.tensor(rows, device=dev))
+    x = logits if rows == list(range(logits.shape[0])) else logits.index_select(0, on_device(rows, dev))
     pen = [i for i, r in enumerate(reqs) if r.params.penalized] if penalties is not None else []
     if pen:
-        idx = torch.tensor(pen, device=dev)
+        idx = on_device(pen, dev)
         shaped = penalties.apply(x.index_select(0, idx), [reqs[i].kv_slot for i in pen], [reqs[i].params for i in pen])
         x = x.float().index_copy(0, idx, shaped)  # out of place: the raw logits stay for log-probabilities
     greedy = x.argmax(dim=-1)

@@ -2,7 +2,8 @@
 
 :mod:`.app` (``create_app``: the routers, ``/health``, ``/metrics``, the page, error handlers),
 :mod:`.openai_routes` (``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``),
-:mod:`.streaming` (an engine request's tokens as one JSON answer or server-sent events),
+:mod:`.streaming` (a request's choices as one JSON answer or server-sent events),
+:mod:`.logprobs` (log-probabilities in OpenAI's completions and chat shapes),
 :mod:`.admin` (``/v1/deltas``), :mod:`.auth` (bearer keys, key scopes, the admin key),
 :mod:`.errors` (OpenAI-style error bodies), :mod:`.schemas` (request bodies),
 :mod:`.server_config` (``ServerConfig``), :mod:`.state` (what the routers share).
