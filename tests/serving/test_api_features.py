@@ -304,7 +304,8 @@ def test_echo_returns_prompt_and_completion(client, text):
     assert client.completions.create(prompt=PROMPT, echo=True, **kw).choices[0].text == PROMPT + plain
     ids = _prompt_ids(text)
     assert client.completions.create(prompt=ids, echo=True, **kw).choices[0].text == text.decode(ids) + plain
-    streamed = "".join(c.choices[0].text for c in client.completions.create(prompt=PROMPT, echo=True, stream=True, **kw))
+    chunks = client.completions.create(prompt=PROMPT, echo=True, stream=True, **kw)
+    streamed = "".join(c.choices[0].text for c in chunks)
     assert streamed == PROMPT + plain
     # echo is no chat parameter: ignored there
     msgs = [{"role": "user", "content": "Speak"}]

@@ -16,8 +16,15 @@ import torch
 from bitdelta.serving.engine import SCORED_PREFILL_CHUNK, Engine, InvalidRequest, Request, SamplingParams
 from bitdelta.serving.graphs import DecodeGraphs
 from bitdelta.serving.model import DeltaLlama
-from bitdelta.serving.sampling import (LOGPROB_FLOOR, SEED_MAX, PenaltyTable, check_params, derive_seed, sample_step,
-                                       token_logprobs)
+from bitdelta.serving.sampling import (
+    LOGPROB_FLOOR,
+    SEED_MAX,
+    PenaltyTable,
+    check_params,
+    derive_seed,
+    sample_step,
+    token_logprobs,
+)
 from bitdelta.serving.slots import DeltaSlots
 
 # ---------------------------------------------------------------------------------- units
@@ -140,7 +147,8 @@ def _prompt(n, seed=0):
 def test_engine_logprobs_and_scored_prompts_equal_the_model(base_hf):
     engine = _engine(base_hf)
     long_prompt, short = _prompt(SCORED_PREFILL_CHUNK + 30, 1), _prompt(9, 2)
-    reqs = [Request(prompt=long_prompt, params=SamplingParams(max_tokens=5, temperature=0, logprobs=3, prompt_logprobs=2)),
+    reqs = [Request(prompt=long_prompt,
+                    params=SamplingParams(max_tokens=5, temperature=0, logprobs=3, prompt_logprobs=2)),
             Request(prompt=short, params=SamplingParams(max_tokens=12, temperature=0)),  # decodes meanwhile
             Request(prompt=short, params=SamplingParams(max_tokens=6, temperature=1.3, seed=3, logprobs=0,
                                                         prompt_logprobs=0, frequency_penalty=1.0))]

@@ -18,7 +18,8 @@ rows of its own KV slot, :data:`SCORED_PREFILL_CHUNK` per step, so every prompt 
 
 Faults stay with the request that caused them. Sampling runs per request (a failure ends that request
 with finish "error"); a request whose logits come out non-finite (a corrupt delta, an overflow, a
-penalty pushing a huge logit past float32) ends with code ``invalid_output``; when a batched forward raises, the step's sequences are retried one by
+penalty pushing a huge logit past float32) ends with code ``invalid_output``; when a batched
+forward raises, the step's sequences are retried one by
 one, so only the culprit fails. A failure outside any one request (a bug, a broken device) stops the
 loop: every request in flight gets an error event, :meth:`Engine.submit` raises
 :class:`EngineUnavailable` (HTTP 503), and with ``auto_restart`` (the default) the engine resets its
@@ -47,8 +48,17 @@ from . import graphs as graphs_mod
 from .mapping import BatchMapping, KVCache
 from .models import DeltaModel
 from .residency import DeltaState
-from .sampling import MIN_TEMPERATURE, SEED_MAX, SEED_MIN, InvalidRequest, SamplingParams  # noqa: F401 (re-exported)
-from .sampling import PenaltyTable, TokenLogprob, check_params, non_finite_message, sample_step, token_logprobs
+from .sampling import (
+    MIN_TEMPERATURE,
+    InvalidRequest,
+    PenaltyTable,
+    SamplingParams,
+    TokenLogprob,
+    check_params,
+    non_finite_message,
+    sample_step,
+    token_logprobs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +148,8 @@ class Engine:
         self.wrap_forward = wrap_forward
         self.max_len = min(max_len or model.max_len, model.max_len)
         self.max_queue, self.max_prefill_tokens = max_queue, max_prefill_tokens
-        per_seq = KVCache.bytes_per_sequence(model.num_layers, self.max_len, model.kv_heads, model.head_dim, model.dtype)
+        per_seq = KVCache.bytes_per_sequence(model.num_layers, self.max_len, model.kv_heads, model.head_dim,
+                                             model.dtype)
         if kv_cache_mb is not None:
             budget = int(kv_cache_mb * 2**20)
         elif model.device.type == "cuda":
@@ -148,7 +159,8 @@ class Engine:
             budget = 1024 * 2**20
         fits = budget // per_seq
         if fits < 1:
-            raise ValueError(f"the KV cache budget ({budget / 2**20:.0f} MiB) holds no sequence of {self.max_len} tokens "
+            raise ValueError(f"the KV cache budget ({budget / 2**20:.0f} MiB) holds no sequence of {self.max_len} "
+                             "tokens "
                              f"({per_seq / 2**20:.1f} MiB each); raise --kv-cache-mb or lower --max-model-len")
         self.max_batch = int(min(max_batch, fits))
         self.kv = KVCache(model.num_layers, self.max_batch, self.max_len, model.kv_heads, model.head_dim,
@@ -320,7 +332,8 @@ class Engine:
             while self._restarts and now - self._restarts[0] > 60:
                 self._restarts.popleft()
             self.last_error = msg
-            self.restarting = self.auto_restart and not self._stop and len(self._restarts) < self.max_restarts_per_minute
+            self.restarting = (self.auto_restart and not self._stop
+                               and len(self._restarts) < self.max_restarts_per_minute)
             if self.restarting:
                 self._restarts.append(now)
                 self.error = msg

@@ -86,7 +86,8 @@ def chat_end_ids(tokenizer) -> tuple[int, ...]:
 
 def _has_tokenizer(path) -> bool:
     p = Path(path)
-    return p.is_dir() and any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    return p.is_dir() and any((p / f).exists() for f in names)
 
 
 class TenantText:
@@ -113,7 +114,9 @@ class TenantText:
         tok = AutoTokenizer.from_pretrained(src)
         origin = "tokenizer"
         if not getattr(tok, "chat_template", None):
-            base_tok = AutoTokenizer.from_pretrained(fallback) if fallback and src != fallback and _has_tokenizer(fallback) else None
+            base_tok = None
+            if fallback and src != fallback and _has_tokenizer(fallback):
+                base_tok = AutoTokenizer.from_pretrained(fallback)
             if base_tok is not None and getattr(base_tok, "chat_template", None):
                 tok.chat_template, origin = base_tok.chat_template, "base"
             else:

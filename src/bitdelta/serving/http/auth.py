@@ -97,6 +97,7 @@ def load_api_keys(path) -> dict[str, set[str]]:
         if isinstance(v, str):
             v = [v]
         if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
-            raise BitDeltaError(f'API key file {path}: key {label}: the value must be a non-empty list of model names, e.g. ["zephyr"]')
+            raise BitDeltaError(f"API key file {path}: key {label}: the value must be a non-empty list of model "
+                                'names, e.g. ["zephyr"]')
         out[k] = set(v)
     return out

@@ -229,7 +229,8 @@ async def chat_completions(body: ChatBody, request: Request, rt: Runtime, config
     try:
         prompt = await encode(rt.text(name).encode_chat, msgs, chars)
     except Exception as e:  # template errors (e.g. role order a template rejects)
-        raise ApiError(400, f"the chat template of {name!r} rejected these messages: {e}", "invalid_value", "messages")
+        raise ApiError(400, f"the chat template of {name!r} rejected these messages: {e}", "invalid_value",
+                       "messages") from None
     check_prompt(rt, name, prompt)
     sp = sampling_params(rt, body, name, prompt, body.max_completion_tokens or body.max_tokens,
                          "max_completion_tokens" if body.max_completion_tokens else "max_tokens", chat=True,
