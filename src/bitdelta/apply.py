@@ -18,7 +18,10 @@ shapes as the base's), so a corrupt delta changes nothing.
   trains scales this way and returns the delta it applied; ``choose_modes`` swaps modules with
   :func:`set_applied_packed`. On another device ``apply`` works on moved copies and the caller's
   delta is never changed.
-- ``merge(model, delta)`` writes ``W_base + Δ̂`` into the weights (Δ̂ computed in float32, cast to
+- A module with a low-rank correction (``lowrank.py``) adds ``(x Aᵀ) Bᵀ`` in its wrapper, and its
+  parametrization reads as ``W_base + Δ̂ + B·A``; the factors are fixed (distillation trains the scales
+  around them).
+- ``merge(model, delta)`` writes ``W_base + Δ̂`` (with ``B·A`` when present: ``PackedModule.dense``) into the weights (Δ̂ computed in float32, cast to
   the weight dtype, then added, as the reference implementation does) and returns the model,
   ready for ``save_pretrained``. A delta of a model against itself merges to the base exactly.
 

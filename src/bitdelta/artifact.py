@@ -1,11 +1,18 @@
 """The on-disk artifact: ``delta_config.json`` + ``delta.safetensors`` (+ shards) + tokenizer files.
 
-Layout (format_version 1)::
+Layout (format_version 1, or 2 when a module has a low-rank correction)::
 
     ft.bitdelta/
       delta_config.json           format, versions, model ids, fingerprint hash, per-module modes
+                                  (and ``lowrank_rank`` r of modules with a low-rank correction)
       delta.safetensors           <module>.sign (uint8 [bits,out,ceil(in/8)]), <module>.scale (f32),
-                                  <module>.extra_rows, dense <param> values, base fingerprint samples
+                                  <module>.extra_rows, <module>.lowrank_b ([out, r]) and
+                                  <module>.lowrank_a ([r, in]) (float16; Δ̂ adds B·A), dense <param>
+                                  values, base fingerprint samples
+
+A delta with low-rank factors is written as format_version 2, which readers of version 1 refuse
+("upgrade") rather than apply without its correction; every other delta stays version 1
+(``artifact_info.PLAIN_FORMAT_VERSION``).
       tokenizer files, generation_config.json   copied from the fine-tune
       README.md                   model card
 
@@ -45,7 +52,8 @@ from typing import Callable
 import torch
 
 from ._version import __version__
-from .artifact_info import FORMAT_NAME, FORMAT_VERSION, LAYOUT_KEYS, DeltaInfo, migrate
+from .artifact_info import (FORMAT_NAME, LAYOUT_KEYS, LOWRANK_FORMAT_VERSION, PLAIN_FORMAT_VERSION, DeltaInfo,
+                            migrate)
 from .atomic import atomic_directory
 from .delta import Delta, PackedModule
 from .errors import FormatError
@@ -64,7 +72,7 @@ WEIGHTS_STEM = "delta"
 FINGERPRINT_KEY = "__bitdelta__.base_fingerprint_samples"
 PACKING = {"dtype": "uint8", "axis": "in_features", "bit_order": "little", "one_means": "+1",
            "zero_means": "-1", "sign_of_zero": "-1"}
-_MODULE_KEYS = {"kind", "scale", "bits", "shape", "extra_rows", "vocab"}
+_MODULE_KEYS = {"kind", "scale", "bits", "shape", "extra_rows", "vocab", "lowrank_rank"}
 _REQUIRED = ("format", "format_version", "modules", "base_fingerprint")
 _KNOWN = set(LAYOUT_KEYS) | set(DeltaInfo.schema_keys())
 MAX_BITS = 8  # compress accepts 1..8 sign planes
@@ -92,6 +100,7 @@ class ModuleLayout:
     in_features: int
     extra_rows: int = 0
     vocab: bool = False
+    lowrank_rank: int = 0  # rank of the low-rank correction B·A (0: none)
 
 
 @dataclass(frozen=True)
@@ -106,7 +115,8 @@ class Layout:
     @classmethod
     def of(cls, delta: Delta) -> "Layout":
         modules = {n: ModuleLayout(m.kind, m.mode, m.bits, m.out_features, m.in_features,
-                                   0 if m.extra_rows is None else int(m.extra_rows.shape[0]), m.vocab)
+                                   0 if m.extra_rows is None else int(m.extra_rows.shape[0]), m.vocab,
+                                   m.lowrank_rank)
                    for n, m in delta.modules.items()}
         return cls(modules, {n: tuple(v.shape) for n, v in delta.dense.items()}, dict(delta.ties))
 
@@ -144,12 +154,14 @@ def delta_to_config(delta: Delta) -> dict:
             entry["vocab"] = True
         if m.extra_rows is not None:
             entry["extra_rows"] = int(m.extra_rows.shape[0])
+        if m.lowrank_rank:
+            entry["lowrank_rank"] = m.lowrank_rank
         modules[name] = entry
     fp = delta.fingerprint
     cfg = delta.info.to_dict()
     cfg.update({
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version_of(delta),
         "bitdelta_version": __version__,
         "packing": PACKING,
         "base_fingerprint": {"sha256": fp.sha256, "num_modules": len(fp.names),
@@ -161,6 +173,13 @@ def delta_to_config(delta: Delta) -> dict:
     return cfg
 
 
+def format_version_of(delta: Delta) -> int:
+    """The lowest format_version whose readers apply ``delta`` correctly (see the module docstring)."""
+    if any(m.lowrank_rank for m in delta.modules.values()):
+        return LOWRANK_FORMAT_VERSION
+    return PLAIN_FORMAT_VERSION
+
+
 def delta_tensors(delta: Delta) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name, m in delta.modules.items():
@@ -168,6 +187,9 @@ def delta_tensors(delta: Delta) -> dict[str, torch.Tensor]:
         tensors[f"{name}.scale"] = m.scale.detach().float().cpu()
         if m.extra_rows is not None:
             tensors[f"{name}.extra_rows"] = m.extra_rows.cpu()
+        if m.lowrank_rank:
+            tensors[f"{name}.lowrank_b"] = m.lowrank_b.detach().cpu().contiguous()
+            tensors[f"{name}.lowrank_a"] = m.lowrank_a.detach().cpu().contiguous()
     for name, value in delta.dense.items():
         if name in tensors:
             raise FormatError(f"dense parameter {name!r} collides with a packed tensor name")
@@ -189,7 +211,7 @@ def save_delta(delta: Delta, save_directory, max_shard_size: int | str = "5GB", 
             raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
     with atomic_directory(out) as tmp:
         cfg = delta_to_config(delta)
-        metadata = {"format": "pt", "bitdelta_format_version": str(FORMAT_VERSION)}
+        metadata = {"format": "pt", "bitdelta_format_version": str(cfg["format_version"])}
         written = write_sharded(delta_tensors(delta), tmp, WEIGHTS_STEM, parse_size(max_shard_size), metadata)
         for fname, data in delta.files.items():
             if fname in (CONFIG_NAME, "README.md") or fname in written:
@@ -265,6 +287,12 @@ def _check_module_entry(cfg_path, name, entry) -> None:
         _fail(cfg_path, f"{field}.extra_rows", f"must be a non-negative integer, got {str(entry.get('extra_rows'))[:80]!r}")
     if not isinstance(entry.get("vocab", False), bool):
         _fail(cfg_path, f"{field}.vocab", "must be true or false")
+    rank = entry.get("lowrank_rank", 0)
+    if not _int_in(rank, 0, min(shape)):
+        _fail(cfg_path, f"{field}.lowrank_rank", f"must be an integer from 0 to {min(shape)} (the matrix's smaller "
+                                                 f"side), got {str(rank)[:80]!r}")
+    if rank and entry["kind"] == EMBEDDING:
+        _fail(cfg_path, f"{field}.lowrank_rank", "must be 0 for an embedding (it takes no low-rank correction)")
 
 
 def _check_fields(cfg_path, cfg: dict) -> None:
@@ -391,7 +419,12 @@ def load_delta(path, device="cpu", revision: str | None = None, *, root=None,
         header(f"{name}.scale", FLOAT_DTYPES, scale_shape(mode, out_f, in_f, bits), "scales")
         if extra:
             header(f"{name}.extra_rows", FLOAT_DTYPES, (extra, in_f), "added-token rows")
-        layouts[name] = ModuleLayout(entry["kind"], mode, bits, out_f, in_f, extra, bool(entry.get("vocab", False)))
+        rank = entry.get("lowrank_rank", 0)
+        if rank:
+            header(f"{name}.lowrank_b", FLOAT_DTYPES, (out_f, rank), "low-rank factor B")
+            header(f"{name}.lowrank_a", FLOAT_DTYPES, (rank, in_f), "low-rank factor A")
+        layouts[name] = ModuleLayout(entry["kind"], mode, bits, out_f, in_f, extra, bool(entry.get("vocab", False)),
+                                     rank)
     dense_shapes = {n: tuple(header(n, FLOAT_DTYPES, None, "dense parameter").shape) for n in cfg.get("dense_parameters", [])}
     names = sorted(layouts)
     header(FINGERPRINT_KEY, FLOAT_DTYPES, (len(names), SAMPLES_PER_MODULE), "base fingerprint")
@@ -401,8 +434,10 @@ def load_delta(path, device="cpu", revision: str | None = None, *, root=None,
     modules: dict[str, PackedModule] = {}
     for name, lay in layouts.items():
         extra = ckpt.get(f"{name}.extra_rows") if lay.extra_rows else None
+        b, a = ((ckpt.get(f"{name}.lowrank_b"), ckpt.get(f"{name}.lowrank_a")) if lay.lowrank_rank
+                else (None, None))
         m = PackedModule(lay.kind, lay.mode, ckpt.get(f"{name}.sign"), ckpt.get(f"{name}.scale"), lay.in_features,
-                         lay.vocab, extra)
+                         lay.vocab, extra, b, a)
         m.validate(name)
         if extra is not None and not all_finite(extra):
             raise FormatError(f"{local}: tensor {name + '.extra_rows'!r} holds NaN or inf")

@@ -32,15 +32,22 @@ from .errors import FormatError
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "bitdelta"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# The oldest format_version that holds a delta: an artifact is written with the lowest version whose
+# readers apply it correctly, so a plain 1-bit delta stays readable by every bitdelta. Version 2 adds
+# low-rank factors (``<module>.lowrank_a``/``.lowrank_b``, ``modules.<m>.lowrank_rank``): a version-1
+# reader ignores module keys and tensors it does not know, so it would apply such a delta without its
+# correction; it refuses version 2 instead ("upgrade").
+PLAIN_FORMAT_VERSION = 1
+LOWRANK_FORMAT_VERSION = 2
 
 # Keys derived from the tensors when saving; a DeltaInfo never holds them.
 LAYOUT_KEYS = ("format", "format_version", "packing", "base_fingerprint", "modules", "dense_parameters", "files")
 
 # ``MIGRATIONS[v]`` turns a whole ``delta_config.json`` of format_version ``v`` into one of ``v + 1``.
-# Version 1 is the first and current format: there is nothing to migrate yet. A change to the format
-# bumps FORMAT_VERSION and adds the step from the previous version here.
-MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
+# A change to the format bumps FORMAT_VERSION and adds the step from the previous version here.
+# 1 -> 2: version 2 only adds optional low-rank factors; a version-1 file is a version-2 file without them.
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: lambda cfg: cfg}
 
 
 class _Unset:

@@ -254,6 +254,13 @@ def _add_compress_parser(sub) -> None:
                         "auto distils scalar, row and col scales and keeps per module the mode with the lowest "
                         "KL to the fine-tune on held-out calibration samples")
     c.add_argument("--bits", type=int_range(1, 8), default=1, help="residual sign planes per matrix (default 1)")
+    c.add_argument("--lowrank-budget", type=float_range(0, 64, strict_lo=True), default=None, metavar="X",
+                   help="add a low-rank correction of the sign planes' residual with X times the bytes of one sign "
+                        "plane (1.0: the bytes of one more plane), ranks chosen per matrix by residual energy per "
+                        "byte; stored in float16, fixed during scale distillation")
+    c.add_argument("--lowrank-rank", type=int_range(1, 4096), default=None, metavar="R",
+                   help="add a rank-R correction of the sign planes' residual to every matrix (instead of "
+                        "--lowrank-budget)")
     add_dtype(c, former="--model-dtype", former_dest="model_dtype",
               help="dtype to load the models in for distillation (default: as stored). For this release it also "
                    "sets the dense extras' dtype unless --extras-dtype is given (before, that was its only meaning)")

@@ -25,7 +25,8 @@ SECTIONS = ("recipe", "compress", "distill")
 # compress flag destination -> CompressConfig field, and the same for distillation. The dense extras'
 # dtype is --extras-dtype; --dtype (the load dtype) sets it too for one release, as it did alone before.
 COMPRESS_FLAGS = {"scale": "scale", "bits": "bits", "target": "target", "exclude": "exclude",
-                  "dense_embeddings": "dense_embeddings", "extras_dtype": "dtype", "base_quant": "base_quant"}
+                  "dense_embeddings": "dense_embeddings", "extras_dtype": "dtype", "base_quant": "base_quant",
+                  "lowrank_budget": "lowrank_budget", "lowrank_rank": "lowrank_rank"}
 DISTILL_FLAGS = {"distill_steps": "steps", "distill_lr": "lr", "distill_lr_mode": "lr_mode",
                  "distill_batch_size": "batch_size", "num_samples": "num_samples", "seq_len": "seq_len",
                  "heldout_samples": "heldout", "distill_loss": "loss", "calibration": "calibration",
@@ -112,6 +113,9 @@ def recorded_settings(cfg: dict) -> dict:
     scheme = (comp.get("base_quantization") or {}).get("scheme")
     if scheme in BASE_QUANT_SCHEMES:
         compress["base_quant"] = scheme
+    for key in ("lowrank_budget", "lowrank_rank"):
+        if (comp.get("lowrank") or {}).get(key.removeprefix("lowrank_")) is not None:
+            compress[key] = comp["lowrank"][key.removeprefix("lowrank_")]
     out = {}
     record = cfg.get("distillation")
     if record:

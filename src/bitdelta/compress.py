@@ -30,16 +30,17 @@ import torch
 from tqdm.auto import tqdm
 
 from ._version import __version__
-from .binarize import binarize
+from .binarize import binarize, reconstruct
 from .configs import CompressConfig, fill
 from .coverage import audit, check_structure
 from .delta import Delta, PackedModule
 from .errors import BitDeltaError, ShapeMismatchError
 from .fingerprint import Fingerprint, sample_weight
+from .lowrank import STORAGE_DTYPE, LowRankPlanner
 from .naming import NAMING
 from .scale_modes import ScaleMode
 from .sources import WeightSource
-from .targets import CONV1D, plan_targets, vocab_parameter_names
+from .targets import CONV1D, EMBEDDING, plan_targets, vocab_parameter_names
 
 ModelLike = "str | os.PathLike | nn.Module"
 
@@ -87,6 +88,9 @@ def compress(
             - ``base_quant``: ``"int8"`` or ``"fp8"``: compress against the base quantized per output
               channel (round to nearest), the base ``bitdelta quantize-base`` writes. A base that is
               already quantized is read as it is (its scheme must then match, if given).
+            - ``lowrank_budget`` / ``lowrank_rank``: add a low-rank correction ``B·A`` of each matrix's
+              sign-plane residual (``lowrank.py``): by a byte budget (a multiple of one sign plane's
+              bytes) split across matrices by residual energy per byte, or a fixed rank.
     """
     if isinstance(config, str):  # compress(base, ft, "row"): the scale, as the third argument used to be
         config, settings = None, {"scale": config, **settings}
@@ -121,6 +125,7 @@ def compress(
 
     check_structure(base_src, ft_src, vocab_parameter_names(ft_src.module_tree), plan.ties)
 
+    planner = _planner(cfg)
     modules: dict[str, PackedModule] = {}
     samples: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
     bar = tqdm(plan.targets, desc="compressing", unit="module", disable=not progress)
@@ -129,13 +134,20 @@ def compress(
         w_base = _canonical(base_src.get(t.param), t)
         base_rows = _check_shapes(t, w_base, w_ft)
         mode = ScaleMode.ROW if t.vocab else scale
-        sign, scl = binarize(w_ft[:base_rows].float() - w_base.float(), mode, bits)
+        delta = w_ft[:base_rows].float() - w_base.float()
+        sign, scl = binarize(delta, mode, bits)
+        if planner is not None and t.kind == EMBEDDING:  # a row lookup, no product: counted, not corrected
+            planner.count_signs(*delta.shape)
+        elif planner is not None:
+            planner.add(t.name, delta - reconstruct(sign, scl, delta.shape[1], mode))
+        del delta
         extra = None
         if w_ft.shape[0] > base_rows:
             extra = w_ft[base_rows:].to(dense_dtype or w_ft.dtype).clone()
         modules[t.name] = PackedModule(t.kind, mode, sign, scl, w_ft.shape[1], t.vocab, extra)
         samples[t.name] = (tuple(w_base.shape), sample_weight(w_base).float())
         del w_ft, w_base
+    lowrank_record = _add_lowrank(planner, modules) if planner is not None else None
     dense = _dense_extras(plan.other_params, base_src, ft_src, dense_dtype, progress)
     ft_params = _count_parameters(ft_src, plan)
     coverage = audit(base_src, ft_src, {t.param for t in plan.targets}, set(dense), plan.ties, exclude)
@@ -168,7 +180,26 @@ def compress(
         },
         "distillation": None,
     }
+    if lowrank_record is not None:  # its setting, budget and bytes (the ranks are per module, in "modules")
+        info["compression"]["lowrank"] = lowrank_record
     return Delta(modules, dense, Fingerprint.from_samples(samples), info, ft_src.tokenizer_files())
+
+
+def _planner(cfg: CompressConfig) -> LowRankPlanner | None:
+    if not cfg.lowrank:
+        return None
+    return LowRankPlanner(budget=cfg.lowrank_budget, rank=cfg.lowrank_rank)
+
+
+def _add_lowrank(planner: LowRankPlanner, modules: dict[str, PackedModule]) -> dict:
+    """Puts each module's factors into its PackedModule; returns the compression record's entry."""
+    factors = planner.factors()
+    for name, (b, a) in factors.items():
+        modules[name] = modules[name].copy(lowrank_b=b, lowrank_a=a)
+    spent = sum(modules[n].lowrank_nbytes() for n in factors)
+    return {"budget": planner.budget, "rank": planner.rank, "budget_bytes": planner.budget_bytes(),
+            "sign_plane_bytes": planner.sign_bytes, "bytes": spent, "modules": len(factors),
+            "dtype": str(STORAGE_DTYPE).replace("torch.", "")}
 
 
 def _quantize_base(base_src: WeightSource, scheme: str) -> None:

@@ -33,6 +33,8 @@ LOSSES = ("mse", "kl")
 BASE_QUANT_SCHEMES = ("int8", "fp8")
 SELF_CALIBRATION = "self"
 MAX_BITS = 8
+MAX_LOWRANK_RANK = 4096
+MAX_LOWRANK_BUDGET = 64.0  # extra bytes as a multiple of one sign plane (8 is already a float16 delta's size)
 
 
 def _int(name: str, value, lo: int, hi: int | None = None) -> int:
@@ -93,6 +95,10 @@ class CompressConfig:
         dense_embeddings: keep embeddings and the output head dense (the reference implementation's way).
         dtype: dtype of the dense extras (default: the fine-tune's own).
         base_quant: ``int8``/``fp8``: compress against the base quantized per output channel.
+        lowrank_budget: add a low-rank correction of the sign planes' residual (``lowrank.py``) with
+            this many extra bytes, as a multiple of one sign plane of every compressed matrix (1.0: as
+            many bytes as one more plane), ranks chosen per matrix by residual energy per byte.
+        lowrank_rank: instead, the same rank for every matrix (at most ``MAX_LOWRANK_RANK``).
     """
 
     scale: ScaleMode = ScaleMode.SCALAR
@@ -102,6 +108,8 @@ class CompressConfig:
     dense_embeddings: bool = False
     dtype: str | None = None
     base_quant: str | None = None
+    lowrank_budget: float | None = None
+    lowrank_rank: int | None = None
 
     def __post_init__(self):
         try:
@@ -118,6 +126,26 @@ class CompressConfig:
         _optional_str("dtype", self.dtype)
         if self.base_quant is not None:
             _choice("base_quant", self.base_quant, BASE_QUANT_SCHEMES)
+        self._check_lowrank()
+
+    def _check_lowrank(self) -> None:
+        if self.lowrank_budget is not None:
+            _set(self, "lowrank_budget", _float("lowrank_budget", self.lowrank_budget))
+            if self.lowrank_budget > MAX_LOWRANK_BUDGET:
+                raise ConfigError(f"lowrank_budget must be at most {MAX_LOWRANK_BUDGET:g} (times the sign bytes), "
+                                  f"got {self.lowrank_budget!r}")
+        if self.lowrank_rank is not None:
+            _int("lowrank_rank", self.lowrank_rank, 1, MAX_LOWRANK_RANK)
+        if self.lowrank_budget is not None and self.lowrank_rank is not None:
+            raise ConfigError("give lowrank_budget or lowrank_rank, not both")
+        if self.lowrank and self.scale is ScaleMode.AUTO:
+            raise ConfigError("a low-rank correction needs a fixed scale mode (scalar, row or col), not auto: "
+                              "its residual depends on the mode")
+
+    @property
+    def lowrank(self) -> bool:
+        """A low-rank correction is added (by budget or by rank)."""
+        return self.lowrank_budget is not None or self.lowrank_rank is not None
 
     @property
     def needs_distillation(self) -> bool:

@@ -36,6 +36,8 @@ class PackedModule:
     ``sign`` is uint8 ``[bits, out, ceil(in/8)]``; ``scale`` float32 ``[bits]`` (scalar),
     ``[bits, out]`` (row) or ``[bits, in]`` (col). ``out`` counts the base's rows; for
     vocabulary matrices ``extra_rows`` holds, dense, the fine-tune's rows beyond them.
+    ``lowrank_b`` [out, r] and ``lowrank_a`` [r, in] (float16, both or neither) are a low-rank
+    correction of the sign planes' residual (``lowrank.py``): Δ̂ = Σ_p scale_p ⊙ S_p + B·A.
     """
 
     kind: str
@@ -45,6 +47,8 @@ class PackedModule:
     in_features: int
     vocab: bool = False
     extra_rows: torch.Tensor | None = None
+    lowrank_b: torch.Tensor | None = None
+    lowrank_a: torch.Tensor | None = None
 
     def __post_init__(self):
         self.mode = check_mode(self.mode)
@@ -59,6 +63,11 @@ class PackedModule:
     def out_features(self) -> int:
         """Rows of the base matrix this delta applies to."""
         return int(self.sign.shape[1])
+
+    @property
+    def lowrank_rank(self) -> int:
+        """Rank of the low-rank correction (0: none)."""
+        return 0 if self.lowrank_a is None else int(self.lowrank_a.shape[0])
 
     @property
     def total_rows(self) -> int:
@@ -82,12 +91,39 @@ class PackedModule:
             problems.append(f"extra_rows must be [n, {self.in_features}], got {tuple(self.extra_rows.shape)}")
         if not torch.isfinite(self.scale).all():
             problems.append("scale holds NaN or inf")
+        problems += self._lowrank_problems(int(out))
         if problems:
             raise FormatError(f"module {name}: " + "; ".join(problems))
 
-    def dense(self) -> torch.Tensor:
-        """Float32 Δ̂ for the base's rows, out × in."""
+    def _lowrank_problems(self, out: int) -> list[str]:
+        b, a = self.lowrank_b, self.lowrank_a
+        if b is None and a is None:
+            return []
+        if b is None or a is None:
+            return ["lowrank_b and lowrank_a come together; one is missing"]
+        if self.kind == EMBEDDING:
+            return ["an embedding takes no low-rank correction"]
+        problems = []
+        if not (b.is_floating_point() and a.is_floating_point()):
+            problems.append(f"low-rank factors must be floating point, got {b.dtype} and {a.dtype}")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] < 1 or tuple(b.shape) != (out, a.shape[0]) \
+                or a.shape[1] != self.in_features:
+            problems.append(f"low-rank factors must be B [{out}, r] and A [r, {self.in_features}], got "
+                            f"B {tuple(b.shape)} and A {tuple(a.shape)}")
+        elif not (torch.isfinite(b).all() and torch.isfinite(a).all()):
+            problems.append("low-rank factors hold NaN or inf")
+        return problems
+
+    def sign_dense(self) -> torch.Tensor:
+        """Float32 Σ_p scale_p ⊙ S_p (the sign planes' part of Δ̂), out × in."""
         return reconstruct(self.sign, self.scale, self.in_features, self.mode)
+
+    def dense(self) -> torch.Tensor:
+        """Float32 Δ̂ for the base's rows, out × in (sign planes plus the low-rank term, if any)."""
+        total = self.sign_dense()
+        if self.lowrank_a is not None:
+            total = total + self.lowrank_b.float() @ self.lowrank_a.float()
+        return total
 
     def copy(self, **changes) -> "PackedModule":
         """A copy with ``changes`` (e.g. ``scale=...``); tensors not given are shared, not cloned."""
@@ -96,14 +132,20 @@ class PackedModule:
     def to(self, device: str | torch.device) -> "PackedModule":
         """A copy with every tensor on ``device`` (self when they already are: no copy)."""
         device = torch.device(device)
-        tensors = [self.sign, self.scale] + ([] if self.extra_rows is None else [self.extra_rows])
-        if all(t.device == device for t in tensors):
+        optional = {k: getattr(self, k) for k in ("extra_rows", "lowrank_b", "lowrank_a") if getattr(self, k) is not None}
+        if all(t.device == device for t in [self.sign, self.scale, *optional.values()]):
             return self
-        extra = None if self.extra_rows is None else self.extra_rows.to(device)
-        return self.copy(sign=self.sign.to(device), scale=self.scale.to(device), extra_rows=extra)
+        return self.copy(sign=self.sign.to(device), scale=self.scale.to(device),
+                         **{k: t.to(device) for k, t in optional.items()})
+
+    def lowrank_nbytes(self) -> int:
+        """Bytes of the low-rank factors (0 without them)."""
+        if self.lowrank_a is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.lowrank_a, self.lowrank_b))
 
     def nbytes(self) -> int:
-        n = self.sign.numel() + self.scale.numel() * self.scale.element_size()
+        n = self.sign.numel() + self.scale.numel() * self.scale.element_size() + self.lowrank_nbytes()
         if self.extra_rows is not None:
             n += self.extra_rows.numel() * self.extra_rows.element_size()
         return n
@@ -174,6 +216,8 @@ class Delta:
             m.sign, m.scale = m.sign.to(device), m.scale.to(device)
             if m.extra_rows is not None:
                 m.extra_rows = m.extra_rows.to(device)
+            if m.lowrank_a is not None:
+                m.lowrank_a, m.lowrank_b = m.lowrank_a.to(device), m.lowrank_b.to(device)
         self.dense = {k: v.to(device) for k, v in self.dense.items()}
         return self
 
@@ -194,7 +238,7 @@ class Delta:
         """Counts by kind/mode/bits, for ``inspect`` and model cards."""
         by = {}
         for m in self.modules.values():
-            key = f"{m.kind}/{m.mode}/{m.bits}bit"
+            key = f"{m.kind}/{m.mode}/{m.bits}bit" + ("+lowrank" if m.lowrank_rank else "")
             by[key] = by.get(key, 0) + 1
         return by
 

@@ -5,7 +5,8 @@ re-registers the wrapped module's own ``weight``/``bias`` parameters under the s
 ``state_dict`` keys and weight tying are unchanged), runs the wrapped module's own forward for
 the base term (keeping quirks such as Gemma's scaled embeddings), and adds the delta term:
 
-- linear / Conv1D: ``y = base(x) + x Δ̂ᵀ`` (``delta_matmul.delta_linear``: differentiable, unpacks on the fly)
+- linear / Conv1D: ``y = base(x) + x Δ̂ᵀ`` (``delta_matmul.delta_linear``: differentiable, unpacks on the fly),
+  plus ``(x Aᵀ) Bᵀ`` when the packed module has a low-rank correction (two thin products, never B·A)
 - embedding: ``y = base(ids) + Δ̂[ids]`` with rows the base lacks taken from ``extra_rows``
 - output head with added tokens: the extra rows' logits are appended.
 
@@ -75,12 +76,22 @@ class DeltaWrapper(nn.Module):
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         p = self.packed
         if self._fused_ok(x):
-            return self._fused(x)
+            return self._with_lowrank(x, self._fused(x))
         y = self.base_module(x)
         y = y + delta_linear(x, p.sign, p.scale, p.mode, p.in_features).to(y.dtype)
+        y = self._with_lowrank(x, y)
         if p.extra_rows is not None:
             y = torch.cat([y, F.linear(x, p.extra_rows.to(x.dtype))], dim=-1)
         return y
+
+    def _with_lowrank(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y + (x Aᵀ) Bᵀ`` over the base's rows when the delta has a low-rank correction (fixed: no
+        gradient reaches A or B)."""
+        p = self.packed
+        if p.lowrank_a is None:
+            return y
+        a, b = p.lowrank_a.to(x.dtype), p.lowrank_b.to(x.dtype)
+        return y + F.linear(F.linear(x, a), b).to(y.dtype)
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
         """On CUDA, inference through plain nn.Linear goes to the fused multi-tenant kernels."""
@@ -178,7 +189,8 @@ class DeltaParametrization(nn.Module):
         return [p for _, p in self.entries.values()]
 
     def _key(self, w: torch.Tensor):
-        return [(w, w._version)] + [(p.scale, p.scale._version) for p in self.packed]
+        return [(w, w._version)] + [(t, t._version) for p in self.packed
+                                    for t in (p.scale, p.lowrank_a) if t is not None]
 
     def _cached(self, key):
         if self._cache is None or len(self._cache[0]) != len(key):
@@ -201,6 +213,8 @@ class DeltaParametrization(nn.Module):
     def _delta(self, w: torch.Tensor) -> torch.Tensor:
         def one(p: PackedModule) -> torch.Tensor:
             d = packed_delta(p.sign, p.scale, p.mode, p.in_features)
+            if p.lowrank_a is not None:  # the fixed low-rank correction B·A
+                d = d + p.lowrank_b.float() @ p.lowrank_a.float()
             return d.t() if p.kind == CONV1D else d
 
         if len(self.entries) == 1 and next(iter(self.entries.values()))[0] is None:

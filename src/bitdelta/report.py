@@ -39,6 +39,7 @@ def describe_artifact(path) -> dict:
         "modes": dict(sorted(modes.items())),
         "dense_parameters": len(cfg.get("dense_parameters", [])),
         "added_token_rows": {k: m["extra_rows"] for k, m in cfg["modules"].items() if m.get("extra_rows")},
+        "lowrank": _lowrank(cfg),
         "compression": cfg.get("compression"),
         "coverage": _coverage(cfg),
         "distillation": cfg.get("distillation"),
@@ -61,6 +62,30 @@ def _coverage(cfg: dict) -> dict | None:
     experts = sum(1 for name in cfg["modules"] if name.endswith("]"))
     return {"naming": comp.get("naming"), "tensors": cov.get("tensors") or {}, "parameters": cov.get("parameters") or {},
             "excluded_tensors": comp.get("excluded_tensors") or [], "expert_matrices": experts}
+
+
+def _lowrank(cfg: dict) -> dict | None:
+    """Ranks and bytes of the low-rank corrections (None without any): per module, from the layout."""
+    ranks = {k: m["lowrank_rank"] for k, m in cfg["modules"].items() if m.get("lowrank_rank")}
+    if not ranks:
+        return None
+    nbytes = sum(2 * r * sum(cfg["modules"][k]["shape"]) for k, r in ranks.items())  # float16 B and A
+    record = (cfg.get("compression") or {}).get("lowrank") or {}
+    return {"ranks": ranks, "bytes": nbytes, "budget": record.get("budget"), "rank": record.get("rank"),
+            "budget_bytes": record.get("budget_bytes")}
+
+
+def _format_lowrank(lr: dict | None) -> list[str]:
+    if lr is None:
+        return []
+    ranks = sorted(lr["ranks"].values())
+    setting = f"budget {lr['budget']:g}x one sign plane ({_mb(lr['budget_bytes'])})" if lr["budget"] else \
+        f"rank {lr['rank']}" if lr["rank"] else "recorded ranks"
+    lines = [f"low-rank          {len(ranks)} modules, {_mb(lr['bytes'])}, {setting}; rank min {ranks[0]}, "
+             f"median {ranks[len(ranks) // 2]}, max {ranks[-1]}"]
+    for name, r in sorted(lr["ranks"].items(), key=lambda kv: -kv[1])[:8]:
+        lines.append(f"  rank {r:<6}{name}")
+    return lines
 
 
 def _format_coverage(cov: dict | None) -> list[str]:
@@ -104,6 +129,7 @@ def format_report(info: dict) -> str:
         lines.append(f"  {mode:<24}{count}")
     lines.append(f"dense parameters  {info['dense_parameters']}")
     lines += _format_coverage(info.get("coverage"))
+    lines += _format_lowrank(info.get("lowrank"))
     for name, rows in info["added_token_rows"].items():
         lines.append(f"added-token rows  {name}: {rows} (dense)")
     if info["distillation"]:

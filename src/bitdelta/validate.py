@@ -8,7 +8,9 @@ computes with it (inf/NaN logits on the first request), so it is refused when it
   fine-tune moves weights by a small fraction of their size (scales are typically 1e-3 to 1e-2 of
   the base's largest entry), so we accept ``Σ|scale| <= VALUE_BOUND * max|W_base|`` of the same
   module (for an all-zero base matrix, ``VALUE_BOUND``). With ``VALUE_BOUND = 100`` no real delta
-  comes near it, while a corrupt or adversarial one that would overflow fp16 activations does.
+  comes near it, while a corrupt or adversarial one that would overflow fp16 activations does. A
+  low-rank correction ``B·A`` adds at most ``max_i Σ_r |B_ir| max_j |A_rj|`` per element (its factors
+  must be finite), counted in the same bound.
 - dense values (norm weights, biases, modules kept dense, added-token rows) replace base values,
   so they must be finite and within ``VALUE_BOUND * max(max|base value|, 1)`` (norm weights near
   1 may legitimately move to a few units, hence the floor of 1).
@@ -76,6 +78,19 @@ def _check_dense(kind: str, name: str, value: torch.Tensor, ref_mag: float | Non
                 "no fine-tune moves weights this far: the delta is corrupt or made for another base")
 
 
+def _lowrank_magnitude(name: str, m) -> float:
+    """A bound on the low-rank term's largest entry (0 without one); refuses non-finite factors."""
+    if m.lowrank_a is None:
+        return 0.0
+    from .lowrank import lowrank_bound
+
+    for what, t in (("B", m.lowrank_b), ("A", m.lowrank_a)):
+        got = magnitude(t)
+        if got != got or got == float("inf"):
+            raise InvalidDeltaError(f"module {name}: low-rank factor {what} holds NaN or inf; the delta is corrupt")
+    return lowrank_bound(m.lowrank_b, m.lowrank_a)
+
+
 def check_delta_values(delta, base: Mapping) -> None:
     """Raises :class:`InvalidDeltaError` (naming the tensor) unless every value of ``delta`` is
     finite and within the bounds above; :class:`ShapeMismatchError` for a dense parameter whose
@@ -89,13 +104,16 @@ def check_delta_values(delta, base: Mapping) -> None:
         scale = m.scale.detach().float()
         if not torch.isfinite(scale).all():
             raise InvalidDeltaError(f"module {name}: scale holds NaN or inf; the delta is corrupt")
-        if scale.numel():
-            per_element = float(scale.abs().sum(0).max())  # Σ over sign planes, worst row/column
+        lowrank = _lowrank_magnitude(name, m)
+        if scale.numel() or lowrank:
+            # Σ over sign planes, worst row/column, plus the low-rank term's largest possible entry
+            per_element = (float(scale.abs().sum(0).max()) if scale.numel() else 0.0) + lowrank
             if ref_mag is not None:
                 limit = VALUE_BOUND * (ref_mag if ref_mag > 0 else 1.0)
                 if per_element > limit:
                     raise InvalidDeltaError(
-                        f"module {name}: scale {per_element:.3g} is more than {VALUE_BOUND:g} x the base weight's "
+                        f"module {name}: scale{' + low-rank term' if lowrank else ''} {per_element:.3g} is more "
+                        f"than {VALUE_BOUND:g} x the base weight's "
                         f"largest magnitude ({ref_mag:.3g}); no fine-tune moves weights this far: the delta is "
                         "corrupt or made for another base")
         if m.extra_rows is not None:

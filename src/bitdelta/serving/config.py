@@ -42,6 +42,9 @@ class EngineConfig:
                                     lambda c: c.int_range(1, 8))
     max_extra_vocab: int | None = _setting(None, "added tokens a delta may carry (default: max of startup deltas)",
                                            lambda c: c.int_range(0))
+    max_lowrank_rank: int = _setting(0, "rank of the low-rank corrections a device slot holds (default 0: none, "
+                                        "and deltas with one are refused; raised to the startup deltas' largest)",
+                                     lambda c: c.int_range(0, 4096))
     max_batch: int = _setting(64, "max running sequences (KV slots; capped by memory)", lambda c: c.int_range(1))
     max_queue: int = _setting(256, "max waiting requests before answering 429", lambda c: c.int_range(1))
     max_model_len: int | None = _setting(None, "context length (default: the model's)", lambda c: c.int_range(1))

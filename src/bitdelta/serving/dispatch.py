@@ -7,8 +7,9 @@ logits). Its ``linear`` plans the step's op calls once per step and set of colum
 (:mod:`bitdelta.serving.op_calls`, from host values: no device sync): every decode step whose
 tenants are all row/scalar (the usual case, and every graph-captured step) makes one
 :func:`bitdelta.ops.bitdelta_linear` call per module; prompts take the segmented op, column-scaled
-tenants their own calls. :class:`UnfusedDispatch` is the reference-style baseline
-(:mod:`bitdelta.serving.unfused`: one base GEMM, then one binary matmul per tenant), and
+tenants their own calls. A pool with low-rank capacity adds each token's ``(x Aᵀ) Bᵀ`` after the
+sign-plane op (:func:`lowrank_gathered`, :func:`lowrank_by_sequence`). :class:`UnfusedDispatch` is
+the reference-style baseline (:mod:`bitdelta.serving.unfused`: one base GEMM, then one binary matmul per tenant), and
 :class:`FunctionDispatch` runs any ``linear_fn(name, x, w, pool, batch)``.
 
     dispatch = Dispatch(pool, backend="auto")
@@ -33,6 +34,17 @@ class Dispatch:
         self.pool, self.backend = pool, backend
 
     def linear(self, name: str, x: torch.Tensor, w: torch.Tensor, batch) -> torch.Tensor:
+        """``x Wᵀ`` plus each token's delta: sign planes, then the low-rank term where the pool has one."""
+        y = self.sign_linear(name, x, w, batch)
+        pool = self.pool.pools[name]
+        if "lowrank_a" not in pool:
+            return y
+        if has_long_sequences(batch):  # prompt steps are never captured: host row ranges, active tenants only
+            return lowrank_by_sequence(x, y, pool, batch)
+        return y + lowrank_gathered(x, pool["lowrank_a"], pool["lowrank_b"], batch.delta_slots).to(y.dtype)
+
+    def sign_linear(self, name: str, x: torch.Tensor, w: torch.Tensor, batch) -> torch.Tensor:
+        """``x Wᵀ`` plus each token's sign-plane delta (the fused ops)."""
         pool = self.pool.pools[name]
         cols = pool["col_slots"]
         col = frozenset(cols.intersection(batch.seq_delta_slots)) if cols else frozenset()
@@ -108,7 +120,7 @@ class FunctionDispatch(Dispatch):
         super().__init__(pool, backend)
         self.fn = fn
 
-    def linear(self, name, x, w, batch):
+    def sign_linear(self, name, x, w, batch):
         return self.fn(name, x, w, self.pool.pools[name], batch)
 
 
@@ -119,3 +131,32 @@ class UnfusedDispatch(FunctionDispatch):
         from .unfused import unfused_linear
 
         super().__init__(pool, unfused_linear, backend)
+
+
+def lowrank_gathered(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, delta_slots: torch.Tensor) -> torch.Tensor:
+    """Each token's ``(x Aᵀ) Bᵀ`` from its own slot's factors: ``a [slots, r, in]``, ``b [slots, out, r]``
+    gathered per token (``delta_slots`` -1: no delta, a zero term), then two batched products.
+
+    Per-token gathering rather than grouping tokens by tenant: the shapes depend only on the number of
+    tokens and the pool's rank, with no host read of who is in the step, so a decode step stays
+    capturable in a CUDA graph; a decode step has few tokens, and each reads ``r (in + out)`` values,
+    a small fraction of what its sign planes cost at the ranks a byte budget gives."""
+    slots = delta_slots.long()
+    has = (slots >= 0).to(x.dtype)
+    slot = slots.clamp(min=0)
+    h = torch.bmm(a[slot], x.unsqueeze(-1)) * has[:, None, None]  # [T, r, 1]
+    return torch.bmm(b[slot], h).squeeze(-1)  # [T, out]
+
+
+def lowrank_by_sequence(x: torch.Tensor, y: torch.Tensor, pool: dict, batch) -> torch.Tensor:
+    """``y`` plus the low-rank term of each sequence whose tenant has one on this module, one pair of
+    products per such sequence over its consecutive rows (prompt steps: gathering factors per token
+    would copy them once per prompt token)."""
+    active = pool["lowrank_slots"]
+    at = 0
+    for (_, _, n), slot in zip(batch.seqs, batch.seq_delta_slots):
+        if slot >= 0 and slot in active:
+            xs = x[at:at + n]
+            y[at:at + n] += (xs @ pool["lowrank_a"][slot].t() @ pool["lowrank_b"][slot].t()).to(y.dtype)
+        at += n
+    return y

@@ -8,43 +8,53 @@ zero-scale padding planes (exact). Per-tenant 1-D parameters (norm weights, bias
 ``[slots + 1, dim]`` (row 0 = the base) gathered per token; added-vocabulary rows are padded to
 ``max_extra_vocab`` per slot.
 
+Low-rank corrections (``bitdelta.lowrank``), when the pool is built with ``max_lowrank_rank > 0``:
+each matrix but the embeddings gets ``lowrank_a [slots, r_max, in]`` and ``lowrank_b [slots, out,
+r_max]`` in the model's dtype; a tenant's rank-r factors fill the first r rows of A and columns of B
+and the rest stays zero (exact: the padded directions add ``0``), and a tenant without a correction
+on a module has zeros there. :mod:`bitdelta.serving.dispatch` adds ``(x Aᵀ) Bᵀ`` per token.
+
 Every device tensor is allocated once, here; :meth:`DevicePool.install` copies into its delta slot
 in place and :meth:`DevicePool.clear` forgets it, so captured CUDA graphs
 (:mod:`bitdelta.serving.graphs`) always read the live buffers. ``col_slots`` (host) says which delta
 slots are column-scaled on some module: their tokens take separate op calls
 (:mod:`bitdelta.serving.dispatch`).
 
-    pool = DevicePool(model, num_slots=8, bits=2, max_extra_vocab=4)
+    pool = DevicePool(model, num_slots=8, bits=2, max_extra_vocab=4, max_lowrank_rank=16)
     pool.install(delta_slot, host_delta)     # engine thread, between steps
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass
 class HostDelta:
-    """A delta prepared for the pools: per module (signs, scales, is_col), 1-D params, extra rows."""
+    """A delta prepared for the pools: per module (signs, scales, is_col), 1-D params, extra rows, and
+    low-rank factors per module ``(B [out, r], A [r, in])`` in the model's dtype."""
 
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, bool]]
     params1d: dict[str, torch.Tensor]
     extra_embed: torch.Tensor | None
     extra_head: torch.Tensor | None
+    lowrank: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def nbytes(self) -> int:
         n = sum(s.numel() + c.numel() * 4 for s, c, _ in self.modules.values())
+        n += sum(t.numel() * t.element_size() for pair in self.lowrank.values() for t in pair)
         return n + sum(p.numel() * p.element_size() for p in self.params1d.values())
 
 
 class DevicePool:
-    """Stacked delta buffers for one model: ``pools[module]`` (signs, row, col, col_slots, k), 1-D
-    tables, added-token rows."""
+    """Stacked delta buffers for one model: ``pools[module]`` (signs, row, col, col_slots, k, and
+    lowrank_a/lowrank_b with ``max_lowrank_rank``), 1-D tables, added-token rows."""
 
-    def __init__(self, model, num_slots: int, bits: int = 1, max_extra_vocab: int = 0):
+    def __init__(self, model, num_slots: int, bits: int = 1, max_extra_vocab: int = 0, max_lowrank_rank: int = 0):
         self.model, self.num_slots, self.bits, self.max_extra = model, num_slots, bits, max_extra_vocab
+        self.max_lowrank_rank = max_lowrank_rank
         dev, s = model.device, num_slots
         self.pools: dict[str, dict] = {}
         for name, (n, k) in model.delta_modules().items():
@@ -55,6 +65,10 @@ class DevicePool:
                 "col_slots": set(),  # delta slots column-scaled on this module (host)
                 "k": k,
             }
+            if max_lowrank_rank and name != getattr(model, "embed_name", None):  # embeddings take none
+                self.pools[name]["lowrank_a"] = torch.zeros((s, max_lowrank_rank, k), dtype=model.dtype, device=dev)
+                self.pools[name]["lowrank_b"] = torch.zeros((s, n, max_lowrank_rank), dtype=model.dtype, device=dev)
+                self.pools[name]["lowrank_slots"] = set()  # delta slots with a correction here (host)
         self.tables = {n: p.unsqueeze(0).repeat(s + 1, 1).contiguous() for n, p in model.params1d.items()}
         h = model.hidden
         self.extra_embed = torch.zeros((s, max_extra_vocab, h), dtype=model.dtype, device=dev)
@@ -66,6 +80,8 @@ class DevicePool:
     def install(self, delta_slot: int, host: HostDelta) -> None:
         """Copies ``host`` into ``delta_slot`` of every buffer, in place."""
         for name, pool in self.pools.items():
+            if "lowrank_a" in pool:
+                self._install_lowrank(pool, delta_slot, host.lowrank.get(name))
             got = host.modules.get(name)
             if got is None:  # this tenant leaves the module unchanged: zero scales
                 pool["row"][delta_slot].zero_()
@@ -87,11 +103,31 @@ class DevicePool:
             self.extra_head[delta_slot, :n].copy_(host.extra_head, non_blocking=True)
         self.n_extra[delta_slot] = n
 
+    @staticmethod
+    def _install_lowrank(pool: dict, delta_slot: int, factors) -> None:
+        """A tenant's factors into the slot's first r directions, zeros in the rest (and everywhere
+        for a tenant without a correction on this module)."""
+        a_slot, b_slot = pool["lowrank_a"][delta_slot], pool["lowrank_b"][delta_slot]
+        pool["lowrank_slots"].discard(delta_slot)
+        if factors is None:
+            a_slot.zero_()
+            b_slot.zero_()
+            return
+        pool["lowrank_slots"].add(delta_slot)
+        b, a = factors
+        r = a.shape[0]
+        a_slot[:r].copy_(a, non_blocking=True)
+        a_slot[r:].zero_()
+        b_slot[:, :r].copy_(b, non_blocking=True)
+        b_slot[:, r:].zero_()
+
     def clear(self, delta_slot: int) -> None:
         """Forgets the host-side facts of ``delta_slot`` (its buffers are overwritten by the next install)."""
         self.col_slots.discard(delta_slot)
         for pool in self.pools.values():
             pool["col_slots"].discard(delta_slot)
+            if "lowrank_slots" in pool:
+                pool["lowrank_slots"].discard(delta_slot)
 
     def nbytes_per_slot(self) -> int:
         return sum(v[0].numel() * v.element_size() for p in self.pools.values() for v in p.values()

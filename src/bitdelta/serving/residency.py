@@ -83,16 +83,17 @@ class DeltaSlots:
     """Device slot pools + host LRU + background loader, keyed by delta name."""
 
     def __init__(self, model, max_gpu_deltas: int = 32, max_cpu_deltas: int = 128, max_bits: int = 1,
-                 max_extra_vocab: int = 0, backend: str = "auto", linear_fn=None):
+                 max_extra_vocab: int = 0, backend: str = "auto", linear_fn=None, max_lowrank_rank: int = 0):
         """``linear_fn(name, x, w, pool, batch) -> y`` replaces the fused op for every module when given
         (e.g. :func:`bitdelta.serving.unfused.unfused_linear`, the reference-style baseline that
-        benchmarks compare against); None uses :func:`bitdelta.ops.bitdelta_linear`."""
+        benchmarks compare against); None uses :func:`bitdelta.ops.bitdelta_linear`. ``max_lowrank_rank``:
+        the largest low-rank correction a slot holds (0: none; such deltas are refused)."""
         if max_gpu_deltas < 1:
             raise ValueError("max_gpu_deltas must be at least 1")
         self.model, self.backend = model, backend
         self.num_slots, self.max_cpu, self.bits = max_gpu_deltas, max_cpu_deltas, max_bits
-        self.max_extra = max_extra_vocab
-        self.pool = DevicePool(model, max_gpu_deltas, max_bits, max_extra_vocab)
+        self.max_extra, self.max_lowrank_rank = max_extra_vocab, max_lowrank_rank
+        self.pool = DevicePool(model, max_gpu_deltas, max_bits, max_extra_vocab, max_lowrank_rank)
         self.linear_fn = linear_fn  # sets self.dispatch
         self.pin = model.device.type == "cuda"
         self.entries: dict[str, Entry] = {}
@@ -223,6 +224,8 @@ class DeltaSlots:
             if ml.bits > self.bits:
                 raise BitDeltaError(f"delta {name!r} has {ml.bits} sign planes but the pool holds {self.bits}; "
                                     f"restart the server with --max-bits {ml.bits}")
+            if ml.lowrank_rank:
+                self._check_lowrank(fqn, ml.lowrank_rank, name)
             if fqn == m.embed_name and ml.mode == "col":
                 raise BitDeltaError(f"delta {name!r}: column-scaled embeddings are not supported; use row scales")
             if ml.extra_rows:
@@ -246,6 +249,18 @@ class DeltaSlots:
                 raise ShapeMismatchError(f"delta {name!r}: {pname} has shape {tuple(shape)}, "
                                          f"base has {tuple(m.params1d[key].shape)}")
 
+    def _check_lowrank(self, fqn: str, rank: int, name: str) -> None:
+        if self.max_lowrank_rank == 0:
+            raise BitDeltaError(f"delta {name!r} has a rank-{rank} low-rank correction on {fqn}, but the server "
+                                "holds none; restart it with --max-lowrank-rank (max_lowrank_rank) of at least "
+                                "the delta's largest rank")
+        if rank > self.max_lowrank_rank:
+            raise BitDeltaError(f"delta {name!r} has a rank-{rank} low-rank correction on {fqn}; the pool holds "
+                                f"rank {self.max_lowrank_rank}: restart the server with --max-lowrank-rank {rank}")
+        if self.model.base_quantization:
+            raise BitDeltaError(f"delta {name!r} has a low-rank correction; the server's quantized base does not "
+                                "serve those yet: serve it on a dense base")
+
     def prepare(self, delta, name: str = "?") -> HostDelta:
         """Converts a :class:`Delta` to pool layout, or raises a clear error if it cannot be served."""
         from ..artifact import Layout
@@ -253,9 +268,11 @@ class DeltaSlots:
         self._check_layout(Layout.of(delta), name)
         m = self.model
         shapes = m.delta_modules()
-        modules, extra_embed, extra_head = {}, None, None
+        modules, extra_embed, extra_head, lowrank = {}, None, None, {}
         for fqn, pm in delta.modules.items():
             n, k = shapes[fqn]
+            if pm.lowrank_rank:
+                lowrank[fqn] = tuple(self._pinned(t.to(m.dtype).cpu()) for t in (pm.lowrank_b, pm.lowrank_a))
             is_col = pm.mode == "col"
             sc = pm.scale.float().cpu()
             sc = sc[:, None].expand(pm.bits, n) if pm.mode == "scalar" else sc
@@ -273,7 +290,7 @@ class DeltaSlots:
         for pname, value in delta.dense.items():
             key = delta.ties.get(pname, pname)
             params1d[key] = self._pinned(value.to(m.dtype).cpu())
-        return HostDelta(modules, params1d, extra_embed, extra_head)
+        return HostDelta(modules, params1d, extra_embed, extra_head, lowrank)
 
     def _pinned(self, t: torch.Tensor) -> torch.Tensor:
         return t.pin_memory() if self.pin else t

@@ -120,8 +120,9 @@ def build_runtime(base, deltas: dict[str, str] | None = None, *, base_name: str 
     bits = cfg.max_bits or max([1] + [m.bits for d in loaded.values() for m in d.modules.values()])
     extra = cfg.max_extra_vocab if cfg.max_extra_vocab is not None else max(
         [0] + [m.extra_rows.shape[0] for d in loaded.values() for m in d.modules.values() if m.extra_rows is not None])
+    lowrank = max([cfg.max_lowrank_rank] + [m.lowrank_rank for d in loaded.values() for m in d.modules.values()])
     slots = DeltaSlots(model, max_gpu_deltas=cfg.max_gpu_deltas, max_cpu_deltas=cfg.max_cpu_deltas, max_bits=bits,
-                       max_extra_vocab=extra)
+                       max_extra_vocab=extra, max_lowrank_rank=lowrank)
     metrics = Metrics()
     metrics.base_name = base_name or Path(str(base)).name or "base"
     engine = Engine(model, slots, max_batch=max_batch, max_queue=max_queue, max_len=cfg.max_model_len,
