@@ -68,11 +68,13 @@ def test_errors_are_one_line_with_exit_code_2(pair, tmp_path, capsys):
     assert not (tmp_path / "m2").exists()
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_entry_point_runs_as_module(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bitdelta", "inspect", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "delta_config.json is missing" in r.stderr
 
 
+@pytest.mark.slow  # distils three scale modes, then chooses per module
 def test_compress_with_auto_scales_and_relative_distillation_on_the_bundled_models(tmp_path, capsys):
     """`bitdelta compress --scale auto --distill-steps N --calibration FILE` end to end on the shipped
     tiny base and its Shakespeare fine-tune; the settings and the per-module choice are recorded."""

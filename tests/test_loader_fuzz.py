@@ -387,6 +387,7 @@ def _check_opened(case_dir: Path, tmp: Path, outside: Path, label: str):
             assert real.is_relative_to(case_dir), f"{label}: opened {raw}, outside {case_dir}"
 
 
+@pytest.mark.slow  # hundreds of corrupted artifacts
 @pytest.mark.filterwarnings("ignore:.*ignoring unknown key")  # expected for corrupted key names
 def test_fuzzed_artifacts_load_or_raise_bitdelta_errors(world):
     global _recording

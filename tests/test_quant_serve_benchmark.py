@@ -20,6 +20,7 @@ def smoke(tmp_path_factory):
     return returned, json.loads(out.read_text())
 
 
+@pytest.mark.slow  # the benchmark's smoke run
 def test_smoke_run_measures_both_parts_for_every_n(smoke, capsys):
     returned, result = smoke
     assert result["runs"] and len(result["runs"]) == len(returned["runs"])
@@ -39,6 +40,7 @@ def test_smoke_run_measures_both_parts_for_every_n(smoke, capsys):
     assert bases["7b", "fp8"]["ways"] == {"dequantize": 2 * 7} and bases["7b", "bf16"]["ways"] == {}
 
 
+@pytest.mark.slow  # the benchmark's smoke run
 def test_markdown_table_has_a_row_per_run(smoke):
     _, result = smoke
     md = quant_serve.markdown(result)

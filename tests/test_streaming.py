@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 import transformers
 from safetensors.torch import save_file
@@ -32,6 +33,7 @@ def _write_model(cfg, path, seed, base_params=None):
     return tensors
 
 
+@pytest.mark.slow  # a fresh process compresses a 165 MB pair
 def test_peak_rss_is_a_few_modules(tmp_path):
     cfg = transformers.LlamaConfig(vocab_size=2000, hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
                                    num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)

@@ -100,6 +100,7 @@ def test_every_finetune_tensor_differs_from_base(models, name):
         assert 1e-4 < rel < 1.0, f"{name}: relative delta of {key} is {rel:.2e}"
 
 
+@pytest.mark.slow  # perplexity of three models on three domains
 def test_each_finetune_wins_on_its_own_domain(models, heldout):
     loss = {n: {d: nll(models[n], s) for d, s in heldout.items()} for n in NAMES}
     for dom in ("shakespeare", "gsm8k"):

@@ -10,10 +10,11 @@ import asyncio
 import re
 import time
 
-import httpx
-import openai
 import pytest
 from transformers import AutoTokenizer
+
+httpx = pytest.importorskip("httpx")  # an optional extra (bitdelta[test])
+openai = pytest.importorskip("openai")  # an optional extra (bitdelta[test])
 
 GREEDY = dict(temperature=0, max_tokens=24)
 
@@ -51,12 +52,14 @@ def _wait_idle(http, timeout=30):
 # ---------------------------------------------------------------------------------- openai client
 
 
+@pytest.mark.slow  # a live server
 def test_models_list(client):
     ids = {m.id for m in client.models.list().data}
     assert {"base", "shakespeare", "gsm8k"} <= ids
     assert "corrupt" not in ids and "wrongbase" not in ids  # skipped at startup, with an error logged
 
 
+@pytest.mark.slow  # a live server
 def test_completions_stream_matches_non_stream(client):
     for model in ("base", "shakespeare", "gsm8k"):
         full = client.completions.create(model=model, prompt="To be, or not", **GREEDY)
@@ -71,6 +74,7 @@ def test_completions_stream_matches_non_stream(client):
         assert finish == full.choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.mark.slow  # a live server
 def test_tenants_differ_and_chat_uses_each_template(client, server, delta_dir, tiny_models):
     msgs = [{"role": "user", "content": "What is two plus three?"}]
     outs = {}
@@ -92,6 +96,7 @@ def test_tenants_differ_and_chat_uses_each_template(client, server, delta_dir, t
     assert base != shk
 
 
+@pytest.mark.slow  # a live server
 def test_stop_sequences_and_seeded_sampling(client):
     text = client.completions.create(model="shakespeare", prompt="The", temperature=0, max_tokens=40).choices[0].text
     assert len(text) > 8
@@ -106,6 +111,7 @@ def test_stop_sequences_and_seeded_sampling(client):
     assert a == b
 
 
+@pytest.mark.slow  # a live server
 def test_stream_usage_option(client):
     chunks = list(client.chat.completions.create(model="gsm8k", messages=[{"role": "user", "content": "hi"}],
                                                  stream=True, stream_options={"include_usage": True}, **GREEDY))
@@ -124,6 +130,7 @@ def _err(r, status, code=None):
     return body["error"]
 
 
+@pytest.mark.slow  # a live server
 def test_error_cases(http, server):
     ok = {"model": "shakespeare", "prompt": "hi", "max_tokens": 2}
     e = _err(http.post("/v1/completions", json={**ok, "model": "nope"}), 404, "model_not_found")
@@ -146,6 +153,7 @@ def test_error_cases(http, server):
     assert http.post("/v1/completions", json=ok).status_code == 200
 
 
+@pytest.mark.slow  # a live server
 def test_queue_full_gives_429(tiny_models, delta_dir):
     from conftest import LiveServer
 
@@ -167,6 +175,7 @@ def test_queue_full_gives_429(tiny_models, delta_dir):
         s.close()
 
 
+@pytest.mark.slow  # a live server
 def test_api_keys(keyed_server):
     url = keyed_server.url
     body = {"model": "shakespeare", "prompt": "hi", "max_tokens": 2}
@@ -189,6 +198,7 @@ def test_api_keys(keyed_server):
 # ---------------------------------------------------------------------------------- admin
 
 
+@pytest.mark.slow  # a live server
 def test_admin_register_and_remove(http, server, delta_dir, corrupt_delta, wrong_base_delta, tmp_path):
     adm = {"Authorization": "Bearer adm"}
     add = {"name": "shk-copy", "path": "shakespeare"}
@@ -236,6 +246,7 @@ def test_admin_register_and_remove(http, server, delta_dir, corrupt_delta, wrong
 # ---------------------------------------------------------------------------------- load
 
 
+@pytest.mark.slow  # a live server
 def test_disconnect_frees_slot(http, server):
     _wait_idle(http)
     before = _metric(http.get("/metrics").text, "bitdelta_requests_total", finish_reason="abort")
@@ -252,6 +263,7 @@ def test_disconnect_frees_slot(http, server):
     assert after == before + 1
 
 
+@pytest.mark.slow  # a live server
 def test_32_concurrent_requests_over_4_tenants(http, server, client):
     adm = {"Authorization": "Bearer adm"}
     for name, path in (("shk2", "shakespeare"), ("gsm2", "gsm8k")):
@@ -290,6 +302,7 @@ def test_32_concurrent_requests_over_4_tenants(http, server, client):
     assert _metric(m, "bitdelta_delta_loads_all_total") >= loads_before
 
 
+@pytest.mark.slow  # a live server
 def test_health_and_metrics(http):
     h = http.get("/health")
     assert h.status_code == 200 and h.json()["status"] == "ok"
@@ -304,6 +317,7 @@ def test_health_and_metrics(http):
     assert re.search(r'^bitdelta_queue_depth \d+', text, re.M)
 
 
+@pytest.mark.slow  # a live server
 def test_non_streaming_disconnect_frees_slot(http, server):
     _wait_idle(http)
     before = _metric(http.get("/metrics").text, "bitdelta_requests_total", finish_reason="abort")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
+
+httpx = pytest.importorskip("httpx")  # an optional extra (bitdelta[test])
 
 OK = {"model": "shakespeare", "prompt": "hi", "max_tokens": 2}
 CHAT = {"model": "gsm8k", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

@@ -459,6 +459,7 @@ def run_cli(*argv) -> subprocess.CompletedProcess:
                           env=env, timeout=120)
 
 
+@pytest.mark.slow  # real processes
 def test_a_real_process_prints_one_line(tiny_models, tmp_path):
     keys = write(tmp_path / "keys.toml", '[keys]\n"sk-a" = [1, 2]\n')
     r = run_cli("serve", "--base", tiny_models["base"], "--api-keys", keys)

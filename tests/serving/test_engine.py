@@ -250,6 +250,7 @@ def test_slot_install_writes_in_place(tiny_models, tenants):
         assert (0 in slots.col_slots) == (name == "gsm_col")
 
 
+@pytest.mark.slow  # every graph bucket, emulated on CPU
 def test_emulated_graph_decode_matches_eager(tiny_models, tenants):
     """The graph path's padding, row = KV slot layout, span buckets and masks, run eagerly on CPU:
     same tokens as the eager engine (every tenant kind; col-scaled steps fall back to eager)."""

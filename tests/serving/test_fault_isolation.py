@@ -14,12 +14,13 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
-import openai
 import pytest
 import torch
 
 from bitdelta.serving.engine import Engine, EngineUnavailable, Request, SamplingParams
+
+httpx = pytest.importorskip("httpx")  # an optional extra (bitdelta[test])
+openai = pytest.importorskip("openai")  # an optional extra (bitdelta[test])
 
 MAGIC, RUN = 2, 8  # a prompt of RUN pad tokens marks the request whose computation the tests break
 STREAM_TOKENS = 24
@@ -127,6 +128,7 @@ def reference(client):
 # ---------------------------------------------------------------------------------- sampling guard
 
 
+@pytest.mark.slow  # a live server
 def test_tiny_temperatures_act_as_greedy(client):
     greedy = client.completions.create(model="shakespeare", prompt="ROMEO:", max_tokens=4, temperature=0)
     msgs = [{"role": "user", "content": "ROMEO:"}]
@@ -141,6 +143,7 @@ def test_tiny_temperatures_act_as_greedy(client):
 # ---------------------------------------------------------------------------------- per-request faults
 
 
+@pytest.mark.slow  # a live server
 def test_exception_in_one_request_fails_only_it(fserver, client, reference):
     rt = fserver.runtime
     errors_before = rt.engine.stats()["request_errors"]
@@ -163,6 +166,7 @@ def test_exception_in_one_request_fails_only_it(fserver, client, reference):
     assert h.json()["free_kv_slots"] == h.json()["max_batch"]  # the failed requests' slots came back
 
 
+@pytest.mark.slow  # a live server
 def test_non_finite_logits_fail_only_their_request(fserver, client, reference):
     rt = fserver.runtime
     body = {"model": "shakespeare", "prompt": [MAGIC] * RUN, "max_tokens": 4, "temperature": 0.7}
@@ -194,6 +198,7 @@ def _wait_health(url, status, timeout=10):
     raise AssertionError(f"/health never answered {status}")
 
 
+@pytest.mark.slow  # a live server
 def test_engine_failure_restarts(fserver, client):
     rt = fserver.runtime
     eng = rt.engine
@@ -244,6 +249,7 @@ def test_engine_failure_restarts(fserver, client):
         del eng.step
 
 
+@pytest.mark.slow  # a live server
 def test_without_auto_restart_it_stays_down_and_never_hangs(fserver):
     eng = fserver.runtime.engine
     eng.auto_restart = False  # the last test of the module: this server does not come back

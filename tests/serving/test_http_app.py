@@ -4,10 +4,13 @@ two apps over one runtime answer by their own settings, and every endpoint is mo
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 
-from bitdelta.serving.http.app import create_app
-from bitdelta.serving.http.server_config import ServerConfig
+pytest.importorskip("fastapi")  # the serve extra
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from bitdelta.serving.http.app import create_app  # noqa: E402
+from bitdelta.serving.http.server_config import ServerConfig  # noqa: E402
 
 
 @pytest.fixture

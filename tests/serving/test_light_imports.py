@@ -17,6 +17,7 @@ def _fresh_python(code: str) -> subprocess.CompletedProcess:
 NO_TORCH = "assert 'torch' not in sys.modules and 'bitdelta.serving.engine' not in sys.modules"
 
 
+@pytest.mark.slow  # imports Ray in a fresh interpreter
 def test_ray_ingress_imports_no_torch_and_no_engine():
     pytest.importorskip("ray")
     r = _fresh_python(f"import bitdelta.serving.ray.ingress, sys; {NO_TORCH}")
@@ -30,6 +31,7 @@ def test_light_modules_import_no_torch_and_no_engine(module):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow  # imports torch in a fresh interpreter
 def test_package_names_still_resolve_to_what_they_named():
     # torch-heavy names load on first use; the submodules called like their function (compress,
     # apply) must not replace the function once they are imported

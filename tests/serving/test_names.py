@@ -3,12 +3,13 @@ route, the delta store and the Ray ingress."""
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
 from bitdelta.errors import BitDeltaError
 from bitdelta.serving import store
 from bitdelta.serving.names import MAX_NAME_CHARS, check_tenant_name, is_tenant_name
+
+httpx = pytest.importorskip("httpx")  # an optional extra (bitdelta[test])
 
 GOOD = ["zephyr", "team-a/zephyr", "org/team/m-1.5:q4@v2", "A_b", "x" * MAX_NAME_CHARS]
 BAD = ["", "../etc", "a/../b", ".hidden", "a//b", "a/", "/a", "x" * (MAX_NAME_CHARS + 1), "sp ace", "a/.git",

@@ -11,13 +11,14 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists() and not os.environ.get("CI"),
-                                reason="Debian chromium not installed (CI installs it: .ci/run)")
+pytestmark = [pytest.mark.skipif(not Path(CHROMIUM).exists() and not os.environ.get("CI"),
+                                 reason="Debian chromium not installed (CI installs it: .ci/run)"),
+              pytest.mark.slow]  # a real browser against a live server
 
 
 def test_page_streams_two_tenants_side_by_side(server):
-    import httpx
-    from playwright.sync_api import sync_playwright
+    httpx = pytest.importorskip("httpx")
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
 
     prompt = "To be, or not to be"
     with sync_playwright() as p:

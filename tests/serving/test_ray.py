@@ -13,11 +13,11 @@ import shutil
 import socket
 import time
 
-import httpx
-import openai
 import pytest
 
 pytest.importorskip("ray", reason="scale-out tests need Ray: pip install 'bitdelta[ray]'")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
 
 from bitdelta.serving.ray.board import merge_prometheus  # noqa: E402
 from bitdelta.serving.ray.settings import RaySettings  # noqa: E402
@@ -140,6 +140,7 @@ def test_cli_ray_needs_a_store():
 # ---------------------------------------------------------------------------------- live cluster
 
 
+@pytest.mark.slow  # a local Ray cluster and its replicas
 def test_same_api_and_answers_as_one_server(ray_app, reference):
     ids = {m.id for m in ray_app.client.models.list().data}
     assert {"base", "shakespeare", "gsm8k", "team-a/poet", "team-b/math"} <= ids
@@ -157,6 +158,7 @@ def test_same_api_and_answers_as_one_server(ray_app, reference):
     assert _text(ray_app.client, "team-a/poet") == _text(reference, "shakespeare")  # same artifact, another name
 
 
+@pytest.mark.slow  # a local Ray cluster and its replicas
 def test_errors(ray_app):
     with pytest.raises(openai.NotFoundError) as e:
         _text(ray_app.client, "nope")
@@ -175,6 +177,7 @@ def test_errors(ray_app):
     assert ray_app.http.get("/v1/deltas").status_code == 404
 
 
+@pytest.mark.slow  # a local Ray cluster and its replicas
 def test_api_keys_are_checked_as_by_one_server(ray_app):
     url, body = ray_app.url, {"model": "gsm8k", "prompt": "x", "max_tokens": 2}
     for headers, code in (({}, 401), ({"Authorization": "Bearer wrong"}, 401)):
@@ -193,6 +196,7 @@ def test_api_keys_are_checked_as_by_one_server(ray_app):
     assert _text(shk, "shakespeare") == _text(ray_app.client, "shakespeare")
 
 
+@pytest.mark.slow  # a local Ray cluster and its replicas
 def test_client_hang_up_reaches_the_engine(ray_app):
     """Closing a stream, or timing out on a plain request, cancels the engine request behind two hops."""
     def aborted() -> float:
@@ -214,6 +218,7 @@ def test_client_hang_up_reaches_the_engine(ray_app):
         time.sleep(0.25)
 
 
+@pytest.mark.slow  # a local Ray cluster and its replicas
 def test_tenant_requests_stay_on_the_replica_that_holds_them(ray_app):
     a, b = "team-a/poet", "team-b/math"
 
@@ -245,6 +250,7 @@ def test_tenant_requests_stay_on_the_replica_that_holds_them(ray_app):
         assert holders == [first[m]]
 
 
+@pytest.mark.slow  # a local Ray cluster and its replicas
 def test_a_replica_killed_mid_run_is_replaced_and_no_request_is_lost(ray_app, reference):
     import ray
     from ray import serve

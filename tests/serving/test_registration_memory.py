@@ -129,6 +129,7 @@ def test_huge_unlisted_tensor_is_never_read(env):
     _three_times(slots, path, root)
 
 
+@pytest.mark.slow  # writes and reads a 256 MiB tensor three times
 def test_failure_after_a_large_read_releases_it(env, monkeypatch):
     """Let a 256 MiB dense tensor (more than LIMIT, and quick to read) through the layout check: it
     is read, its last value is NaN, the load fails. pytest.raises keeps the error (as a server's

@@ -5,12 +5,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import fsspec
 import pytest
 
 from bitdelta.artifact import load_delta
 from bitdelta.errors import BitDeltaError
 from bitdelta.serving.store import DeltaNotFound, DeltaStore, check_name
+
+fsspec = pytest.importorskip("fsspec")  # an optional extra (bitdelta[test])
 
 
 @pytest.fixture
