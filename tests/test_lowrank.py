@@ -15,8 +15,15 @@ from bitdelta.cli import main
 from bitdelta.configs import CompressConfig
 from bitdelta.distill import distill_scales
 from bitdelta.errors import ConfigError, FormatError, InvalidDeltaError
-from bitdelta.lowrank import (LowRankPlanner, allocate_ranks, direction_bytes, factor_bytes, sign_plane_bytes,
-                              split_factors, truncated_svd)
+from bitdelta.lowrank import (
+    LowRankPlanner,
+    allocate_ranks,
+    direction_bytes,
+    factor_bytes,
+    sign_plane_bytes,
+    split_factors,
+    truncated_svd,
+)
 from bitdelta.report import describe_artifact, format_report
 from models import load, make_pair
 
@@ -280,3 +287,18 @@ def test_cli_compress_with_a_lowrank_rank(pair, tmp_path, capsys):
     assert "low-rank          15 modules" in capsys.readouterr().out
     assert main(["inspect", str(out), "--settings"]) == 0
     assert "lowrank_rank: 2" in capsys.readouterr().out
+
+
+def test_signs_fitted_around_the_strong_directions_leave_less_than_correcting_after():
+    delta = _low_rank_plus_noise(64, 48, 4, 0.2, 3)
+    planner = LowRankPlanner(rank=4)
+    sign, scale = planner.binarize(delta, "row", 1)
+    residual = delta - reconstruct(sign, scale, 48, "row")
+    u, s, vh = truncated_svd(residual, 4)
+    fitted = float((residual - (u * s) @ vh).norm())
+    plain_sign, plain_scale = binarize(delta, "row", 1)
+    plain_residual = delta - reconstruct(plain_sign, plain_scale, 48, "row")
+    u, s, vh = truncated_svd(plain_residual, 4)
+    after = float((plain_residual - (u * s) @ vh).norm())
+    assert fitted < 0.5 * after
+    assert LowRankPlanner(budget=1e-3).binarize(delta, "row", 1)[0].equal(plain_sign)  # no share: plain signs

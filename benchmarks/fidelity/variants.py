@@ -43,6 +43,9 @@ def _recipe(name: str, description: str, recipe: str, **fields) -> Variant:
 
 
 _TWO_BITS = dataclasses.replace(get_recipe("paper").compress, bits=2)
+# One sign plane plus a low-rank correction of its residual at the bytes of a second plane (bitdelta.lowrank):
+# compared at equal bytes with scalar-2bit.
+_LOWRANK = dataclasses.replace(get_recipe("paper").compress, lowrank_budget=1.0)
 
 _ALL = (
     _recipe("scalar-initial", "scalar scales, mean|Δ|, no distillation", "paper", distill=False, cost=1.2),
@@ -60,13 +63,17 @@ _ALL = (
             dataclasses.replace(get_recipe("col").compress, bits=2)),
     _recipe("auto-2bit", "two residual sign planes, auto", "auto-2bit",
             candidates=("scalar-2bit", "row-2bit", "col-2bit"), cost=4.0),
+    Variant("scalar-lowrank", "one sign plane, scalar scales, plus a low-rank correction of the residual with "
+                              "the bytes of a second plane (--lowrank-budget 1.0, fixed while the scales are "
+                              "distilled)", _LOWRANK, cost=2.0),
     _recipe("reference", "the reference implementation's recipe: scalar scales, embeddings/lm_head dense "
                          "(float16) and trained with the norms", "reference"),
 )
 BUILDS: dict[str, Variant] = {v.name: v for v in _ALL}
 # The variants --variants names (and the report's order); row-2bit and col-2bit are built only as
 # auto-2bit's candidates.
-VARIANTS = ("scalar-initial", "scalar", "row", "col", "auto", "auto-old", "scalar-2bit", "auto-2bit", "reference")
+VARIANTS = ("scalar-initial", "scalar", "row", "col", "auto", "auto-old", "scalar-2bit", "auto-2bit", "scalar-lowrank",
+            "reference")
 # Relative wall time of each model's turn in ``eval`` (build + evaluate), for the --budget-s guard:
 # auto-2bit distils two 2-bit deltas and runs the held-out choice before it is evaluated.
 COST = {"base": 1.0, "finetune": 1.0, **{name: BUILDS[name].cost for name in VARIANTS}}

@@ -135,7 +135,8 @@ def compress(
         base_rows = _check_shapes(t, w_base, w_ft)
         mode = ScaleMode.ROW if t.vocab else scale
         delta = w_ft[:base_rows].float() - w_base.float()
-        sign, scl = binarize(delta, mode, bits)
+        corrected = planner is not None and t.kind != EMBEDDING
+        sign, scl = planner.binarize(delta, mode, bits) if corrected else binarize(delta, mode, bits)
         if planner is not None and t.kind == EMBEDDING:  # a row lookup, no product: counted, not corrected
             planner.count_signs(*delta.shape)
         elif planner is not None:

@@ -5,6 +5,14 @@ Sign planes spend the same bits on every entry; where a fine-tune's delta has a 
 of the residual ``R = Δ − Δ̂``. A rank-``r`` term ``B [out, r] · A [r, in]`` (stored in float16) keeps
 the ``r`` strongest: by Eckart–Young it removes ``σ_1² + … + σ_r²`` of ``‖R‖²``.
 
+The sign planes are fitted around the strong directions rather than through them: for each matrix,
+``Δ̂ = binarize(Δ − L₀)`` where ``L₀`` is Δ's own rank-``r₀`` part (``r₀``: the rank the matrix's even
+share of the budget buys, or the fixed rank), and ``B·A`` is then the truncated SVD of the residual
+``Δ − Δ̂`` (which holds ``L₀`` and what the signs miss). Binarizing Δ first and correcting after
+spends the correction badly: sign planes turn a low-rank delta into a high-rank error (its sign
+pattern is not low-rank), so the residual's leading directions hold only about a third of the
+missing energy (the weight errors of both orders are in docs/distillation.md, "Beyond one bit").
+
 Two ways to choose ``r``:
 
 - a byte budget (``lowrank_budget = X``): ``X`` times the bytes of one sign plane of every compressed
@@ -27,7 +35,9 @@ rather than the correction being fitted to scales it never saw. (Refitting it af
 would need ``Δ`` again, a second pass over both models.)
 
     planner = LowRankPlanner(budget=1.0)                  # or LowRankPlanner(rank=8)
-    planner.add("model.layers.0.mlp.up_proj", delta - dhat)   # planner.count_signs(out, in) for embeddings
+    sign, scale = planner.binarize(delta, "row", bits=1)  # signs fitted around Δ's strong directions
+    planner.add("model.layers.0.mlp.up_proj", delta - reconstruct(sign, scale, delta.shape[1], "row"))
+    planner.count_signs(out, in)                          # an embedding: in the budget, no correction
     factors = planner.factors()                           # name -> (B [out, r], A [r, in]) float16
 """
 
@@ -132,6 +142,27 @@ class LowRankPlanner:
         self.budget, self.rank = budget, rank
         self.candidates: dict[str, _Candidate] = {}
         self.sign_bytes = 0
+
+    def share_rank(self, out_features: int, in_features: int) -> int:
+        """The rank one module gets before the split: the fixed rank, or what its even share of the
+        budget buys (0 when that is less than one direction)."""
+        short = min(out_features, in_features)
+        if self.rank is not None:
+            return min(self.rank, short)
+        share = self.budget * sign_plane_bytes(out_features, in_features)
+        return min(short, int(share // direction_bytes(out_features, in_features)))
+
+    def binarize(self, delta: torch.Tensor, mode, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sign planes and scales of ``delta`` fitted around its rank-``share_rank`` part (see the
+        module docstring), in :func:`bitdelta.binarize.binarize`'s layout."""
+        from .binarize import binarize
+
+        delta = delta.float()
+        r0 = self.share_rank(*delta.shape)
+        if r0 == 0:
+            return binarize(delta, mode, bits)
+        u, s, vh = truncated_svd(delta, r0)
+        return binarize(delta - (u * s[None, :]) @ vh, mode, bits)
 
     def candidate_rank(self, out_features: int, in_features: int) -> int:
         """Directions worth keeping for one module before the global split is known."""
