@@ -98,6 +98,9 @@ class EngineReplica:
             t = self.tenants.get(name)
             if t is not None and not t.gone:  # evicted but still serving: keep it
                 t.evicted = False
+                # at eviction Serve replaced __del__ on the instance with a one-argument no-op that it then
+                # calls with none at the next eviction: give the class's method back
+                t.__dict__.pop("__del__", None)
                 return t
         path = await asyncio.to_thread(self.store.fetch, name)
         try:
