@@ -21,9 +21,10 @@ shapes as the base's), so a corrupt delta changes nothing.
 - A module with a low-rank correction (``lowrank.py``) adds ``(x Aᵀ) Bᵀ`` in its wrapper, and its
   parametrization reads as ``W_base + Δ̂ + B·A``; the factors are fixed (distillation trains the scales
   around them).
-- ``merge(model, delta)`` writes ``W_base + Δ̂`` (with ``B·A`` when present: ``PackedModule.dense``) into the weights (Δ̂ computed in float32, cast to
-  the weight dtype, then added, as the reference implementation does) and returns the model,
-  ready for ``save_pretrained``. A delta of a model against itself merges to the base exactly.
+- ``merge(model, delta)`` writes ``W_base + Δ̂`` (with ``B·A`` when present: ``PackedModule.dense``)
+  into the weights (Δ̂ computed in float32, cast to the weight dtype, then added, as the reference
+  implementation does) and returns the model, ready for ``save_pretrained``. A delta of a model
+  against itself merges to the base exactly.
 
     model = bitdelta.apply(base_model, delta)      # or: merged = bitdelta.merge(base_model, delta)
 """
@@ -182,7 +183,7 @@ def apply(model: nn.Module, delta: Delta, check_base: bool = True) -> nn.Module:
             owner._buffers[attr] = value.to(device=old.device, dtype=old.dtype)
             continue
         new = nn.Parameter(value.to(device=old.device, dtype=old.dtype), requires_grad=old.requires_grad)
-        for user_name, user in model.named_modules():
+        for user in model.modules():
             for a, p in list(user.named_parameters(recurse=False)):
                 if p is old:
                     restore["params"].append((user, a, old))
@@ -202,7 +203,10 @@ def apply(model: nn.Module, delta: Delta, check_base: bool = True) -> nn.Module:
         # Tied matrices (embeddings shared with lm_head) get the same delta in every user.
         for user in _modules_sharing_weight(model, module.weight):
             original = model.get_submodule(user)
-            kind = "embedding" if isinstance(original, nn.Embedding) else ("conv1d" if packed.kind == CONV1D else "linear")
+            if isinstance(original, nn.Embedding):
+                kind = "embedding"
+            else:
+                kind = "conv1d" if packed.kind == CONV1D else "linear"
             restore["modules"][user] = original
             wrapper = DeltaWrapper(original, packed, kind)
             restore["holders"].setdefault(name, wrapper)
@@ -302,10 +306,11 @@ def merge(model: nn.Module, delta: Delta, check_base: bool = True, safe: bool = 
         old = getattr(owner, attr)
         updates.append((old, value.to(old.device, old.dtype), owner))
     if safe:
-        for param, value, _ in updates:
+        for _, value, _ in updates:
             if value.is_floating_point() and not torch.isfinite(value).all():
-                raise BitDeltaError("merging would produce NaN/inf weights; the delta or base is corrupt. Nothing was changed.")
-    for param, value, owner in updates:
+                raise BitDeltaError("merging would produce NaN/inf weights; the delta or base is corrupt. "
+                                    "Nothing was changed.")
+    for param, value, _ in updates:
         if param.shape == value.shape:
             param.data.copy_(value)
         else:

@@ -52,8 +52,7 @@ from typing import Callable
 import torch
 
 from ._version import __version__
-from .artifact_info import (FORMAT_NAME, LAYOUT_KEYS, LOWRANK_FORMAT_VERSION, PLAIN_FORMAT_VERSION, DeltaInfo,
-                            migrate)
+from .artifact_info import FORMAT_NAME, LAYOUT_KEYS, LOWRANK_FORMAT_VERSION, PLAIN_FORMAT_VERSION, DeltaInfo, migrate
 from .atomic import atomic_directory
 from .delta import Delta, PackedModule
 from .errors import FormatError
@@ -274,17 +273,20 @@ def _check_module_entry(cfg_path, name, entry) -> None:
     if not isinstance(entry, dict):
         _fail(cfg_path, field, f"must be an object, got {type(entry).__name__}")
     if entry.get("kind") not in (LINEAR, CONV1D, EMBEDDING):
-        _fail(cfg_path, f"{field}.kind", f"must be one of {[LINEAR, CONV1D, EMBEDDING]}, got {str(entry.get('kind'))[:80]!r}")
+        _fail(cfg_path, f"{field}.kind", f"must be one of {[LINEAR, CONV1D, EMBEDDING]}, "
+                                         f"got {str(entry.get('kind'))[:80]!r}")
     if entry.get("scale") not in MATRIX_MODES:
         _fail(cfg_path, f"{field}.scale", f"must be one of {[m.value for m in MATRIX_MODES]}, "
                                           f"got {str(entry.get('scale'))[:80]!r}")
     if not _int_in(entry.get("bits"), 1, MAX_BITS):
-        _fail(cfg_path, f"{field}.bits", f"must be an integer from 1 to {MAX_BITS}, got {str(entry.get('bits'))[:80]!r}")
+        _fail(cfg_path, f"{field}.bits", f"must be an integer from 1 to {MAX_BITS}, "
+                                         f"got {str(entry.get('bits'))[:80]!r}")
     shape = entry.get("shape")
     if not (isinstance(shape, list) and len(shape) == 2 and all(_int_in(d, 1, _MAX_DIM) for d in shape)):
         _fail(cfg_path, f"{field}.shape", f"must be [out, in] positive integers, got {str(shape)[:80]}")
     if not _int_in(entry.get("extra_rows", 0), 0, _MAX_DIM):
-        _fail(cfg_path, f"{field}.extra_rows", f"must be a non-negative integer, got {str(entry.get('extra_rows'))[:80]!r}")
+        _fail(cfg_path, f"{field}.extra_rows",
+              f"must be a non-negative integer, got {str(entry.get('extra_rows'))[:80]!r}")
     if not isinstance(entry.get("vocab", False), bool):
         _fail(cfg_path, f"{field}.vocab", "must be true or false")
     rank = entry.get("lowrank_rank", 0)
@@ -403,7 +405,8 @@ def load_delta(path, device="cpu", revision: str | None = None, *, root=None,
         e = ckpt.entries[key]
         if e.dtype not in dtypes:
             names = "/".join(str(d).replace("torch.", "") for d in dtypes)
-            raise FormatError(f"{local}: tensor {key!r} ({what}) is {str(e.dtype).replace('torch.', '')}, must be {names}")
+            found = str(e.dtype).replace("torch.", "")
+            raise FormatError(f"{local}: tensor {key!r} ({what}) is {found}, must be {names}")
         if shape is not None and tuple(e.shape) != tuple(shape):
             raise FormatError(f"{local}: tensor {key!r} ({what}) has shape {list(e.shape)}, but {CONFIG_NAME} "
                               f"implies {list(shape)}; the artifact is inconsistent")
@@ -425,7 +428,8 @@ def load_delta(path, device="cpu", revision: str | None = None, *, root=None,
             header(f"{name}.lowrank_a", FLOAT_DTYPES, (rank, in_f), "low-rank factor A")
         layouts[name] = ModuleLayout(entry["kind"], mode, bits, out_f, in_f, extra, bool(entry.get("vocab", False)),
                                      rank)
-    dense_shapes = {n: tuple(header(n, FLOAT_DTYPES, None, "dense parameter").shape) for n in cfg.get("dense_parameters", [])}
+    dense_shapes = {n: tuple(header(n, FLOAT_DTYPES, None, "dense parameter").shape)
+                    for n in cfg.get("dense_parameters", [])}
     names = sorted(layouts)
     header(FINGERPRINT_KEY, FLOAT_DTYPES, (len(names), SAMPLES_PER_MODULE), "base fingerprint")
     if precheck is not None:

@@ -84,7 +84,8 @@ def read_texts(source: str) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise BitDeltaError(f"{source} is not a file, and the `datasets` package is not installed to fetch it") from None
+        raise BitDeltaError(f"{source} is not a file, and the `datasets` package is not installed to fetch it"
+                            ) from None
     name, _, config = source.partition(":")
     try:
         ds = datasets.load_dataset(name, config or None, split="train", streaming=True)

@@ -30,10 +30,28 @@ import re
 import sys
 from pathlib import Path
 
-from .cli_checks import (check_device, check_input_dir, check_input_file, check_output_dir, check_output_file,
-                         check_text_source)
-from .cli_options import (NOTES, add_base, add_device, add_dtype, add_output, add_quiet, dtype_name, float_range,
-                          int_range, library_progress_bars, note, shard_size)
+from .cli_checks import (
+    check_device,
+    check_input_dir,
+    check_input_file,
+    check_output_dir,
+    check_output_file,
+    check_text_source,
+)
+from .cli_options import (
+    NOTES,
+    add_base,
+    add_device,
+    add_dtype,
+    add_output,
+    add_quiet,
+    dtype_name,
+    float_range,
+    int_range,
+    library_progress_bars,
+    note,
+    shard_size,
+)
 from .cli_options import device_name as device_name  # serving/config.py reads the flag types from this module
 
 COMPRESS_DTYPE_NOTE = ("compress --dtype is the dtype the models load in; for this release it also sets the dense "

@@ -35,7 +35,8 @@ def check_output_dir(out, overwrite: bool, artifact: bool = False) -> bool:
         raise BitDeltaError(f"cannot create {out}: {parent} is not a directory")
     # the output is written into a sibling temporary directory and renamed: the parent must be writable
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise BitDeltaError(f"cannot write {out}: {parent} is not writable; choose another --out or fix its permissions")
+        raise BitDeltaError(f"cannot write {out}: {parent} is not writable; choose another --out or fix its "
+                            "permissions")
     return existed
 
 

@@ -16,8 +16,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .configs import (BASE_QUANT_SCHEMES, SELF_CALIBRATION, CompressConfig, DistillConfig, check_sections, fill,
-                      read_settings_file)
+from .configs import (
+    BASE_QUANT_SCHEMES,
+    SELF_CALIBRATION,
+    CompressConfig,
+    DistillConfig,
+    check_sections,
+    fill,
+    read_settings_file,
+)
 from .errors import BitDeltaError
 from .recipes import get_recipe
 

@@ -25,7 +25,6 @@ compressed, dense, or excluded by the user (``coverage.audit``), or compression 
 
 from __future__ import annotations
 
-
 import torch
 from tqdm.auto import tqdm
 

@@ -84,7 +84,8 @@ class PackedModule:
         if self.sign.dtype != torch.uint8 or self.sign.dim() != 3:
             problems.append(f"sign must be uint8 [bits, out, in/8], got {self.sign.dtype} {tuple(self.sign.shape)}")
         elif self.sign.shape[2] != packed_width(self.in_features):
-            problems.append(f"sign has {self.sign.shape[2]} bytes per row, {self.in_features} columns need {packed_width(self.in_features)}")
+            problems.append(f"sign has {self.sign.shape[2]} bytes per row, {self.in_features} columns need "
+                            f"{packed_width(self.in_features)}")
         if tuple(self.scale.shape) != want_scale:
             problems.append(f"{self.mode} scale must have shape {want_scale}, got {tuple(self.scale.shape)}")
         if self.extra_rows is not None and (self.extra_rows.dim() != 2 or self.extra_rows.shape[1] != self.in_features):
@@ -132,7 +133,8 @@ class PackedModule:
     def to(self, device: str | torch.device) -> "PackedModule":
         """A copy with every tensor on ``device`` (self when they already are: no copy)."""
         device = torch.device(device)
-        optional = {k: getattr(self, k) for k in ("extra_rows", "lowrank_b", "lowrank_a") if getattr(self, k) is not None}
+        optional = {k: getattr(self, k) for k in ("extra_rows", "lowrank_b", "lowrank_a")
+                    if getattr(self, k) is not None}
         if all(t.device == device for t in [self.sign, self.scale, *optional.values()]):
             return self
         return self.copy(sign=self.sign.to(device), scale=self.scale.to(device),

@@ -286,7 +286,8 @@ def distill_scales(
     work.to(home)
     tail = history[-max(1, min(10, len(history))):]
     work.info["distillation"] = {
-        "steps": steps, "lr": lr, "lr_mode": lr_mode, "batch_size": batch_size, "seq_len": int(train.input_ids.shape[1]),
+        "steps": steps, "lr": lr, "lr_mode": lr_mode, "batch_size": batch_size,
+        "seq_len": int(train.input_ids.shape[1]),
         "num_samples": len(train), "loss": loss, "seed": seed,
         "dataset": getattr(calibration, "source", None),
         "initial_loss": history[0], "final_loss": sum(tail) / len(tail),
@@ -371,7 +372,8 @@ def choose_auto(row_delta: Delta, col_delta: Delta, base: nn.Module, teacher: Te
     chosen.info["distillation"] = dict(row_delta.info.get("distillation") or {}, auto={
         "heldout_loss_all_row": start_loss, "heldout_loss_all_col_here": all_col_loss, "start": start,
         "heldout_loss_chosen": best,
-        "col_modules": sum(v == "col" for v in choices.values()), "row_modules": sum(v == "row" for v in choices.values()),
+        "col_modules": sum(v == "col" for v in choices.values()),
+        "row_modules": sum(v == "row" for v in choices.values()),
         "col_heldout_loss_all_col": (col_delta.info.get("distillation") or {}).get("heldout_loss_after"),
     })
     return chosen

@@ -102,7 +102,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 40, do_sa
     """Greedy (or seeded sampled) continuation of ``prompt``; returns only the new text."""
     torch.manual_seed(seed)
     enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     if do_sample:
         kwargs["temperature"] = temperature
     out = model.generate(**enc, **kwargs)

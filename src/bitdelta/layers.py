@@ -40,7 +40,10 @@ def delta_rows(packed: PackedModule, rows: torch.Tensor) -> torch.Tensor:
     for p in range(packed.bits):
         signs = unpack_signs(packed.sign[p].index_select(0, flat), packed.in_features)
         scale = packed.scale[p]
-        term = signs * (scale.index_select(0, flat)[:, None] if packed.mode == "row" else expand_scale(scale, packed.mode))
+        if packed.mode == "row":
+            term = signs * scale.index_select(0, flat)[:, None]
+        else:
+            term = signs * expand_scale(scale, packed.mode)
         total = term if total is None else total + term
     return total.reshape(*rows.shape, packed.in_features)
 

@@ -17,6 +17,7 @@ def model_card(delta, cfg: dict, artifact_bytes: int) -> str:
     n = cfg.get("finetuned_num_parameters")
     factor = compression_factor(n, artifact_bytes)
     comp = cfg.get("compression") or {}
+    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(delta.summary().items()))
     lines = [
         "---",
         "library_name: bitdelta",
@@ -31,7 +32,7 @@ def model_card(delta, cfg: dict, artifact_bytes: int) -> str:
         "",
         "| | |",
         "|---|---|",
-        f"| compressed modules | {len(cfg.get('modules', {}))} ({', '.join(f'{k}: {v}' for k, v in sorted(delta.summary().items()))}) |",
+        f"| compressed modules | {len(cfg.get('modules', {}))} ({kinds}) |",
         f"| dense parameters | {len(cfg.get('dense_parameters', []))} |",
         f"| artifact size | {artifact_bytes / 1e6:,.2f} MB |",
     ]

@@ -60,8 +60,9 @@ def _coverage(cfg: dict) -> dict | None:
     if not isinstance(cov, dict):
         return None
     experts = sum(1 for name in cfg["modules"] if name.endswith("]"))
-    return {"naming": comp.get("naming"), "tensors": cov.get("tensors") or {}, "parameters": cov.get("parameters") or {},
-            "excluded_tensors": comp.get("excluded_tensors") or [], "expert_matrices": experts}
+    return {"naming": comp.get("naming"), "tensors": cov.get("tensors") or {},
+            "parameters": cov.get("parameters") or {}, "excluded_tensors": comp.get("excluded_tensors") or [],
+            "expert_matrices": experts}
 
 
 def _lowrank(cfg: dict) -> dict | None:
@@ -134,9 +135,11 @@ def format_report(info: dict) -> str:
         lines.append(f"added-token rows  {name}: {rows} (dense)")
     if info["distillation"]:
         d = info["distillation"]
-        lines.append("distillation      " + ", ".join(f"{k}={v}" for k, v in d.items() if not isinstance(v, (dict, list))))
+        flat = ", ".join(f"{k}={v}" for k, v in d.items() if not isinstance(v, (dict, list)))
+        lines.append("distillation      " + flat)
     lines += [
-        f"artifact size     {_mb(info['artifact_bytes'])} ({len(info['files'])} files; weights {_mb(info['weight_bytes'])})",
+        f"artifact size     {_mb(info['artifact_bytes'])} ({len(info['files'])} files; "
+        f"weights {_mb(info['weight_bytes'])})",
         f"fine-tune fp16    {_mb(info['finetuned_fp16_bytes'])}",
     ]
     if info["compression_factor"]:

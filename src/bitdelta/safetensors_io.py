@@ -56,7 +56,8 @@ def plain_name(name, what: str = "file name") -> str:
     else :class:`FormatError` naming it: names read from untrusted files must never point elsewhere."""
     if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
             or "\0" in name or len(name) > 255):
-        raise FormatError(f"{what} {name!r} is not a plain file name; an artifact may only name files in its own directory")
+        raise FormatError(f"{what} {name!r} is not a plain file name; an artifact may only name files in its own "
+                          "directory")
     return name
 
 
@@ -129,7 +130,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     if not isinstance(header, dict):
         raise FormatError(f"{path} has a corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
         raise FormatError(f"{path} has a corrupt safetensors header (__metadata__ must map strings to strings)")
     data_start = 8 + header_len
     entries: dict[str, TensorEntry] = {}
@@ -247,7 +249,8 @@ class SafetensorsCheckpoint:
                                                            for k, v in weight_map.items()):
                 raise TypeError("weight_map must map tensor names to shard file names")
         except (KeyError, TypeError, ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise FormatError(f"{index} is not a valid safetensors index ({type(e).__name__}: {str(e)[:200]})") from None
+            raise FormatError(f"{index} is not a valid safetensors index ({type(e).__name__}: {str(e)[:200]})"
+                              ) from None
         entries: dict[str, TensorEntry] = {}
         metadata: dict[str, str] = {}
         if roots:  # an untrusted index: shard names are file names in its own folder, nothing else
@@ -295,7 +298,8 @@ def save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadat
     for name in names:
         t = tensors[name].detach().cpu().contiguous()
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
         blobs.append(t)
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()

@@ -166,7 +166,7 @@ def _other_matrices(module, mname, ties, hidden, probed, target, exclude) -> lis
     key = (type(module), tuple((n, tuple(p.shape)) for n, p in own))
     if key not in probed:
         probed[key] = _probe_roles(module, hidden)
-    for n, p in mats:
+    for n, _ in mats:
         role = probed[key].get(n)
         pname = prefix + n
         if role is None or not _selected(mname, pname, target, exclude):

@@ -149,7 +149,8 @@ def loglikelihood(
         if len(cont) > len(inp):
             warnings.warn(
                 f"continuation of {len(cont)} tokens does not fit max_length={max_length}; "
-                f"scoring its last {len(inp)} tokens"
+                f"scoring its last {len(inp)} tokens",
+                stacklevel=2,
             )
             cont = cont[-len(inp) :]
         inputs.append(inp)

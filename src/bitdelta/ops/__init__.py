@@ -222,7 +222,8 @@ def bitdelta_linear_segmented(
     """Segmented (prefill) form: rows seg_starts[s]:seg_starts[s+1] use tenant seg_ids[s]."""
     check_inputs(x, weight, bias, signs, scales, mode)
     if seg_ids.dim() != 1 or seg_starts.shape != (seg_ids.numel() + 1,):
-        raise ValueError(f"seg_starts must have one more entry than seg_ids (got {tuple(seg_starts.shape)}, {tuple(seg_ids.shape)})")
+        raise ValueError(f"seg_starts must have one more entry than seg_ids (got {tuple(seg_starts.shape)}, "
+                         f"{tuple(seg_ids.shape)})")
     b = backend.value if isinstance(backend, Backend) else str(backend)
     op = _segmented_impl if _direct(x) else _segmented_op
     return op(x, weight, bias, signs, scales, str(mode), seg_starts, seg_ids, b)

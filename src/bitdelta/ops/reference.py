@@ -35,7 +35,8 @@ def check_inputs(x, weight, bias, signs, scales, mode) -> None:
         raise ValueError(f"signs must be uint8 [D, bits, N, ceil(K/8)] (got {signs.dtype} {tuple(signs.shape)})")
     d, bits = signs.shape[:2]
     if signs.shape[2:] != (n, (k + 7) // 8):
-        raise ValueError(f"signs must be [D, bits, {n}, {(k + 7) // 8}] for a {n}x{k} weight (got {tuple(signs.shape)})")
+        raise ValueError(f"signs must be [D, bits, {n}, {(k + 7) // 8}] for a {n}x{k} weight "
+                         f"(got {tuple(signs.shape)})")
     want = (d, *scale_shape(mode, n, k, bits))
     if tuple(scales.shape) != want:
         raise ValueError(f"scales for mode {mode!r} must be {list(want)} (got {list(scales.shape)})")

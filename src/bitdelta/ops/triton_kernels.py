@@ -179,7 +179,8 @@ def _hadd2(a, b, INTERP: tl.constexpr):
         a_lo, a_hi = _halves(a)
         b_lo, b_hi = _halves(b)
         lo, hi = (a_lo + b_lo).to(tl.float16), (a_hi + b_hi).to(tl.float16)
-        return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+        lo_bits = lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return lo_bits | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
     else:
         return tl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32,
                                          is_pure=True, pack=1)
@@ -411,4 +412,5 @@ def expand_delta_kernel(
         else:
             cs = tl.load(c_ptr + p * stride_cp + offs_k, mask=k_mask, other=0.0)[None, :]
             w += tl.where(bit, cs, -cs)
-    tl.store(out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=m)

@@ -2,7 +2,8 @@
 
 Shapes and semantics are those of :mod:`bitdelta.ops.reference`. The decode path neither syncs
 with the host nor allocates a data-dependent amount of memory, so it can be captured in a CUDA
-graph; the prefill path reads its segment table on the host to route long segments to cuBLAS. Configs come from ``DEFAULT_CONFIGS`` (tuned on an H100) unless a ``config`` dict is given.
+graph; the prefill path reads its segment table on the host to route long segments to cuBLAS.
+Configs come from ``DEFAULT_CONFIGS`` (tuned on an H100) unless a ``config`` dict is given.
 
     y = bitdelta_decode(x, w, b, signs, scales, "row", ids)                  # T <= 128
     y = bitdelta_segmented(x, w, b, signs, scales, "col", starts, seg_ids)   # prefill

@@ -43,5 +43,5 @@ def __dir__():
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-__all__ = ["BatchMapping", "DeltaLlama", "DeltaModel", "DeltaSlots", "Engine", "Event", "KVCache", "QueueFull", "Request",
-           "SamplingParams", "ServingRuntime", "build_runtime", "create_app"]
+__all__ = ["BatchMapping", "DeltaLlama", "DeltaModel", "DeltaSlots", "Engine", "Event", "KVCache", "QueueFull",
+           "Request", "SamplingParams", "ServingRuntime", "build_runtime", "create_app"]

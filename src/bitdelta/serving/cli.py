@@ -60,7 +60,8 @@ def _check_startup_delta(name: str, path: str) -> None:
         except BitDeltaError as e:
             raise BitDeltaError(f"--delta {name}={path}: no such artifact directory, and {e}") from None
     if not local.is_dir():
-        raise BitDeltaError(f"--delta {name}={path}: not a directory (an artifact is a directory with delta_config.json)")
+        raise BitDeltaError(f"--delta {name}={path}: not a directory (an artifact is a directory with "
+                            "delta_config.json)")
     read_config(local)
 
 
@@ -79,7 +80,8 @@ def _check_bind(host: str, port: int) -> None:
         try:
             sock.bind(address)
         except OSError as e:
-            raise BitDeltaError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port or --host") from None
+            raise BitDeltaError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port or --host"
+                                ) from None
 
 
 def _reason(e: Exception) -> str:
@@ -205,7 +207,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                         "given explicitly override it")
     s.add_argument("--api-keys", default=None, help='TOML file: [keys] "sk-..." = ["model", ...] ("*" = all)')
     s.add_argument("--admin-key", default=None, help="bearer key of the admin endpoints")
-    s.add_argument("--allow-runtime-deltas", action="store_true", help="enable POST/DELETE /v1/deltas (needs --admin-key)")
+    s.add_argument("--allow-runtime-deltas", action="store_true",
+                   help="enable POST/DELETE /v1/deltas (needs --admin-key)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int_range(0, 65535), default=8000, help="TCP port (default 8000; 0: any free one)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -213,10 +216,12 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     add_quiet(s)
     r = s.add_argument_group("scale-out on Ray Serve (install bitdelta[ray]; see docs/scale_out.md)")
     r.add_argument("--ray", action="store_true", help="deploy engine replicas on Ray Serve, routed by tenant")
-    r.add_argument("--replicas", type=int_range(1), default=None, help="engine replicas (default: one per GPU of the cluster)")
+    r.add_argument("--replicas", type=int_range(1), default=None,
+                   help="engine replicas (default: one per GPU of the cluster)")
     r.add_argument("--gpus-per-replica", type=float_range(0, 1), default=None,
                    help="GPUs per replica, at most 1 (default: 1 if the cluster has GPUs, else 0)")
-    r.add_argument("--cpus-per-replica", type=float_range(0), default=1.0, help="CPUs Ray reserves per replica (default 1)")
+    r.add_argument("--cpus-per-replica", type=float_range(0), default=1.0,
+                   help="CPUs Ray reserves per replica (default 1)")
     r.add_argument("--deltas-per-replica", type=int_range(1), default=None,
                    help="tenants a replica holds before evicting the least recently used (default: --max-gpu-deltas)")
     r.add_argument("--delta-store", default=None,

@@ -98,7 +98,8 @@ class BatchMapping:
         dec_slots = [seqs[i][0] for i in decode]
         dec_lens = [seqs[i][1] + 1 for i in decode]
         span = max(dec_lens, default=0)
-        slot0 = dec_slots[0] if dec_slots and dec_slots == list(range(dec_slots[0], dec_slots[0] + len(decode))) else None
+        contiguous = dec_slots and dec_slots == list(range(dec_slots[0], dec_slots[0] + len(decode)))
+        slot0 = dec_slots[0] if contiguous else None
         rows_all = dec_rows == list(range(len(toks)))
         lens_all = all(n == span for n in dec_lens)
         # One host buffer, one copy to the device (pinned and asynchronous on CUDA).

@@ -17,16 +17,19 @@ INDEX_HTML = r"""<!doctype html>
   h1 { font-size: 1.3rem; margin: 0 0 .2rem; }
   .muted { color: #667; font-size: .85rem; }
   #models { display: flex; flex-wrap: wrap; gap: .4rem .9rem; margin: .8rem 0; }
-  #models label { background: #fff; border: 1px solid #d5d9de; border-radius: 6px; padding: .25rem .6rem; cursor: pointer; }
+  #models label { background: #fff; border: 1px solid #d5d9de; border-radius: 6px; padding: .25rem .6rem;
+                  cursor: pointer; }
   textarea { width: 100%; box-sizing: border-box; min-height: 4.5rem; font: inherit; padding: .5rem; }
   .row { display: flex; gap: .8rem; align-items: center; margin: .5rem 0; flex-wrap: wrap; }
   input[type=number] { width: 5rem; }
-  button { font: inherit; padding: .4rem 1.2rem; border-radius: 6px; border: 1px solid #246; background: #2b5c8a; color: #fff; cursor: pointer; }
+  button { font: inherit; padding: .4rem 1.2rem; border-radius: 6px; border: 1px solid #246; background: #2b5c8a;
+           color: #fff; cursor: pointer; }
   button:disabled { opacity: .5; cursor: default; }
   #answers { display: grid; grid-template-columns: repeat(auto-fit, minmax(260px, 1fr)); gap: .8rem; margin-top: 1rem; }
   .answer { background: #fff; border: 1px solid #d5d9de; border-radius: 8px; padding: .6rem .8rem; }
   .answer h2 { font-size: 1rem; margin: 0 0 .4rem; display: flex; justify-content: space-between; }
-  .answer pre { white-space: pre-wrap; word-wrap: break-word; margin: 0; font: .92rem/1.4 ui-monospace, monospace; min-height: 3rem; }
+  .answer pre { white-space: pre-wrap; word-wrap: break-word; margin: 0; font: .92rem/1.4 ui-monospace, monospace;
+                min-height: 3rem; }
   .status { font-weight: normal; font-size: .8rem; color: #667; }
   .error { color: #b00020; }
 </style>
@@ -75,7 +78,8 @@ async function loadModels() {
     }
   } catch (e) {
     box.innerHTML = "";
-    const s = document.createElement("span"); s.className = "error"; s.textContent = "could not list models: " + e.message;
+    const s = document.createElement("span");
+    s.className = "error"; s.textContent = "could not list models: " + e.message;
     box.appendChild(s);
   }
 }

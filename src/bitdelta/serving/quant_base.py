@@ -89,10 +89,12 @@ def load_quantized_base(base, asked: str | None, dtype=None, device=None):
     else:
         scheme = found["scheme"]
         if scheme not in ("int8", "fp8"):
-            raise BitDeltaError(f"{base} mixes quantization schemes ({found['format']}); serve it with --base-quant none")
+            raise BitDeltaError(f"{base} mixes quantization schemes ({found['format']}); "
+                                "serve it with --base-quant none")
         if asked not in (None, scheme):
             raise BitDeltaError(f"{base} is already quantized to {scheme} ({found['format']}), not {asked}: drop "
-                                f"--base-quant to serve it as stored, or serve the unquantized base with --base-quant {asked}")
+                                f"--base-quant to serve it as stored, or serve the unquantized base with "
+                                f"--base-quant {asked}")
         ckpt = src._ckpt  # a quant.DequantizedCheckpoint: the stored q and scales, read as they are
         keys = {k: n for k, n in quantized_keys(src).items() if k in ckpt.quantized}
 
@@ -148,7 +150,8 @@ def refuse_other_quantization(delta_info: dict, model, delta_name: str) -> None:
     base = delta_info.get("base_model_name_or_path", "?")
     want = f"an {made}-quantized base" if made else "the unquantized base"
     how = (f"serve the unquantized base {base!r} with --base-quant {made} (or the directory `bitdelta quantize-base "
-           f"--scheme {made}` writes from it)" if made else f"serve the unquantized base {base!r} with --base-quant none")
+           f"--scheme {made}` writes from it)" if made
+           else f"serve the unquantized base {base!r} with --base-quant none")
     raise WrongBaseError(
         f"delta {delta_name!r} was compressed against {want} ({made or 'no'} base quantization), but this server's "
         f"base is {'quantized to ' + live if live else 'unquantized'}: its weights are not the ones the delta "

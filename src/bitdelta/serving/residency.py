@@ -118,7 +118,8 @@ class DeltaSlots:
         the error is raised without the frames that held the delta's tensors."""
         with self.lock:
             if name in self.entries:
-                why = "is still finishing requests after its removal" if self.entries[name].removed else "is already registered"
+                why = ("is still finishing requests after its removal" if self.entries[name].removed
+                       else "is already registered")
                 raise BitDeltaError(f"a delta named {name!r} {why}; DELETE it first or pick another name")
         read_before = bytes_read()
         try:
@@ -141,7 +142,8 @@ class DeltaSlots:
         entry = Entry(name, str(path), dict(delta.info), dict(delta.files), None if root is None else str(root))
         with self.lock:
             if name in self.entries:  # registered by another thread meanwhile
-                raise BitDeltaError(f"a delta named {name!r} is already registered; DELETE it first or pick another name")
+                raise BitDeltaError(f"a delta named {name!r} is already registered; DELETE it first or pick another "
+                                    "name")
             self.entries[name] = entry
             entry.stats["loads"] += 1
             self.totals["loads"] += 1
@@ -220,7 +222,8 @@ class DeltaSlots:
                 raise BitDeltaError(f"delta {name!r} compresses {fqn!r}, which the serving model does not have")
             n, k = shapes[fqn]
             if ml.out_features != n or ml.in_features != k:
-                raise ShapeMismatchError(f"delta {name!r}: {fqn} is {ml.out_features}x{ml.in_features}, base is {n}x{k}")
+                raise ShapeMismatchError(f"delta {name!r}: {fqn} is {ml.out_features}x{ml.in_features}, "
+                                         f"base is {n}x{k}")
             if ml.bits > self.bits:
                 raise BitDeltaError(f"delta {name!r} has {ml.bits} sign planes but the pool holds {self.bits}; "
                                     f"restart the server with --max-bits {ml.bits}")
@@ -243,8 +246,9 @@ class DeltaSlots:
         for pname, shape in layout.dense.items():
             key = layout.ties.get(pname, pname)
             if key not in m.params1d:
-                raise BitDeltaError(f"delta {name!r} replaces {pname!r} densely; the server gathers only 1-D parameters "
-                                    "(norms, biases) per tenant: compress without --dense-embeddings/--exclude")
+                raise BitDeltaError(f"delta {name!r} replaces {pname!r} densely; the server gathers only 1-D "
+                                    "parameters (norms, biases) per tenant: compress without "
+                                    "--dense-embeddings/--exclude")
             if tuple(shape) != tuple(m.params1d[key].shape):
                 raise ShapeMismatchError(f"delta {name!r}: {pname} has shape {tuple(shape)}, "
                                          f"base has {tuple(m.params1d[key].shape)}")
@@ -475,7 +479,10 @@ class DeltaSlots:
     @linear_fn.setter
     def linear_fn(self, fn) -> None:
         self._linear_fn = fn
-        self.dispatch = Dispatch(self.pool, self.backend) if fn is None else FunctionDispatch(self.pool, fn, self.backend)
+        if fn is None:
+            self.dispatch = Dispatch(self.pool, self.backend)
+        else:
+            self.dispatch = FunctionDispatch(self.pool, fn, self.backend)
 
     def linear(self, name: str, x: torch.Tensor, w: torch.Tensor, batch) -> torch.Tensor:
         return self.dispatch.linear(name, x, w, batch)

@@ -96,7 +96,8 @@ class DeltaStore:
         """A local directory holding artifact ``name`` (the store's own for paths, a fresh cached copy for URLs)."""
         check_tenant_name(name)
         if not self.exists(name):
-            raise DeltaNotFound(f"the model {name!r} does not exist: no artifact {self.root.rstrip('/')}/{name}/{CONFIG}")
+            where = f"{self.root.rstrip('/')}/{name}/{CONFIG}"
+            raise DeltaNotFound(f"the model {name!r} does not exist: no artifact {where}")
         if not self.remote:
             return str(Path(self.path) / name)
         if self.cache is None:

@@ -10,4 +10,5 @@ MODEL_TYPES = ("mistral",)
 
 
 def arch(cfg) -> Arch:
-    return Arch("mistral", act=check_act(cfg), windows=layer_windows(cfg), rope_keys=["default"] * cfg.num_hidden_layers)
+    return Arch("mistral", act=check_act(cfg), windows=layer_windows(cfg),
+                rope_keys=["default"] * cfg.num_hidden_layers)

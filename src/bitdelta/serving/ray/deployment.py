@@ -37,7 +37,8 @@ def build_app(settings: RaySettings):
 
 
 def app_builder(args: dict):
-    """Entry point for ``serve run bitdelta.serving.ray.deployment:app_builder key=value ...`` and Serve config files."""
+    """Entry point for ``serve run bitdelta.serving.ray.deployment:app_builder key=value ...`` and Serve
+    config files."""
     return build_app(RaySettings.from_dict(dict(args)))
 
 
