@@ -1,8 +1,8 @@
 """A low-rank correction of the sign-plane residual: ``Δ − Δ̂ ≈ B·A``, ranks chosen by energy per byte.
 
 Sign planes spend the same bits on every entry; where a fine-tune's delta has a few strong directions
-(the usual shape of a full fine-tune's update), most of what they miss lies in a few singular vectors
-of the residual ``R = Δ − Δ̂``. A rank-``r`` term ``B [out, r] · A [r, in]`` (stored in float16) keeps
+(as LoRA-style updates do), most of what they miss lies in a few singular vectors of the residual
+``R = Δ − Δ̂``. A rank-``r`` term ``B [out, r] · A [r, in]`` (stored in float16) keeps
 the ``r`` strongest: by Eckart–Young it removes ``σ_1² + … + σ_r²`` of ``‖R‖²``.
 
 The sign planes are fitted around the strong directions rather than through them: for each matrix,
@@ -10,8 +10,8 @@ The sign planes are fitted around the strong directions rather than through them
 share of the budget buys, or the fixed rank), and ``B·A`` is then the truncated SVD of the residual
 ``Δ − Δ̂`` (which holds ``L₀`` and what the signs miss). Binarizing Δ first and correcting after
 spends the correction badly: sign planes turn a low-rank delta into a high-rank error (its sign
-pattern is not low-rank), so the residual's leading directions hold only about a third of the
-missing energy (the weight errors of both orders are in docs/distillation.md, "Beyond one bit").
+pattern is not low-rank), so the residual's leading directions hold little of the missing energy
+(the weight errors of both orders are in docs/distillation.md, "Beyond one bit").
 
 Two ways to choose ``r``:
 
@@ -19,11 +19,12 @@ Two ways to choose ``r``:
   matrix (``X = 1`` costs as much as one more plane: equal bytes with ``bits + 1``), spent greedily on
   the singular direction with the most residual energy per byte over all modules (one direction of
   an ``out × in`` matrix costs ``2 (out + in)`` bytes). Singular values fall within a module, so the
-  greedy order is the optimal split of the budget; the spent bytes never exceed it.
+  greedy order is the best split of the budget up to the last direction that does not fit; the
+  spent bytes never exceed it.
 - a fixed rank (``lowrank_rank = r``) for every module (at most ``min(out, in)``).
 
-Embeddings take none (their delta is a row lookup, not a product: a low-rank term there would cost a
-product per token for rows that are looked up one at a time).
+Embeddings take none: their delta is a row lookup, added row by row in ``apply`` and in the serving
+engine, not a product (their sign bytes still count in the budget).
 
 Factors are computed on the CPU in float32: an exact SVD for matrices up to :data:`EXACT_SVD_MAX`
 on their short side, ``torch.svd_lowrank`` (randomised) for larger ones. ``B = U √σ`` and
