@@ -43,7 +43,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "src")]  # run as a script: the benchmarks
 from benchmarks._common import LLAMA2_7B, RunLog  # noqa: E402
 from benchmarks.scale_out_inputs import (inputs_ready, mark_inputs, tenant_names, write_random_base,  # noqa: E402
                                          write_random_store, write_tiny_store)
-from benchmarks.scale_out_load import LoadSpec, chunk_times, closed_loop, recovery, summarize, tenant_stream  # noqa: E402
+from benchmarks.scale_out_load import (LoadSpec, chunk_times, closed_loop, in_flight_at, recovery, summarize,  # noqa: E402
+                                       tenant_stream)
 from benchmarks.scale_out_report import goal_checks, hit_rates, markdown, phase_line, predicted_hit  # noqa: E402
 
 PRESETS = {
@@ -169,14 +170,18 @@ def kill_phase(a, inputs: dict, cluster, replicas: int, log) -> dict:
              "failures": [f for r in records for f in r.failures]}
     if found.get("victim") is None:
         raise RuntimeError("the load ended before a replica was killed: raise --kill-timeout or lower --kill-after")
+    # streams the victim had started by the kill, counted afterwards: at the kill itself the client has not
+    # yet read the headers of streams the replica had just begun
+    phase["in_flight_on_victim"] = in_flight_at(records, found["victim"], found["kill_at"])
     phase["recovery"] = recovery(chunk_times(records), found["kill_at"], a.window)
     try:
         phase["serve_status"] = cluster.engine_status()
     except Exception as e:  # noqa: BLE001 - a status read that fails does not undo the measurement
         phase["serve_status"] = f"unavailable: {type(e).__name__}: {e}"
     back = phase["recovery"]["recovered_after_s"]
-    log(phase_line(phase) + f"; killed {found['victim']} (pid {found['pid']}) with {found['in_flight_on_victim']} "
-        f"streams in flight on it: {phase['load']['requests_with_failures']} requests failed an attempt, "
+    log(phase_line(phase) + f"; killed {found['victim']} (pid {found['pid']}) with {phase['in_flight_on_victim']} "
+        f"streams in flight on it ({found['in_flight_seen_on_victim']} seen by the client at the kill): "
+        f"{phase['load']['requests_with_failures']} requests failed an attempt, "
         f"{phase['load']['lost']} lost; throughput back to 90% "
         f"{'never' if back is None else f'after {back:.1f} s'}; replaced by Serve: "
         f"{'after %.1f s' % found['replaced_after_s'] if found['replaced'] else 'no'}")

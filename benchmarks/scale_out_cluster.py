@@ -146,7 +146,7 @@ def kill_controller(cluster: LocalCluster, replicas: int, kill_after_s: float, f
         if victim["node"] != local_node():
             raise RuntimeError(f"replica {victim['replica']} runs on node {victim['node']}, not here: "
                                "run the measurement on the machine that holds the replicas")
-        found.update(victim=victim["replica"], pid=victim["pid"], in_flight_on_victim=live.in_flight_on(victim["replica"]),
+        found.update(victim=victim["replica"], pid=victim["pid"], in_flight_seen_on_victim=flights.get(victim["replica"], 0),
                      in_flight_by_replica=flights, victim_engine_report={k: victim["engine"].get(k)
                                                                           for k in ("running", "waiting")})
         os.kill(victim["pid"], signal.SIGKILL)

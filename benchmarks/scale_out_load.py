@@ -51,6 +51,16 @@ class LoadSpec:
 
 
 @dataclass
+class Attempt:
+    """One try of a request: when it was sent, the replica that answered (once its headers came), its end."""
+
+    start: float
+    replica: str | None = None
+    end: float | None = None
+    error: str | None = None
+
+
+@dataclass
 class Record:
     """One request as the client saw it, over all its attempts."""
 
@@ -60,9 +70,26 @@ class Record:
     done: float | None = None  # end of the attempt that finished (None: lost, or still running)
     tokens: int = 0
     chunk_times: list[float] = field(default_factory=list)  # content chunks of every attempt
-    replica: str | None = None  # replica of the current (or last) attempt
-    active: bool = False  # an attempt is under way
-    failures: list[tuple[str | None, str]] = field(default_factory=list)  # (replica, error) per failed attempt
+    attempts: list[Attempt] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.attempts) and self.attempts[-1].end is None
+
+    @property
+    def replica(self) -> str | None:
+        return self.attempts[-1].replica if self.attempts else None
+
+    @property
+    def failures(self) -> list[tuple[str | None, str]]:
+        """(replica, error) of each failed attempt."""
+        return [(a.replica, a.error) for a in self.attempts if a.error is not None]
+
+
+def in_flight_at(records: list[Record], replica: str, t: float) -> int:
+    """Attempts answered by ``replica`` that were sent before ``t`` and had not ended by then."""
+    return sum(1 for r in records for a in r.attempts
+               if a.replica == replica and a.start < t and (a.end is None or a.end >= t))
 
 
 @dataclass
@@ -74,9 +101,6 @@ class LiveLoad:
     records: list[Record] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def in_flight_on(self, replica: str) -> int:
-        return sum(1 for r in self.records if r.active and r.replica == replica)
-
     def in_flight_by_replica(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for r in self.records:
@@ -85,14 +109,14 @@ class LiveLoad:
         return out
 
 
-async def stream_once(client, rec: Record, i: int, spec: LoadSpec) -> None:
+async def stream_once(client, rec: Record, attempt: Attempt, i: int, spec: LoadSpec) -> None:
     """One attempt: streams the completion into ``rec`` (raises on any failure)."""
     first, tokens = None, 0
     async with client.completions.with_streaming_response.create(
             model=rec.tenant, prompt=prompt_ids(i, spec.prompt_len, spec.vocab), max_tokens=spec.max_tokens,
             temperature=0, stream=True, stream_options={"include_usage": True},
             extra_body={"ignore_eos": True}) as resp:
-        rec.replica = resp.headers.get(REPLICA_HEADER)
+        attempt.replica = resp.headers.get(REPLICA_HEADER)
         async for chunk in await resp.parse():
             now = time.perf_counter()
             if chunk.choices and chunk.choices[0].text:
@@ -108,16 +132,16 @@ async def send(client, rec: Record, i: int, spec: LoadSpec) -> None:
     import httpx
     import openai
 
-    for attempt in range(spec.retries + 1):
-        rec.active = True
+    for k in range(spec.retries + 1):
+        attempt = Attempt(time.perf_counter())
+        rec.attempts.append(attempt)
         try:
-            await stream_once(client, rec, i, spec)
+            await stream_once(client, rec, attempt, i, spec)
+            attempt.end = rec.done
             return
         except (openai.APIError, httpx.HTTPError) as e:
-            rec.failures.append((rec.replica, f"{type(e).__name__}: {str(e)[:160]}"))
-        finally:
-            rec.active = False
-        await asyncio.sleep(0.2 * (attempt + 1))
+            attempt.end, attempt.error = time.perf_counter(), f"{type(e).__name__}: {str(e)[:160]}"
+        await asyncio.sleep(0.2 * (k + 1))
 
 
 async def closed_loop(spec: LoadSpec, controller=None) -> list[Record]:

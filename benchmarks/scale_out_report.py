@@ -72,6 +72,12 @@ def goal_checks(phases: list[dict], replicas: int) -> list[dict]:
                                "measured": f"{100 * p['hit']['hit']:.1f}% vs {100 * p['sim']['multiplex']:.1f}% "
                                            f"({gap:+.1f} points; sampling noise ±{noise:.1f})",
                                "ok": abs(gap) <= HIT_POINTS_GOAL, "value": gap})
+    steady = [p for p in phases if "hit" in p]
+    if steady:
+        failed = sum(p["load"]["failed_attempts"] for p in steady)
+        lost = sum(p["load"]["lost"] for p in steady)
+        checks.append({"goal": "no failed attempt while no replica is killed", "ok": failed == 0 and lost == 0,
+                       "measured": f"{failed} failed attempts, {lost} lost", "value": failed})
     kill = next((p for p in phases if p["name"] == "kill"), None)
     if kill:
         load = kill["load"]
@@ -105,6 +111,8 @@ def phase_line(p: dict) -> str:
             f"requests, {ld['tok_s']:.1f} tok/s, TTFT p50/p99 {_f(ld['ttft_ms_p50'], '.0f')}/"
             f"{_f(ld['ttft_ms_p99'], '.0f')} ms, TPOT p50/p99 {_f(ld['tpot_ms_p50'], '.1f')}/"
             f"{_f(ld['tpot_ms_p99'], '.1f')} ms")
+    if ld.get("failed_attempts"):
+        line += f", {ld['failed_attempts']} failed attempts ({ld['lost']} requests lost)"
     if "hit" in p:
         per = ", ".join(f"{r}: {_f(h['hit'] and 100 * h['hit'], '.0f')}%" for r, h in p["hit"]["replicas"].items())
         line += (f"; hit {_f(p['hit']['hit'] and 100 * p['hit']['hit'], '.1f')}% (per replica {per}) vs simulated "

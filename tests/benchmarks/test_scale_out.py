@@ -22,8 +22,8 @@ from benchmarks.routing_sim import simulate, zipf_weights
 from benchmarks.scale_out import PRESETS, build_parser, inputs_bytes, resolve
 from benchmarks.scale_out_inputs import (byte_tokenizer, inputs_ready, mark_inputs, tenant_names, write_random_base,
                                          write_random_store)
-from benchmarks.scale_out_load import (LoadSpec, Record, closed_loop, prompt_ids, recovery, summarize,
-                                       tenant_stream)
+from benchmarks.scale_out_load import (Attempt, LoadSpec, Record, closed_loop, in_flight_at, prompt_ids, recovery,
+                                       summarize, tenant_stream)
 from benchmarks.scale_out_report import (goal_checks, hit_rates, markdown, predicted_hit, scaling_efficiency)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,8 +53,9 @@ def test_prompt_ids_are_fixed_per_request_and_skip_the_special_ids():
 # ---------------------------------------------------------------------------------- statistics
 
 
-def _record(sent, first, done, tokens, replica="r1", failures=()):
-    return Record("t000", sent, first, done, tokens, [], replica, False, list(failures))
+def _record(sent, first, done, tokens, failures=()):
+    tries = [Attempt(sent, rep, sent + 0.05, err) for rep, err in failures]
+    return Record("t000", sent, first, done, tokens, [], tries + ([Attempt(sent, "r1", done)] if done else []))
 
 
 def test_summarize_counts_tokens_of_finished_requests_over_the_wall_time():
@@ -67,6 +68,20 @@ def test_summarize_counts_tokens_of_finished_requests_over_the_wall_time():
     # TTFT from the first send: 0.1 and 0.4 s; TPOT: 1.0 s over 10 gaps, 2.0 s over 20 gaps
     assert s["ttft_ms_p50"] == pytest.approx(100) and s["ttft_ms_p99"] == pytest.approx(400)
     assert s["tpot_ms_p50"] == pytest.approx(100) and s["tpot_ms_p99"] == pytest.approx(100)
+    assert recs[1].failures == [("r2", "APIError: broke")] and recs[2].replica == "r1" and not recs[2].active
+
+
+def test_in_flight_at_counts_attempts_a_replica_had_started_and_not_ended():
+    def rec(*attempts):
+        return Record("t", attempts[0].start, attempts=list(attempts))
+
+    recs = [rec(Attempt(1.0, "v", 5.0, "broke"), Attempt(5.2, "w", 6.0)),  # on v at 4.0, failed at the kill
+            rec(Attempt(3.9, "v", 4.2)),  # finished on v just after 4.0 (its headers were read late)
+            rec(Attempt(2.0, "v", 3.0)),  # over before 4.0
+            rec(Attempt(4.5, "v")),  # sent after 4.0
+            rec(Attempt(3.0, "w")), rec(Attempt(3.0, None, 4.1, "503"))]  # elsewhere; no replica named
+    assert in_flight_at(recs, "v", 4.0) == 2 and in_flight_at(recs, "w", 4.0) == 1
+    assert recs[3].active and recs[3].replica == "v" and not recs[0].active
 
 
 def _ticks(lo, hi, per_s):
@@ -112,7 +127,7 @@ def test_predicted_hit_is_the_simulators_for_the_same_case():
 def _phase(replicas, zipf, tok_s, hit, sim):
     return {"name": f"{replicas}x {zipf}", "replicas": replicas, "zipf": zipf, "in_flight": 4 * replicas,
             "load": {"tok_s": tok_s, "finished": 10, "requests": 10, "ttft_ms_p50": 10.0, "ttft_ms_p99": 20.0,
-                     "tpot_ms_p50": 1.0, "tpot_ms_p99": None},
+                     "tpot_ms_p50": 1.0, "tpot_ms_p99": None, "failed_attempts": 0, "lost": 0},
             "hit": {"hit": hit, "margin95": 0.05, "replicas": {}}, "sim": {"multiplex": sim, "pow2": sim / 2}}
 
 
@@ -137,7 +152,9 @@ def test_goal_checks_scaling_hit_rate_and_the_kill():
     assert hits["2x 0.0"]["ok"] is False and hits["2x 0.0"]["value"] == pytest.approx(-6.0)
     assert all(c["ok"] for name, c in hits.items() if name != "2x 0.0")
     kill = [c for g, c in checks.items() if g.startswith("no request lost")][0]
-    assert kill["ok"]
+    assert kill["ok"] and checks["no failed attempt while no replica is killed"]["ok"]
+    phases[1]["load"]["failed_attempts"] = 1  # a retried failure in a throughput phase: no request lost, still a miss
+    assert not {c["goal"]: c for c in goal_checks(phases, 2)}["no failed attempt while no replica is killed"]["ok"]
     # a failure on a replica that was not killed, a lost request, more failures than streams in flight: each fails it
     for bad in (_kill([("v", "a"), ("w", "b")]), _kill([("v", "a")], lost=1), _kill([("v", "a"), ("v", "b")], 1)):
         assert not [c for c in goal_checks([bad], 2) if c["goal"].startswith("no request lost")][0]["ok"]
@@ -287,6 +304,7 @@ def test_cpu_tiny_run_end_to_end_on_a_local_ray_cluster(tmp_path):
         assert 0 <= p["hit"]["hit"] <= 1 and 0 < p["sim"]["multiplex"] <= 1
     kill = result["phases"][4]
     assert kill["replaced"] and kill["victim"] != kill["replacement"] and kill["load"]["lost"] == 0
-    assert {f[0] for f in kill["failures"]} <= {kill["victim"]}
-    assert len(result["goals"]) == 9 and "CPU run" in result["meta"]["note"]
+    assert {f[0] for f in kill["failures"]} <= {kill["victim"]}, kill["failures"]
+    assert len(result["goals"]) == 10 and "CPU run" in result["meta"]["note"]
+    assert [g["ok"] for g in result["goals"] if g["goal"].startswith("no failed attempt")] == [True]
     assert "| kill | 2 |" in done.stdout and done.stdout.rstrip().endswith("|")
