@@ -79,10 +79,10 @@ def make_hard_pair(out: Path, rank: int, seed: int) -> tuple[str, str]:
     import transformers
 
     tok = load_tokenizer(str(TINY / "base"))
-    cfg = transformers.LlamaConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                   pad_token_id=tok.pad_token_id, vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+    cfg = transformers.LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
-                                   tie_word_embeddings=True, initializer_range=0.1)
+                                   tie_word_embeddings=True, initializer_range=0.1, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -9,7 +9,8 @@ tenants are all row/scalar (the usual case, and every graph-captured step) makes
 :func:`bitdelta.ops.bitdelta_linear` call per module; prompts take the segmented op, column-scaled
 tenants their own calls. A pool with low-rank capacity adds each token's ``(x Aᵀ) Bᵀ`` after the
 sign-plane op (:func:`lowrank_gathered`, :func:`lowrank_by_sequence`). :class:`UnfusedDispatch` is
-the reference-style baseline (:mod:`bitdelta.serving.unfused`: one base GEMM, then one binary matmul per tenant), and
+the reference-style baseline (:mod:`bitdelta.serving.unfused`: one base GEMM, then one binary matmul
+per tenant), and
 :class:`FunctionDispatch` runs any ``linear_fn(name, x, w, pool, batch)``.
 
     dispatch = Dispatch(pool, backend="auto")
@@ -139,8 +140,11 @@ def lowrank_gathered(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, delta_sl
 
     Per-token gathering rather than grouping tokens by tenant: the shapes depend only on the number of
     tokens and the pool's rank, with no host read of who is in the step, so a decode step stays
-    capturable in a CUDA graph; a decode step has few tokens, and each reads ``r (in + out)`` values,
-    a small fraction of what its sign planes cost at the ranks a byte budget gives."""
+    capturable in a CUDA graph. The price: every token copies its tenant's factors at the pool's rank
+    (``[T, out, r]`` and ``[T, r, in]``; at a budget of 1.0 about a sign plane's bytes per token), so a
+    tenant with several tokens in the step has them read several times, where the sign-plane kernels
+    read each tenant's bits once. A kernel that reads each slot's factors once is the next step if
+    the serving benchmark shows this term's cost."""
     slots = delta_slots.long()
     has = (slots >= 0).to(x.dtype)
     slot = slots.clamp(min=0)
