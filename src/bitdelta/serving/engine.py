@@ -1,8 +1,13 @@
 """Engine: continuous batching over one base and many deltas, on token ids only.
 
 Requests join and leave the running batch every step; a step flattens the new tokens of every
-running sequence (whole prompts for sequences just admitted, one token for the others), whatever
-their tenant, into one forward of :class:`~bitdelta.serving.models.DeltaModel`. A request whose
+running sequence (one token for each decoding sequence, then prompt chunks), whatever their tenant,
+into one forward of :class:`~bitdelta.serving.models.DeltaModel`. A step holds at most
+``max_step_tokens`` tokens: decode tokens first (every running stream gets its token every step),
+then what is left goes to prompts in arrival order, a prompt longer than that split into chunks over
+several steps (the first chunk as a fresh prompt, later ones continuing over the sequence's cache);
+only the step that completes a prompt samples its first token. So a long prompt never stalls the
+running streams, and a step's cost stays bounded. A request whose
 delta is not device-resident waits in the queue while its delta loads in the background; the others
 keep decoding. The waiting queue is bounded (:class:`QueueFull` when it is full, the API's 429).
 Keys/values live in a preallocated slotted cache: one slot per running sequence, ``max_len``
@@ -14,7 +19,8 @@ other steps run the forward eagerly.
 Sampling (:mod:`bitdelta.serving.sampling`) runs per request after the forward, outside any captured
 graph: penalties on the request's logits row, then greedy or seeded sampling, then log-probabilities
 when asked. A request that wants its prompt scored (``prompt_logprobs``) is prefilled as one-token
-rows of its own KV slot, :data:`SCORED_PREFILL_CHUNK` per step, so every prompt position has logits.
+rows of its own KV slot, :data:`SCORED_PREFILL_CHUNK` per step at most (and within the step's token
+budget like any chunk), so every prompt position has logits.
 
 Faults stay with the request that caused them. Sampling runs per request (a failure ends that request
 with finish "error"); a request whose logits come out non-finite (a corrupt delta, an overflow, a
@@ -46,6 +52,7 @@ import torch
 
 from . import graphs as graphs_mod
 from .mapping import BatchMapping, KVCache
+from .memory_plan import CPU_KV_CACHE_BYTES, kv_budget_from_free, kv_slots_that_fit
 from .models import DeltaModel
 from .residency import DeltaState
 from .sampling import (
@@ -85,6 +92,11 @@ class PromptTooLong(InvalidRequest):
 SCORED_PREFILL_CHUNK = 128
 SCORED_PREFILL_POSITIONS = 1 << 17
 
+# The step token budget when none is given: large enough that a step's matrix products run at full
+# speed on a GPU (a few hundred rows already do), small enough that a step holding a prompt chunk
+# next to the decode tokens is not much slower than a decode step, so streams keep their pace.
+DEFAULT_STEP_TOKENS = 512
+
 
 @dataclass
 class Event:
@@ -115,17 +127,32 @@ class Request:
     arrival: float = field(default_factory=time.monotonic)
     generator: torch.Generator | None = None
     prefilled: bool = False
-    prompt_done: int = 0  # prompt tokens a scored prefill has put in the KV cache so far
+    prompt_done: int = 0  # prompt tokens put in the KV cache so far (the prefill goes chunk by chunk)
     prompt_scores: list[TokenLogprob] = field(default_factory=list)  # of prompt tokens 1, 2, ... so far
 
 
-def check_limits(max_batch: int, max_queue: int, max_prefill_tokens: int = 4096) -> None:
+def check_limits(max_batch: int, max_queue: int, max_prefill_tokens: int = 4096,
+                 max_step_tokens: int | None = None) -> None:
     """Raises ``ValueError`` naming the ``bitdelta serve`` flag when a limit is below 1 (an engine with
     no KV slot or no queue would report healthy and never answer)."""
     for flag, value in (("--max-batch", max_batch), ("--max-queue", max_queue),
                         ("--max-prefill-tokens", max_prefill_tokens)):
         if value is None or value < 1:
             raise ValueError(f"{flag} must be at least 1 (got {value!r})")
+    if max_step_tokens is not None and max_step_tokens < 1:
+        raise ValueError(f"--max-step-tokens must be at least 1 (got {max_step_tokens!r})")
+
+
+def step_token_budget(max_step_tokens: int | None, max_batch: int) -> int:
+    """The tokens one step may hold: ``max_step_tokens`` (default :data:`DEFAULT_STEP_TOKENS`, raised
+    to ``max_batch``). Every running stream decodes one token per step, so a budget below
+    ``max_batch`` could leave a full batch no room to decode: refused with the flags to change."""
+    if max_step_tokens is None:
+        return max(DEFAULT_STEP_TOKENS, max_batch)
+    if max_step_tokens < max_batch:
+        raise ValueError(f"--max-step-tokens ({max_step_tokens}) must be at least --max-batch ({max_batch}): every "
+                         "running sequence decodes one token per step; raise the first or lower the second")
+    return max_step_tokens
 
 
 class Engine:
@@ -135,15 +162,18 @@ class Engine:
                  max_len: int | None = None, kv_cache_mb: float | None = None, gpu_memory_fraction: float = 0.9,
                  max_prefill_tokens: int = 4096, metrics=None, cuda_graphs: bool | None = None,
                  auto_restart: bool = True, restart_delay_s: float = 1.0, max_restarts_per_minute: int = 5,
-                 wrap_forward=None):
+                 wrap_forward=None, max_step_tokens: int | None = None):
         """``cuda_graphs``: None (default) captures decode graphs when the model is on CUDA and falls
         back to eager decoding, with a warning, if that is not possible; True requires them (raises
         otherwise); False never captures. ``auto_restart``: after a failure that stops the loop, wait
         ``restart_delay_s`` and serve again with a fresh KV state, at most ``max_restarts_per_minute``
         times in any 60 s (then the engine stays down until the process restarts).
         ``wrap_forward(run, batch) -> logits``, for measurements: called in place of each step's
-        forward, with ``run()`` doing that forward (benchmarks time and profile steps through it)."""
-        check_limits(max_batch, max_queue, max_prefill_tokens)
+        forward, with ``run()`` doing that forward (benchmarks time and profile steps through it).
+        ``max_step_tokens``: the tokens one step holds, decode tokens and prompt chunks together (see
+        :func:`step_token_budget`); ``max_prefill_tokens``: at most this many of them prompt tokens
+        (a step's prompt chunks together; the default, 4096, leaves ``max_step_tokens`` the limit)."""
+        check_limits(max_batch, max_queue, max_prefill_tokens, max_step_tokens)
         self.model, self.slots, self.metrics = model, slots, metrics
         self.wrap_forward = wrap_forward
         self.max_len = min(max_len or model.max_len, model.max_len)
@@ -152,17 +182,16 @@ class Engine:
                                              model.dtype)
         if kv_cache_mb is not None:
             budget = int(kv_cache_mb * 2**20)
-        elif model.device.type == "cuda":
+        elif model.device.type == "cuda":  # what the base, the delta pool and the allocator's cache leave
             free, total = torch.cuda.mem_get_info(model.device)
-            budget = int(free - (1 - gpu_memory_fraction) * total)
+            cached = torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)
+            budget = kv_budget_from_free(free + cached, total, gpu_memory_fraction)
         else:
-            budget = 1024 * 2**20
-        fits = budget // per_seq
-        if fits < 1:
-            raise ValueError(f"the KV cache budget ({budget / 2**20:.0f} MiB) holds no sequence of {self.max_len} "
-                             "tokens "
-                             f"({per_seq / 2**20:.1f} MiB each); raise --kv-cache-mb or lower --max-model-len")
-        self.max_batch = int(min(max_batch, fits))
+            budget = CPU_KV_CACHE_BYTES
+        self.max_batch = kv_slots_that_fit(budget, per_seq, max_batch, self.max_len,
+                                           sized_from_free=kv_cache_mb is None and model.device.type == "cuda")
+        self.kv_cache_bytes = self.max_batch * per_seq
+        self.max_step_tokens = step_token_budget(max_step_tokens, self.max_batch)
         self.kv = KVCache(model.num_layers, self.max_batch, self.max_len, model.kv_heads, model.head_dim,
                           model.dtype, model.device)
         # A min-heap: the lowest free slot first keeps running sequences in low slots, and so decode
@@ -268,6 +297,7 @@ class Engine:
         with self.cond:
             return {"waiting": len(self.waiting), "running": len(self.running), "max_batch": self.max_batch,
                     "free_kv_slots": len(self.free_kv), "max_len": self.max_len, "steps": self.steps,
+                    "max_step_tokens": self.max_step_tokens,
                     "graph_replays": self.graphs.replays if self.graphs else 0,
                     "request_errors": self.request_errors, "restart_count": self.restart_count,
                     "restarting": self.restarting, "auto_restart": self.auto_restart, "last_error": self.last_error}
@@ -420,8 +450,37 @@ class Engine:
             self.metrics.finished(r)
         self._emit(r, Event(finish=reason, error=error, code=(code or "engine_error") if reason == "error" else None))
 
-    def _admit(self) -> list[Request]:
-        admitted, budget = [], self.max_prefill_tokens
+    def _schedule(self) -> list[tuple[Request, int]]:
+        """This step's sequences and how many new tokens each brings (called under the lock).
+
+        Decoding sequences first, one token each; then the step's token budget left goes to prompts
+        in arrival order: those already part way through their prefill, then waiting requests, which
+        are admitted (a KV slot, their delta's slot) only when some of their prompt fits this step.
+        A running prefill the budget does not reach this step brings nothing (``0``)."""
+        plan = [(r, 1) for r in self.running if r.prefilled]
+        budget = min(self.max_step_tokens - len(plan), self.max_prefill_tokens)
+        for r in self.running:
+            if not r.prefilled:
+                take = self._chunk(r, budget)
+                budget -= take
+                plan.append((r, take))
+        for r in self._admit(budget):
+            plan.append((r, self._chunk(r, budget)))
+            budget -= plan[-1][1]
+        return plan
+
+    @staticmethod
+    def _chunk(r: Request, budget: int) -> int:
+        """Prompt tokens ``r`` puts in the cache this step, out of ``budget``."""
+        left = len(r.prompt) - r.prompt_done
+        if r.params.prompt_logprobs is not None:  # one-token rows, each reading the cache up to its position
+            left = min(left, max(1, min(SCORED_PREFILL_CHUNK, SCORED_PREFILL_POSITIONS // len(r.prompt))))
+        return max(0, min(left, budget))
+
+    def _admit(self, budget: int) -> list[Request]:
+        """Moves waiting requests that can start into ``running``, in arrival order, while ``budget``
+        (prompt tokens this step) lasts; returns them."""
+        admitted = []
         keep = deque()
         # An older request waiting for a free delta slot (its delta is in host memory, every slot is
         # held by running requests) holds back later delta requests, so a stream of requests for
@@ -429,7 +488,7 @@ class Engine:
         slot_blocked = False
         while self.waiting:
             r = self.waiting.popleft()
-            if not self.free_kv or (admitted and len(r.prompt) > budget) or (slot_blocked and r.tenant is not None):
+            if not self.free_kv or budget < 1 or (slot_blocked and r.tenant is not None):
                 keep.append(r)
                 continue
             if r.tenant is not None:
@@ -447,45 +506,52 @@ class Engine:
                     continue
                 r.delta_slot = delta_slot
             r.kv_slot = heapq.heappop(self.free_kv)
-            budget -= len(r.prompt)
+            budget -= self._chunk(r, budget)
             admitted.append(r)
         self.waiting = keep
+        self.running += admitted
         return admitted
 
     @staticmethod
-    def _entries(r: Request) -> list[tuple[int, int, list[int], int]]:
-        """``r``'s sequences in this step, as :meth:`BatchMapping.build` takes them."""
+    def _entries(r: Request, take: int) -> list[tuple[int, int, list[int], int]]:
+        """``r``'s sequences in this step, as :meth:`BatchMapping.build` takes them: its next token,
+        or the next ``take`` prompt tokens (the first chunk a fresh prompt, later ones continuing)."""
         if r.prefilled:
             return [(r.kv_slot, len(r.prompt) + len(r.output) - 1, [r.output[-1]], r.delta_slot)]
+        start, end = r.prompt_done, r.prompt_done + take
         if r.params.prompt_logprobs is None:
-            return [(r.kv_slot, 0, list(r.prompt), r.delta_slot)]
+            return [(r.kv_slot, start, list(r.prompt[start:end]), r.delta_slot)]
         # A scored prefill: one-token rows of the same KV slot, each with its own logits. Every row
         # writes its key/value before any row attends, so each sees exactly the positions before it.
-        rows = max(1, min(SCORED_PREFILL_CHUNK, SCORED_PREFILL_POSITIONS // len(r.prompt)))
-        end = min(r.prompt_done + rows, len(r.prompt))
-        return [(r.kv_slot, i, [r.prompt[i]], r.delta_slot) for i in range(r.prompt_done, end)]
+        return [(r.kv_slot, i, [r.prompt[i]], r.delta_slot) for i in range(start, end)]
 
     def step(self) -> None:
-        """Admits what fits, runs one forward over every running sequence, samples, emits, retires.
+        """Admits what fits, runs one forward over this step's tokens (see :meth:`_schedule`),
+        samples, emits, retires.
 
         Raises (stopping the loop) only for a failure no single request explains."""
         with self.cond:
             self._drop_cancelled()
-            admitted = self._admit()
-            self.running += admitted
-            batch_reqs = list(self.running)
-        for r in admitted:
-            if r.params.penalized:
+            before = set(map(id, self.running))
+            plan = self._schedule()
+        for r, _ in plan:
+            if id(r) not in before and r.params.penalized:
                 self.penalties.start(r.kv_slot, r.prompt)
-        if not batch_reqs:
+        # A graph replay writes a padding row into every slot below its bucket that no entry holds:
+        # a prefill left out of this step holds such a slot, with its prompt so far in it.
+        complete = all(take > 0 for _, take in plan)
+        plan = [(r, take) for r, take in plan if take > 0]
+        if not plan:
             return
-        groups = [self._entries(r) for r in batch_reqs]
+        batch_reqs = [r for r, _ in plan]
+        groups = [self._entries(r, take) for r, take in plan]
         entries = [e for g in groups for e in g]
         # A scored prefill puts one KV slot on several rows, which a graph (rows = slots) cannot hold.
         scoring = any(not r.prefilled and r.params.prompt_logprobs is not None for r in batch_reqs)
         failed: list[tuple[Request, str]] = []
         try:
-            batch = self.graphs.prepare(entries) if self.graphs is not None and not scoring else None
+            graphable = self.graphs is not None and not scoring and complete
+            batch = self.graphs.prepare(entries) if graphable else None
             if batch is None:  # not graphable
                 batch = BatchMapping.build(entries, self.model.device)
             if self.wrap_forward is None:
@@ -504,8 +570,8 @@ class Engine:
                     self.request_errors += 1
                     self._finish(r, "error", error=msg, code="engine_error")
             for r, g in zip(batch_reqs, groups):
-                if not r.prefilled and r.params.prompt_logprobs is not None:
-                    r.prompt_done += len(g)
+                if not r.prefilled:
+                    r.prompt_done += sum(len(new) for _, _, new, _ in g)
                 bad = scored.get(r.id)
                 if bad is not None and r.finish_reason is None and r.id not in self.cancelled:
                     self.request_errors += 1
@@ -538,16 +604,18 @@ class Engine:
     @staticmethod
     def _read_rows(reqs: list[Request], groups):
         """Which logits rows this step reads: (requests due a token, their rows) and, for scored
-        prefills, (request, row, the prompt token that row predicts) per prompt position."""
+        prefills, (request, row, the prompt token that row predicts) per prompt position. A request
+        is due a token when it decodes, or when this step's chunk completes its prompt."""
         due, rows, scores, at = [], [], [], 0
         for r, g in zip(reqs, groups):
             n = len(g)
-            if not r.prefilled and r.params.prompt_logprobs is not None:
-                for j in range(n):
-                    pos = r.prompt_done + j
-                    if pos + 1 < len(r.prompt):
-                        scores.append((r, at + j, r.prompt[pos + 1]))
-                if r.prompt_done + n < len(r.prompt):  # more of the prompt to come: no token yet
+            if not r.prefilled:
+                if r.params.prompt_logprobs is not None:
+                    for j in range(n):
+                        pos = r.prompt_done + j
+                        if pos + 1 < len(r.prompt):
+                            scores.append((r, at + j, r.prompt[pos + 1]))
+                if r.prompt_done + sum(len(new) for _, _, new, _ in g) < len(r.prompt):  # more prompt to come
                     at += n
                     continue
             due.append(r)
