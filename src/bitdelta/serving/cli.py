@@ -178,15 +178,8 @@ def cmd_serve(args) -> None:
         logger.warning("binding to %s without --api-keys: anyone who can reach this address can use every model",
                        args.host)
     rt, app = build_app(args)
-    from .quant_base import describe as describe_base
-
-    g = rt.engine.graphs
-    graphs = f", {len(g.graphs)} CUDA graphs captured in {g.capture_s:.1f}s" if g is not None else ""
     print(f"serving {rt.base_name!r} + {len(rt.models()) - 1} deltas ({', '.join(rt.models()[1:]) or 'none'}) "
-          f"on http://{args.host}:{args.port}  ({str(rt.model.dtype).replace('torch.', '')} on {rt.model.device}, "
-          f"{describe_base(rt.model)}, "
-          f"KV slots {rt.engine.max_batch} x {rt.engine.max_len} tokens{graphs})",
-          flush=True)
+          f"on http://{args.host}:{args.port}\n{rt.plan()}", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:

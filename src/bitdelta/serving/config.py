@@ -46,6 +46,9 @@ class EngineConfig:
                                         "and deltas with one are refused; raised to the startup deltas' largest)",
                                      lambda c: c.int_range(0, 4096))
     max_batch: int = _setting(64, "max running sequences (KV slots; capped by memory)", lambda c: c.int_range(1))
+    max_step_tokens: int | None = _setting(None, "tokens one engine step holds: a decode token per running sequence, "
+                                                 "then prompt chunks (a longer prompt is split over steps); default "
+                                                 "512, at least --max-batch", lambda c: c.int_range(1))
     max_queue: int = _setting(256, "max waiting requests before answering 429", lambda c: c.int_range(1))
     max_model_len: int | None = _setting(None, "context length (default: the model's)", lambda c: c.int_range(1))
     kv_cache_mb: float | None = _setting(None, "KV cache budget in MiB (default: free GPU memory, or 1024 on CPU)",

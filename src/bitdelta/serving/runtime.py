@@ -84,6 +84,12 @@ class ServingRuntime:
             self.texts.pop(name, None)
         logger.info("removed delta %s", name)
 
+    def plan(self) -> str:
+        """The start-up plan: device, dtype, memory per part and the limits chosen (one block)."""
+        from .startup_plan import startup_plan
+
+        return startup_plan(self.model, self.slots, self.engine)
+
     def shutdown(self) -> None:
         self.engine.shutdown()
 
@@ -106,7 +112,7 @@ def build_runtime(base, deltas: dict[str, str] | None = None, *, base_name: str 
     from .quant_base import describe as describe_base
     from .quant_base import load_quantized_base, serves_quantized
 
-    check_limits(max_batch, max_queue)  # before the minutes a large base takes to load
+    check_limits(max_batch, max_queue, max_step_tokens=cfg.max_step_tokens)  # before a large base's minutes
     deltas = dict(deltas or {})
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if serves_quantized(base, cfg.base_quant):  # INT8/FP8 weights, read or quantized one tensor at a time
@@ -127,7 +133,7 @@ def build_runtime(base, deltas: dict[str, str] | None = None, *, base_name: str 
     metrics.base_name = base_name or Path(str(base)).name or "base"
     engine = Engine(model, slots, max_batch=max_batch, max_queue=max_queue, max_len=cfg.max_model_len,
                     kv_cache_mb=cfg.kv_cache_mb, metrics=metrics, cuda_graphs=None if cfg.cuda_graphs else False,
-                    auto_restart=cfg.engine_restart)
+                    auto_restart=cfg.engine_restart, max_step_tokens=cfg.max_step_tokens)
     rt = ServingRuntime(metrics.base_name, str(base), model, slots, engine, metrics)
     metrics.known = rt.has  # metrics label registered names only: clients cannot grow the page
     rt.texts[rt.base_name] = TenantText.load(base)
