@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import shutil
@@ -41,10 +42,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]  # run as a script: the benchmarks package and the library
 
 from benchmarks._common import LLAMA2_7B, RunLog  # noqa: E402
-from benchmarks.scale_out_inputs import (inputs_ready, mark_inputs, tenant_names, write_random_base,  # noqa: E402
-                                         write_random_store, write_tiny_store)
-from benchmarks.scale_out_load import (LoadSpec, chunk_times, closed_loop, in_flight_at, recovery, summarize,  # noqa: E402
-                                       tenant_stream)
+from benchmarks.scale_out_inputs import (  # noqa: E402
+    INPUTS_RECORD,
+    inputs_ready,
+    mark_inputs,
+    tenant_names,
+    write_random_base,
+    write_random_store,
+    write_tiny_store,
+)
+from benchmarks.scale_out_load import (  # noqa: E402
+    LoadSpec,
+    chunk_times,
+    closed_loop,
+    in_flight_at,
+    recovery,
+    summarize,
+    tenant_stream,
+)
 from benchmarks.scale_out_report import goal_checks, hit_rates, markdown, phase_line, predicted_hit  # noqa: E402
 
 PRESETS = {
@@ -93,9 +108,11 @@ def prepare_inputs(a, log) -> dict:
     if inputs_ready(work, want):
         log(f"inputs found in {work} (written by an earlier run)")
         return inputs
-    if work.exists():
+    if work.exists() and any(work.iterdir()):
+        if not (work / INPUTS_RECORD).exists():  # never delete a directory this benchmark did not write
+            raise SystemExit(f"{work} is not empty and holds no scale-out inputs: pick another --work-dir")
         shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
     if a.preset == "cpu-tiny":
         write_tiny_store(work / "store", ROOT / "models" / "tiny", tenants)
     else:
@@ -118,6 +135,10 @@ def write_gpu7b_inputs(work: Path, distinct: int, tenants: list[str], log) -> No
     model = write_random_base(work / "base", LLAMA2_7B, torch.bfloat16, device)
     log("base written")
     write_random_store(work / "store", model, tenants, distinct, log=log)
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()  # GPU 0 goes to a replica next: hand back what the base took
 
 
 # ---------------------------------------------------------------------------------- phases
@@ -255,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cpus-per-replica", type=float)
     ap.add_argument("--ingress-replicas", type=int, default=1, help="ingress replicas (each relays every stream)")
     ap.add_argument("--tenants", type=int, help="T tenants in the store (64 / 16)")
-    ap.add_argument("--distinct-deltas", type=int, help="gpu7b: distinct artifacts; the other tenants hard-link them (64)")
+    ap.add_argument("--distinct-deltas", type=int, help="gpu7b: distinct artifacts; other tenants hard-link them (64)")
     ap.add_argument("--capacity", type=int, help="deltas each replica holds (its device slots; 16 / 4)")
     ap.add_argument("--concurrency", type=int, help="C requests in flight per replica (32 / 2)")
     ap.add_argument("--max-batch", type=int, help="running sequences per replica, also Serve's max_ongoing_requests")
@@ -284,8 +305,9 @@ def main(argv=None) -> dict:
     a = resolve(build_parser().parse_args(argv))
     log = RunLog()
     on_cpu = not a.gpus_per_replica
+    args = argv if argv is not None else sys.argv[1:]
     result = {"meta": {"preset": a.preset, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-                       "command": "python benchmarks/scale_out.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                       "command": "python benchmarks/scale_out.py " + " ".join(args),
                        "settings": {k: v for k, v in vars(a).items() if k not in ("out",)},
                        "note": CPU_NOTE if on_cpu else None},
               "phases": []}

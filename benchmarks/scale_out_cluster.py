@@ -146,9 +146,9 @@ def kill_controller(cluster: LocalCluster, replicas: int, kill_after_s: float, f
         if victim["node"] != local_node():
             raise RuntimeError(f"replica {victim['replica']} runs on node {victim['node']}, not here: "
                                "run the measurement on the machine that holds the replicas")
-        found.update(victim=victim["replica"], pid=victim["pid"], in_flight_seen_on_victim=flights.get(victim["replica"], 0),
-                     in_flight_by_replica=flights, victim_engine_report={k: victim["engine"].get(k)
-                                                                          for k in ("running", "waiting")})
+        found.update(victim=victim["replica"], pid=victim["pid"], in_flight_by_replica=flights,
+                     in_flight_seen_on_victim=flights.get(victim["replica"], 0),
+                     victim_engine_report={k: victim["engine"].get(k) for k in ("running", "waiting")})
         os.kill(victim["pid"], signal.SIGKILL)
         kill_at = found["kill_at"] = time.perf_counter()
         found["kill_at_s"] = kill_at - live.start
@@ -159,7 +159,8 @@ def kill_controller(cluster: LocalCluster, replicas: int, kill_after_s: float, f
             now_live = {r["replica"] for r in await asyncio.to_thread(cluster.live_replicas)}
             fresh = now_live - before
             if len(now_live) == replicas and victim["replica"] not in now_live and fresh:
-                found.update(replaced=True, replaced_after_s=time.perf_counter() - kill_at, replacement=sorted(fresh)[0])
+                found.update(replaced=True, replaced_after_s=time.perf_counter() - kill_at,
+                             replacement=sorted(fresh)[0])
                 break
         await asyncio.sleep(settle_s)
         live.stop.set()

@@ -85,7 +85,8 @@ def goal_checks(phases: list[dict], replicas: int) -> list[dict]:
         ok = load["lost"] == 0 and load["requests_with_failures"] <= kill["in_flight_on_victim"] and not others
         checks.append({"goal": "no request lost; failed attempts only among those in flight on the killed replica",
                        "measured": f"{load['lost']} lost, {load['requests_with_failures']} failed once "
-                                   f"(in flight on it: {kill['in_flight_on_victim']}; failures elsewhere: {len(others)})",
+                                   f"(in flight on it: {kill['in_flight_on_victim']}; "
+                                   f"failures elsewhere: {len(others)})",
                        "ok": ok, "value": load["lost"]})
         back = kill["recovery"]["recovered_after_s"]
         checks.append({"goal": "throughput back to >= 90% of before the kill", "ok": back is not None, "value": back,

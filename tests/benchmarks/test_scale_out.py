@@ -19,12 +19,27 @@ import torch
 
 from benchmarks._common import LLAMA2_7B, SMOKE, dir_bytes
 from benchmarks.routing_sim import simulate, zipf_weights
-from benchmarks.scale_out import PRESETS, build_parser, inputs_bytes, resolve
-from benchmarks.scale_out_inputs import (byte_tokenizer, inputs_ready, mark_inputs, tenant_names, write_random_base,
-                                         write_random_store)
-from benchmarks.scale_out_load import (Attempt, LoadSpec, Record, closed_loop, in_flight_at, prompt_ids, recovery,
-                                       summarize, tenant_stream)
-from benchmarks.scale_out_report import (goal_checks, hit_rates, markdown, predicted_hit, scaling_efficiency)
+from benchmarks.scale_out import PRESETS, build_parser, inputs_bytes, prepare_inputs, resolve
+from benchmarks.scale_out_inputs import (
+    byte_tokenizer,
+    inputs_ready,
+    mark_inputs,
+    tenant_names,
+    write_random_base,
+    write_random_store,
+)
+from benchmarks.scale_out_load import (
+    Attempt,
+    LoadSpec,
+    Record,
+    closed_loop,
+    in_flight_at,
+    prompt_ids,
+    recovery,
+    summarize,
+    tenant_stream,
+)
+from benchmarks.scale_out_report import goal_checks, hit_rates, markdown, predicted_hit, scaling_efficiency
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE = {**SMOKE, "vocab": 320}  # a byte-level tokenizer needs 259 ids at least
@@ -166,7 +181,8 @@ def test_markdown_has_a_row_per_phase_and_per_goal():
     checks = goal_checks(phases, 2)
     text = markdown(phases, checks)
     lines = text.splitlines()
-    assert lines[0].startswith("| phase |") and "| 2x 0.0 | 2 | 8 | 10/10 | 150.0 | 10 / 20 | 1.0 / - | 50.0% ± 5 | 50.0% |" in lines
+    assert lines[0].startswith("| phase |")
+    assert "| 2x 0.0 | 2 | 8 | 10/10 | 150.0 | 10 / 20 | 1.0 / - | 50.0% ± 5 | 50.0% |" in lines
     assert any(line.startswith("| kill | 2 | 8 |") and line.endswith("| - | - |") for line in lines)
     assert sum(line.endswith("| NO |") for line in lines) == 1  # 0.75 x scaling
     assert len([line for line in lines if line.startswith("| ") and not line.startswith("| phase")
@@ -208,6 +224,14 @@ def test_inputs_record_says_when_a_work_dir_can_be_reused(tmp_path):
     assert not inputs_ready(tmp_path, want)
     mark_inputs(tmp_path, want)
     assert inputs_ready(tmp_path, want) and not inputs_ready(tmp_path, {**want, "tenants": 32})
+
+
+def test_a_work_dir_the_benchmark_did_not_write_is_never_deleted(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    a = resolve(build_parser().parse_args(["--preset", "cpu-tiny", "--work-dir", str(tmp_path)]))
+    with pytest.raises(SystemExit, match="holds no scale-out inputs"):
+        prepare_inputs(a, log=lambda _: None)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
 @pytest.fixture(scope="module")
