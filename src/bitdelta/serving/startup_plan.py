@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 
 
-
 def size(nbytes: float) -> str:
     """Bytes in the unit that keeps a few significant digits (MB below a gigabyte, else GB)."""
     if nbytes < 1e9:
