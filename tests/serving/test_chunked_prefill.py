@@ -195,6 +195,36 @@ def test_cancel_mid_prefill_frees_the_slot(tiny_models):
     assert nxt.output == ref.output
 
 
+def test_failure_mid_prefill_frees_the_slot_and_spares_the_stream(tiny_models):
+    engine, _ = _tiny(tiny_models, max_batch=2, max_step_tokens=4)
+    stream = engine.submit(Request(prompt=[0, 40, 41], params=SamplingParams(max_tokens=8, temperature=0)))
+    engine.step()
+    events = []
+    doomed = engine.submit(Request(prompt=list(range(3, 23)), params=SamplingParams(max_tokens=4, temperature=0),
+                                   on_event=events.append))
+    engine.step()
+    assert doomed.prompt_done == 3 and not doomed.prefilled
+    forward, slot = engine.model.forward, doomed.kv_slot
+
+    def fails_on_its_chunks(batch, kv, deltas=None):  # batched and alone, as a corrupt delta would
+        if any(k == slot and start > 0 for k, start, _ in batch.seqs):
+            raise RuntimeError("broken chunk")
+        return forward(batch, kv, deltas)
+
+    engine.model.forward = fails_on_its_chunks
+    before = len(stream.output)
+    engine.step()
+    assert doomed.finish_reason == "error" and events[-1].code == "engine_error" and "broken chunk" in events[-1].error
+    assert doomed.kv_slot is None and slot in engine.free_kv and len(stream.output) == before + 1
+    while stream.finish_reason is None:
+        engine.step()
+    alone, _ = _tiny(tiny_models, max_batch=2)
+    ref = alone.submit(Request(prompt=stream.prompt, params=SamplingParams(max_tokens=8, temperature=0)))
+    while ref.finish_reason is None:
+        alone.step()
+    assert stream.output == ref.output and sorted(engine.free_kv) == [0, 1]
+
+
 @torch.no_grad()
 def test_scored_prompt_stays_within_the_budget(tiny_models):
     engine, log = _tiny(tiny_models, max_batch=2, max_step_tokens=6)
