@@ -26,7 +26,8 @@ from bitdelta.hf import generate_text, load_model, load_tokenizer
 from bitdelta.report import describe_artifact
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPTS = {"shakespeare": "ROMEO:\n", "gsm8k": "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:"}
+PROMPTS = {"shakespeare": "ROMEO:\n",
+           "gsm8k": "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:"}
 
 
 def heldout_docs(models_dir: Path, name: str, limit: int) -> list[str]:
@@ -71,7 +72,8 @@ def main() -> None:
         info = describe_artifact(out)
         print(f"wrote {out}: {info['artifact_bytes'] / 1e6:.2f} MB on disk "
               f"(weights {info['weight_bytes'] / 1e6:.2f} MB) vs {info['finetuned_fp16_bytes'] / 1e6:.2f} MB fp16 "
-              f"fine-tune: {info['compression_factor']:.1f}x ({info['compression_factor_weights_only']:.1f}x weights only)")
+              f"fine-tune: {info['compression_factor']:.1f}x "
+              f"({info['compression_factor_weights_only']:.1f}x weights only)")
 
         tok = load_tokenizer(out)
         docs = heldout_docs(args.models, name, args.docs)

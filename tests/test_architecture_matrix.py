@@ -89,7 +89,7 @@ def test_compress_merge_every_tensor_and_logits(arch, tmp_path):
     got = merged.state_dict()
     assert set(got) == set(expected)
     for k, v in got.items():
-        torch.testing.assert_close(v, expected[k], rtol=0, atol=1e-6, msg=lambda m: f"{arch} {k}: {m}")
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{arch} {k}: {m}")
 
     # same logits as merging in memory, and as close to the fine-tune as one bit allows
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))

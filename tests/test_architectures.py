@@ -22,7 +22,8 @@ def test_apply_matches_merge_and_approaches_finetune(arch, tmp_path):
 
     # every linear-like matrix and the embedding are compressed, found by type not name
     model = load(base_dir)
-    linear_like = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+    linear_like = [n for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     expected = set(linear_like) - ({"lm_head"} if tied else set())
     embed = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)]

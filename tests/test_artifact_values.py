@@ -147,7 +147,8 @@ def test_dense_naming_no_base_parameter_is_refused(pristine, pair):
 
 
 @pytest.mark.parametrize("tensor,dtype,what", [
-    (NORM, torch.int64, "dense parameter"), (NORM, torch.bool, "dense parameter"), (NORM, torch.uint8, "dense parameter"),
+    (NORM, torch.int64, "dense parameter"), (NORM, torch.bool, "dense parameter"),
+    (NORM, torch.uint8, "dense parameter"),
     (f"{Q}.sign", torch.float32, "sign"), (f"{Q}.scale", torch.int32, "scales"),
 ])
 def test_wrong_dtypes_are_format_errors_naming_the_tensor(art, slots, tensor, dtype, what):

@@ -17,7 +17,8 @@ def pair(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     base_dir, ft_dir = make_pair("qwen2", tmp, extra_vocab=2)
     # give the fine-tune its own tokenizer files, which must travel with the delta
-    (ft_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}", "model_max_length": 64}))
+    (ft_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}",
+                                                              "model_max_length": 64}))
     (ft_dir / "special_tokens_map.json").write_text("{}")
     return base_dir, ft_dir
 
@@ -57,7 +58,8 @@ def test_errors_are_one_line_with_exit_code_2(pair, tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err
-    assert main(["merge", "--base", str(ft_dir), "--delta", str(tmp_path / "missing"), "--out", str(tmp_path / "m")]) == 2
+    assert main(["merge", "--base", str(ft_dir), "--delta", str(tmp_path / "missing"),
+                 "--out", str(tmp_path / "m")]) == 2
     bad = tmp_path / "bad.bitdelta"
     main(["compress", "--base", str(base_dir), "--finetuned", str(ft_dir), "--out", str(bad), "-q"])
     capsys.readouterr()

@@ -36,7 +36,7 @@ def test_scale_mode_is_its_string_and_has_one_shape_table():
     with pytest.raises(ValueError, match="scale mode must be one of"):
         scale_shape("auto", 5, 7, 1)
     with pytest.raises(ValueError, match="chosen per matrix"):
-        ScaleMode.AUTO.code
+        _ = ScaleMode.AUTO.code
     # every module of a compressed delta holds its mode as a ScaleMode with the table's scale shape
     m = bitdelta.PackedModule("linear", "col", torch.zeros(2, 5, 1, dtype=torch.uint8), torch.ones(2, 7), 7)
     assert m.mode is ScaleMode.COL

@@ -113,8 +113,10 @@ def test_precomputed_teacher_matches_live(setup, tmp_path):
 def test_auto_picks_per_module_by_heldout_loss(setup):
     base_dir, ft_dir, cal = setup
     base, ft = load(base_dir), load(ft_dir)
-    row = distill_scales(bitdelta.compress(base_dir, ft_dir, scale="row", progress=False), base, ft, cal, steps=10, lr=1e-6, progress=False)
-    col = distill_scales(bitdelta.compress(base_dir, ft_dir, scale="col", progress=False), base, ft, cal, steps=10, lr=1e-6, progress=False)
+    row = distill_scales(bitdelta.compress(base_dir, ft_dir, scale="row", progress=False), base, ft, cal, steps=10,
+                         lr=1e-6, progress=False)
+    col = distill_scales(bitdelta.compress(base_dir, ft_dir, scale="col", progress=False), base, ft, cal, steps=10,
+                         lr=1e-6, progress=False)
     auto = choose_auto(row, col, base, TeacherLogits(model=ft), cal.heldout, progress=False)
     info = auto.info["distillation"]["auto"]
     assert info["heldout_loss_chosen"] <= min(info["heldout_loss_all_row"], info["heldout_loss_all_col_here"])
@@ -131,7 +133,8 @@ def test_auto_picks_per_module_by_heldout_loss(setup):
                               for k, m in row.modules.items()}, dict(row.dense), row.fingerprint, dict(row.info))
     from_col = choose_auto(useless, col, base, TeacherLogits(model=ft), cal.heldout, progress=False)
     c = from_col.info["distillation"]["auto"]
-    assert c["start"] == "col" and c["heldout_loss_chosen"] <= c["heldout_loss_all_col_here"] < c["heldout_loss_all_row"]
+    assert c["start"] == "col"
+    assert c["heldout_loss_chosen"] <= c["heldout_loss_all_col_here"] < c["heldout_loss_all_row"]
     auto.save_pretrained(base_dir.parent / "auto.bitdelta")
     again = bitdelta.Delta.from_pretrained(base_dir.parent / "auto.bitdelta")
     assert again.info["compression"]["scale"] == "auto"

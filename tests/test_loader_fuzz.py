@@ -12,6 +12,7 @@ secret's bytes must not appear in anything loaded).
 """
 
 import copy
+import functools
 import json
 import os
 import random
@@ -75,7 +76,8 @@ def world(tmp_path_factory):
     ft = finetune_like(base, seed=3)
     good = {}
     row = bitdelta.compress(base, ft, scale="row", bits=2, progress=False)
-    row.files.update({"tokenizer_config.json": b'{"model_max_length": 64}', "generation_config.json": b'{"eos_token_id": 1}'})
+    row.files.update({"tokenizer_config.json": b'{"model_max_length": 64}',
+                      "generation_config.json": b'{"eos_token_id": 1}'})
     row.save_pretrained(tmp / "good" / "single")
     good["single"] = tmp / "good" / "single"
     scalar = bitdelta.compress(base, ft, scale="col", bits=1, progress=False)
@@ -190,8 +192,8 @@ def m_files_list(rng, d, w):
 def m_symlink(rng, d, w):
     entries = sorted(p for p in d.iterdir())
     victim = rng.choice(entries) if rng.random() < 0.7 else d / rng.choice(["tokenizer.json", "vocab.json", "extra"])
-    target = rng.choice([w["outside"] / "secret.txt", w["outside"] / "delta.safetensors", w["outside"], Path("/dev/zero"),
-                         Path("/etc/hostname"), d / "nonexistent"])
+    target = rng.choice([w["outside"] / "secret.txt", w["outside"] / "delta.safetensors", w["outside"],
+                         Path("/dev/zero"), Path("/etc/hostname"), d / "nonexistent"])
     if victim.is_dir() and not victim.is_symlink():
         shutil.rmtree(victim)
     elif victim.exists() or victim.is_symlink():
@@ -230,7 +232,8 @@ def m_header_len(rng, d, w):
     f = rng.choice(files)
     raw = bytearray(f.read_bytes())
     (n,) = struct.unpack("<Q", raw[:8])
-    new = rng.choice([0, 1, n - 1, n + 1, n + 8, len(raw), len(raw) + 1, 2**63, 2**64 - 1, 99_999_999, rng.randrange(2**64)])
+    new = rng.choice([0, 1, n - 1, n + 1, n + 8, len(raw), len(raw) + 1, 2**63, 2**64 - 1, 99_999_999,
+                      rng.randrange(2**64)])
     raw[:8] = struct.pack("<Q", new)
     f.write_bytes(bytes(raw))
 
@@ -253,7 +256,8 @@ def m_header_entry(rng, d, w):
     entry = header[name]
     what = rng.choice(["dtype", "shape", "data_offsets", "drop", "replace", "add"])
     if what == "dtype":
-        entry["dtype"] = rng.choice(["F32", "F16", "BF16", "F64", "I64", "I32", "U8", "BOOL", "F8_E4M3", "X", None, 5, ["F32"]])
+        entry["dtype"] = rng.choice(["F32", "F16", "BF16", "F64", "I64", "I32", "U8", "BOOL", "F8_E4M3", "X", None, 5,
+                                     ["F32"]])
     elif what == "shape":
         shape = list(entry["shape"])
         entry["shape"] = rng.choice([shape[::-1], shape + [1], shape[:-1], [-1] * len(shape), [2**40, 2**40],
@@ -317,7 +321,8 @@ def m_data_values(rng, d, w):
     except ValueError:
         return
     fmt = {"F32": "<f", "F16": "<e", "F64": "<d"}
-    floats = sorted(k for k, v in header.items() if k != "__metadata__" and isinstance(v, dict) and v.get("dtype") in fmt
+    floats = sorted(k for k, v in header.items()
+                    if k != "__metadata__" and isinstance(v, dict) and v.get("dtype") in fmt
                     and not k.startswith("__bitdelta__"))
     if not floats:
         return
@@ -347,8 +352,9 @@ def m_index(rng, d, w):
     key = rng.choice(sorted(wm))
     choice = rng.random()
     if choice < 0.4:
-        wm[key] = rng.choice(["../outside/delta.safetensors", str(w["outside"] / "delta.safetensors"), "../../x.safetensors",
-                              "missing.safetensors", "", ".", "README.md", "delta_config.json", 5, None])
+        wm[key] = rng.choice(["../outside/delta.safetensors", str(w["outside"] / "delta.safetensors"),
+                              "../../x.safetensors", "missing.safetensors", "", ".", "README.md",
+                              "delta_config.json", 5, None])
     elif choice < 0.6:
         data["weight_map"] = copy.deepcopy(rng.choice(JUNK))
     elif choice < 0.8:
@@ -361,7 +367,8 @@ def m_index(rng, d, w):
 
 MUTATIONS = [m_config_field] * 5 + [m_config_bytes, m_files_list, m_files_list, m_symlink, m_symlink, m_file_kind,
                                     m_header_len, m_header_entry, m_header_entry, m_header_entry, m_header_bytes,
-                                    m_truncate, m_data_bytes, m_data_values, m_data_values, m_data_values, m_index, m_index]
+                                    m_truncate, m_data_bytes, m_data_values, m_data_values, m_data_values, m_index,
+                                    m_index]
 
 
 # ----------------------------------------------------------------------------------- the test
@@ -415,9 +422,9 @@ def test_fuzzed_artifacts_load_or_raise_bitdelta_errors(world):
             _opened.clear()
             _recording = True
             try:
-                got, delta = _outcome(lambda: load_delta(case, root=root))
-                info = _outcome(lambda: format_report(describe_artifact(case)))
-                reg = _outcome(lambda: slots.register(f"c{i}", case, root=root))
+                got, delta = _outcome(functools.partial(load_delta, case, root=root))
+                _outcome(functools.partial(lambda c: format_report(describe_artifact(c)), case))
+                reg = _outcome(functools.partial(slots.register, f"c{i}", case, root=root))
             except CaseTimeout:
                 pytest.fail(f"{label}: took more than {CASE_SECONDS} s")
             except Exception as e:
@@ -437,9 +444,9 @@ def test_fuzzed_artifacts_load_or_raise_bitdelta_errors(world):
                 assert not any(SECRET in t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() for t in tensors
                                if t.numel()), label
                 try:  # against the base: apply/unapply and merge work or refuse with a BitDeltaError
-                    if _outcome(lambda: bitdelta.apply(base, delta))[0] == "ok":
+                    if _outcome(functools.partial(bitdelta.apply, base, delta))[0] == "ok":
                         bitdelta.unapply(base)
-                    _outcome(lambda: bitdelta.merge(copy.deepcopy(base), delta))
+                    _outcome(functools.partial(bitdelta.merge, copy.deepcopy(base), delta))
                 except Exception as e:
                     pytest.fail(f"{label}: {type(e).__name__} escaped apply/merge: {e}")
             shutil.rmtree(case)

@@ -76,7 +76,10 @@ def test_apply_matches_merge_unapply_restores_and_distillation_trains_expert_sca
     assert (merged - ft_logits).norm() < 0.9 * (base_logits - ft_logits).norm()
 
     g = torch.Generator().manual_seed(3)
-    batches = lambda n: TokenBatches(torch.randint(0, VOCAB, (n, 10), generator=g), torch.ones(n, 10, dtype=torch.long))
+
+    def batches(n):
+        return TokenBatches(torch.randint(0, VOCAB, (n, 10), generator=g), torch.ones(n, 10, dtype=torch.long))
+
     cal = Calibration(batches(16), batches(8), "random-ids")
     out = distill_scales(delta, model, ft, cal, steps=15, lr=3e-2, lr_mode="relative", batch_size=4,
                          keep_better=False, progress=False)
@@ -183,8 +186,9 @@ def test_auto_scale_chooses_row_or_col_per_expert(mixtral):
     chosen = choose_auto(row, col, model, TeacherLogits(model=ft), held, progress=False)
     experts = [n for n in chosen.modules if n.endswith("]")]
     modes = {chosen.modules[n].mode for n in experts}
-    assert modes <= {"row", "col"} and all(chosen.modules[n] is {"row": row, "col": col}[chosen.modules[n].mode].modules[n]
-                                           for n in experts)
+    by_mode = {"row": row, "col": col}
+    assert modes <= {"row", "col"}
+    assert all(chosen.modules[n] is by_mode[chosen.modules[n].mode].modules[n] for n in experts)
     auto = chosen.info["distillation"]["auto"]
     assert auto["heldout_loss_chosen"] <= min(auto["heldout_loss_all_row"], auto["heldout_loss_all_col_here"])
     assert not any(isinstance(m, DeltaParametrization) for m in model.modules()), "unapplied afterwards"

@@ -98,7 +98,8 @@ def test_quantize_base_writes_compressed_tensors(pair, scheme):
     assert weights["num_bits"] == 8 and weights["strategy"] == "channel" and weights["symmetric"] is True
     assert weights["type"] == {"int8": "int", "fp8": "float"}[scheme]
     assert qc["config_groups"]["group_0"]["targets"] == ["Linear"] and qc["ignore"] == ["lm_head"]
-    assert {k: v for k, v in cfg.items() if k != "quantization_config"} == json.loads((base / "config.json").read_text())
+    plain = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    assert plain == json.loads((base / "config.json").read_text())
 
     got, orig = load_file(qdir / "model.safetensors"), load_file(base / "model.safetensors")
     linear = [k for k in orig if k.endswith(LINEAR_SUFFIXES)]
@@ -133,7 +134,8 @@ def test_compress_against_quantized_base_then_merge(pair, scheme):
     # the same quantized base either way: same fingerprint, same signs and scales
     assert on_the_fly.fingerprint.sha256 == from_dir.fingerprint.sha256
     for name, m in from_dir.modules.items():
-        assert torch.equal(m.sign, on_the_fly.modules[name].sign) and torch.equal(m.scale, on_the_fly.modules[name].scale)
+        assert torch.equal(m.sign, on_the_fly.modules[name].sign)
+        assert torch.equal(m.scale, on_the_fly.modules[name].scale)
     plain = compress(pair["base"], pair["ft"], progress=False)
     assert plain.info["compression"]["base_quantization"] is None
     assert plain.fingerprint.sha256 != from_dir.fingerprint.sha256
@@ -277,8 +279,9 @@ def test_distill_and_eval_through_the_cli_on_a_quantized_base(tmp_path, capsys):
     qdir, d = tmp_path / "base-int8", tmp_path / "sh-int8.bitdelta"
     assert main(["quantize-base", str(TINY / "base"), "--scheme", "int8", "--out", str(qdir), "-q"]) == 0
     assert (qdir / "tokenizer.json").is_file()
-    assert main(["compress", "--base", str(TINY / "base"), "--base-quant", "int8", "--finetuned", str(TINY / "shakespeare"),
-                 "--out", str(d), "--distill-steps", "3", "--calibration", str(TINY / "heldout" / "shakespeare.txt"),
+    assert main(["compress", "--base", str(TINY / "base"), "--base-quant", "int8",
+                 "--finetuned", str(TINY / "shakespeare"), "--out", str(d), "--distill-steps", "3",
+                 "--calibration", str(TINY / "heldout" / "shakespeare.txt"),
                  "--num-samples", "8", "--seq-len", "32", "--heldout-samples", "4", "--distill-batch-size", "4",
                  "--device", "cpu", "-q"]) == 0
     cfg = json.loads((d / "delta_config.json").read_text())

@@ -65,7 +65,8 @@ def test_peak_rss_is_a_few_modules(tmp_path):
     m = json.loads(r.stdout.strip().splitlines()[-1])
     growth = m["peak"] - m["before"]
     print(f"model {model_bytes / 1e6:.0f} MB each (pair {2 * model_bytes / 1e6:.0f} MB), largest module "
-          f"{largest_module / 1e6:.1f} MB, delta {m['delta_bytes'] / 1e6:.1f} MB, peak RSS growth {growth / 1e6:.1f} MB")
+          f"{largest_module / 1e6:.1f} MB, delta {m['delta_bytes'] / 1e6:.1f} MB, "
+          f"peak RSS growth {growth / 1e6:.1f} MB")
     assert m["delta_bytes"] < model_bytes / 25
     # a few modules' worth of working memory plus the packed result, far below one model
     assert growth < 0.35 * model_bytes

@@ -41,7 +41,8 @@ def test_every_measure_for_base_finetune_and_delta(data, tmp_path):
     tok = load_tokenizer(tmp_path / "d")
     ft = load_model(TINY / "gsm8k", device="cpu")
     ref = fidelity(base, ft, tok, data.heldout, max_length=64, progress=False)
-    assert r.base.heldout_ppl == pytest.approx(ref.ppl_student) and r.finetuned.heldout_ppl == pytest.approx(ref.ppl_teacher)
+    assert r.base.heldout_ppl == pytest.approx(ref.ppl_student)
+    assert r.finetuned.heldout_ppl == pytest.approx(ref.ppl_teacher)
     assert r.recovery == pytest.approx(recovery(r.base.heldout_ppl, r.finetuned.heldout_ppl, r.delta.heldout_ppl))
     assert r.delta.heldout_ppl == pytest.approx(r.fidelity.ppl_student) and 0 < r.recovery < 1.2
     assert r.fidelity.kl > 0 and r.fidelity.n_docs == 6

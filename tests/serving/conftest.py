@@ -119,7 +119,8 @@ class LiveServer:
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
+                                                    timeout_graceful_shutdown=1))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         import time
@@ -133,6 +134,13 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.runtime.shutdown()
+
+
+@pytest.fixture(scope="session")
+def live_server():
+    """The :class:`LiveServer` class, for tests that start a server of their own (``from conftest import``
+    in a test would find whichever conftest module pytest imported last)."""
+    return LiveServer
 
 
 @pytest.fixture(scope="session")

@@ -82,7 +82,8 @@ def test_tenants_differ_and_chat_uses_each_template(client, server, delta_dir, t
         chat = client.chat.completions.create(model=model, messages=msgs, **GREEDY)
         assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
         tok = AutoTokenizer.from_pretrained(delta_dir / model)  # the artifact's own tokenizer + template
-        ids = tok(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
         assert chat.usage.prompt_tokens == len(ids)
         # the same ids as a raw completion give the same greedy text
         comp = client.completions.create(model=model, prompt=ids, **GREEDY)
@@ -106,8 +107,8 @@ def test_stop_sequences_and_seeded_sampling(client):
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="shakespeare", prompt="The", temperature=0, max_tokens=40, stop=stop, stream=True))
     assert streamed == cut.choices[0].text
-    a, b = (client.completions.create(model="gsm8k", prompt="The", temperature=1.0, top_p=0.9, seed=7, extra_body={"top_k": 50},
-                                      max_tokens=20).choices[0].text for _ in range(2))
+    a, b = (client.completions.create(model="gsm8k", prompt="The", temperature=1.0, top_p=0.9, seed=7,
+                                      extra_body={"top_k": 50}, max_tokens=20).choices[0].text for _ in range(2))
     assert a == b
 
 
@@ -141,12 +142,14 @@ def test_error_cases(http, server):
     _err(http.post("/v1/completions", json={**ok, "max_tokens": 0}), 422)
     _err(http.post("/v1/completions", json={"model": "shakespeare"}), 422)  # no prompt
     _err(http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 422)
-    _err(http.post("/v1/chat/completions", json={"model": "gsm8k", "messages": [{"role": "wizard", "content": "x"}]}), 422)
+    wizard = [{"role": "wizard", "content": "x"}]
+    _err(http.post("/v1/chat/completions", json={"model": "gsm8k", "messages": wizard}), 422)
     _err(http.post("/v1/completions", json={**ok, "n": 17}), 400, "invalid_value")
     _err(http.post("/v1/chat/completions", json={"model": "gsm8k", "messages": []}), 400)
     _err(http.post("/v1/completions", json={**ok, "prompt": [10**9]}), 400)
     max_len = server.runtime.engine.max_len
-    e = _err(http.post("/v1/completions", json={**ok, "prompt": "word " * (2 * max_len)}), 400, "context_length_exceeded")
+    e = _err(http.post("/v1/completions", json={**ok, "prompt": "word " * (2 * max_len)}), 400,
+             "context_length_exceeded")
     assert str(max_len) in e["message"]
     e = _err(http.post("/v1/completions", json={**ok, "prompt": [5] * max_len}), 400, "context_length_exceeded")
     # the server is still fine
@@ -154,10 +157,8 @@ def test_error_cases(http, server):
 
 
 @pytest.mark.slow  # a live server
-def test_queue_full_gives_429(tiny_models, delta_dir):
-    from conftest import LiveServer
-
-    s = LiveServer(["--base", str(tiny_models["base"]), "--delta", f"shakespeare={delta_dir / 'shakespeare'}",
+def test_queue_full_gives_429(tiny_models, delta_dir, live_server):
+    s = live_server(["--base", str(tiny_models["base"]), "--delta", f"shakespeare={delta_dir / 'shakespeare'}",
                     "--max-batch", "1", "--max-queue", "1", "--kv-cache-mb", "16"])
     try:
         async def go():
@@ -192,7 +193,8 @@ def test_api_keys(keyed_server):
     assert {m.id for m in everyone.models.list().data} == {"base", "shakespeare", "gsm8k"}
     assert everyone.completions.create(model="gsm8k", prompt="hi", max_tokens=2).choices[0].text is not None
     # admin endpoints are off on this server
-    _err(httpx.post(url + "/v1/deltas", json={"name": "x", "path": "y"}, headers={"Authorization": "Bearer sk-all"}), 404)
+    _err(httpx.post(url + "/v1/deltas", json={"name": "x", "path": "y"}, headers={"Authorization": "Bearer sk-all"}),
+         404)
 
 
 # ---------------------------------------------------------------------------------- admin

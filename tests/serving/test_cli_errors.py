@@ -134,7 +134,8 @@ BAD_ARGUMENTS = [
     (["compress", "--base", BASE, "--finetuned", BASE, "--out", "o", "--bits", "9"], "--bits"),
     (["compress", "--base", BASE, "--finetuned", BASE, "--out", "o", "--bits", "two"], "--bits"),
     (["compress", "--base", BASE, "--finetuned", BASE, "--out", "o", "--max-shard-size", "abc"], "--max-shard-size"),
-    (["compress", "--base", BASE, "--finetuned", BASE, "--out", "o", "--max-shard-size", "1.2.3GB"], "--max-shard-size"),
+    (["compress", "--base", BASE, "--finetuned", BASE, "--out", "o", "--max-shard-size", "1.2.3GB"],
+     "--max-shard-size"),
     (["compress", "--base", BASE, "--finetuned", BASE, "--out", "o", "--max-shard-size", "0"], "--max-shard-size"),
     (["compress", "--base", BASE, "--finetuned", BASE, "--out", "o", "--dtype", "int8"], "--dtype"),
     (["compress", "--base", BASE, "--finetuned", BASE, "--out", "o", "--dtype", "float33"], "--dtype"),
@@ -143,7 +144,8 @@ BAD_ARGUMENTS = [
     (["compress", "--base", BASE, "--finetuned", BASE, "--out", "o", "--distill-steps", "-1"], "--distill-steps"),
     (["compress", "--base", BASE, "--finetuned", BASE, "--out", "o", "--num-samples", "0"], "--num-samples"),
     (["compress", "--base", BASE, "--finetuned", BASE, "--out", "o", "--seq-len", "0"], "--seq-len"),
-    (["compress", "--base", BASE, "--finetuned", BASE, "--out", "o", "--distill-batch-size", "0"], "--distill-batch-size"),
+    (["compress", "--base", BASE, "--finetuned", BASE, "--out", "o", "--distill-batch-size", "0"],
+     "--distill-batch-size"),
     (["compress", "--base", BASE, "--finetuned", BASE, "--out", "o", "--distill-lr", "0"], "--distill-lr"),
     (["compress", "--base", BASE, "--finetuned", BASE, "--out", "o", "--distill-lr", "nan"], "--distill-lr"),
     (["merge", "--base", BASE, "--delta", BASE, "--out", "o", "--dtype", "int32"], "--dtype"),
@@ -180,8 +182,10 @@ def test_good_values_parse_to_what_the_commands_use():
     args = build_parser().parse_args(["compress", "--base", "b", "--finetuned", "f", "--out", "o",
                                       "--max-shard-size", "2GiB", "--bits", "8", "--dtype", "bf16"])
     assert (args.max_shard_size, args.bits, args.dtype, args.overwrite) == (2 * 2**30, 8, "bf16", False)
-    assert build_parser().parse_args(["compress", "--base", "b", "--finetuned", "f", "--out", "o"]).max_shard_size == 5 * 10**9
-    args = build_parser().parse_args(["serve", "--base", "b", "--kv-cache-mb", "0.5", "--port", "0", "--max-extra-vocab", "0"])
+    args = build_parser().parse_args(["compress", "--base", "b", "--finetuned", "f", "--out", "o"])
+    assert args.max_shard_size == 5 * 10**9
+    args = build_parser().parse_args(["serve", "--base", "b", "--kv-cache-mb", "0.5", "--port", "0",
+                                      "--max-extra-vocab", "0"])
     assert (args.kv_cache_mb, args.port, args.max_extra_vocab, args.engine_restart) == (0.5, 0, 0, True)
     assert build_parser().parse_args(["serve", "--base", "b", "--no-engine-restart"]).engine_restart is False
 
@@ -279,7 +283,8 @@ def test_inspect_merge_import_eval_errors(tiny_models, artifact, tmp_path, capsy
                "already exists", "--overwrite")
     user_error(capsys, ["eval", "ppl", "--model", base, "--data", tmp_path / "missing.txt"], "--data", "no such file")
     user_error(capsys, ["eval", "ppl", "--model", base, "--data", tmp_path], "--data", "a directory")
-    user_error(capsys, ["eval", "tasks", "--model", base, "--tasks", "piqa", "--data-dir", tmp_path / "none"], "--data-dir")
+    user_error(capsys, ["eval", "tasks", "--model", base, "--tasks", "piqa", "--data-dir", tmp_path / "none"],
+               "--data-dir")
     user_error(capsys, ["generate", "--base", base, "--prompt", "x", "--device", "cuda:99"], "cuda:99")
 
 
@@ -300,7 +305,8 @@ def test_internal_errors_are_one_line_with_exit_1(artifact, capsys, monkeypatch)
     monkeypatch.setattr(bitdelta.report, "describe_artifact", bug)
     rc, err = run_main(capsys, ["inspect", artifact])
     assert rc == 1
-    assert one_error_line(err) == "error: internal error: RuntimeError: boom second line (run with -v for the traceback)"
+    assert one_error_line(err) == ("error: internal error: RuntimeError: boom second line "
+                                   "(run with -v for the traceback)")
 
 
 def test_verbose_shows_the_traceback(tmp_path, capsys):
@@ -403,7 +409,8 @@ def test_serve_with_a_corrupt_startup_delta_is_one_line(tiny_models, artifact, t
 
     monkeypatch.setattr(uvicorn, "run", never)
     bad = truncated_copy(artifact, tmp_path / "truncated")
-    user_error(capsys, ["serve", "--base", tiny_models["base"], "--delta", f"bad={bad}", "--kv-cache-mb", "8"], str(bad))
+    user_error(capsys, ["serve", "--base", tiny_models["base"], "--delta", f"bad={bad}", "--kv-cache-mb", "8"],
+               str(bad))
 
 
 def test_delta_dir_skips_bad_artifacts_and_serves_the_good_ones(tiny_models, delta_dir, corrupt_delta, tmp_path,

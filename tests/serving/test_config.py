@@ -18,7 +18,8 @@ def test_every_setting_is_a_serve_flag_with_its_default():
     args = build_parser().parse_args(["serve", "--base", "b", "--max-batch", "3", "--kv-cache-mb", "8",
                                       "--no-cuda-graphs", "--no-engine-restart", "--max-bits", "2"])
     cfg = EngineConfig.from_args(args)
-    assert (cfg.max_batch, cfg.kv_cache_mb, cfg.cuda_graphs, cfg.engine_restart, cfg.max_bits) == (3, 8.0, False, False, 2)
+    got = (cfg.max_batch, cfg.kv_cache_mb, cfg.cuda_graphs, cfg.engine_restart, cfg.max_bits)
+    assert got == (3, 8.0, False, False, 2)
 
 
 def test_ray_settings_carry_every_engine_setting(tmp_path):

@@ -75,7 +75,8 @@ def test_mixed_batch_matches_merged_greedy(tiny_models, tenants):
         for item in [p for p in pending if p[1] == step]:
             tenant, _, plen, n = item
             prompt = torch.randint(3, vocab, (plen,), generator=g).tolist()
-            reqs.append(engine.submit(Request(prompt=prompt, tenant=tenant, params=SamplingParams(max_tokens=n, temperature=0))))
+            params = SamplingParams(max_tokens=n, temperature=0)
+            reqs.append(engine.submit(Request(prompt=prompt, tenant=tenant, params=params)))
             pending.remove(item)
         engine.step()
         step += 1
@@ -130,7 +131,8 @@ def test_cuda_mixed_batch(tiny_models, tenants, dtype):
     reqs = []
     for i, tenant in enumerate([None, *tenants, "shk_row", None]):
         prompt = torch.randint(3, model.vocab_size, (4 + i,), generator=g).tolist()
-        reqs.append(engine.submit(Request(prompt=prompt, tenant=tenant, params=SamplingParams(max_tokens=10, temperature=0))))
+        params = SamplingParams(max_tokens=10, temperature=0)
+        reqs.append(engine.submit(Request(prompt=prompt, tenant=tenant, params=params)))
         engine.step()
     for _ in range(400):
         if all(r.finish_reason for r in reqs):
@@ -227,7 +229,8 @@ def test_engine_takes_lowest_free_kv_slot(tiny_models):
     model = DeltaLlama.from_hf(_load(tiny_models["base"]))
     engine = Engine(model, DeltaSlots(model, max_gpu_deltas=1), max_batch=4, kv_cache_mb=16)
     p = SamplingParams(max_tokens=1, temperature=0)
-    a, b = engine.submit(Request(prompt=[5], params=p)), engine.submit(Request(prompt=[6], params=SamplingParams(max_tokens=5, temperature=0)))
+    a = engine.submit(Request(prompt=[5], params=p))
+    b = engine.submit(Request(prompt=[6], params=SamplingParams(max_tokens=5, temperature=0)))
     engine.step()
     assert (a.kv_slot, b.kv_slot) == (None, 1)  # a finished after its one token and freed slot 0
     c = engine.submit(Request(prompt=[7], params=p))
@@ -239,9 +242,12 @@ def test_slot_install_writes_in_place(tiny_models, tenants):
     """Captured graphs read the pools' storage: loading and evicting deltas must never reallocate it."""
     model = DeltaLlama.from_hf(_load(tiny_models["base"]))
     slots = DeltaSlots(model, max_gpu_deltas=1, max_bits=2, max_extra_vocab=4)
-    ptrs = lambda: sorted([t.data_ptr() for p in slots.pools.values() for t in p.values() if isinstance(t, torch.Tensor)]  # noqa: E731
-                          + [t.data_ptr() for t in slots.tables.values()]
-                          + [slots.extra_embed.data_ptr(), slots.extra_head.data_ptr(), slots.n_extra.data_ptr()])
+
+    def ptrs():
+        return sorted([t.data_ptr() for p in slots.pools.values() for t in p.values() if isinstance(t, torch.Tensor)]
+                      + [t.data_ptr() for t in slots.tables.values()]
+                      + [slots.extra_embed.data_ptr(), slots.extra_head.data_ptr(), slots.n_extra.data_ptr()])
+
     before = ptrs()
     for name in ("shk_row", "gsm_col", "extra_vocab"):  # one slot: each load evicts the previous delta
         slots.register(name, f"<memory:{name}>", delta=tenants[name])

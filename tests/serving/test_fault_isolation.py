@@ -27,10 +27,8 @@ STREAM_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def fserver(tiny_models, delta_dir):
-    from conftest import LiveServer
-
-    s = LiveServer(["--base", str(tiny_models["base"]), "--base-name", "base",
+def fserver(tiny_models, delta_dir, live_server):
+    s = live_server(["--base", str(tiny_models["base"]), "--base-name", "base",
                     "--delta", f"shakespeare={delta_dir / 'shakespeare'}", "--delta", f"gsm8k={delta_dir / 'gsm8k'}",
                     "--max-batch", "8", "--kv-cache-mb", "32"])
     yield s
@@ -317,7 +315,7 @@ def test_restarts_are_bounded(tiny_model):
                 time.sleep(0.01)
             done = threading.Event()
             eng.submit(Request(prompt=[5, 6], params=SamplingParams(max_tokens=2),
-                               on_event=lambda ev: ev.finish and (finishes.append(ev), done.set())))
+                               on_event=lambda ev, done=done: ev.finish and (finishes.append(ev), done.set())))
             assert done.wait(10)
         assert [ev.code for ev in finishes] == ["engine_unavailable"] * 3
         eng._thread.join(timeout=10)

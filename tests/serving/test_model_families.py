@@ -54,7 +54,8 @@ def _base(arch):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = transformers.AutoModelForCausalLM.from_config(transformers.GemmaConfig(**arch_pairs._COMMON, head_dim=8))
+        config = transformers.GemmaConfig(**arch_pairs._COMMON, head_dim=8)
+        model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # as arch_pairs does: a spread everywhere (Gemma's norms start at zero)
         g = torch.Generator().manual_seed(100)
         for p in model.parameters():

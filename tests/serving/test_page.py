@@ -37,7 +37,8 @@ def test_page_streams_two_tenants_side_by_side(server):
             page.evaluate("""() => {
                 window.updates = {};
                 new MutationObserver((ms) => { for (const m of ms) {
-                    const col = m.target.closest && m.target.closest('.answer') || m.target.parentElement.closest('.answer');
+                    const col = m.target.closest && m.target.closest('.answer')
+                                || m.target.parentElement.closest('.answer');
                     if (col && m.target.classList && m.target.classList.contains('text'))
                         window.updates[col.dataset.model] = (window.updates[col.dataset.model] || 0) + 1;
                 }}).observe(document.getElementById('answers'), {subtree: true, childList: true, characterData: true});

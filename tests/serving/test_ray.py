@@ -152,7 +152,8 @@ def test_same_api_and_answers_as_one_server(ray_app, reference):
                            ray_app.client.completions.create(model=model, prompt=PROMPT, stream=True, **GREEDY))
         assert streamed == want
         chat = ray_app.client.chat.completions.create(model=model, messages=msgs, **GREEDY).choices[0].message.content
-        assert chat == reference.chat.completions.create(model=model, messages=msgs, **GREEDY).choices[0].message.content
+        want = reference.chat.completions.create(model=model, messages=msgs, **GREEDY).choices[0].message.content
+        assert chat == want
         chunks = list(ray_app.client.chat.completions.create(model=model, messages=msgs, stream=True, **GREEDY))
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat
     assert _text(ray_app.client, "team-a/poet") == _text(reference, "shakespeare")  # same artifact, another name

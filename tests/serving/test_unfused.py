@@ -98,7 +98,8 @@ def _run(tiny_models, deltas, linear_fn):
     reqs = []
     for i, tenant in enumerate(["shk_row", None, "gsm_col", "shk_row"]):
         prompt = torch.randint(3, model.vocab_size, (3 + 2 * i,), generator=g).tolist()
-        reqs.append(engine.submit(Request(prompt=prompt, tenant=tenant, params=SamplingParams(max_tokens=6, temperature=0))))
+        params = SamplingParams(max_tokens=6, temperature=0)
+        reqs.append(engine.submit(Request(prompt=prompt, tenant=tenant, params=params)))
         if i == 1:
             engine.step()  # later requests join a running batch: prefill and decode rows mix
     while any(r.finish_reason is None for r in reqs):
