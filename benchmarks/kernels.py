@@ -38,8 +38,8 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from benchmarks._common import copy_bandwidth, decode_op_bytes, random_linear_inputs, roofline_us  # noqa: E402
-from bitdelta.ops import reference as ref  # noqa: E402
 from bitdelta.ops import bitplane, triton_ops  # noqa: E402
+from bitdelta.ops import reference as ref  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K in, N out): 4096->4096, 4096->11008, 11008->4096
 BATCHES = [1, 4, 16, 64]
@@ -201,7 +201,7 @@ def sweep_decode(log, quick):
             times = []
             for i, c in enumerate(cfgs):
                 try:
-                    times.append((bench_graph(lambda: [
+                    times.append((bench_graph(lambda sets=sets, c=c: [
                         (lambda a=a: triton_ops.bitdelta_decode(a[0], a[1], None, a[3], a[4], "row", a[5], config=c))
                         for a in sets]), i))
                 except Exception as exc:  # a config that does not compile (smem) is skipped
@@ -209,7 +209,8 @@ def sweep_decode(log, quick):
             times.sort()
             best[(k, n, b)] = cfgs[times[0][1]]
             del sets
-            log(f"sweep decode {k}->{n} B={b}: " + ", ".join(f"c{i}={t:.1f}" for t, i in sorted(times, key=lambda z: z[1])))
+            log(f"sweep decode {k}->{n} B={b}: "
+                + ", ".join(f"c{i}={t:.1f}" for t, i in sorted(times, key=lambda z: z[1])))
     return best
 
 
@@ -223,10 +224,12 @@ def sweep_seg(log, quick):
     for i, c in enumerate(SEG_CONFIGS[:2] if quick else SEG_CONFIGS):
         c = {**c, "EXPAND_MIN": 0}
         try:
-            res.append((bench(lambda: triton_ops.bitdelta_segmented(x, w, None, s, sc, "row", starts, sids, config=c)), i))
+            res.append((bench(lambda c=c: triton_ops.bitdelta_segmented(x, w, None, s, sc, "row", starts, sids,
+                                                                        config=c)), i))
         except Exception as exc:
             log(f"  seg config {c} failed: {type(exc).__name__}: {str(exc)[:120]}")
-    log("sweep prefill 16x128 tokens, 4096x4096: " + ", ".join(f"c{i}={t:.1f}" for t, i in sorted(res, key=lambda z: z[1])))
+    log("sweep prefill 16x128 tokens, 4096x4096: "
+        + ", ".join(f"c{i}={t:.1f}" for t, i in sorted(res, key=lambda z: z[1])))
     return {**SEG_CONFIGS[min(res)[1]], "EXPAND_MIN": triton_ops.DEFAULT_CONFIGS["segmented"]["EXPAND_MIN"]}
 
 
@@ -297,23 +300,27 @@ def popc_table(log, bw, records):
             sets = decode_sets(n, k, b, torch.float16)
             res = []
             for i, c in enumerate(POPC_CONFIGS):
-                res.append((bench_graph(lambda: [
-                    (lambda a=a: cuda_popc.decode_delta(a[0], a[3], a[4], "row", a[5], config=c)) for a in sets]), i))
+                res.append((bench_graph(lambda sets=sets, c=c: [
+                    (lambda a=a: cuda_popc.decode_delta(a[0], a[3], a[4], "row", a[5], config=c))
+                    for a in sets]), i))
             best[(k, n, b)] = POPC_CONFIGS[min(res)[1]]
-            log(f"popc sweep {k}->{n} B={b}: " + ", ".join(f"p{i}={t:.1f}" for t, i in sorted(res, key=lambda z: z[1])))
+            log(f"popc sweep {k}->{n} B={b}: "
+                + ", ".join(f"p{i}={t:.1f}" for t, i in sorted(res, key=lambda z: z[1])))
             del sets
     mt_rows = []
     k, n = 4096, 11008
     for t, d in MULTI_TOKEN:  # several tokens per tenant: the Triton kernel's tensor-core path vs popc passes
         sets = [make(t, n, k, d, 1, "row", torch.float16, [i % d for i in range(t)], seed=t + d + 100 * r)
                 for r in range(ROTATE)]
-        tri = bench_graph(lambda: [(lambda a=a: triton_ops.bitdelta_decode(a[0], a[1], None, a[3], a[4], "row", a[5]))
-                                   for a in sets])
-        res = [(bench_graph(lambda: [(lambda a=a: cuda_popc.bitdelta_decode(a[0], a[1], None, a[3], a[4], "row", a[5],
-                                                                             config=c)) for a in sets]), i)
+        tri = bench_graph(lambda sets=sets: [
+            (lambda a=a: triton_ops.bitdelta_decode(a[0], a[1], None, a[3], a[4], "row", a[5])) for a in sets])
+        res = [(bench_graph(lambda sets=sets, c=c: [
+                    (lambda a=a: cuda_popc.bitdelta_decode(a[0], a[1], None, a[3], a[4], "row", a[5], config=c))
+                    for a in sets]), i)
                for i, c in enumerate(POPC_CONFIGS)]
         x, w, _, s, sc, ids = sets[0]
-        err = rel_err(cuda_popc.bitdelta_decode(x, w, None, s, sc, "row", ids), ref.bitdelta_linear_ref(x, w, None, s, sc, "row", ids))
+        err = rel_err(cuda_popc.bitdelta_decode(x, w, None, s, sc, "row", ids),
+                      ref.bitdelta_linear_ref(x, w, None, s, sc, "row", ids))
         del sets
         records.append(dict(kind="decode_popc_multi", dtype="float16", k=k, n=n, T=t, tenants=d, triton_us=tri,
                             popc_us={i: v for v, i in res}, rel_err=err))
@@ -329,17 +336,21 @@ def popc_table(log, bw, records):
                 sets = decode_sets(n, k, b, dtype)
                 x, w, _, s, sc, ids = sets[0]
                 cfg = None  # the default config: what the dispatcher runs (the sweep above shows the others)
-                tri = bench_graph(lambda: [(lambda a=a: triton_ops.bitdelta_decode(a[0], a[1], None, a[3], a[4], "row", a[5]))
-                                           for a in sets])
-                tri_d = bench_graph(lambda: [(lambda a=a: triton_ops.decode_delta(a[0], a[3], a[4], "row", a[5]))
-                                             for a in sets])
-                pop = bench_graph(lambda: [(lambda a=a: cuda_popc.bitdelta_decode(a[0], a[1], None, a[3], a[4], "row", a[5],
-                                                                                  config=cfg)) for a in sets])
-                pov = bench_graph(lambda: [(lambda a=a: cuda_popc.bitdelta_decode(a[0], a[1], None, a[3], a[4], "row", a[5],
-                                                                                  config=cfg, overlap=True)) for a in sets])
-                pop_d = bench_graph(lambda: [(lambda a=a: cuda_popc.decode_delta(a[0], a[3], a[4], "row", a[5], config=cfg))
-                                             for a in sets])
-                cub = bench_graph(lambda: [(lambda a=a: F.linear(a[0], a[1])) for a in sets])
+                tri = bench_graph(lambda sets=sets: [
+                    (lambda a=a: triton_ops.bitdelta_decode(a[0], a[1], None, a[3], a[4], "row", a[5]))
+                    for a in sets])
+                tri_d = bench_graph(lambda sets=sets: [
+                    (lambda a=a: triton_ops.decode_delta(a[0], a[3], a[4], "row", a[5])) for a in sets])
+                pop = bench_graph(lambda sets=sets, cfg=cfg: [
+                    (lambda a=a: cuda_popc.bitdelta_decode(a[0], a[1], None, a[3], a[4], "row", a[5], config=cfg))
+                    for a in sets])
+                pov = bench_graph(lambda sets=sets, cfg=cfg: [
+                    (lambda a=a: cuda_popc.bitdelta_decode(a[0], a[1], None, a[3], a[4], "row", a[5], config=cfg,
+                                                           overlap=True))
+                    for a in sets])
+                pop_d = bench_graph(lambda sets=sets, cfg=cfg: [
+                    (lambda a=a: cuda_popc.decode_delta(a[0], a[3], a[4], "row", a[5], config=cfg)) for a in sets])
+                cub = bench_graph(lambda sets=sets: [(lambda a=a: F.linear(a[0], a[1])) for a in sets])
                 y = cuda_popc.bitdelta_decode(x, w, None, s, sc, "row", ids, config=cfg)
                 err = rel_err(y, ref.bitdelta_linear_ref(x, w, None, s, sc, "row", ids))
                 del sets
@@ -347,17 +358,18 @@ def popc_table(log, bw, records):
                 roof = roofline_us(byts, bw)
                 read = roofline_us(b * n * k / 8, bw)
                 best_pop = min(pop, pov)
-                records.append(dict(kind="decode_popc", dtype=dname, k=k, n=n, B=b, triton_us=tri, triton_delta_us=tri_d,
-                                    popc_us=pop, popc_overlap_us=pov, popc_delta_us=pop_d, cublas_base_us=cub,
-                                    roofline_us=roof, read_us=read, pct_roofline_triton=100 * roof / tri,
-                                    pct_roofline_popc=100 * roof / best_pop, rel_err=err,
-                                    best_sweep_config=best[(k, n, b)]))
-                rows.append(f"| {dname} | {k}→{n} | B={b} | {tri:.1f} ({100 * roof / tri:.0f}%) | {pop:.1f} | {pov:.1f} "
-                            f"| {100 * roof / best_pop:.0f}% | {cub:.1f} | {tri_d:.1f} | {pop_d:.1f} | {read:.1f} "
-                            f"| {pop_d / read:.2f}× | {tri / best_pop:.2f}× |")
+                records.append(dict(kind="decode_popc", dtype=dname, k=k, n=n, B=b, triton_us=tri,
+                                    triton_delta_us=tri_d, popc_us=pop, popc_overlap_us=pov, popc_delta_us=pop_d,
+                                    cublas_base_us=cub, roofline_us=roof, read_us=read,
+                                    pct_roofline_triton=100 * roof / tri, pct_roofline_popc=100 * roof / best_pop,
+                                    rel_err=err, best_sweep_config=best[(k, n, b)]))
+                rows.append(f"| {dname} | {k}→{n} | B={b} | {tri:.1f} ({100 * roof / tri:.0f}%) | {pop:.1f} "
+                            f"| {pov:.1f} | {100 * roof / best_pop:.0f}% | {cub:.1f} | {tri_d:.1f} | {pop_d:.1f} "
+                            f"| {read:.1f} | {pop_d / read:.2f}× | {tri / best_pop:.2f}× |")
         log(f"popc {dname} timed")
     head = [
-        f"Decode, B tenants × 1 token, row scales, 1 bit, popc default config; µs per call (CUDA-graph replay, 4 rotating input sets); "
+        "Decode, B tenants × 1 token, row scales, 1 bit, popc default config; µs per call "
+        "(CUDA-graph replay, 4 rotating input sets); "
         f"roofline = (2NK + B·NK/8 bytes) / {bw:.0f} GB/s; read = B·NK/8 bytes at that bandwidth.",
         "",
         "| dtype | shape | B | Triton (GEMV 2) µs (% roofline) | popc µs | popc overlap µs | popc % roofline (best) "
@@ -371,7 +383,8 @@ def popc_table(log, bw, records):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--popc", action="store_true", help="only the binary tensor-core decode kernel (and copy bandwidth)")
+    ap.add_argument("--popc", action="store_true",
+                    help="only the binary tensor-core decode kernel (and copy bandwidth)")
     args = ap.parse_args()
     out_dir = os.environ.get("OUT")
     lines = []
@@ -394,8 +407,8 @@ def main():
         popc_table(log, bw, records)
         log(f"[{time.time() - t0:.0f}s] done")
         if out_dir:
-            Path(out_dir, "kernels-popc.json").write_text(json.dumps({"device": dev, "copy_gbps": bw, "records": records},
-                                                                     indent=1))
+            Path(out_dir, "kernels-popc.json").write_text(
+                json.dumps({"device": dev, "copy_gbps": bw, "records": records}, indent=1))
         return
     checks(log)
     popc_checks(log)
@@ -415,16 +428,16 @@ def main():
                 sets = decode_sets(n, k, b, dtype)
                 x, w, _, s, sc, ids = sets[0]
                 cfg = best_dec[(k, n, b)]
-                ours = bench_graph(lambda: [
+                ours = bench_graph(lambda sets=sets, cfg=cfg: [
                     (lambda a=a: triton_ops.bitdelta_decode(a[0], a[1], None, a[3], a[4], "row", a[5], config=cfg))
                     for a in sets])
                 y = triton_ops.bitdelta_decode(x, w, None, s, sc, "row", ids, config=cfg)
                 err = rel_err(y, ref.bitdelta_linear_ref(x, w, None, s, sc, "row", ids))
-                cub = bench_graph(lambda: [(lambda a=a: F.linear(a[0], a[1])) for a in sets])
-                delta_only = bench_graph(lambda: [
+                cub = bench_graph(lambda sets=sets: [(lambda a=a: F.linear(a[0], a[1])) for a in sets])
+                delta_only = bench_graph(lambda sets=sets, cfg=cfg: [
                     (lambda a=a: triton_ops.decode_delta(a[0], a[3], a[4], "row", a[5], config=cfg)) for a in sets])
                 tr = [(d, slice(d, d + 1)) for d in range(b)]
-                naive = bench(lambda: naive_path(x, w, s, sc, "row", tr), warmup=5, rep=30)
+                naive = bench(lambda x=x, w=w, s=s, sc=sc, tr=tr: naive_path(x, w, s, sc, "row", tr), warmup=5, rep=30)
                 del sets
                 byts = decode_op_bytes(n, k, b)
                 roof = roofline_us(byts, bw)
@@ -433,8 +446,9 @@ def main():
                            naive_us=naive, rel_err=err, config=cfg, delta_total_us=delta_only,
                            delta_gbps=(b * n * k / 8) / delta_only / 1e3)
                 records.append(rec)
-                rows.append(f"| decode | {dname} | {k}→{n} | B={b} | {ours:.1f} | {roof:.1f} | {100 * roof / ours:.0f}% "
-                            f"| {byts / ours / 1e3:.0f} | {cub:.1f} | {naive:.1f} (delta part {delta_only:.1f}) |")
+                rows.append(f"| decode | {dname} | {k}→{n} | B={b} | {ours:.1f} | {roof:.1f} "
+                            f"| {100 * roof / ours:.0f}% | {byts / ours / 1e3:.0f} | {cub:.1f} "
+                            f"| {naive:.1f} (delta part {delta_only:.1f}) |")
         for (k, n) in SHAPES:
             for name, segs in [("2048x1", [2048]), ("16x128", [128] * 16)]:
                 t = sum(segs)
@@ -442,22 +456,25 @@ def main():
                 starts = torch.tensor([0] + list(itertools.accumulate(segs)), dtype=torch.int32, device="cuda")
                 sids = torch.arange(d, dtype=torch.int32, device="cuda")
                 x, w, _, s, sc, _ = make(t, n, k, d, 1, "row", dtype, [0], seed=d)
-                ours = bench(lambda: triton_ops.bitdelta_segmented(x, w, None, s, sc, "row", starts, sids, config=best_seg))
+                ours = bench(lambda x=x, w=w, s=s, sc=sc, starts=starts, sids=sids: triton_ops.bitdelta_segmented(
+                    x, w, None, s, sc, "row", starts, sids, config=best_seg))
                 y = triton_ops.bitdelta_segmented(x, w, None, s, sc, "row", starts, sids, config=best_seg)
                 err = rel_err(y, ref.bitdelta_linear_segmented_ref(x, w, None, s, sc, "row", starts, sids))
-                cub = bench(lambda: F.linear(x, w))
+                cub = bench(lambda x=x, w=w: F.linear(x, w))
                 st = starts.tolist()
                 tr = [(i, slice(st[i], st[i + 1])) for i in range(d)]
-                naive = bench(lambda: naive_path(x, w, s, sc, "row", tr), warmup=5, rep=30)
+                naive = bench(lambda x=x, w=w, s=s, sc=sc, tr=tr: naive_path(x, w, s, sc, "row", tr), warmup=5, rep=30)
                 fused_cfg = {**best_seg, "EXPAND_MIN": 0}
-                fused = bench(lambda: triton_ops.bitdelta_segmented(x, w, None, s, sc, "row", starts, sids, config=fused_cfg))
+                fused = bench(lambda x=x, w=w, s=s, sc=sc, starts=starts, sids=sids, fused_cfg=fused_cfg:
+                              triton_ops.bitdelta_segmented(x, w, None, s, sc, "row", starts, sids, config=fused_cfg))
                 tflops = 2 * t * n * k / ours / 1e6
                 rec = dict(kind="prefill", dtype=dname, k=k, n=n, case=name, ours_us=ours, cublas_base_us=cub,
                            ratio=ours / cub, naive_us=naive, fused_only_us=fused, tflops=tflops, rel_err=err,
                            config=best_seg)
                 records.append(rec)
-                rows.append(f"| prefill {name} | {dname} | {k}→{n} | T={t} | {ours:.1f} | – | {ours / cub:.2f}× cuBLAS "
-                            f"| {tflops:.0f} TFLOP/s | {cub:.1f} | {naive:.1f} (fused-only {fused:.1f}) |")
+                rows.append(f"| prefill {name} | {dname} | {k}→{n} | T={t} | {ours:.1f} | – "
+                            f"| {ours / cub:.2f}× cuBLAS | {tflops:.0f} TFLOP/s | {cub:.1f} "
+                            f"| {naive:.1f} (fused-only {fused:.1f}) |")
         log(f"[{time.time() - t0:.0f}s] {dname} timed")
 
     head = [
@@ -465,7 +482,8 @@ def main():
         "Decode: row scales, 1 bit, B tenants × 1 token; roofline = (2NK + B·NK/8 bytes) / copy bandwidth;",
         "decode times are CUDA-graph replays over 4 rotating input sets (GPU time, no launch overhead, no L2 reuse).",
         "",
-        "| case | dtype | shape | batch | ours µs | roofline µs | % roofline / vs cuBLAS | GB/s or TFLOP/s | cuBLAS base-only µs | naive per-tenant µs |",
+        "| case | dtype | shape | batch | ours µs | roofline µs | % roofline / vs cuBLAS | GB/s or TFLOP/s "
+        "| cuBLAS base-only µs | naive per-tenant µs |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     table = "\n".join(head + rows)

@@ -17,8 +17,16 @@ import torch
 from bitdelta.artifact import load_delta
 from bitdelta.serving.slots import DeltaSlots
 
-from .._common import (GiB, build_base, copy_bandwidth, dir_bytes, drop_page_cache, model_bytes, roofline_terms,
-                       synthetic_delta)
+from .._common import (
+    GiB,
+    build_base,
+    copy_bandwidth,
+    dir_bytes,
+    drop_page_cache,
+    model_bytes,
+    roofline_terms,
+    synthetic_delta,
+)
 from .context import Served
 from .workload import kv_bytes_per_seq, tenant_names
 
