@@ -37,10 +37,10 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT / "src", ROOT):  # `python benchmarks/quant_serve.py` and `python -m benchmarks.quant_serve`
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+# Run as a file, the repository root and src/ go on the path; run as a module or imported, the benchmarks
+# package puts src/ there.
+if __package__ in (None, ""):
+    sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "src")]
 
 import torch
 
@@ -83,7 +83,10 @@ def build_quantized_base(shape: dict, scheme: str, dtype, device, seed: int = 0)
     h, kvd, i = shape["hidden"], shape["hidden"] // shape["heads"] * shape["kv_heads"], shape["inter"]
     dims = {"h": h, "kv": kvd, "i": i}
     g = torch.Generator(device=device).manual_seed(seed)
-    rnd = lambda *s: torch.randn(s, generator=g, device=device, dtype=dtype) * 0.02
+
+    def rnd(*s):
+        return torch.randn(s, generator=g, device=device, dtype=dtype) * 0.02
+
     weights, params1d = {}, {}
     for layer in range(shape["layers"]):
         for sub, (o, k) in LINEARS.items():
@@ -288,7 +291,8 @@ def gb(x) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| part | base | N | tok/s | % roofline | TTFT p50 ms | TPOT p50 ms | base GB | deltas GB | KV GB | peak GB |",
+    lines = ["| part | base | N | tok/s | % roofline | TTFT p50 ms | TPOT p50 ms "
+             "| base GB | deltas GB | KV GB | peak GB |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["runs"]:
         tok = r.get("est_tok_s") or r.get("tok_s")
@@ -296,7 +300,8 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r['part']} | {r['base']} | {r['n']}{' (max fit)' if r.get('is_largest_fit') else ''} | "
             f"{tok or 0:.1f}{' (extrap.)' if r.get('extrapolated') else ''} | "
-            f"{'–' if roof is None else f'{roof:.1f}'} | {r.get('ttft_ms_p50') or 0:.0f} | {r.get('tpot_ms_p50') or 0:.1f} | "
+            f"{'–' if roof is None else f'{roof:.1f}'} | {r.get('ttft_ms_p50') or 0:.0f} | "
+            f"{r.get('tpot_ms_p50') or 0:.1f} | "
             f"{gb(r.get('base_bytes'))} | {gb(r.get('delta_bytes'))} | {gb(r.get('kv_cache_bytes'))} | "
             f"{gb(r.get('peak_allocated_bytes'))} |")
     for b in result["bases"]:
@@ -335,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, float32: end to end in seconds")
-    ap.add_argument("--out", default=os.environ.get("OUT"), help="JSON file to write (a directory: quant_serve.json in it)")
+    ap.add_argument("--out", default=os.environ.get("OUT"),
+                    help="JSON file to write (a directory: quant_serve.json in it)")
     return ap
 
 
@@ -348,9 +354,9 @@ def main(argv=None) -> dict:
         torch.set_num_threads(1)  # tiny shapes: threads only contend
     dev = BenchDevice(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     log = RunLog()
-    meta = {"device": dev.name(), "torch": torch.__version__, "bitdelta": __version__, "date": time.strftime("%Y-%m-%d"),
-            "argv": list(argv if argv is not None else sys.argv[1:]), "prompt_len": args.prompt_len,
-            "new_tokens": args.new_tokens}
+    meta = {"device": dev.name(), "torch": torch.__version__, "bitdelta": __version__,
+            "date": time.strftime("%Y-%m-%d"), "argv": list(argv if argv is not None else sys.argv[1:]),
+            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
     run = BenchRun(args, dev, log, log.t0 + args.budget_s, {"meta": meta, "bases": [], "runs": [], "skipped": []})
     run.dtype = torch.float32 if dev.device.type == "cpu" else torch.bfloat16
     torch.manual_seed(0)
