@@ -186,7 +186,8 @@ def build_base(shape: dict, dtype, device, seed=0):
     head_dim = h // shape["heads"]
     cfg = SimpleNamespace(model_type="llama", num_hidden_layers=shape["layers"], hidden_size=h,
                           num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"], head_dim=head_dim,
-                          rms_norm_eps=1e-5, max_position_embeddings=shape["max_pos"], _name_or_path="random-llama-base")
+                          rms_norm_eps=1e-5, max_position_embeddings=shape["max_pos"],
+                          _name_or_path="random-llama-base")
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     return DeltaLlama(cfg, weights, params1d, inv_freq, 1.0, False, dtype, device)
 

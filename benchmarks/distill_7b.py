@@ -55,7 +55,7 @@ def build_pair(work: Path, layers: int, rel: float, seed: int) -> dict:
     with torch.device(DEVICE):
         model = LlamaForCausalLM(cfg)
     torch.set_default_dtype(torch.float32)
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.dim() == 1:
             p.fill_(1.0)
         else:
@@ -63,7 +63,7 @@ def build_pair(work: Path, layers: int, rel: float, seed: int) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(work / "base", max_shard_size="5GB")
     t_base = time.perf_counter() - t0
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.dim() == 2:
             p.add_(torch.randn_like(p, dtype=torch.float32).mul_(rel * float(p.float().std())).to(p.dtype))
     model.save_pretrained(work / "ft", max_shard_size="5GB")
@@ -89,8 +89,8 @@ def main() -> None:
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    res = {"device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "args": vars(args),
-           "goal": {"seconds": 300, "peak_gb": 40}}
+    res = {"device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
+           "args": vars(args), "goal": {"seconds": 300, "peak_gb": 40}}
 
     def save():
         Path(args.out).write_text(json.dumps(res, indent=2))

@@ -58,7 +58,8 @@ def log(msg: str) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--domains", default="shakespeare,gsm8k")
-    ap.add_argument("--lrs", default="absolute,relative", help="comma-separated lr modes (absolute = 1e-4, relative = 3e-2)")
+    ap.add_argument("--lrs", default="absolute,relative",
+                    help="comma-separated lr modes (absolute = 1e-4, relative = 3e-2)")
     ap.add_argument("--calibrations", default=",".join(CALIBRATIONS))
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch", type=int, default=4)
@@ -85,7 +86,8 @@ def heldout_prompts(domain: str, n: int) -> list[str]:
     speech and the next speaker's name, after which the fine-tune writes that speech (a speech alone
     ends the document: both models would just emit EOS)."""
     if domain == "gsm8k":
-        rows = [json.loads(line) for line in (TINY / "heldout" / "gsm8k.jsonl").read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in (TINY / "heldout" / "gsm8k.jsonl").read_text().splitlines()
+                if line.strip()]
         return [f"Question: {r['question']}\nAnswer:" for r in rows[:n]]
     docs = heldout_docs(domain)
     return [docs[i].rstrip() + "\n\n" + docs[i + 1].split("\n", 1)[0] + "\n" for i in range(min(n, len(docs) - 1))]
@@ -156,7 +158,8 @@ def run(args) -> list[dict]:
                     continue
                 cal = load_calibration(source, tok, num_samples=args.num_samples, seq_len=args.seq_len,
                                        heldout=args.heldout, seed=args.seed)
-            log(f"  calibration {cal_name}: {len(cal.train)}+{len(cal.heldout)} samples ({time.perf_counter() - t:.1f}s)")
+            log(f"  calibration {cal_name}: {len(cal.train)}+{len(cal.heldout)} samples "
+                f"({time.perf_counter() - t:.1f}s)")
             for lr_mode in args.lrs.split(","):
                 lr = LRS[lr_mode]
                 distilled, secs = {}, {}
@@ -226,9 +229,9 @@ def auto_check(results: list[dict]) -> list[str]:
         best = max(single, key=single.get)
         gap = 100 * (rec["auto"] - single[best])
         old = 100 * (rec["auto-old"] - single[best])
-        out.append(f"{domain} / {cal} / {lr}: best single {best} {100 * single[best]:.1f}%, auto {100 * rec['auto']:.1f}% "
-                   f"({gap:+.1f} pts{'' if gap >= -0.2 else ', BELOW best - 0.2'}), auto-old {100 * rec['auto-old']:.1f}% "
-                   f"({old:+.1f} pts)")
+        out.append(f"{domain} / {cal} / {lr}: best single {best} {100 * single[best]:.1f}%, "
+                   f"auto {100 * rec['auto']:.1f}% ({gap:+.1f} pts{'' if gap >= -0.2 else ', BELOW best - 0.2'}), "
+                   f"auto-old {100 * rec['auto-old']:.1f}% ({old:+.1f} pts)")
     return out
 
 

@@ -87,14 +87,15 @@ def main(argv=None) -> None:
                 if i == a.warmup:
                     before = settled_loads(http, a.replicas)
                     t0 = time.time()
-                r = http.post("/v1/completions", json={"model": t, "prompt": "To be", "max_tokens": 2, "temperature": 0})
+                r = http.post("/v1/completions",
+                              json={"model": t, "prompt": "To be", "max_tokens": 2, "temperature": 0})
                 r.raise_for_status()
             took = time.time() - t0
             loads = settled_loads(http, a.replicas) - before
         hit = 1 - loads / a.requests
-        print(f"{a.tenants} tenants, Zipf {a.zipf:g}, {a.replicas} replicas x {a.capacity} deltas, {a.requests} requests "
-              f"after {a.warmup} warm-up, one at a time: {int(loads)} delta loads, hit rate {hit:.1%} "
-              f"({a.requests / took:.1f} requests/s)")
+        print(f"{a.tenants} tenants, Zipf {a.zipf:g}, {a.replicas} replicas x {a.capacity} deltas, "
+              f"{a.requests} requests after {a.warmup} warm-up, one at a time: {int(loads)} delta loads, "
+              f"hit rate {hit:.1%} ({a.requests / took:.1f} requests/s)")
         print(f"compare: python benchmarks/routing_sim.py --tenants {a.tenants} --replicas {a.replicas} "
               f"--capacity {a.capacity} --zipf {a.zipf:g} --in-flight 1 --requests {a.requests * 100} "
               f"--warmup {a.warmup * 100}")
