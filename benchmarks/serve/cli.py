@@ -29,10 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--skip-merged", action="store_true", help="no merged-per-tenant model in the tables")
     ap.add_argument("--skip-reference", action="store_true", help="no unfused reference-style runs")
     ap.add_argument("--skip-cold", action="store_true", help="no cold-start and pinned-copy measurements")
-    ap.add_argument("--ref-steps", type=int, default=16, help="decode steps measured for the unfused mode (rest extrapolated)")
+    ap.add_argument("--ref-steps", type=int, default=16,
+                    help="decode steps measured for the unfused mode (rest extrapolated)")
     ap.add_argument("--poisson-rate", type=float, default=4.0, help="requests/s of the Poisson run (0 = none)")
     ap.add_argument("--poisson-n", type=int, default=32, help="tenants (and engine batch) of the Poisson run")
-    ap.add_argument("--poisson-requests", type=int, default=None, help="requests of the Poisson run (default 2 x tenants)")
+    ap.add_argument("--poisson-requests", type=int, default=None,
+                    help="requests of the Poisson run (default 2 x tenants)")
     ap.add_argument("--profile", type=int, default=1, help="1: profile one decode step of each warm-up run; 0: off")
     ap.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of the whole run")
     ap.add_argument("--reserve-tail-s", type=float, default=20.0, help="budget kept for the phases after a run")
@@ -40,10 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--scratch", default=None, help="where artifacts are written (default: a temp dir, removed)")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="output directory (default $OUT)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, end to end in under a minute")
-    ap.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (default: CUDA-graph decode steps on GPU)")
+    ap.add_argument("--no-cuda-graphs", action="store_true",
+                    help="decode eagerly (default: CUDA-graph decode steps on GPU)")
     ap.add_argument("--report", nargs="+", default=None, help="serve.json files/dirs to combine into table + plot")
     ap.add_argument("--docs", default=None, help="with --report: markdown file whose serve:begin/end block is replaced")
-    ap.add_argument("--docs-block", default="serve", help="with --docs: the block's marker name (and the plot's file name)")
+    ap.add_argument("--docs-block", default="serve",
+                    help="with --docs: the block's marker name (and the plot's file name)")
     return ap
 
 

@@ -37,9 +37,14 @@ def first_token_time(run, engine, prompt_seed: int, tenant=None) -> float:
     """Submits one request and steps ``engine`` until its first token: that token's time."""
     first = []
     prompt = make_prompts(1, run.args.prompt_len, engine.model.vocab_size, prompt_seed)[0]
+
+    def on_event(ev):
+        if ev.token is not None:
+            first.append(time.perf_counter())
+
     req = engine.submit(Request(prompt=prompt,
                                 tenant=tenant, params=SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
-                                on_event=lambda ev: first.append(time.perf_counter()) if ev.token is not None else None))
+                                on_event=on_event))
     while not first and (engine.running or engine.waiting):
         engine.step()
     if not first:

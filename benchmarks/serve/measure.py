@@ -144,7 +144,8 @@ def summarize(wl: Workload, tr: Trace, prompt_len: int) -> dict:
     wall = max((t[-1] for t in tr.token_times.values() if t), default=tr.start) - tr.start
     dec_time = sum(s["wall_s"] for s in dec)
     return {"label": wl.label, "requests": len(wl.tenants), "max_batch": wl.max_batch, "new_tokens": wl.new_tokens,
-            "prompt_len": prompt_len, "tokens": produced, "wall_s": wall, "tok_s": produced / wall if wall > 0 else None,
+            "prompt_len": prompt_len, "tokens": produced, "wall_s": wall,
+            "tok_s": produced / wall if wall > 0 else None,
             "steps": len(tr.steps), "decode_steps": len(dec), "prefill_steps": len(tr.steps) - len(dec),
             "decode_tok_s": sum(s["tokens"] for s in dec) / dec_time if dec_time else None,
             "decode_step_ms_mean": 1e3 * dec_time / len(dec) if dec else None,
@@ -168,7 +169,8 @@ def summary_line(mode: str, n: int, r: dict) -> str:
     tok = r.get("est_tok_s") or r.get("tok_s") or 0
     roof = r.get("roofline", {}).get("pct")
     return (f"{mode:8s} N={n:<3d} {tok:9.1f} tok/s{' (extrap.)' if r.get('extrapolated') else ''}"
-            f"  decode step {r.get('decode_step_ms_mean') or 0:8.1f} ms (host {r.get('host_enqueue_ms_mean') or 0:6.1f})"
+            f"  decode step {r.get('decode_step_ms_mean') or 0:8.1f} ms"
+            f" (host {r.get('host_enqueue_ms_mean') or 0:6.1f})"
             f"  TTFT p50/p99 {r.get('ttft_ms_p50') or 0:.0f}/{r.get('ttft_ms_p99') or 0:.0f} ms"
             f"  ITL p50/p99 {r.get('itl_ms_p50') or 0:.1f}/{r.get('itl_ms_p99') or 0:.1f} ms"
             + (f"  {roof:.1f}% of roofline" if roof else ""))

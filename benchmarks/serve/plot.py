@@ -45,7 +45,8 @@ def plot(results: dict, path: Path) -> bool:
         a.grid(True, which="both", alpha=0.3)
     a1.legend(fontsize=7)
     sh = results["meta"]["shape"]
-    fig.suptitle(f"{results['meta']['device']}; Llama-2-7B-shaped model ({sh['layers']} layers, hidden {sh['hidden']}), "
+    fig.suptitle(f"{results['meta']['device']}; Llama-2-7B-shaped model "
+                 f"({sh['layers']} layers, hidden {sh['hidden']}), "
                  f"prompt {results['meta']['prompt_len']}, {results['meta']['new_tokens']} new tokens; "
                  f"{results['meta']['date']}", fontsize=9)
     fig.tight_layout()
@@ -58,5 +59,6 @@ def merged_series(results: dict, ns: list[int], a1, a2) -> None:
     get = lambda n: merged.get(n) or merged.get(str(n))  # noqa: E731 (JSON keys are strings)
     mx = [n for n in ns if get(n)]
     if mx:
-        a1.plot(mx, [get(n)["all_in_host_ram"]["tok_s"] for n in mx], "x-", label="merged model per tenant (all in host RAM)")
+        a1.plot(mx, [get(n)["all_in_host_ram"]["tok_s"] for n in mx], "x-",
+                label="merged model per tenant (all in host RAM)")
         a2.plot(mx, [get(n)["itl_ms_p99"] for n in mx], "x-", label="merged model per tenant (batch 1)")

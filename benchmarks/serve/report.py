@@ -43,20 +43,23 @@ def goals(result: dict) -> list[str]:
     for (mode, n), r in sorted(rb.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if mode == "bitdelta" and r.get("roofline"):
             p = r["roofline"]["pct"]
-            out.append(f"N={n}: decode at {p:.1f}% of the mix's memory roofline (goal >= 85%): {'met' if p >= 85 else 'NOT met'}")
+            out.append(f"N={n}: decode at {p:.1f}% of the mix's memory roofline (goal >= 85%): "
+                       f"{'met' if p >= 85 else 'NOT met'}")
     r32, b32 = rb.get(("bitdelta", 32)), rb.get(("base", 32))
     m32 = merged_at(result, 32)
     if r32 and m32:
         ratio = tok(r32) / m32["all_in_host_ram"]["tok_s"]
         out.append(f"N=32: {ratio:.1f}x the merged-per-tenant throughput (all fine-tunes in host RAM; goal >= 8x): "
-                   f"{'met' if ratio >= 8 else 'NOT met'}; {tok(r32) / m32['this_machine']['tok_s']:.1f}x on this machine's host RAM/disk")
+                   f"{'met' if ratio >= 8 else 'NOT met'}; {tok(r32) / m32['this_machine']['tok_s']:.1f}x "
+                   "on this machine's host RAM/disk")
     if r32 and b32 and r32.get("tpot_ms_p50") and b32.get("tpot_ms_p50"):
         ratio = r32["tpot_ms_p50"] / b32["tpot_ms_p50"]
-        out.append(f"N=32: per-user decode latency (p50 time per output token) {ratio:.2f}x base alone with the same batch "
-                   f"(goal <= 3.5x): {'met' if ratio <= 3.5 else 'NOT met'}")
+        out.append(f"N=32: per-user decode latency (p50 time per output token) {ratio:.2f}x base alone with the "
+                   f"same batch (goal <= 3.5x): {'met' if ratio <= 3.5 else 'NOT met'}")
     dc = result.get("delta_cold")
     if dc:
-        out.append(f"cold start {dc['cold_start_s']:.2f}s (goal <= 1.5 s): {'met' if dc['cold_start_s'] <= 1.5 else 'NOT met'}")
+        out.append(f"cold start {dc['cold_start_s']:.2f}s (goal <= 1.5 s): "
+                   f"{'met' if dc['cold_start_s'] <= 1.5 else 'NOT met'}")
     return out
 
 
@@ -88,7 +91,8 @@ def main_table(result: dict) -> list[str]:
              f"one delta slot {m['slot_bytes'] / 1e9:.3f} GB, KV {m['kv_bytes_per_seq'] / 1e6:.0f} MB per sequence; "
              f"largest N that fits: {m['nmax']}. Prompt {m['prompt_len']}, {m['new_tokens']} new tokens, "
              f"every request a distinct tenant, all submitted at once.", "",
-             "| N | bitdelta tok/s | % of mix roofline | base alone tok/s | unfused ref-style tok/s | merged/tenant tok/s "
+             "| N | bitdelta tok/s | % of mix roofline | base alone tok/s | unfused ref-style tok/s "
+             "| merged/tenant tok/s "
              "(all in RAM / this host) | bitdelta ÷ merged | TTFT p50/p99 ms | ITL p50/p99 ms | base ITL p50/p99 ms | "
              "TPOT ÷ base | GPU GB base / deltas / KV |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -96,12 +100,14 @@ def main_table(result: dict) -> list[str]:
         r, b, u = rb.get(("bitdelta", n)), rb.get(("base", n)), rb.get(("unfused", n))
         mg = merged_at(result, n)
         mt = (mg["all_in_host_ram"]["tok_s"], mg["this_machine"]["tok_s"]) if mg else (None, None)
-        lat = (r["tpot_ms_p50"] / b["tpot_ms_p50"]) if r and b and r.get("tpot_ms_p50") and b.get("tpot_ms_p50") else None
+        both_tpot = r and b and r.get("tpot_ms_p50") and b.get("tpot_ms_p50")
+        lat = (r["tpot_ms_p50"] / b["tpot_ms_p50"]) if both_tpot else None
         r_, b_ = r or {}, b or {}
         lines.append(
             f"| {n} | {tok_cell(r)} | {_f(r_.get('roofline', {}).get('pct'))} "
             f"| {_f(tok(b))} | {tok_cell(u)} | {_f(mt[0])} / {_f(mt[1])} "
-            f"| {_f(tok(r) / mt[0]) if r and mt[0] else '–'}× | {_f(r_.get('ttft_ms_p50'), 0)} / {_f(r_.get('ttft_ms_p99'), 0)} "
+            f"| {_f(tok(r) / mt[0]) if r and mt[0] else '–'}× "
+            f"| {_f(r_.get('ttft_ms_p50'), 0)} / {_f(r_.get('ttft_ms_p99'), 0)} "
             f"| {_f(r_.get('itl_ms_p50'))} / {_f(r_.get('itl_ms_p99'))} "
             f"| {_f(b_.get('itl_ms_p50'))} / {_f(b_.get('itl_ms_p99'))} | {_f(lat, 2)}× "
             f"| {_gb(m['base_bytes'])} / {_gb(r_.get('delta_bytes'))} / {_gb(r_.get('kv_cache_bytes'))} |")
@@ -111,29 +117,33 @@ def main_table(result: dict) -> list[str]:
 
 def overhead_table(result: dict) -> list[str]:
     rb = rows_by(result)
-    ov = ["| N | mode | decode step ms (wall) | host enqueue ms | GPU busy ms (profiled step) | kernels/step | GPU time by part (ms) |",
+    ov = ["| N | mode | decode step ms (wall) | host enqueue ms | GPU busy ms (profiled step) | kernels/step "
+          "| GPU time by part (ms) |",
           "|---|---|---|---|---|---|---|"]
     for n in measured_ns(result):
         for mode in ("bitdelta", "base"):
             r = rb.get((mode, n))
             p = (r or {}).get("profile") or {}
             if r:
-                parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(p.get("by_group_ms", {}).items(), key=lambda kv: -kv[1]))
+                by_time = sorted(p.get("by_group_ms", {}).items(), key=lambda kv: -kv[1])
+                parts = ", ".join(f"{k} {v:.1f}" for k, v in by_time)
                 ov.append(f"| {n} | {mode} | {_f(r.get('decode_step_ms_mean'))} | {_f(r.get('host_enqueue_ms_mean'))} "
                           f"| {_f(p.get('gpu_busy_ms'))} | {p.get('kernels', '–')} | {parts or '–'} |")
-    return ["Engine overhead per decode step (GPU busy from a profiled decode step of the warm-up run, at batch N):", ""] + ov + [""]
+    title = "Engine overhead per decode step (GPU busy from a profiled decode step of the warm-up run, at batch N):"
+    return [title, ""] + ov + [""]
 
 
 def poisson_table(result: dict) -> list[str]:
     po = [r for r in result["runs"] if r["mode"].startswith("poisson")]
     if not po:
         return []
-    lines = [f"Poisson arrivals, {po[0]['rate']} requests/s, {po[0]['requests']} requests round-robin over {po[0]['n']} tenants "
-             f"(engine batch up to {po[0]['max_batch']}):", "",
+    lines = [f"Poisson arrivals, {po[0]['rate']} requests/s, {po[0]['requests']} requests round-robin over "
+             f"{po[0]['n']} tenants (engine batch up to {po[0]['max_batch']}):", "",
              "| mode | tok/s | TTFT p50/p99 ms | ITL p50/p99 ms | TPOT p50/p99 ms |", "|---|---|---|---|---|"]
     for r in po:
         lines.append(f"| {r['mode']} | {_f(tok(r))} | {_f(r['ttft_ms_p50'], 0)} / {_f(r['ttft_ms_p99'], 0)} "
-                     f"| {_f(r['itl_ms_p50'])} / {_f(r['itl_ms_p99'])} | {_f(r['tpot_ms_p50'])} / {_f(r['tpot_ms_p99'])} |")
+                     f"| {_f(r['itl_ms_p50'])} / {_f(r['itl_ms_p99'])} "
+                     f"| {_f(r['tpot_ms_p50'])} / {_f(r['tpot_ms_p99'])} |")
     return lines + [""]
 
 
@@ -145,10 +155,12 @@ def cold_lines(result: dict) -> list[str]:
     if dc:
         lines.append(f"- 1-bit delta ({dc['bytes'] / 1e9:.2f} GB): **{dc['cold_start_s']:.2f} s** = read + validate "
                      f"{dc['read_validate_s']:.2f} s ({dc['read_gbps']:.2f} GB/s) + base check and host copy "
-                     f"{dc['register_s']:.2f} s + slot install, prefill, first token {dc['install_prefill_first_token_s'] * 1e3:.0f} ms")
+                     f"{dc['register_s']:.2f} s + slot install, prefill, first token "
+                     f"{dc['install_prefill_first_token_s'] * 1e3:.0f} ms")
     if fc:
-        lines.append(f"- full fine-tune ({fc['bytes'] / 1e9:.2f} GB, {fc['reader']}): **{fc['cold_start_s']:.2f} s** = disk -> GPU "
-                     f"{fc['read_s']:.2f} s ({fc['read_gbps']:.2f} GB/s) + first token {fc['first_token_after_load_s'] * 1e3:.0f} ms; "
+        lines.append(f"- full fine-tune ({fc['bytes'] / 1e9:.2f} GB, {fc['reader']}): "
+                     f"**{fc['cold_start_s']:.2f} s** = disk -> GPU {fc['read_s']:.2f} s ({fc['read_gbps']:.2f} GB/s) "
+                     f"+ first token {fc['first_token_after_load_s'] * 1e3:.0f} ms; "
                      f"one pinned host -> GPU copy of it: {fc['h2d_s']:.2f} s ({fc['h2d_gbps']:.1f} GB/s)")
     return lines + [""]
 
@@ -158,8 +170,9 @@ def merged_lines(result: dict) -> list[str]:
     if not merged:
         return []
     mm = merged["measured"]
-    return [f"Merged per tenant: {merged['resident_models']} dense models resident on the GPU, {merged['host_models']} more fit in "
-            f"host RAM; one request on one merged model takes {mm['t_request_s']:.2f} s (measured: base alone at batch 1); "
+    return [f"Merged per tenant: {merged['resident_models']} dense models resident on the GPU, "
+            f"{merged['host_models']} more fit in host RAM; "
+            f"one request on one merged model takes {mm['t_request_s']:.2f} s (measured: base alone at batch 1); "
             f"swap-in {mm['h2d_s']:.2f} s ({'measured' if mm['h2d_measured'] else 'assumed 25 GB/s'}), "
             f"disk {mm['disk_gbps']:.2f} GB/s (measured); schedule modelled (see docs).", ""]
 
