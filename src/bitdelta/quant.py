@@ -224,15 +224,19 @@ def quant_format(config, where="the model") -> QuantFormat | None:
         formats = {fmt} | {g.get("format") for g in groups.values() if isinstance(g, dict) and g.get("format")}
         if not formats <= set(_CT_READABLE) | {"dense"} or not bits <= {8, None}:
             raise FormatError(
-                f"{where} is quantized with compressed-tensors format {sorted(formats)} and {sorted(b for b in bits if b)}-bit "
-                f"weights; bitdelta reads 8-bit compressed-tensors bases ({', '.join(_CT_READABLE)}). Use such a base, "
+                f"{where} is quantized with compressed-tensors format {sorted(formats)} and "
+                f"{sorted(b for b in bits if b)}-bit weights; bitdelta reads 8-bit compressed-tensors bases "
+                f"({', '.join(_CT_READABLE)}). Use such a base, "
                 "`bitdelta quantize-base` on the unquantized one, or the unquantized base itself.")
         return QuantFormat("compressed-tensors", fmt, None, qc)
     if method == "fp8":
         block = qc.get("weight_block_size")
         if block is not None:
-            if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
-                raise FormatError(f"{where}: quantization_config.weight_block_size must be two positive integers, got {block!r}")
+            two_positive_ints = (isinstance(block, (list, tuple)) and len(block) == 2
+                                 and all(isinstance(b, int) and b > 0 for b in block))
+            if not two_positive_ints:
+                raise FormatError(f"{where}: quantization_config.weight_block_size must be two positive integers, "
+                                  f"got {block!r}")
             block = (int(block[0]), int(block[1]))
         return QuantFormat("fp8", "fp8-block", block, qc)
     raise FormatError(
@@ -305,7 +309,8 @@ class DequantizedCheckpoint:
             schemes.add("int8" if entry.dtype == torch.int8 else "fp8")
         packed = [k for k in ckpt.entries if k.endswith("weight_packed")]
         if packed:
-            raise FormatError(f"{where}: {packed[0]} is a packed (sub-8-bit) weight; bitdelta reads 8-bit quantized bases only")
+            raise FormatError(f"{where}: {packed[0]} is a packed (sub-8-bit) weight; "
+                              "bitdelta reads 8-bit quantized bases only")
         if not self.quantized:
             raise FormatError(f"{where} declares {fmt.describe()} quantization but stores no quantized weight "
                               "with its scale; is the checkpoint complete?")
@@ -413,7 +418,7 @@ def quantize_model_(model: nn.Module, model_dir, scheme: str) -> nn.Module:
 
     src = WeightSource.load(model_dir)
     src.quantize_on_the_fly(scheme)
-    for key, name in quantized_keys(src).items():
+    for name in quantized_keys(src).values():
         param = model.get_parameter(name)
         param.data.copy_(src.get(name).to(device=param.device, dtype=param.dtype))
     object.__setattr__(model, "_bitdelta_base_quantization", dict(src.quantization))
@@ -536,7 +541,8 @@ def mismatch_hint(delta_info: dict, model: nn.Module) -> str:
         if str(made.get("format", "")).startswith("quantized as read"):
             return (f" The delta was compressed against {base!r} quantized to {scheme}: write that base once with "
                     f"`bitdelta quantize-base {base} --scheme {scheme} --out DIR` and load DIR as the base.")
-        return f" The delta was compressed against a {scheme}-quantized base ({made.get('format', '?')}): load that base."
+        return (f" The delta was compressed against a {scheme}-quantized base ({made.get('format', '?')}): "
+                "load that base.")
     if live and not made:
         return (f" The model is a {live.get('scheme', '?')}-quantized base, but the delta was compressed against an "
                 "unquantized base: load the unquantized base (or compress against the quantized one).")

@@ -286,7 +286,8 @@ def test_fp8_row_kernel_matches_the_torch_form():
         pytest.skip("needs Triton")
     g = torch.Generator(device="cuda").manual_seed(1)
     for m, k, m_pad in ((1, 4096, 16), (17, 11008, 32), (64, 8192, 64), (300, 128, 304)):
-        x = (torch.randn(m, k, generator=g, device="cuda") * torch.rand(m, 1, generator=g, device="cuda")).to(torch.bfloat16)
+        x = (torch.randn(m, k, generator=g, device="cuda")
+             * torch.rand(m, 1, generator=g, device="cuda")).to(torch.bfloat16)
         x[0] = 0
         q_k, s_k = fp8_rows.quantize_rows_kernel(x, m_pad)
         q_t, s_t = fp8_rows.quantize_rows_torch(x, m_pad)

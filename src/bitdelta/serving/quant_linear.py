@@ -117,7 +117,9 @@ class QuantizedWeight:
         return self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size() + extra
 
     def to(self, device) -> QuantizedWeight:
-        move = (lambda t: None if t is None else t.to(device))
+        def move(t):
+            return None if t is None else t.to(device)
+
         return QuantizedWeight(move(self.q), move(self.scale), self.scheme, self.dtype, self.block,
                                move(self.zero_point))
 
