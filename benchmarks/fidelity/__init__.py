@@ -14,6 +14,8 @@ variant is built from a named recipe of ``bitdelta.recipes`` or says why it has 
   auto-old         per module row or col by the distillation loss (MSE) on held-out samples (the earlier auto)
   scalar-2bit      two residual sign planes, scalar scales
   auto-2bit        two residual sign planes, auto
+  scalar-lowrank   one sign plane, scalar scales, plus a low-rank correction of its residual with the
+                   bytes of a second plane (``--lowrank-budget 1.0``; compared with scalar-2bit)
   reference        the reference implementation's recipe: scalar scales, embeddings/lm_head kept
                    dense and trained during distillation together with the norms
 
@@ -60,6 +62,7 @@ wheel. The shared data is read from ``../shared/data`` (``--data`` to change it)
 
 The parts: ``cli`` (phases), ``settings`` (flags, what a cached result depends on, paths), ``data``
 (documents, held-out splits, calibration), ``gguf`` (the base), ``trainer`` (the fine-tunes),
-``prepare``, ``variants`` and ``artifacts`` (the deltas), ``evaluator`` and ``evaluation`` (scores,
-the time budget), ``report`` and ``plots``.
+``prepare``, ``variants`` and ``artifacts`` (the deltas), ``evaluator`` (the benchmark's flags and
+result fields around ``bitdelta.evaluate.suite.Scorer``, which measures every model) and
+``evaluation`` (the rows, the time budget), ``report`` and ``plots``.
 """

@@ -1,5 +1,6 @@
 """The benchmark's text: each domain's training and held-out documents (never overlapping), held-out
-prompts for greedy agreement, packed training blocks, calibration samples and WikiText-2.
+prompts for greedy agreement, packed training blocks, calibration samples, and where the GSM8K test
+questions and WikiText-2 are.
 
     train, held = domain_docs(data, "gsm8k")
     blocks = pack_blocks(tokenizer, train, seq_len=512, seed=0)     # [n, 512] token ids
@@ -98,8 +99,9 @@ def heldout_prompts(args, domain: str) -> list[str]:
     return out
 
 
-def gsm8k_rows(args) -> list[dict]:
-    return _jsonl(args.data / "finetune" / "gsm8k_test.jsonl")[: args.gsm8k_limit]
+def gsm8k_test_file(args) -> Path:
+    """The GSM8K test questions and answers (answer accuracy on GSM8K domains)."""
+    return args.data / "finetune" / "gsm8k_test.jsonl"
 
 
 def pack_blocks(tokenizer, docs: list[str], seq_len: int, seed: int) -> torch.Tensor:
@@ -153,6 +155,6 @@ def domain_calibration(args, tokenizer, domain: str) -> Calibration:
     return Calibration(train, held, f"{domain} training documents")
 
 
-def wikitext(args) -> str:
-    text = (args.data / "eval" / "wikitext2_test.txt").read_text(encoding="utf-8")
-    return text[: args.wikitext_chars] if args.wikitext_chars else text
+def wikitext_file(args) -> Path:
+    """WikiText-2's test text (scored up to ``--wikitext-chars`` characters)."""
+    return args.data / "eval" / "wikitext2_test.txt"

@@ -17,12 +17,12 @@ import torch
 
 import bitdelta
 from bitdelta.apply import apply, unapply
-from bitdelta.evaluate import fidelity, recovery
+from bitdelta.evaluate import recovery
 from bitdelta.hf import load_model, load_tokenizer
 from bitdelta.report import describe_artifact
 
 from .artifacts import Artifacts, max_present, mean_scale
-from .data import calibration, heldout_docs, wikitext
+from .data import calibration, heldout_docs
 from .evaluator import Evaluator
 from .report import gb_text
 from .settings import EXIT_INCOMPLETE, copy_out, eval_settings, log, result_path, run_dir
@@ -116,17 +116,18 @@ def open_domain(args, domain: str) -> DomainRun:
     tok = load_tokenizer(str(ft_dir))
     base = load_model(str(base_dir), dtype="float32", device=args.device)
     ft = load_model(str(ft_dir), dtype="float32", device=args.device)
-    held, text = heldout_docs(args, domain), wikitext(args)
+    held = heldout_docs(args, domain)
+    ev = Evaluator(args, tok, ft, held, domain)
     t_cal = time.perf_counter()
     cal = calibration(args, tok, domain, ft)
     log(f"calibration {args.calibration}: {cal.source} ({time.perf_counter() - t_cal:.1f}s)")
     common = {"domain": domain, "settings": eval_settings(args, domain), "device": args.dev.name(),
               "torch": torch.__version__, "bitdelta": bitdelta.__version__, "date": time.strftime("%Y-%m-%d")}
-    log(f"eval {domain}: {len(held)} held-out docs, {len(text):,} WikiText-2 chars, tasks {','.join(args.task_list)} "
-        f"(limit {args.task_limit}), calibration {len(cal.train)}+{len(cal.heldout)} samples; "
+    log(f"eval {domain}: {len(held)} held-out docs, {ev.text_chars:,} WikiText-2 chars, "
+        f"tasks {','.join(args.task_list)} (limit {args.task_limit}), "
+        f"calibration {len(cal.train)}+{len(cal.heldout)} samples; "
         f"models loaded ({time.perf_counter() - t_phase:.1f}s)")
-    return DomainRun(domain, base_dir, ft_dir, tok, base, ft, held, cal, Evaluator(args, tok, ft, held, text, domain),
-                     common)
+    return DomainRun(domain, base_dir, ft_dir, tok, base, ft, held, cal, ev, common)
 
 
 def base_common_scores(args, run: DomainRun) -> dict:
@@ -150,16 +151,15 @@ def base_row(args, run: DomainRun, base_common: dict, budget: Budget) -> dict:
         return base_rec
     t = time.perf_counter()
     args.dev.reset_peak()
-    r = fidelity(run.base, run.ft, run.tok, run.held, max_length=args.heldout_max_len, batch_size=args.eval_batch,
-                 progress=False)
-    base_rec = {**run.common, "model": "base", "kind": "base", "fidelity": r.to_dict(), "heldout_ppl": r.ppl_student,
-                "recovery": 0.0, **{k: base_common[k] for k in ("wikitext", "tasks")},
-                **run.ev.generation_scores(run.base),
+    scores = run.ev.scores(run.base, ("fidelity", "generation"))
+    fid = scores.pop("fidelity")
+    base_rec = {**run.common, "model": "base", "kind": "base", "fidelity": fid, "heldout_ppl": fid["ppl_student"],
+                "recovery": 0.0, **{k: base_common[k] for k in ("wikitext", "tasks")}, **scores,
                 "peak_gpu_eval_bytes": max_present(args.dev.peak_bytes(), base_common.get("peak_gpu_eval_bytes"))}
     save_result(args, base_path, base_rec)
     budget.done("base", t)
-    log(f"  base: held-out ppl {r.ppl_student:.3f} (fine-tune {r.ppl_teacher:.3f}) KL {r.kl:.4f} "
-        f"top-1 {r.top1_agreement:.4f}")
+    log(f"  base: held-out ppl {fid['ppl_student']:.3f} (fine-tune {fid['ppl_teacher']:.3f}) KL {fid['kl']:.4f} "
+        f"top-1 {fid['top1_agreement']:.4f}")
     return base_rec
 
 

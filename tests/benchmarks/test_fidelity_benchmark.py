@@ -177,3 +177,47 @@ def test_report_marks_calibration_rows_with_agreement_columns_and_current_goals(
     assert "1-bit ≥ 99%: best scalar 98.6% FAIL" in goals[0]
     assert "2-bit ≥ 99.5%: best auto-2bit 99.7% PASS" in goals[0]
     assert "auto ≥ best single − 0.2 pts: auto 97.1% vs scalar 98.6% (-1.4 pts) FAIL" in goals[0]
+
+
+def test_the_evaluator_reports_the_suites_scores_under_the_benchmarks_fields(fid, tmp_path):
+    """The benchmark measures nothing itself: each field is the library's measure with the benchmark's flags."""
+    from benchmarks.fidelity.evaluator import Evaluator
+    from bitdelta.evaluate import answer_accuracy, evaluate_tasks, fidelity, gsm8k_answer, perplexity
+    from bitdelta.hf import load_model, load_tokenizer
+
+    tiny = ROOT / "models" / "tiny"
+    rows = [json.loads(line) for line in (tiny / "heldout" / "gsm8k.jsonl").read_text().splitlines()[:6]]
+    data = tmp_path / "data"
+    for folder in ("finetune", "eval", "tasks"):
+        (data / folder).mkdir(parents=True)
+    (data / "finetune" / "gsm8k_test.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    text = (tiny / "heldout" / "stdlib.txt").read_text()[:3000]
+    (data / "eval" / "wikitext2_test.txt").write_text(text)
+    (data / "tasks" / "arc_easy.jsonl").write_text("\n".join(json.dumps(
+        {"query": f"Question: {r['question'][:60]}", "choices": ["yes", "no", "four"], "gold": i % 3})
+        for i, r in enumerate(rows)) + "\n")
+    args = fid.parse_args(["--phase", "eval", "--smoke", "--data", str(data), "--tasks", "arc_easy", "--device", "cpu",
+                           "--work", str(tmp_path / "work")])
+    tok, base, ft = load_tokenizer(tiny / "gsm8k"), load_model(tiny / "base", device="cpu"), load_model(tiny / "gsm8k")
+    held = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in rows][: args.heldout_docs]
+    ev = Evaluator(args, tok, ft, held, "gsm8k-hard")  # a hard pair is scored on its plain domain's data
+
+    out = ev.run(base, "base")
+    assert list(out) == ["fidelity", "greedy_agreement", "gsm8k", "wikitext", "tasks", "eval_times"]
+    assert list(out["eval_times"]) == ["fidelity_s", "generation_s", "wikitext_s", "tasks_s"]
+    assert out["fidelity"] == fidelity(base, ft, tok, held, max_length=64, batch_size=4, progress=False).to_dict()
+    assert out["wikitext"] == perplexity(base, tok, text[:1500], window=64, stride=32, batch_size=2,
+                                         progress=False).to_dict()
+    assert out["gsm8k"] == answer_accuracy(base, tok, [f"Question: {r['question']}\nAnswer:" for r in rows[:3]],
+                                           [r["answer"] for r in rows[:3]], extract=gsm8k_answer, max_new_tokens=8,
+                                           batch_size=16)
+    assert out["tasks"] == evaluate_tasks(base, tok, ["arc_easy"], data / "tasks", limit=4, batch_size=8,
+                                          progress=False).to_dict()
+    assert out["greedy_agreement"]["n_prompts"] == 3 and ev.text_chars == 1500
+
+    ft_common = ev.run(ft, "finetune", with_fidelity=False)
+    assert list(ft_common) == ["wikitext", "tasks", "eval_times"]
+    assert list(ft_common["eval_times"]) == ["wikitext_s", "tasks_s"]
+    ft_generation = ev.generation_scores(ft)
+    assert ft_generation["greedy_agreement"]["exact_match"] == 1.0 and ft_generation["gsm8k"]["n"] == 3
+    assert Evaluator(args, tok, ft, held).generation_scores(base) == {}  # no domain: no prompts, no GSM8K

@@ -1,14 +1,18 @@
 """The fidelity suite on the bundled tiny models: every measure, the three models scored the same way,
-the delta applied only for its own measures, and a perfect stand-in (the fine-tune itself) scoring perfectly."""
+the delta applied only for its own measures, and a perfect stand-in (the fine-tune itself) scoring perfectly;
+the per-model Scorer on its own: the parts asked for, each timed, the fine-tune's generations made once."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import bitdelta
-from bitdelta.evaluate import fidelity, recovery
-from bitdelta.evaluate.suite import SuiteData, SuiteResult, SuiteSettings, evaluate_delta
+from bitdelta.errors import ConfigError
+from bitdelta.evaluate import fidelity, recovery, suite
+from bitdelta.evaluate.suite import Scorer, SuiteData, SuiteResult, SuiteSettings, evaluate_delta
 from bitdelta.hf import load_model, load_tokenizer
 
 TINY = Path(__file__).resolve().parents[2] / "models" / "tiny"
@@ -62,3 +66,41 @@ def test_a_perfect_stand_in_scores_perfectly_and_missing_data_is_skipped(data):
     assert r.delta.answer_accuracy is None and r.delta.tasks is None and r.delta.text is None
     with pytest.raises(ValueError, match="tokenizer="):
         evaluate_delta(ft, ft, ft, only_text, SETTINGS)
+
+
+def test_the_scorer_scores_the_finetune_against_itself_perfectly(data, monkeypatch):
+    ft = load_model(TINY / "gsm8k", device="cpu")
+    base = load_model(TINY / "base", device="cpu")
+    generated, real = [], suite.greedy_generations
+
+    def counted(model, *args, **kwargs):
+        generated.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(suite, "greedy_generations", counted)
+    syncs = []
+    scorer = Scorer(ft, load_tokenizer(TINY / "gsm8k"), data, SETTINGS, sync=lambda: syncs.append(1))
+    base_scores = scorer.score(base, parts=("fidelity",))
+    s = scorer.score(ft)
+    assert s.fidelity.kl == pytest.approx(0, abs=1e-6) and s.fidelity.top1_agreement == 1.0
+    assert s.heldout_ppl == s.fidelity.ppl_student == pytest.approx(base_scores.fidelity.ppl_teacher)
+    assert recovery(base_scores.heldout_ppl, base_scores.fidelity.ppl_teacher, s.heldout_ppl) == pytest.approx(1.0)
+    assert s.greedy_agreement.exact_match == 1.0 and s.greedy_agreement.n_prompts == 3
+    assert s.answer_accuracy["n"] == 3 and s.tasks["arc_easy"].n == 4 and s.text.ppl > 1
+    assert list(s.times) == ["fidelity_s", "generation_s", "text_s", "tasks_s"] and len(syncs) == 5
+    # only the parts asked for; the fine-tune's reference generations were made once, the base's each time asked
+    again = scorer.score(base, parts=("generation",))
+    assert again.greedy_agreement.n_prompts == 3 and again.fidelity is None and again.text is None
+    assert list(again.times) == ["generation_s"] and generated == [ft, base]
+    assert base_scores.greedy_agreement is None and base_scores.tasks is None
+    assert list(base_scores.times) == ["fidelity_s"]
+    with pytest.raises(ConfigError, match="unknown suite part"):
+        scorer.score(ft, parts=("wikitext",))
+    with pytest.raises(ConfigError, match="tasks_dir"):
+        Scorer(ft, scorer.tok, SuiteData(heldout=data.heldout, tasks=("arc_easy",)))
+
+
+def test_the_suite_imports_nothing_of_the_benchmarks():
+    code = "import sys, bitdelta.evaluate.suite; print([m for m in sys.modules if m.split('.')[0] == 'benchmarks'])"
+    run = subprocess.run([sys.executable, "-c", code], cwd=TINY.parents[1], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"

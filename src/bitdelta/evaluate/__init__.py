@@ -5,6 +5,9 @@ fine-tune, and zero-shot tasks. Pure functions over an already-built model and i
     ppl = perplexity(model, tok, text, window=2048, stride=512).ppl
     fid = fidelity(delta_model, finetuned, tok, docs, max_length=512)
     agree = greedy_agreement(delta_model, finetuned, tok, prompts, max_new_tokens=32)
+
+The fidelity suite (``suite``) runs every measure for base, fine-tune and base + delta in one call
+(``evaluate_delta``), or for one model at a time against a fine-tune (``Scorer``).
 """
 
 from .fidelity import FidelityResult, fidelity, recovery
@@ -17,6 +20,7 @@ from .generation import (
     gsm8k_answer,
 )
 from .perplexity import PerplexityResult, perplexity, perplexity_of_documents
+from .suite import ModelScores, Scorer, SuiteData, SuiteResult, SuiteSettings, evaluate_delta
 from .tasks import (
     TASKS,
     LoglikelihoodResult,
@@ -38,9 +42,15 @@ __all__ = [
     "gsm8k_answer",
     "FidelityResult",
     "LoglikelihoodResult",
+    "ModelScores",
+    "Scorer",
+    "SuiteData",
+    "SuiteResult",
+    "SuiteSettings",
     "PerplexityResult",
     "TaskResult",
     "TasksResult",
+    "evaluate_delta",
     "evaluate_task",
     "evaluate_tasks",
     "fidelity",
