@@ -103,7 +103,8 @@ class Artifacts:
         choose_s = time.perf_counter() - t
         info = chosen.info["distillation"]["auto"]
         counts = ", ".join(f"{info.get(m + '_modules', 0)} {m}" for m in built)
-        log(f"  {v.name}: {counts} modules, held-out loss all-{info['start']} {info['heldout_loss_all_' + info['start']]:.4g} "
+        log(f"  {v.name}: {counts} modules, held-out loss all-{info['start']} "
+            f"{info['heldout_loss_all_' + info['start']]:.4g} "
             f"-> chosen {info['heldout_loss_chosen']:.4g} ({choose_s:.1f}s)")
         recs = [r for _, r in built.values()]
         return chosen, {"compress_s": sum(r["compress_s"] for r in recs),

@@ -83,6 +83,6 @@ def heldout_check(args, base_model, ft_dir: Path, domain: str, tok) -> dict:
            "heldout_check_ppl_ft": perplexity_of_documents(ft_model, tok, held, **kw).ppl}
     out["beats_base"] = out["heldout_check_ppl_ft"] < out["heldout_check_ppl_base"]
     log(f"{domain}: held-out ppl base {out['heldout_check_ppl_base']:.3f} -> fine-tune "
-        f"{out['heldout_check_ppl_ft']:.3f} ({len(held)} docs)" + ("" if out["beats_base"] else
-                                                                      "   WARNING: the fine-tune does not beat its base"))
+        f"{out['heldout_check_ppl_ft']:.3f} ({len(held)} docs)"
+        + ("" if out["beats_base"] else "   WARNING: the fine-tune does not beat its base"))
     return out

@@ -83,8 +83,10 @@ def table_cells(domain: str, model: str, r: dict) -> list[str]:
     fid, d = r.get("fidelity") or {}, r.get("delta") or {}
     tasks = r.get("tasks") or {}
     return [domain, model, _f(r.get("heldout_ppl"), ".3f"),
-            _f(None if r.get("recovery") is None else 100 * r["recovery"], ".1f") + ("%" if r.get("recovery") is not None else ""),
-            _f(fid.get("kl"), ".3g"), _f(None if fid.get("top1_agreement") is None else 100 * fid["top1_agreement"], ".1f"),
+            _f(None if r.get("recovery") is None else 100 * r["recovery"], ".1f")
+            + ("%" if r.get("recovery") is not None else ""),
+            _f(fid.get("kl"), ".3g"),
+            _f(None if fid.get("top1_agreement") is None else 100 * fid["top1_agreement"], ".1f"),
             _f(None if not r.get("greedy_agreement") else 100 * r["greedy_agreement"]["exact_match"], ".0f"),
             _f(None if not r.get("gsm8k") else 100 * r["gsm8k"]["accuracy"], ".1f"),
             _f((r.get("wikitext") or {}).get("ppl"), ".2f"),
@@ -159,11 +161,13 @@ def round_goals(rows: dict, domain: str) -> list[str]:
         one_bit = {m: v for m, v in rec.items() if m in ("scalar", "row", "col", "auto")}
         if one_bit:
             best = max(one_bit, key=one_bit.get)
-            checks.append(f"1-bit ≥ 99%: best {best} {one_bit[best]:.1%} {'PASS' if one_bit[best] >= 0.99 else 'FAIL'}")
+            checks.append(f"1-bit ≥ 99%: best {best} {one_bit[best]:.1%} "
+                          f"{'PASS' if one_bit[best] >= 0.99 else 'FAIL'}")
         two_bit = {m: v for m, v in rec.items() if m.endswith("-2bit")}
         if two_bit:
             best = max(two_bit, key=two_bit.get)
-            checks.append(f"2-bit ≥ 99.5%: best {best} {two_bit[best]:.1%} {'PASS' if two_bit[best] >= 0.995 else 'FAIL'}")
+            checks.append(f"2-bit ≥ 99.5%: best {best} {two_bit[best]:.1%} "
+                          f"{'PASS' if two_bit[best] >= 0.995 else 'FAIL'}")
         if single and "auto" in rec:
             best = max(single, key=single.get)
             gap = 100 * (rec["auto"] - single[best])
@@ -186,13 +190,16 @@ def recipe_lines(prep: dict | None) -> list[str]:
         lines.append(f"Fine-tuning recipe (every domain): every parameter, {any_rec['optimizer']} "
                      f"({any_rec['schedule']}, warmup {any_rec['warmup_fraction']:.0%}, floor "
                      f"{any_rec['min_lr_ratio']:g}×), packed {any_rec['seq_len']}-token "
-                     f"blocks, {any_rec['batch_blocks']} blocks per step, {any_rec['precision']}, seed {any_rec['seed']}; "
+                     f"blocks, {any_rec['batch_blocks']} blocks per step, {any_rec['precision']}, "
+                     f"seed {any_rec['seed']}; "
                      "peak lr and epochs per domain below (the -hard domains move the weights much further).")
         lines.append("")
-        lines.append("| domain | lr | epochs | train docs | tokens/epoch | steps | tokens | loss first → last | held-out ppl base → ft | train s |")
+        lines.append("| domain | lr | epochs | train docs | tokens/epoch | steps | tokens | loss first → last "
+                     "| held-out ppl base → ft | train s |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for d, r in fts.items():
-            lines.append(f"| {d} | {r['lr']:g} | {r['epochs']} | {r['train_docs']} | {r['tokens_per_epoch']:,} | {r['steps']} | {r['tokens']:,} | "
+            lines.append(f"| {d} | {r['lr']:g} | {r['epochs']} | {r['train_docs']} | {r['tokens_per_epoch']:,} "
+                         f"| {r['steps']} | {r['tokens']:,} | "
                          f"{r['first_loss']:.3f} → {r['last_loss']:.3f} | {r['heldout_check_ppl_base']:.2f} → "
                          f"{r['heldout_check_ppl_ft']:.2f} | {r['train_s']:.0f} |")
     return lines
@@ -228,8 +235,10 @@ def header_lines(rows: dict, folders: list[Path]) -> list[str]:
             "--data /tmp/data --budget-s S` (resumed until done or out of device time), then `--phase report` on the "
             "CPU machine",
             *missing_lines(rows),
-            f"- Distillation: {s.get('distill_steps')} steps, batch {s.get('distill_batch')} × {s.get('cal_seq_len')} tokens "
-            f"({s.get('cal_samples')} calibration samples), AdamW lr {s.get('distill_lr')} ({s.get('distill_lr_mode', 'absolute')}), MSE on logits; auto chooses "
+            f"- Distillation: {s.get('distill_steps')} steps, batch {s.get('distill_batch')} × "
+            f"{s.get('cal_seq_len')} tokens "
+            f"({s.get('cal_samples')} calibration samples), AdamW lr {s.get('distill_lr')} "
+            f"({s.get('distill_lr_mode', 'absolute')}), MSE on logits; auto chooses "
             f"row/col per module on {s.get('cal_heldout')} samples of validation.jsonl. Rows marked \"rel. lr\" "
             "distilled with `--distill-lr-mode relative` (AdamW on a multiplier of each initial scale, so the lr is "
             "a relative step), all else equal",

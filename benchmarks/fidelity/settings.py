@@ -70,19 +70,23 @@ def add_run_args(ap) -> None:
     ap.add_argument("--data", default=None, help="shared data dir (default: ../shared/data beside the repo)")
     ap.add_argument("--gguf", default=None, help="SmolLM2-135M-Instruct GGUF file (prepare)")
     ap.add_argument("--gguf-wheel", default=None,
-                    help="the gguf package's wheel, imported from the zip when gguf is not installed (offline machines)")
+                    help="the gguf package's wheel, imported from the zip when gguf is not installed "
+                         "(offline machines)")
     ap.add_argument("--base-dir", default=None, help="use this Hugging Face model dir as the base instead of --gguf")
     ap.add_argument("--domain", default=None, help="prepare, eval: comma-separated domains (default: all of "
                     + ",".join(DOMAINS) + ")")
     ap.add_argument("--run-name", default="",
                     help="results go to <work>/results-NAME and artifacts to <work>/artifacts-NAME (one name per "
                          "setting, e.g. self, so settings never overwrite each other); default results/, artifacts/")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="eval: comma-separated subset of " + ",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="eval: comma-separated subset of " + ",".join(VARIANTS))
     ap.add_argument("--device", default=None, help="default: cuda if available")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (CPU runs only)")
-    ap.add_argument("--smoke", action="store_true", help="tiny budgets everywhere: proves the phases run (CPU, minutes)")
-    ap.add_argument("--force", action="store_true", help="recompute results and artifacts that are already in --work")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny budgets everywhere: proves the phases run (CPU, minutes)")
+    ap.add_argument("--force", action="store_true",
+                    help="recompute results and artifacts that are already in --work")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="eval: stop before a model that would end past this many seconds of the command "
                          "(default 540, none with --smoke; 0 = no limit)")

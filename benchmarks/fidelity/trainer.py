@@ -55,7 +55,8 @@ def finetune(args, base_dir: Path, out_dir: Path, domain: str, tok) -> dict:
     record = {
         "domain": domain, "train_docs": len(train_docs), "heldout_docs_total": len(held), "seq_len": seq_len,
         "batch_blocks": args.ft_batch, "epochs": epochs, "steps": total, "tokens": tokens,
-        "tokens_per_epoch": int(blocks.numel()), "lr": ft_lr, "hard": domain in HARD_RECIPES, "schedule": "linear warmup + cosine",
+        "tokens_per_epoch": int(blocks.numel()), "lr": ft_lr, "hard": domain in HARD_RECIPES,
+        "schedule": "linear warmup + cosine",
         "warmup_fraction": args.ft_warmup, "min_lr_ratio": args.ft_min_lr_ratio, "optimizer":
         "AdamW betas (0.9, 0.95), eps 1e-8, weight decay 0, grad clip 1.0", "precision":
         "bf16 autocast, fp32 weights" if cuda else "fp32", "seed": args.seed, "loss_curve": losses,
@@ -117,7 +118,8 @@ def save_finetune(model, base_dir: Path, out_dir: Path, domain: str) -> None:
     model.config.use_cache = True
     model.config._name_or_path = f"SmolLM2-135M-Instruct-{domain}-ft"
     files = {f.name: f.read_bytes() for f in base_dir.iterdir()
-             if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json", "generation_config.json")}
+             if f.is_file() and not f.name.endswith(".safetensors")
+             and f.name not in ("config.json", "generation_config.json")}
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         for name, data in files.items():
