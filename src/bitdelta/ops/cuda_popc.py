@@ -35,9 +35,9 @@ import threading
 import torch
 
 from bitdelta.errors import BitDeltaError
+from bitdelta.scale_modes import ScaleMode
 
 GROUP = 512  # columns per quantisation group and per warp step (bitplane.GROUP)
-MODE_CODE = {"scalar": 0, "row": 1, "col": 2}
 DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 MAX_TOKENS = 128  # the tenant scan covers at most this many token slots (ops.DECODE_MAX_TOKENS)
 
@@ -477,7 +477,7 @@ def decode_delta(x, signs, scales, mode, ids, config: dict | None = None) -> tor
     qsx = torch.empty((t, p, nch, 2), dtype=torch.float32, device=x.device)
     aligned = kb % 16 == 0 and signs.data_ptr() % 16 == 0
     nw, tg, u = int(cfg["NW"]), int(cfg["TG"]), int(cfg["U"])
-    (prep, delta), _ = _functions(x.device, (DTYPE_CODE[x.dtype], MODE_CODE[mode], nw, tg, u, aligned))
+    (prep, delta), _ = _functions(x.device, (DTYPE_CODE[x.dtype], ScaleMode(mode).code, nw, tg, u, aligned))
     stream = torch.cuda.current_stream(x.device).cuda_stream
     sc_d = scales.stride(0)
     sc_p = scales.stride(1) if scales.dim() > 1 else 0

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..scale_modes import scale_shape
+
 
 @dataclass
 class HostDelta:
@@ -60,8 +62,9 @@ class DevicePool:
         for name, (n, k) in model.delta_modules().items():
             self.pools[name] = {
                 "signs": torch.zeros((s, bits, n, (k + 7) // 8), dtype=torch.uint8, device=dev),
-                "row": torch.zeros((s, bits, n), dtype=torch.float32, device=dev),
-                "col": torch.zeros((s, bits, k), dtype=torch.float32, device=dev),
+                # one table per scale layout (scalar scales are broadcast into the row table)
+                "row": torch.zeros((s, *scale_shape("row", n, k, bits)), dtype=torch.float32, device=dev),
+                "col": torch.zeros((s, *scale_shape("col", n, k, bits)), dtype=torch.float32, device=dev),
                 "col_slots": set(),  # delta slots column-scaled on this module (host)
                 "k": k,
             }

@@ -41,6 +41,7 @@ import torch
 
 from ..errors import BitDeltaError, ShapeMismatchError
 from ..safetensors_io import bytes_read
+from ..scale_modes import scale_shape
 from ..validate import base_magnitudes, check_delta_values
 from .dispatch import Dispatch, FunctionDispatch
 from .layers import DevicePool, HostDelta
@@ -184,7 +185,8 @@ class DeltaSlots:
         return self._verify(delta, path)
 
     def _verify(self, delta, path):
-        delta.info.setdefault("artifact_path", str(path))
+        if delta.artifact_path is None:  # an in-memory delta: name it by where it was registered from
+            delta.artifact_path = str(path)
         live = self.model.readable()  # a quantized base's matrices are dequantized as they are read
         if self.model.head_name == self.model.embed_name:
             live["lm_head"] = live[self.model.embed_name]
@@ -281,7 +283,7 @@ class DeltaSlots:
             sc = pm.scale.float().cpu()
             sc = sc[:, None].expand(pm.bits, n) if pm.mode == "scalar" else sc
             modules[fqn] = (self._host_planes(pm.sign.cpu(), (self.bits, n, (k + 7) // 8)),
-                            self._host_planes(sc, (self.bits, k if is_col else n)), is_col)
+                            self._host_planes(sc, scale_shape("col" if is_col else "row", n, k, self.bits)), is_col)
             if pm.extra_rows is not None:
                 rows = pm.extra_rows.to(m.dtype).cpu()
                 if fqn == m.embed_name:
