@@ -6,13 +6,18 @@ the same positions are read from the live model and compared in the model's own 
 base loaded as fp16 or bf16 from an fp32 checkpoint still matches, while a different model
 (or the fine-tune itself) does not.
 
+A server checks many deltas against one frozen base, so it reads the samples once
+(:class:`BaseSamples`) and verifies against them with the same rule and errors, touching no weight.
+
     fp = Fingerprint.from_weights({name: w_base_out_in, ...})
     fp.verify({name: live_weight_out_in, ...}, delta_name=..., model_name=...)  # raises WrongBaseError
+    fp.verify(BaseSamples.of(live_weights), delta_name=..., model_name=...)     # same verdicts
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +45,58 @@ def sample_weight(weight: torch.Tensor) -> torch.Tensor:
     return flat[sample_positions(flat.numel()).to(flat.device)].cpu()
 
 
+class BaseSamples:
+    """The fixed-position samples and shapes of a base's weights, read once (in each weight's own
+    dtype, on the CPU): what :meth:`Fingerprint.verify` compares when given this instead of weights.
+    The positions depend only on a weight's size, so one read serves every delta's fingerprint."""
+
+    def __init__(self) -> None:
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.samples: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def of(cls, weights: Mapping[str, torch.Tensor]) -> "BaseSamples":
+        """Samples every weight of ``weights`` (read one at a time, so a lazily dequantizing mapping
+        holds one dense matrix at once)."""
+        out = cls()
+        for name in weights:
+            out.add(name, weights[name])
+        return out
+
+    def add(self, name: str, weight: torch.Tensor) -> None:
+        self.shapes[name] = tuple(weight.shape)
+        self.samples[name] = sample_weight(weight)
+
+    def alias(self, name: str, same_as: str) -> None:
+        """``name`` reads as ``same_as`` (a tied output head is the embedding matrix)."""
+        self.shapes[name], self.samples[name] = self.shapes[same_as], self.samples[same_as]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.samples
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def sample(self, name: str) -> torch.Tensor:
+        return self.samples[name]
+
+
+class _LiveSamples:
+    """The :class:`BaseSamples` interface over live weights, each sampled when asked for."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor]) -> None:
+        self.weights = weights
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weights
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.weights[name].shape)
+
+    def sample(self, name: str) -> torch.Tensor:
+        return sample_weight(self.weights[name])
+
+
 @dataclass
 class Fingerprint:
     names: list[str]  # sorted module names
@@ -64,8 +121,12 @@ class Fingerprint:
             h.update(row.contiguous().numpy().tobytes())
         return h.hexdigest()
 
-    def verify(self, live: dict[str, torch.Tensor], delta_name: str, base_name: str, model_name: str) -> None:
-        """Checks live out × in base weights against the fingerprint; raises a clear error."""
+    def verify(self, live: Mapping[str, torch.Tensor] | BaseSamples, delta_name: str, base_name: str,
+               model_name: str) -> None:
+        """Checks live out × in base weights (or their :class:`BaseSamples`, read beforehand) against
+        the fingerprint; raises a clear error."""
+        if not isinstance(live, BaseSamples):
+            live = _LiveSamples(live)
         missing = [n for n in self.names if n not in live]
         if missing:
             raise WrongBaseError(
@@ -74,7 +135,7 @@ class Fingerprint:
                 "Load the base model the delta was compressed against."
             )
         for name, shape in zip(self.names, self.shapes):
-            got = tuple(live[name].shape)
+            got = live.shape(name)
             if got != shape:
                 raise ShapeMismatchError(
                     f"delta {delta_name!r} was made for base {base_name!r}, where {name} is "
@@ -84,8 +145,7 @@ class Fingerprint:
         total = matched = 0
         worst = None
         for name, row in zip(self.names, self.samples):
-            weight = live[name]
-            got = sample_weight(weight)
+            got = live.sample(name)
             want = row.to(got.dtype)
             eq = int((got == want).sum())
             matched += eq

@@ -17,9 +17,10 @@ computes with it (inf/NaN logits on the first request), so it is refused when it
 - a dense parameter must have its base parameter's shape; only a vocabulary matrix may grow,
   to the fine-tune's ``vocab_size``.
 
-Base values are given as tensors or as precomputed magnitudes (``base_magnitudes``), so a server
-computes them once. Names the base lacks are only checked for finiteness (apply and the server
-report a missing name themselves).
+Base values are given as tensors or as precomputed magnitudes (``base_magnitudes``, or the
+``(magnitude, shape)`` pairs a server reads once at start-up: :mod:`bitdelta.serving.base_reference`).
+Names the base lacks are only checked for finiteness (apply and the server report a missing name
+themselves).
 
     check_delta_values(delta, {name: base_tensor_or_max_abs, ...})   # raises InvalidDeltaError
 """

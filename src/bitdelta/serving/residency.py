@@ -17,7 +17,8 @@ the dispatch's (:mod:`bitdelta.serving.dispatch`), reached through this object.
 
 Registration refuses a delta before reading its tensors when the config and headers already show
 it cannot be served here (shapes unlike the base's, too many planes or added tokens), checks its
-values against the base (:mod:`bitdelta.validate`), and on any failure keeps nothing it read: the
+fingerprint and values against the base's samples and magnitudes read once at start-up
+(:mod:`bitdelta.serving.base_reference`), and on any failure keeps nothing it read: the
 error raised carries no frames holding tensors.
 
     slots = DeltaSlots(model, max_gpu_deltas=32, max_cpu_deltas=128)
@@ -42,7 +43,8 @@ import torch
 from ..errors import BitDeltaError, ShapeMismatchError
 from ..safetensors_io import bytes_read
 from ..scale_modes import scale_shape
-from ..validate import base_magnitudes, check_delta_values
+from ..validate import check_delta_values
+from .base_reference import BaseReference
 from .dispatch import Dispatch, FunctionDispatch
 from .layers import DevicePool, HostDelta
 
@@ -105,7 +107,9 @@ class DeltaSlots:
         self.totals = {"loads": 0, "evictions": 0, "host_evictions": 0}
         self._jobs: queue.Queue = queue.Queue()
         self.on_ready = None  # callback(): wake the engine when a background load lands
-        self._base_mags: dict | None = None  # max |value| and shape of each base tensor, for value checks
+        # the base's fingerprint samples and magnitudes, read once: registration checks deltas against
+        # these, not the weights (the served base is frozen; see bitdelta.serving.base_reference)
+        self.base_reference = BaseReference.read(model)
         self._thread = threading.Thread(target=self._loader, name="bitdelta-delta-loader", daemon=True)
         self._thread.start()
 
@@ -187,28 +191,11 @@ class DeltaSlots:
     def _verify(self, delta, path):
         if delta.artifact_path is None:  # an in-memory delta: name it by where it was registered from
             delta.artifact_path = str(path)
-        live = self.model.readable()  # a quantized base's matrices are dequantized as they are read
-        if self.model.head_name == self.model.embed_name:
-            live["lm_head"] = live[self.model.embed_name]
-        delta.fingerprint.verify(live, delta_name=str(path), base_name=delta.base_model_name_or_path,
+        ref = self.base_reference
+        delta.fingerprint.verify(ref.samples, delta_name=str(path), base_name=delta.base_model_name_or_path,
                                  model_name=str(getattr(self.model.config, "_name_or_path", "base")))
-        check_delta_values(delta, self._base_for(delta))
+        check_delta_values(delta, ref.values_for(delta))
         return delta
-
-    def _base_for(self, delta) -> dict:
-        """Base magnitudes (and shapes) under the delta's names, computed once per server."""
-        m = self.model
-        if self._base_mags is None:
-            mags = base_magnitudes(m.readable())
-            self._base_mags = {n: (mags[n], tuple(t.shape)) for n, t in {**m.weights, **m.params1d}.items()}
-        base = {n: self._base_mags[n] for n in delta.modules if n in self._base_mags}
-        if "lm_head" in delta.modules and "lm_head" not in m.weights:
-            base["lm_head"] = self._base_mags[m.embed_name]
-        for pname in delta.dense:
-            key = delta.ties.get(pname, pname)
-            if key in self._base_mags:
-                base[pname] = self._base_mags[key]
-        return base
 
     def _check_layout(self, layout, name: str = "?") -> None:
         """Raises a clear error unless a delta of ``layout`` (an :class:`~bitdelta.artifact.Layout`) fits
