@@ -15,22 +15,19 @@ from arch_pairs import finetune_of, load_model, make_arch_model
 from bitdelta.errors import BitDeltaError
 from bitdelta.serving.config import EngineConfig
 from bitdelta.serving.dispatch import lowrank_gathered
-from bitdelta.serving.engine import Engine, Request, SamplingParams
-from bitdelta.serving.graphs import DecodeGraphs
+from bitdelta.serving.engine import Engine
 from bitdelta.serving.models import DeltaModel
 from bitdelta.serving.slots import DeltaSlots
+from serving.engine_checks import (
+    emulate_graph_layout,
+    greedy,
+    merged_models,
+    random_prompts,
+    run_to_completion,
+    served_with_deltas,
+)
 
 RANK = 4
-
-
-@torch.no_grad()
-def _greedy(model, prompt, n):
-    ids, out = torch.tensor([prompt]), []
-    for _ in range(n):
-        nxt = int(model(ids).logits[0, -1].argmax())
-        out.append(nxt)
-        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -49,27 +46,11 @@ def setup(tmp_path_factory):
 
 
 def _engine(base_hf, deltas, max_lowrank_rank):
-    model = DeltaModel.from_hf(base_hf)
-    slots = DeltaSlots(model, max_gpu_deltas=3, max_cpu_deltas=4, max_lowrank_rank=max_lowrank_rank)
-    for name, delta in deltas.items():
-        slots.register(name, f"<memory:{name}>", delta=delta)
-    return model, slots
+    return served_with_deltas(base_hf, deltas, max_gpu_deltas=3, max_cpu_deltas=4, max_lowrank_rank=max_lowrank_rank)
 
 
 def _run(engine, plan, vocab, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    reqs, step, pending = [], 0, list(plan)
-    while pending or any(r.finish_reason is None for r in reqs):
-        for item in [p for p in pending if p[1] == step]:
-            tenant, _, plen, n = item
-            prompt = torch.randint(0, vocab, (plen,), generator=g).tolist()
-            reqs.append(engine.submit(Request(prompt=prompt, tenant=tenant,
-                                              params=SamplingParams(max_tokens=n, temperature=0))))
-            pending.remove(item)
-        engine.step()
-        step += 1
-        assert step < 100
-    return reqs
+    return run_to_completion(engine, random_prompts(plan, vocab, torch.Generator().manual_seed(seed)), max_steps=100)
 
 
 # (tenant, arrival step, prompt length, new tokens): prompts of 33+ tokens take the per-sequence path
@@ -84,18 +65,16 @@ def test_mixed_tenants_with_and_without_lowrank_match_merged_models(setup, graph
     assert any(m.lowrank_rank for m in deltas["budget"].modules.values())
     max_rank = max(m.lowrank_rank for d in deltas.values() for m in d.modules.values())
     model, slots = _engine(base_hf, deltas, max_rank + 2)  # padded ranks: zero directions are exact
-    merged = {None: base_hf}
-    for name, delta in deltas.items():
-        merged[name] = bitdelta.merge(copy.deepcopy(base_hf), delta)
+    merged = merged_models(base_hf, deltas)
     engine = Engine(model, slots, max_batch=8, kv_cache_mb=16)
     if graph_layout:  # decode steps in the graph layout (padding rows, span buckets), run eagerly on CPU
-        engine.graphs = DecodeGraphs(model, engine.kv, slots, engine.max_batch, capture=False, min_span=8)
+        emulate_graph_layout(engine)
     reqs = _run(engine, PLAN, model.vocab_size)
     if graph_layout:
         assert engine.graphs.replays >= 1
     for r in reqs:
         assert r.finish_reason == "length"
-        want = _greedy(merged[r.tenant], r.prompt, r.params.max_tokens)
+        want = greedy(merged[r.tenant], r.prompt, r.params.max_tokens)
         assert r.output == want, f"tenant {r.tenant}: {r.output} != merged {want}"
 
 
@@ -103,11 +82,11 @@ def test_the_lowrank_term_changes_the_tokens(setup):
     base_hf, deltas = setup
     without = {"lowrank": deltas["lowrank"].copy(modules={
         n: m.copy(lowrank_a=None, lowrank_b=None) for n, m in deltas["lowrank"].modules.items()})}
-    merged = bitdelta.merge(copy.deepcopy(base_hf), without["lowrank"])
+    merged = merged_models(base_hf, without)["lowrank"]
     model, slots = _engine(base_hf, deltas, RANK)
     engine = Engine(model, slots, max_batch=4, kv_cache_mb=16)
     reqs = _run(engine, [("lowrank", 0, 9, 12), ("lowrank", 0, 11, 12)], model.vocab_size, seed=5)
-    assert any(r.output != _greedy(merged, r.prompt, 12) for r in reqs)
+    assert any(r.output != greedy(merged, r.prompt, 12) for r in reqs)
 
 
 def test_gathered_term_pads_ranks_and_skips_tokens_without_a_delta():

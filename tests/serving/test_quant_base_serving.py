@@ -8,30 +8,24 @@ the tests marked ``cuda`` check the FP8 GEMM path (``torch._scaled_mm``) and CUD
 
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 import bitdelta
+from arch_pairs import byte_tokenizer, finetune_of
 from bitdelta.cli import build_parser
 from bitdelta.errors import BitDeltaError, WrongBaseError
 from bitdelta.hf import load_model
 from bitdelta.quant import write_quantized_base
 from bitdelta.safetensors_io import SafetensorsCheckpoint
 from bitdelta.serving.config import EngineConfig
-from bitdelta.serving.engine import Request, SamplingParams
-from bitdelta.serving.graphs import DecodeGraphs
 from bitdelta.serving.mapping import BatchMapping
 from bitdelta.serving.quant_base import describe
 from bitdelta.serving.quant_linear import QuantizedWeight, QuantTenantLinear, fp8_gemm
 from bitdelta.serving.runtime import build_runtime
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from arch_pairs import byte_tokenizer, finetune_of
+from serving.engine_checks import emulate_graph_layout, greedy, random_prompts, run_to_completion, tiny_llama
 
 SCHEMES = ("int8", "fp8")
 STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -41,13 +35,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def _tiny_base():
     # every dimension a multiple of 16, so that the same pair also runs the FP8 GEMM on a GPU
     tok = byte_tokenizer()
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(tok, max_positions=128)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():  # a spread large enough that greedy paths depend on the weights
         for p in model.parameters():
@@ -89,34 +77,15 @@ def _merged(pair, scheme, tenant):
     return model
 
 
-@torch.no_grad()
-def _greedy(model, prompt, n):
-    ids, out = torch.tensor([prompt]), []
-    for _ in range(n):
-        nxt = int(model(ids).logits[0, -1].argmax())
-        out.append(nxt)
-        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-    return out
-
-
 def _run(engine, plan, vocab, seed=0, kv_slots: dict | None = None):
     """Submits ``plan`` [(tenant, arrival step, prompt length, new tokens)] and steps until all finish;
     ``kv_slots`` receives each request's KV slot (request id -> slot)."""
-    g = torch.Generator().manual_seed(seed)
-    reqs, step, pending = [], 0, list(plan)
-    while pending or any(r.finish_reason is None for r in reqs):
-        for item in [p for p in pending if p[1] == step]:
-            tenant, _, plen, n = item
-            prompt = torch.randint(3, vocab, (plen,), generator=g).tolist()
-            reqs.append(engine.submit(Request(prompt=prompt, tenant=tenant,
-                                              params=SamplingParams(max_tokens=n, temperature=0))))
-            pending.remove(item)
-        engine.step()
+    def note_kv_slots(reqs):
         if kv_slots is not None:
             kv_slots.update({r.id: r.kv_slot for r in reqs if r.kv_slot is not None and r.id not in kv_slots})
-        step += 1
-        assert step < 200
-    return reqs
+
+    plan = random_prompts(plan, vocab, torch.Generator().manual_seed(seed), low=3)
+    return run_to_completion(engine, plan, max_steps=200, on_step=note_kv_slots)
 
 
 # ---------------------------------------------------------------------------------- CPU
@@ -140,7 +109,7 @@ def test_engine_on_quantized_base_matches_merged_dequantized_model(pair, scheme)
         assert describe(model).startswith(f"{scheme} base")
 
         engine = rt.engine
-        engine.graphs = DecodeGraphs(model, engine.kv, rt.slots, engine.max_batch, capture=False, min_span=8)
+        emulate_graph_layout(engine)
         plan = [(None, 0, 9, 8), ("row", 0, 6, 14), ("col", 0, 40, 6), ("row", 2, 4, 8), ("col", 3, 7, 9),
                 (None, 4, 12, 5)]  # base-only, decode, prompt (segmented) and column-scaled rows in one engine
         reqs = _run(engine, plan, model.vocab_size)
@@ -149,7 +118,7 @@ def test_engine_on_quantized_base_matches_merged_dequantized_model(pair, scheme)
         outputs = set()
         for r in reqs:
             assert r.finish_reason == "length"
-            assert r.output == _greedy(merged[r.tenant], r.prompt, r.params.max_tokens), r.tenant
+            assert r.output == greedy(merged[r.tenant], r.prompt, r.params.max_tokens), r.tenant
             outputs.add(tuple(r.output[:4]))
         assert len(outputs) > 2  # tenants really take different paths
 
@@ -224,7 +193,7 @@ def test_quantize_base_directory_is_served_as_stored(pair, scheme, monkeypatch):
         reqs = _run(rt.engine, [("row", 0, 7, 6), (None, 0, 5, 6)], rt.model.vocab_size)
         monkeypatch.undo()
         for r in reqs:
-            assert r.output == _greedy(_merged(pair, scheme, r.tenant), r.prompt, 6)
+            assert r.output == greedy(_merged(pair, scheme, r.tenant), r.prompt, 6)
     finally:
         rt.shutdown()
     other = "int8" if scheme == "fp8" else "fp8"

@@ -8,7 +8,6 @@ merged models, and one step's logits agree with the merged models' within float3
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -18,11 +17,17 @@ import arch_pairs
 import bitdelta
 from arch_pairs import finetune_of, load_model, make_arch_model
 from bitdelta.errors import BitDeltaError
-from bitdelta.serving.engine import Engine, Request, SamplingParams
-from bitdelta.serving.graphs import DecodeGraphs
+from bitdelta.serving.engine import Engine
 from bitdelta.serving.mapping import BatchMapping
 from bitdelta.serving.models import DeltaModel, UnsupportedModel
-from bitdelta.serving.slots import DeltaSlots
+from serving.engine_checks import (
+    emulate_graph_layout,
+    greedy,
+    merged_models,
+    random_prompts,
+    run_to_completion,
+    served_with_deltas,
+)
 
 WINDOW = 5
 FAMILIES = {  # arch -> config overrides
@@ -34,16 +39,6 @@ FAMILIES = {  # arch -> config overrides
     "phi3": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
     "mistral": {"sliding_window": WINDOW},
 }
-
-
-@torch.no_grad()
-def _greedy(model, prompt, n):
-    ids, out = torch.tensor([prompt]), []
-    for _ in range(n):
-        nxt = int(model(ids).logits[0, -1].argmax())
-        out.append(nxt)
-        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-    return out
 
 
 def _base(arch):
@@ -80,40 +75,23 @@ def _pair(arch, tmp):
 @pytest.mark.parametrize("arch", list(FAMILIES))
 def test_family_mixed_batch_matches_merged(arch, tmp_path):
     base_hf, deltas = _pair(arch, tmp_path)
-    model = DeltaModel.from_hf(base_hf)
+    model, slots = served_with_deltas(base_hf, deltas, max_gpu_deltas=2, max_cpu_deltas=4)
     assert model.arch.family == base_hf.config.model_type
     windowed = "sliding_window" in FAMILIES[arch]
     assert any(w == WINDOW for w in model.arch.windows) == windowed
-    slots = DeltaSlots(model, max_gpu_deltas=2, max_cpu_deltas=4)
-    for name, delta in deltas.items():
-        slots.register(name, f"<memory:{name}>", delta=delta)
-    merged = {None: base_hf}
-    for name, delta in deltas.items():
-        merged[name] = copy.deepcopy(base_hf)
-        bitdelta.merge(merged[name], delta)
+    merged = merged_models(base_hf, deltas)
     engine = Engine(model, slots, max_batch=8, kv_cache_mb=16)
-    # Decode steps in the graph layout (padding rows, span buckets, masks), run eagerly on CPU.
-    engine.graphs = DecodeGraphs(model, engine.kv, slots, engine.max_batch, capture=False, min_span=8)
+    emulate_graph_layout(engine)
 
     g = torch.Generator().manual_seed(0)
     vocab = model.vocab_size
     plan = [(None, 0, 9, 8), ("row", 0, 6, 18), ("col", 0, 33, 6), ("row", 2, 4, 8), ("col", 3, 7, 9),
             (None, 4, 12, 5)]  # (tenant, arrival step, prompt length, new tokens): prompt + output > WINDOW
-    reqs, step, pending = [], 0, list(plan)
-    while pending or any(r.finish_reason is None for r in reqs):
-        for item in [p for p in pending if p[1] == step]:
-            tenant, _, plen, n = item
-            prompt = torch.randint(0, vocab, (plen,), generator=g).tolist()
-            reqs.append(engine.submit(Request(prompt=prompt, tenant=tenant,
-                                              params=SamplingParams(max_tokens=n, temperature=0))))
-            pending.remove(item)
-        engine.step()
-        step += 1
-        assert step < 100
+    reqs = run_to_completion(engine, random_prompts(plan, vocab, g), max_steps=100)
     assert engine.graphs.replays >= 1
     for r in reqs:
         assert r.finish_reason == "length"
-        want = _greedy(merged[r.tenant], r.prompt, r.params.max_tokens)
+        want = greedy(merged[r.tenant], r.prompt, r.params.max_tokens)
         assert r.output == want, f"{arch} tenant {r.tenant}: {r.output} != merged {want}"
 
     # One prefill step of three tenants: logits against each merged model's last-position logits.
