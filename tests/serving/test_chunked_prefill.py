@@ -9,7 +9,6 @@ slot. The KV sizing is checked with made-up memory figures and the plan text on 
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -24,6 +23,14 @@ from bitdelta.serving.graphs import DecodeGraphs
 from bitdelta.serving.memory_plan import HEADROOM_FIXED_BYTES, kv_budget_from_free, kv_slots_that_fit
 from bitdelta.serving.models import DeltaModel
 from bitdelta.serving.slots import DeltaSlots
+from serving.engine_checks import (
+    emulate_graph_layout,
+    greedy,
+    merged_models,
+    random_prompts,
+    run_to_completion,
+    served_with_deltas,
+)
 
 WINDOW = 5
 SLIDING = {"mistral": {"sliding_window": WINDOW},
@@ -49,16 +56,6 @@ class StepLog:
         return sum(n for _, _, n in self.steps[i])
 
 
-@torch.no_grad()
-def _greedy(model, prompt, n):
-    ids, out = torch.tensor([prompt]), []
-    for _ in range(n):
-        nxt = int(model(ids).logits[0, -1].argmax())
-        out.append(nxt)
-        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-    return out
-
-
 def _family(arch, tmp):
     base = make_arch_model(arch, **SLIDING[arch])
     with warnings.catch_warnings():
@@ -67,29 +64,16 @@ def _family(arch, tmp):
         finetune_of(base, 1, scale=0.3).save_pretrained(tmp / "ft")
     delta = bitdelta.compress(tmp / "base", tmp / "ft", scale="row", progress=False)
     base_hf = load_model(tmp / "base")
-    merged = copy.deepcopy(base_hf)
-    bitdelta.merge(merged, delta)
-    return base_hf, delta, {None: base_hf, "row": merged}
+    return base_hf, delta, merged_models(base_hf, {"row": delta})
 
 
 def _serve(base_hf, delta, plan, **engine_kw):
     """Runs ``plan`` ((tenant, arrival step, prompt, new tokens) per request) to the end."""
-    model = DeltaModel.from_hf(base_hf)
-    slots = DeltaSlots(model, max_gpu_deltas=2, max_cpu_deltas=2)
-    slots.register("row", "<memory:row>", delta=delta)
+    model, slots = served_with_deltas(base_hf, {"row": delta}, max_gpu_deltas=2, max_cpu_deltas=2)
     log = StepLog()
     engine = Engine(model, slots, kv_cache_mb=16, wrap_forward=log, **engine_kw)
-    engine.graphs = DecodeGraphs(model, engine.kv, slots, engine.max_batch, capture=False, min_span=8)
-    reqs, step, pending = [], 0, list(plan)
-    while pending or any(r.finish_reason is None for r in reqs):
-        for item in [p for p in pending if p[1] == step]:
-            tenant, _, prompt, n = item
-            reqs.append(engine.submit(Request(prompt=prompt, tenant=tenant,
-                                              params=SamplingParams(max_tokens=n, temperature=0))))
-            pending.remove(item)
-        engine.step()
-        step += 1
-        assert step < 200
+    emulate_graph_layout(engine)
+    reqs = run_to_completion(engine, plan, max_steps=200)
     return engine, reqs, log
 
 
@@ -98,9 +82,7 @@ def test_chunked_greedy_equals_unchunked_and_merged(arch, tmp_path):
     base_hf, delta, merged = _family(arch, tmp_path)
     g = torch.Generator().manual_seed(0)
     vocab = base_hf.config.vocab_size
-    plan = [(tenant, arrival, torch.randint(0, vocab, (plen,), generator=g).tolist(), n)
-            for tenant, arrival, plen, n in [(None, 0, 14, 6), ("row", 0, 17, 5), ("row", 2, 13, 7),
-                                             (None, 5, 11, 4)]]
+    plan = random_prompts([(None, 0, 14, 6), ("row", 0, 17, 5), ("row", 2, 13, 7), (None, 5, 11, 4)], vocab, g)
     budget = 4  # prompts of 11 to 17 tokens take 3 to 5 chunks, fewer tokens a step while others decode
     chunked, chunked_reqs, log = _serve(base_hf, delta, plan, max_batch=4, max_step_tokens=budget)
     _, whole_reqs, whole_log = _serve(base_hf, delta, plan, max_batch=4)
@@ -110,7 +92,7 @@ def test_chunked_greedy_equals_unchunked_and_merged(arch, tmp_path):
     assert any(log.replayed) and chunked.graphs.replays == sum(log.replayed)
     for r, w in zip(chunked_reqs, whole_reqs):
         assert r.finish_reason == w.finish_reason == "length"
-        want = _greedy(merged[r.tenant], r.prompt, r.params.max_tokens)
+        want = greedy(merged[r.tenant], r.prompt, r.params.max_tokens)
         assert r.output == w.output == want, f"{arch} tenant {r.tenant}"
     assert sorted(chunked.free_kv) == list(range(chunked.max_batch))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -10,10 +9,11 @@ import torch
 
 import bitdelta
 from bitdelta.serving.engine import Engine, QueueFull, Request, SamplingParams
-from bitdelta.serving.graphs import DecodeGraphs, batch_buckets, pack_inputs, pick, span_buckets
+from bitdelta.serving.graphs import batch_buckets, pack_inputs, pick, span_buckets
 from bitdelta.serving.model import BatchMapping, DeltaLlama
 from bitdelta.serving.slots import DeltaSlots
 from models import finetune_like
+from serving.engine_checks import emulate_graph_layout, greedy, merged_models, random_prompts, run_to_completion
 
 
 def _load(path):
@@ -22,17 +22,6 @@ def _load(path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-@torch.no_grad()
-def greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = []
-    for _ in range(n):
-        nxt = int(model(ids).logits[0, -1].argmax())
-        out.append(nxt)
-        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -68,27 +57,13 @@ def test_mixed_batch_matches_merged_greedy(tiny_models, tenants):
         (None, 0, 7, 12), ("shk_row", 0, 5, 12), ("gsm_col", 0, 37, 10), ("gsm_scalar", 2, 4, 12),
         ("shk_2bit", 3, 40, 9), (None, 5, 3, 8), ("extra_vocab", 6, 6, 10), ("shk_row", 8, 13, 6),
     ]
-    reqs = []
-    step = 0
-    pending = list(plan)
-    while pending or any(r.finish_reason is None for r in reqs):
-        for item in [p for p in pending if p[1] == step]:
-            tenant, _, plen, n = item
-            prompt = torch.randint(3, vocab, (plen,), generator=g).tolist()
-            params = SamplingParams(max_tokens=n, temperature=0)
-            reqs.append(engine.submit(Request(prompt=prompt, tenant=tenant, params=params)))
-            pending.remove(item)
-        engine.step()
-        step += 1
-        assert step < 200
+    reqs = run_to_completion(engine, random_prompts(plan, vocab, g, low=3), max_steps=200)
     # 5 deltas over 3 device slots: some had to wait for a slot and evict another.
     assert slots.totals["evictions"] >= 1
+    merged = merged_models(base_hf, tenants)
     for r in reqs:
         assert r.finish_reason == "length"
-        ref = copy.deepcopy(base_hf)
-        if r.tenant is not None:
-            bitdelta.merge(ref, tenants[r.tenant])
-        want = greedy(ref, r.prompt, r.params.max_tokens)
+        want = greedy(merged[r.tenant], r.prompt, r.params.max_tokens)
         assert r.output == want, f"tenant {r.tenant}: {r.output} != merged {want}"
 
 
@@ -138,12 +113,10 @@ def test_cuda_mixed_batch(tiny_models, tenants, dtype):
         if all(r.finish_reason for r in reqs):
             break
         engine.step()
+    merged = merged_models(base_hf, tenants)
     agree = total = 0
     for r in reqs:
-        ref = copy.deepcopy(base_hf)
-        if r.tenant is not None:
-            bitdelta.merge(ref, tenants[r.tenant])
-        want = greedy(ref, r.prompt, 10)
+        want = greedy(merged[r.tenant], r.prompt, 10)
         if dtype == torch.float32:
             assert r.output == want, f"tenant {r.tenant}: {r.output} != merged {want}"
         first_diff = next((i for i, (a, b) in enumerate(zip(r.output, want)) if a != b), len(want))
@@ -268,12 +241,12 @@ def test_emulated_graph_decode_matches_eager(tiny_models, tenants):
     want = _mixed_workload(Engine(model, slots, max_batch=8, kv_cache_mb=16), names)
     engine = Engine(model, slots, max_batch=8, kv_cache_mb=16)
     assert engine.graphs is None  # CPU: off by default
-    engine.graphs = DecodeGraphs(model, engine.kv, slots, engine.max_batch, capture=False, min_span=8)
+    emulate_graph_layout(engine)
     assert _mixed_workload(engine, names) == want
     assert engine.graphs.replays >= 5
     # Logits of one decode step, graph layout vs eager, on the same cache (tenants in slots 0..2).
     engine = Engine(model, slots, max_batch=8, kv_cache_mb=16)
-    engine.graphs = DecodeGraphs(model, engine.kv, slots, engine.max_batch, capture=False, min_span=8)
+    emulate_graph_layout(engine)
     got, eager = _graph_vs_eager_logits(engine, [None, "shk_row", "shk_2bit", "extra_vocab"])
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
 
