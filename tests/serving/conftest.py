@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
@@ -40,16 +39,10 @@ def _byte_tokenizer():
 
 
 def _build_standin(out: Path) -> dict[str, Path]:
-    import transformers
+    from serving.engine_checks import tiny_llama  # only when models/tiny is missing: keeps collection light
 
     tok = _byte_tokenizer()
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        base = transformers.LlamaForCausalLM(cfg).eval()
+    base = tiny_llama(tok, max_positions=256)
     dirs = {}
     for i, name in enumerate(NAMES):
         model = copy.deepcopy(base)
@@ -182,3 +175,20 @@ def keyed_server(tiny_models, delta_dir, tmp_path_factory):
                     "--api-keys", str(keys), "--kv-cache-mb", "64"])
     yield s
     s.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official ``openai`` client on the main server (an optional extra: skipped without it)."""
+    openai = pytest.importorskip("openai")
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    """A raw ``httpx`` client on the main server (an optional extra: skipped without it)."""
+    httpx = pytest.importorskip("httpx")
+
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c

@@ -1,7 +1,8 @@
 """The HTTP server end to end: a real uvicorn on loopback, the official openai client, raw httpx.
 
 Servers come from conftest.py: ``server`` (base + every artifact of an allow-listed dir, admin on,
-3 device slots) and ``keyed_server`` (API keys scoped per tenant).
+3 device slots) and ``keyed_server`` (API keys scoped per tenant); so do ``client`` (openai) and
+``http`` (httpx) on ``server``.
 """
 
 from __future__ import annotations
@@ -17,17 +18,6 @@ httpx = pytest.importorskip("httpx")  # an optional extra (bitdelta[test])
 openai = pytest.importorskip("openai")  # an optional extra (bitdelta[test])
 
 GREEDY = dict(temperature=0, max_tokens=24)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
 
 
 def _metric(text: str, name: str, **labels) -> float:

@@ -13,8 +13,6 @@ import copy
 import math
 import warnings
 
-import httpx
-import openai
 import pytest
 import torch
 
@@ -23,17 +21,6 @@ from bitdelta.serving.text import TenantText, chat_end_ids
 
 PROMPT = "To be, or not to be"
 TOL = 2e-4  # float32 logits of the engine's forward against Hugging Face's, as log-probabilities
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
