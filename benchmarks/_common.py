@@ -162,22 +162,38 @@ def drop_page_cache(path: Path) -> None:
                 os.close(fd)
 
 
+def run_and_save(argv, parse_args, run):
+    """A benchmark's command line: parses ``argv``, runs it and, given ``--out``, writes its results
+    there as JSON; returns the results (for the benchmark's own table)."""
+    args = parse_args(argv)
+    results = run(args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return results
+
+
 # ---------------------------------------------------------------------------------- random bases and deltas
 
 
-def build_base(shape: dict, dtype, device, seed=0):
+def build_base(shape: dict, dtype, device, seed=0, matrix=None, name="random-llama-base"):
     """A Llama-shaped served model (``DeltaLlama``) with random weights made directly on ``device``
-    (no Hugging Face model): std 0.02 matrices, unit norms."""
+    (no Hugging Face model): std 0.02 matrices, unit norms. ``matrix``, when given, turns each decoder
+    matrix into the weight served as it is drawn (a quantized base holds one dense matrix at a time);
+    ``name`` is the model's ``_name_or_path``."""
     from bitdelta.serving.model import DeltaLlama
 
     h, kvd, i = shape["hidden"], shape["hidden"] // shape["heads"] * shape["kv_heads"], shape["inter"]
     dims = {"h": h, "kv": kvd, "i": i}
     g = torch.Generator(device=device).manual_seed(seed)
-    rnd = lambda *s: torch.randn(s, generator=g, device=device, dtype=dtype) * 0.02  # noqa: E731
+
+    def rnd(*s):
+        return torch.randn(s, generator=g, device=device, dtype=dtype) * 0.02
+
+    served = matrix or (lambda w: w)
     weights, params1d = {}, {}
     for layer in range(shape["layers"]):
         for sub, (o, k) in LINEARS.items():
-            weights[f"model.layers.{layer}.{sub}"] = rnd(dims[o], dims[k])
+            weights[f"model.layers.{layer}.{sub}"] = served(rnd(dims[o], dims[k]))
         for norm in ("input_layernorm", "post_attention_layernorm"):
             params1d[f"model.layers.{layer}.{norm}.weight"] = torch.ones(h, device=device, dtype=dtype)
     params1d["model.norm.weight"] = torch.ones(h, device=device, dtype=dtype)
@@ -187,7 +203,7 @@ def build_base(shape: dict, dtype, device, seed=0):
     cfg = SimpleNamespace(model_type="llama", num_hidden_layers=shape["layers"], hidden_size=h,
                           num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"], head_dim=head_dim,
                           rms_norm_eps=1e-5, max_position_embeddings=shape["max_pos"],
-                          _name_or_path="random-llama-base")
+                          _name_or_path=name)
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     return DeltaLlama(cfg, weights, params1d, inv_freq, 1.0, False, dtype, device)
 

@@ -32,9 +32,13 @@ import tempfile
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: the repository root (for benchmarks._common) and src/ on the path
+    sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "src")]
+
 import torch
 
 import bitdelta
+from benchmarks._common import run_and_save
 from bitdelta.calibration import load_calibration, read_texts, self_calibration
 from bitdelta.distill import TeacherLogits, choose_auto, choose_modes, distill_scales
 from bitdelta.evaluate import fidelity, greedy_agreement, greedy_generations, recovery
@@ -236,10 +240,7 @@ def auto_check(results: list[dict]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    results = run(args)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+    results = run_and_save(argv, parse_args, run)
     print(table(results))
     print()
     print("\n".join(auto_check(results)))

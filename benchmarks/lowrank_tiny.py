@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ if __package__ in (None, ""):  # run as a file: the repository root and src/ on 
 import torch
 
 import bitdelta
+from benchmarks._common import run_and_save
 from bitdelta.calibration import load_calibration, read_texts
 from bitdelta.distill import distill_scales
 from bitdelta.evaluate import fidelity, recovery
@@ -184,10 +184,7 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    results = run(args)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+    results = run_and_save(argv, parse_args, run)
     print(table(results))
     return 0
 

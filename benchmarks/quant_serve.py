@@ -35,7 +35,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 # Run as a file, the repository root and src/ go on the path; run as a module or imported, the benchmarks
 # package puts src/ there.
@@ -45,7 +44,6 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks._common import (
-    LINEARS,
     LLAMA2_7B,
     SMOKE,
     BenchDevice,
@@ -80,29 +78,8 @@ def build_quantized_base(shape: dict, scheme: str, dtype, device, seed: int = 0)
     """A Llama-shaped served model whose decoder matrices are quantized (``QuantizedWeight.quantize``,
     compress's quantization) as each is drawn: one dense matrix exists at a time. Embeddings, head and
     norms stay in ``dtype``."""
-    h, kvd, i = shape["hidden"], shape["hidden"] // shape["heads"] * shape["kv_heads"], shape["inter"]
-    dims = {"h": h, "kv": kvd, "i": i}
-    g = torch.Generator(device=device).manual_seed(seed)
-
-    def rnd(*s):
-        return torch.randn(s, generator=g, device=device, dtype=dtype) * 0.02
-
-    weights, params1d = {}, {}
-    for layer in range(shape["layers"]):
-        for sub, (o, k) in LINEARS.items():
-            weights[f"model.layers.{layer}.{sub}"] = QuantizedWeight.quantize(rnd(dims[o], dims[k]), scheme)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            params1d[f"model.layers.{layer}.{norm}.weight"] = torch.ones(h, device=device, dtype=dtype)
-    params1d["model.norm.weight"] = torch.ones(h, device=device, dtype=dtype)
-    weights["model.embed_tokens"] = rnd(shape["vocab"], h)
-    weights["lm_head"] = rnd(shape["vocab"], h)
-    head_dim = h // shape["heads"]
-    cfg = SimpleNamespace(model_type="llama", num_hidden_layers=shape["layers"], hidden_size=h,
-                          num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"], head_dim=head_dim,
-                          rms_norm_eps=1e-5, max_position_embeddings=shape["max_pos"],
-                          _name_or_path=f"random-llama-base-{scheme}")
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    model = DeltaLlama(cfg, weights, params1d, inv_freq, 1.0, False, dtype, device)
+    model = build_base(shape, dtype, device, seed, matrix=lambda w: QuantizedWeight.quantize(w, scheme),
+                       name=f"random-llama-base-{scheme}")
     model._bitdelta_base_quantization = {"scheme": scheme, "format": "random, quantized per channel",
                                          "quantized_tensors": 7 * shape["layers"]}
     return model
