@@ -32,6 +32,15 @@ def greedy(model, prompt: list[int], n: int) -> list[int]:
     return out
 
 
+def load_hf(path):
+    """A saved Hugging Face causal LM in float32, in eval mode (load-time warnings silenced)."""
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
 def merged_models(base_hf, deltas: dict) -> dict:
     """Tenant -> reference model: ``None`` the base itself, each delta merged into its own copy."""
     merged = {None: base_hf}

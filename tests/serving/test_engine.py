@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -13,15 +11,14 @@ from bitdelta.serving.graphs import batch_buckets, pack_inputs, pick, span_bucke
 from bitdelta.serving.model import BatchMapping, DeltaLlama
 from bitdelta.serving.slots import DeltaSlots
 from models import finetune_like
-from serving.engine_checks import emulate_graph_layout, greedy, merged_models, random_prompts, run_to_completion
-
-
-def _load(path):
-    from transformers import AutoModelForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+from serving.engine_checks import (
+    emulate_graph_layout,
+    greedy,
+    load_hf,
+    merged_models,
+    random_prompts,
+    run_to_completion,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +32,14 @@ def tenants(tiny_models, tmp_path_factory):
         "gsm_col": bitdelta.compress(base, tiny_models["gsm8k"], scale="col", progress=False),
         "shk_2bit": bitdelta.compress(base, tiny_models["shakespeare"], scale="row", bits=2, progress=False),
     }
-    ft = finetune_like(_load(base), seed=5, scale=0.3, extra_vocab=3)
+    ft = finetune_like(load_hf(base), seed=5, scale=0.3, extra_vocab=3)
     ft.save_pretrained(tmp / "extra")
     out["extra_vocab"] = bitdelta.compress(base, tmp / "extra", scale="row", progress=False)
     return out
 
 
 def test_mixed_batch_matches_merged_greedy(tiny_models, tenants):
-    base_hf = _load(tiny_models["base"])
+    base_hf = load_hf(tiny_models["base"])
     model = DeltaLlama.from_hf(base_hf)
     slots = DeltaSlots(model, max_gpu_deltas=3, max_cpu_deltas=8, max_bits=2, max_extra_vocab=4)
     for name, delta in tenants.items():
@@ -68,7 +65,7 @@ def test_mixed_batch_matches_merged_greedy(tiny_models, tenants):
 
 
 def test_base_requests_match_base_model(tiny_models):
-    base_hf = _load(tiny_models["base"])
+    base_hf = load_hf(tiny_models["base"])
     model = DeltaLlama.from_hf(base_hf)
     engine = Engine(model, DeltaSlots(model, max_gpu_deltas=1), max_batch=2, kv_cache_mb=16)
     r = engine.submit(Request(prompt=[5, 6, 7, 8], params=SamplingParams(max_tokens=6, temperature=0)))
@@ -78,7 +75,7 @@ def test_base_requests_match_base_model(tiny_models):
 
 
 def test_sampling_seeded_and_queue_bound(tiny_models):
-    model = DeltaLlama.from_hf(_load(tiny_models["base"]))
+    model = DeltaLlama.from_hf(load_hf(tiny_models["base"]))
     engine = Engine(model, DeltaSlots(model, max_gpu_deltas=1), max_batch=1, max_queue=2, kv_cache_mb=16)
     p = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, top_k=20, seed=123)
     a = engine.submit(Request(prompt=[5, 6, 7], params=p))
@@ -96,7 +93,7 @@ def test_sampling_seeded_and_queue_bound(tiny_models):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_mixed_batch(tiny_models, tenants, dtype):
     """On a GPU (Triton ops via backend auto): float32 equals the merged greedy; bf16 mostly agrees."""
-    base_hf = _load(tiny_models["base"])
+    base_hf = load_hf(tiny_models["base"])
     model = DeltaLlama.from_hf(base_hf, device="cuda", dtype=dtype)
     slots = DeltaSlots(model, max_gpu_deltas=2, max_cpu_deltas=8, max_bits=2, max_extra_vocab=4)
     for name, delta in tenants.items():
@@ -127,7 +124,7 @@ def test_cuda_mixed_batch(tiny_models, tenants, dtype):
 
 def test_waiting_tenant_is_not_starved(tiny_models, tenants):
     """With every delta slot busy, a stream of requests for resident tenants cannot starve another."""
-    model = DeltaLlama.from_hf(_load(tiny_models["base"]))
+    model = DeltaLlama.from_hf(load_hf(tiny_models["base"]))
     slots = DeltaSlots(model, max_gpu_deltas=1, max_cpu_deltas=8, max_bits=2, max_extra_vocab=4)
     for name in ("shk_row", "gsm_scalar"):
         slots.register(name, f"<memory:{name}>", delta=tenants[name])
@@ -199,7 +196,7 @@ def test_graph_buckets_and_inputs():
 
 
 def test_engine_takes_lowest_free_kv_slot(tiny_models):
-    model = DeltaLlama.from_hf(_load(tiny_models["base"]))
+    model = DeltaLlama.from_hf(load_hf(tiny_models["base"]))
     engine = Engine(model, DeltaSlots(model, max_gpu_deltas=1), max_batch=4, kv_cache_mb=16)
     p = SamplingParams(max_tokens=1, temperature=0)
     a = engine.submit(Request(prompt=[5], params=p))
@@ -213,7 +210,7 @@ def test_engine_takes_lowest_free_kv_slot(tiny_models):
 
 def test_slot_install_writes_in_place(tiny_models, tenants):
     """Captured graphs read the pools' storage: loading and evicting deltas must never reallocate it."""
-    model = DeltaLlama.from_hf(_load(tiny_models["base"]))
+    model = DeltaLlama.from_hf(load_hf(tiny_models["base"]))
     slots = DeltaSlots(model, max_gpu_deltas=1, max_bits=2, max_extra_vocab=4)
 
     def ptrs():
@@ -233,7 +230,7 @@ def test_slot_install_writes_in_place(tiny_models, tenants):
 def test_emulated_graph_decode_matches_eager(tiny_models, tenants):
     """The graph path's padding, row = KV slot layout, span buckets and masks, run eagerly on CPU:
     same tokens as the eager engine (every tenant kind; col-scaled steps fall back to eager)."""
-    model = DeltaLlama.from_hf(_load(tiny_models["base"]))
+    model = DeltaLlama.from_hf(load_hf(tiny_models["base"]))
     slots = DeltaSlots(model, max_gpu_deltas=3, max_cpu_deltas=8, max_bits=2, max_extra_vocab=4)
     for name, delta in tenants.items():
         slots.register(name, f"<memory:{name}>", delta=delta)
@@ -252,7 +249,7 @@ def test_emulated_graph_decode_matches_eager(tiny_models, tenants):
 
 
 def test_cuda_graphs_need_cuda(tiny_models):
-    model = DeltaLlama.from_hf(_load(tiny_models["base"]))
+    model = DeltaLlama.from_hf(load_hf(tiny_models["base"]))
     with pytest.raises(ValueError, match="CUDA device"):
         Engine(model, DeltaSlots(model, max_gpu_deltas=1), max_batch=2, kv_cache_mb=16, cuda_graphs=True)
 
@@ -263,7 +260,7 @@ def test_cuda_graphs_match_eager(tiny_models, tenants, dtype):
     """On a GPU: the mixed-tenant greedy workload with CUDA graphs on and off gives the same tokens
     (float32: identical; bf16: greedy paths may part after a near-tie, but mostly agree), and one
     decode step's logits agree between replay and eager."""
-    model = DeltaLlama.from_hf(_load(tiny_models["base"]), device="cuda", dtype=dtype)
+    model = DeltaLlama.from_hf(load_hf(tiny_models["base"]), device="cuda", dtype=dtype)
     slots = DeltaSlots(model, max_gpu_deltas=2, max_cpu_deltas=8, max_bits=2, max_extra_vocab=4)
     for name, delta in tenants.items():
         slots.register(name, f"<memory:{name}>", delta=delta)
@@ -297,7 +294,7 @@ def _want(x, w, pool, ids):
 def _recording_slots(tiny_models, tenants, monkeypatch):
     import bitdelta.serving.dispatch as slots_mod
 
-    model = DeltaLlama.from_hf(_load(tiny_models["base"]))
+    model = DeltaLlama.from_hf(load_hf(tiny_models["base"]))
     slots = DeltaSlots(model, max_gpu_deltas=3, max_cpu_deltas=8, max_bits=2, max_extra_vocab=4)
     for name in ("shk_row", "gsm_col", "shk_2bit"):
         slots.register(name, f"<memory:{name}>", delta=tenants[name])

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 
 import pytest
 import torch
 
 import bitdelta
 from bitdelta.serving.text import TenantText, chat_end_ids
+from serving.engine_checks import load_hf
 
 PROMPT = "To be, or not to be"
 TOL = 2e-4  # float32 logits of the engine's forward against Hugging Face's, as log-probabilities
@@ -38,18 +38,10 @@ def ids_of(text):
     return lambda tokens: [table[t] for t in tokens]
 
 
-def _load(path):
-    from transformers import AutoModelForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
 @pytest.fixture(scope="module")
 def models(tiny_models, delta_dir):
     """Reference models by tenant: the base, and the base with the shakespeare delta merged in."""
-    base = _load(tiny_models["base"])
+    base = load_hf(tiny_models["base"])
     merged = bitdelta.merge(copy.deepcopy(base), bitdelta.Delta.from_pretrained(delta_dir / "shakespeare"))
     return {"base": base, "shakespeare": merged}
 
