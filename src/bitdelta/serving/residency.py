@@ -500,6 +500,7 @@ class DeltaSlots:
 
     @model.setter
     def model(self, model) -> None:
+        # base_reference is not read again: a model set here is the same frozen base (or None, to free it)
         self._model = model
         if "pool" in self.__dict__:
             self.pool.model = model
