@@ -19,7 +19,7 @@ from bitdelta.safetensors_io import _DTYPE_NAMES, SafetensorsCheckpoint
 from models import load, make_pair
 
 GIB = 1 << 30
-LIMIT = 200 << 20  # allowed RSS growth over three registrations
+LIMIT = 200 << 20  # allowed RSS growth from the first registration to the third
 Q = "model.layers.0.self_attn.q_proj"
 NORM = "model.layers.1.input_layernorm.weight"
 
@@ -90,7 +90,11 @@ def crafted(env, name, edit_config=None, big=None, tail=b""):
 
 
 def _three_times(slots, path, root, expect=None):
-    before = rss()
+    """Three registrations of ``path``: memory must not build up from one to the next.
+
+    Measured from after the first: a freed large block can stay resident in the C allocator's heap
+    for reuse (glibc raises its mmap threshold after freeing one), which is not a leak; keeping what
+    each rejected registration read is, and grows with every attempt."""
     for i in range(3):
         if expect is None:
             slots.register(f"ok-{i}", path, root=root)
@@ -98,8 +102,10 @@ def _three_times(slots, path, root, expect=None):
         else:
             with pytest.raises(expect[0], match=expect[1]):
                 slots.register(f"bad-{i}", path, root=root)
+        if i == 0:
+            before = rss()
     grown = rss() - before
-    assert grown < LIMIT, f"RSS grew by {grown / 1e6:.0f} MB over three registrations"
+    assert grown < LIMIT, f"RSS grew by {grown / 1e6:.0f} MB over the second and third registrations"
 
 
 def test_huge_dense_parameter_refused_before_reading(env):
