@@ -51,7 +51,8 @@ class EngineConfig:
                                                  "512, at least --max-batch", lambda c: c.int_range(1))
     max_queue: int = _setting(256, "max waiting requests before answering 429", lambda c: c.int_range(1))
     max_model_len: int | None = _setting(None, "context length (default: the model's)", lambda c: c.int_range(1))
-    kv_cache_mb: float | None = _setting(None, "KV cache budget in MiB (default: free GPU memory, or 1024 on CPU)",
+    kv_cache_mb: float | None = _setting(None, "KV cache budget in MiB (default on CUDA: the memory free after the "
+                                               "base and delta pool, less a tenth of the card and 512 MiB; CPU: 1024)",
                                          lambda c: c.float_range(0, strict_lo=True))
     dtype: str | None = _setting(None, "dtype of the base weights (float32, bfloat16, float16; default: the "
                                        "checkpoint's own on CUDA, float32 on CPU)", lambda c: c.dtype_name)
