@@ -3,27 +3,35 @@ weights served as they are, and deltas of another base quantization refused.
 
 A tiny random Llama base with two fine-tunes, compressed with ``base_quant`` int8 and fp8 (and none).
 On the CPU the quantized matrices run weight-only (``torch._weight_int8pack_mm``) or dequantized;
-the tests marked ``cuda`` check the FP8 GEMM path (``torch._scaled_mm``) and CUDA graphs on it.
+the tests marked ``cuda`` check the FP8 GEMM path (``torch._scaled_mm``), the FP8 GEMV for decode
+batches (bitdelta.ops.fp8_gemv) and CUDA graphs on both. The GEMV's choice, its fallbacks and its
+numbers are also checked on the CPU, the kernel running in Triton's interpreter: there only the
+stand-in for "this device is a GPU" (``quant_linear._gemv_runs_on``) is patched.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import pytest
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 import bitdelta
 from arch_pairs import byte_tokenizer, finetune_of
 from bitdelta.cli import build_parser
 from bitdelta.errors import BitDeltaError, WrongBaseError
 from bitdelta.hf import load_model
+from bitdelta.ops.fp8_gemv import fp8_weight_only_triton
 from bitdelta.quant import write_quantized_base
 from bitdelta.safetensors_io import SafetensorsCheckpoint
+from bitdelta.serving import quant_linear
 from bitdelta.serving.config import EngineConfig
 from bitdelta.serving.mapping import BatchMapping
 from bitdelta.serving.quant_base import describe
-from bitdelta.serving.quant_linear import QuantizedWeight, QuantTenantLinear, fp8_gemm
+from bitdelta.serving.quant_linear import QuantizedWeight, QuantTenantLinear, fp8_gemm, ways_used
 from bitdelta.serving.runtime import build_runtime
 from serving.engine_checks import emulate_graph_layout, greedy, random_prompts, run_to_completion, tiny_llama
 
@@ -243,6 +251,113 @@ def test_fp8_row_quantization_pads_and_is_shared_by_projections_of_one_input():
     fp8_rows.forget()
 
 
+# ---------------------------------------------------------------------------------- the FP8 GEMV's choice (CPU)
+
+
+@pytest.fixture
+def gemv_on_cpu(monkeypatch):
+    """The GEMV tried on the CPU (its kernel in Triton's interpreter), with fresh trials."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv(quant_linear.GEMV_SWITCH, raising=False)
+    monkeypatch.setattr(quant_linear, "_gemv_runs_on", lambda device: True)
+    monkeypatch.setattr(quant_linear, "_TRIALS", {})
+
+
+def _cpu_fp8_weight(n, k, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return QuantizedWeight.quantize((torch.randn(n, k, generator=g) * 0.05).to(dtype), "fp8")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fp8_gemv_runs_decode_batches_and_the_next_way_larger_ones(gemv_on_cpu, dtype):
+    qw = _cpu_fp8_weight(40, 72, seed=3, dtype=dtype)  # no multiple of any tile
+    layer = QuantTenantLinear("m", qw, None, dtype)
+    assert (layer.way, layer.large_way) == ("fp8-gemv", "dequantize")  # no FP8 GEMM on a CPU
+    assert "fp8-gemv (more than 16 rows: dequantize)" in layer.extra_repr()
+    assert ways_used(nn.ModuleList([layer])) == {"fp8-gemv": 1}
+    g = torch.Generator().manual_seed(4)
+    ref_w = qw.dequantized(torch.float32)
+    for rows in (1, 3, 16, 17):
+        x = torch.randn(rows, 72, generator=g).to(dtype)
+        y = layer.base(x)
+        assert y.shape == (rows, 40) and y.dtype == dtype
+        if rows <= 16:  # the kernel itself, for real
+            assert torch.equal(y, fp8_weight_only_triton(x, layer.qweight, layer.scale_f32))
+        else:
+            assert torch.equal(y, F.linear(x, layer.dequantized(dtype)))
+        ref = x.float() @ ref_w.t()
+        assert float((y.float() - ref).norm() / ref.norm()) < quant_linear.GEMV_TRIAL_REL_ERROR / 2
+
+
+def test_fp8_gemv_is_not_chosen_where_it_does_not_apply(gemv_on_cpu, monkeypatch):
+    fp8 = _cpu_fp8_weight(32, 48, seed=5)
+    int8 = QuantizedWeight.quantize(fp8.dequantized(), "int8")
+    assert QuantTenantLinear("int8", int8, None, torch.float32).way != "fp8-gemv"
+    block = QuantizedWeight(fp8.q, torch.rand(2, 3) + 0.5, "fp8", torch.float32, block=(16, 16))  # block scales
+    assert QuantTenantLinear("block", block, None, torch.float32).way == "dequantize"
+    monkeypatch.setenv(quant_linear.GEMV_SWITCH, "off")
+    assert QuantTenantLinear("off", fp8, None, torch.float32).way == "dequantize"
+    monkeypatch.setenv(quant_linear.GEMV_SWITCH, "sometimes")
+    with pytest.raises(ValueError, match="BITDELTA_FP8_GEMV must be auto or off"):
+        QuantTenantLinear("bad", fp8, None, torch.float32)
+    monkeypatch.setattr(quant_linear, "_gemv_runs_on", lambda device: device.type == "cuda")  # the real rule
+    monkeypatch.delenv(quant_linear.GEMV_SWITCH)
+    assert QuantTenantLinear("cpu", fp8, None, torch.float32).way == "dequantize"
+
+
+class _CompilationError(Exception):
+    """What a Triton kernel that does not compile raises (not a RuntimeError)."""
+
+
+@pytest.mark.parametrize("failure", ["does not compile", "refuses", "computes something else"])
+def test_fp8_gemv_that_fails_its_trial_is_never_used(gemv_on_cpu, monkeypatch, caplog, failure):
+    real = quant_linear.fp8_weight_only_triton
+
+    def broken(x, q, scale):
+        if failure == "does not compile":
+            raise _CompilationError("at 12:8: unsupported conversion")
+        if failure == "refuses":
+            raise RuntimeError("no kernel image for this device")
+        return real(x, q, scale) * 1.05  # 5% off: within the GEMM's trial bound, not the GEMV's
+
+    monkeypatch.setattr(quant_linear, "fp8_weight_only_triton", broken)
+    with caplog.at_level(logging.WARNING, logger=quant_linear.__name__):
+        layer = QuantTenantLinear("m", _cpu_fp8_weight(24, 40, seed=6), None, torch.float32)
+    assert (layer.way, layer.large_way) == ("dequantize", "dequantize")
+    assert any("fp8-gemv" in r.getMessage() for r in caplog.records)  # says why
+    x = torch.randn(2, 40)
+    assert torch.equal(layer.base(x), F.linear(x, layer.dequantized()))
+
+
+def test_engine_on_fp8_gemv_matches_merged_dequantized_model(pair, gemv_on_cpu, monkeypatch):
+    """On the CPU the GEMV runs the base-only steps of at most 16 rows (tenants' steps make the dispatch
+    call on the dequantized weight, larger ones dequantize): greedy tokens of the merged dequantized
+    model, base-only and with a tenant."""
+    rt = _runtime(pair["base"], {"row": pair["deltas"]["fp8", "row"]}, base_quant="fp8")
+    try:
+        layers = rt.model.quantized_modules()
+        assert {(m.way, m.large_way) for m in layers.values()} == {("fp8-gemv", "dequantize")}
+        assert describe(rt.model).startswith("fp8 base") and "fp8-gemv" in describe(rt.model)
+        calls = []
+
+        def counted(x, q, scale):
+            calls.append(x.shape[0])
+            return fp8_weight_only_triton(x, q, scale)
+
+        monkeypatch.setattr(quant_linear, "fp8_weight_only_triton", counted)
+        # base-only prompts (15 rows) and decode steps, a tenant's steps, base-only steps again
+        plan = [(None, 0, 6, 10), (None, 0, 9, 8), ("row", 3, 5, 3)]
+        reqs = _run(rt.engine, plan, rt.model.vocab_size)
+        assert calls and max(calls) == 15 and 2 in calls
+        merged = {t: _merged(pair, "fp8", t) for t in (None, "row")}
+        for r in reqs:
+            assert r.finish_reason == "length"
+            assert r.output == greedy(merged[r.tenant], r.prompt, r.params.max_tokens), r.tenant
+    finally:
+        rt.shutdown()
+
+
 # ---------------------------------------------------------------------------------- GPU
 
 
@@ -276,9 +391,10 @@ def _fp8_weight(n, k, seed, device="cuda"):
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("n, k", [(4096, 4096), (11008, 4096), (4096, 11008)])
-def test_fp8_gemm_against_dequantized_reference(n, k):
+def test_fp8_gemm_against_dequantized_reference(n, k, monkeypatch):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 tensor cores need compute capability 8.9+")
+    monkeypatch.setenv(quant_linear.GEMV_SWITCH, "off")  # every batch size through the GEMM
     qw = _fp8_weight(n, k, seed=n + k)
     layer = QuantTenantLinear("m", qw, None, torch.bfloat16)
     assert layer.way == "fp8-gemm"
@@ -307,12 +423,15 @@ class _StepLogits:
         return logits
 
 
-def _fp8_engine_run(pair, plan, graphs: bool):
+def _fp8_engine_run(pair, plan, graphs: bool, way: str = "fp8-gemm"):
     deltas = {t: str(pair["deltas"]["fp8", t]) for t in ("row", "col")}
     rt = build_runtime(pair["base"], deltas, device="cuda", dtype="bfloat16", kv_cache_mb=64, base_quant="fp8",
                        cuda_graphs=graphs, start=False)
     try:
-        assert {m.way for m in rt.model.quantized_modules().values()} == {"fp8-gemm"}
+        if way == "fp8-gemm":
+            assert {m.way for m in rt.model.quantized_modules().values()} == {"fp8-gemm"}
+        else:
+            assert {(m.way, m.large_way) for m in rt.model.quantized_modules().values()} == {(way, "fp8-gemm")}
         rec = rt.engine.wrap_forward = _StepLogits()
         kv_slots: dict = {}
         reqs = _run(rt.engine, plan, rt.model.vocab_size, kv_slots=kv_slots)
@@ -326,14 +445,17 @@ def _fp8_engine_run(pair, plan, graphs: bool):
 
 @pytest.mark.cuda
 @cuda
-def test_fp8_base_with_cuda_graphs_gives_eager_tokens(pair):
+@pytest.mark.parametrize("way", ["fp8-gemm", "fp8-gemv"])
+def test_fp8_base_with_cuda_graphs_gives_eager_tokens(pair, way, monkeypatch):
     """Graph replays (batch padded to its bucket, attention over a span bucket) and eager steps give the
-    same greedy tokens; where the two would pick differently, the eager logits were a near tie."""
+    same greedy tokens; where the two would pick differently, the eager logits were a near tie. Decode
+    steps run the base by the GEMM, or by the GEMV (the default)."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 tensor cores need compute capability 8.9+")
+    monkeypatch.setenv(quant_linear.GEMV_SWITCH, "off" if way == "fp8-gemm" else "auto")
     plan = [(None, 0, 9, 12), ("row", 0, 6, 16), ("col", 0, 40, 10), ("row", 1, 4, 12)]
-    graph_out, graph_logits = _fp8_engine_run(pair, plan, graphs=True)
-    eager_out, eager_logits = _fp8_engine_run(pair, plan, graphs=False)
+    graph_out, graph_logits = _fp8_engine_run(pair, plan, graphs=True, way=way)
+    eager_out, eager_logits = _fp8_engine_run(pair, plan, graphs=False, way=way)
     # The two differ by rounding: a step's batch is padded to its bucket, attention spans a bucket, and
     # a hidden state one bf16 step away can round an activation to the neighbouring e4m3 value. So the
     # logits agree within the FP8 activations' own error, and a token may differ only where that
@@ -379,6 +501,30 @@ def test_fp8_decode_step_adds_the_delta_kernels_product(pair):
         assert float(moved) > 0.05 and torch.equal(got[0::2], base_only[0::2])  # tenants' rows only
     finally:
         rt.shutdown()
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("n, k", [(4096, 4096), (11008, 4096), (4096, 11008), (1024, 8192)])
+def test_fp8_gemv_against_dequantized_reference(n, k, monkeypatch):
+    """On a GPU the GEMV runs decode batches (any compute capability: below 8.9 it converts e4m3 with
+    integer operations) and the next way larger ones."""
+    monkeypatch.delenv(quant_linear.GEMV_SWITCH, raising=False)
+    qw = _fp8_weight(n, k, seed=n + k + 1)
+    layer = QuantTenantLinear("m", qw, None, torch.bfloat16)
+    has_gemm = torch.cuda.get_device_capability() >= (8, 9)
+    assert (layer.way, layer.large_way) == ("fp8-gemv", "fp8-gemm" if has_gemm else "dequantize")
+    ref_w = qw.dequantized(torch.float32)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for m in (1, 2, 3, 16, 17):
+        x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
+        y = layer.base(x)
+        ref = x.float() @ ref_w.t()
+        rel = float((y.float() - ref).norm() / ref.norm())
+        if m <= 16:  # the activations as they are: only bf16 roundings (output, the reference's weight)
+            assert torch.equal(y, fp8_weight_only_triton(x, qw.q, layer.scale_f32)) and rel < 0.005, (m, rel)
+        elif has_gemm:
+            assert torch.equal(y, fp8_gemm(x, qw.q, layer.scale_f32)) and rel < 0.04, (m, rel)
 
 
 @pytest.mark.cuda

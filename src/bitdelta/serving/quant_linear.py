@@ -3,10 +3,16 @@
 A base quantized as ``compress --base-quant`` quantizes it (:mod:`bitdelta.quant`: per output
 channel, symmetric, round to nearest) is served on its quantized weights, the very ``q`` and scale
 the delta was compressed against. :class:`QuantTenantLinear` computes the base product in one of
-three ways, chosen once per matrix when it is built, by a trial call on its device that must agree
-with the dequantized product (a kernel that is missing, refuses the shapes, or computes something
-else falls back to the next way):
+four ways, chosen once per matrix when it is built, by a trial call on its device that must agree
+with the dequantized product (a kernel that is missing, fails to compile, refuses the shapes, or
+computes something else falls back to the next way):
 
+* ``fp8-gemv``: FP8 weights with per-channel scales on a GPU, for batches of at most 16 rows (decode
+  steps): the weight-only Triton kernel :func:`bitdelta.ops.fp8_gemv.fp8_weight_only_triton` reads
+  each e4m3 weight once, converts it in registers, multiplies the activations as they are and scales
+  each output row at the end. ``_scaled_mm`` at these sizes is no faster than a bf16 GEMM and first
+  quantizes the activations; this kernel reads half a bf16 weight's bytes and nothing else. Larger
+  batches take the GEMM way below (or the dequantized weight). ``BITDELTA_FP8_GEMV=off`` turns it off;
 * ``fp8-gemm``: FP8 weights on a GPU with FP8 tensor cores (compute capability 8.9 or more) through
   ``torch._scaled_mm``: the step's activations are quantized to e4m3 per token (row-wise scale
   ``amax / 448``, :mod:`bitdelta.serving.fp8_rows`) and both scales are applied in the GEMM's
@@ -35,6 +41,7 @@ with the host or has a shape that depends on values, so decode steps can be capt
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +49,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import BitDeltaError
+from ..ops.fp8_gemv import MAX_ROWS as GEMV_MAX_ROWS
+from ..ops.fp8_gemv import fp8_weight_only_triton
 from ..quant import dequantize, quantize
 from .fp8_rows import quantize_rows
 
@@ -53,13 +62,17 @@ INT8_GPU_MAX_ROWS = 128  # above this a GPU runs the dequantized weight through 
 # A trial product may differ from the dequantized one by the activations' e4m3 rounding (about 2^-4
 # of a value, averaging out over the sum): a kernel that is off by more computes something else.
 TRIAL_REL_ERROR = 0.1
-_TRIALS: dict[tuple, str] = {}  # (device, scheme, dtype, out, in) -> the way that passed its trial
+# The weight-only GEMV multiplies the activations as they are: only the output's rounding (2^-8 relative
+# in bf16) and the dequantized reference weight's own rounding separate them; anything more is a bug.
+GEMV_TRIAL_REL_ERROR = 0.01
+_TRIALS: dict[tuple, tuple[str, str]] = {}  # (device, scheme, dtype, shape, ...) -> the ways that passed
 # Decode batches up to this many rows run the delta kernels beside the base product, on a second
 # stream (the fused decode op's own rule, bitdelta.ops.cuda_popc: small batches leave the GPU idle).
 OVERLAP_MAX_ROWS = 16
 _SIDE: dict[int, torch.cuda.Stream] = {}
 
-WAYS = ("fp8-gemm", "int8-weight-only", "dequantize")
+WAYS = ("fp8-gemv", "fp8-gemm", "int8-weight-only", "dequantize")
+GEMV_SWITCH = "BITDELTA_FP8_GEMV"  # auto (the default: where its trial passes) or off
 
 
 @dataclass
@@ -163,35 +176,62 @@ def _gpu_capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+def _gemv_runs_on(device: torch.device) -> bool:
+    """Where the FP8 GEMV kernel is worth trying: a GPU (the CPU runs Triton only in its interpreter)."""
+    return device.type == "cuda"
+
+
+def _gemv_wanted() -> bool:
+    choice = os.environ.get(GEMV_SWITCH, "auto").lower()
+    if choice not in ("auto", "off"):
+        raise ValueError(f"{GEMV_SWITCH} must be auto or off (got {choice!r})")
+    return choice == "auto"
+
+
 def _try_way(way: str, qw: QuantizedWeight, dtype: torch.dtype) -> bool:
     """Whether ``way`` runs on ``qw``'s device for ``qw``'s shapes and agrees with the dequantized
     product on a random input (a trial, outside any CUDA graph capture)."""
     device = qw.device
     g = torch.Generator(device=device).manual_seed(0)
     ref_w = qw.dequantized(torch.float32)
-    for rows in (1, GEMM_ALIGN + 1):  # one row (padded) and a padded batch
+    # the GEMV: one row and two (its CUDA-core kernels) and the most rows (its tensor-core kernel), so
+    # that every kernel a decode step can launch is compiled here, outside any CUDA graph capture;
+    # the GEMM: one row (padded) and a padded batch
+    trial_rows = (1, 2, GEMV_MAX_ROWS) if way == "fp8-gemv" else (1, GEMM_ALIGN + 1)
+    limit = GEMV_TRIAL_REL_ERROR if way == "fp8-gemv" else TRIAL_REL_ERROR
+    for rows in trial_rows:
         x = torch.randn((rows, qw.shape[1]), generator=g, device=device).to(dtype)
         try:
-            if way == "fp8-gemm":
+            if way == "fp8-gemv":
+                y = fp8_weight_only_triton(x, qw.q, qw.scale.float().reshape(-1))
+            elif way == "fp8-gemm":
                 y = fp8_gemm(x, qw.q, qw.scale.float().reshape(-1))
             else:
                 y = int8_weight_only(x, qw.q, qw.scale.reshape(-1).to(dtype))
         except (RuntimeError, NotImplementedError, TypeError, AttributeError) as e:  # missing, or refuses these shapes
-            logger.debug("%s is not available for a %s %s matrix on %s: %s", way, qw.scheme, tuple(qw.shape), device, e)
+            log = logger.warning if way == "fp8-gemv" else logger.debug  # the GEMV is expected to run on any GPU
+            log("%s is not available for a %s %s matrix on %s: %s", way, qw.scheme, tuple(qw.shape), device, e)
+            return False
+        except Exception as e:  # a Triton kernel that fails to compile (or Triton missing): never used
+            logger.warning("%s failed for a %s %s matrix on %s (%s: %s); using the next way", way, qw.scheme,
+                           tuple(qw.shape), device, type(e).__name__, e)
             return False
         ref = x.float() @ ref_w.t()
         err = float((y.float() - ref).norm() / ref.norm().clamp(min=1e-30))
-        if not err < TRIAL_REL_ERROR:
-            logger.warning("%s gave a product %.1f%% away from the dequantized one on %s; using the dequantized "
-                           "weight", way, 100 * err, device)
+        if not err < limit:
+            logger.warning("%s gave a product %.2f%% away from the dequantized one for a %s matrix on %s; using "
+                           "the next way", way, 100 * err, tuple(qw.shape), device)
             return False
     return True
 
 
-def choose_way(qw: QuantizedWeight, dtype: torch.dtype) -> str:
-    """How to compute the base product of ``qw`` in ``dtype`` on its device (module docstring)."""
+def choose_ways(qw: QuantizedWeight, dtype: torch.dtype) -> tuple[str, str]:
+    """How to compute the base product of ``qw`` in ``dtype`` on its device (module docstring): the way
+    for batches of at most :data:`GEMV_MAX_ROWS` rows and the way for larger ones (the same one unless
+    the first is ``fp8-gemv``)."""
     device = qw.device
-    key = (str(device), qw.scheme, dtype, tuple(qw.shape), qw.per_channel)
+    gemv_wanted = _gemv_wanted()
+    key = (str(device), qw.scheme, dtype, tuple(qw.shape), qw.per_channel, gemv_wanted)
     got = _TRIALS.get(key)
     if got is not None:
         return got
@@ -199,13 +239,20 @@ def choose_way(qw: QuantizedWeight, dtype: torch.dtype) -> str:
                      and _gpu_capability(device) >= FP8_MIN_CAPABILITY
                      and qw.shape[0] % GEMM_ALIGN == 0 and qw.shape[1] % GEMM_ALIGN == 0)
     int8_fits = qw.per_channel and qw.scheme == "int8" and hasattr(torch, "_weight_int8pack_mm")
+    gemv_fits = qw.per_channel and qw.scheme == "fp8" and gemv_wanted and _gemv_runs_on(device)
     way = "dequantize"
     if fp8_gemm_fits and _try_way("fp8-gemm", qw, dtype):
         way = "fp8-gemm"
     elif int8_fits and _try_way("int8-weight-only", qw, dtype):
         way = "int8-weight-only"
-    _TRIALS[key] = way
-    return way
+    small = "fp8-gemv" if gemv_fits and _try_way("fp8-gemv", qw, dtype) else way
+    _TRIALS[key] = small, way
+    return small, way
+
+
+def choose_way(qw: QuantizedWeight, dtype: torch.dtype) -> str:
+    """The way a decode-sized batch (at most :data:`GEMV_MAX_ROWS` rows) of ``qw`` runs (:func:`choose_ways`)."""
+    return choose_ways(qw, dtype)[0]
 
 
 # ---------------------------------------------------------------------------------- the delta term
@@ -245,7 +292,8 @@ def decode_delta(deltas, name: str, x: torch.Tensor, batch) -> torch.Tensor | No
 
 class QuantTenantLinear(nn.Module):
     """``y = x Ŵᵀ (+ b)`` plus each token's delta, where ``Ŵ`` is a quantized base matrix; ``name`` is
-    the module's checkpoint name. ``way`` says how the base product runs (module docstring)."""
+    the module's checkpoint name. ``way`` says how the base product of a batch of at most
+    :data:`GEMV_MAX_ROWS` rows runs, ``large_way`` how a larger one's does (module docstring)."""
 
     def __init__(self, name: str, weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
@@ -258,9 +306,9 @@ class QuantTenantLinear(nn.Module):
         self.register_buffer("weight_scale", weight.scale, persistent=False)
         self.register_buffer("weight_zero_point", weight.zero_point, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.way = choose_way(weight, dtype)
-        # the scale in the form the chosen kernel takes (a few KB per matrix)
-        if self.way == "fp8-gemm":
+        self.way, self.large_way = choose_ways(weight, dtype)
+        # the scale in the form the chosen kernels take (a few KB per matrix)
+        if self.way in ("fp8-gemv", "fp8-gemm"):  # the GEMV's larger batches: fp8-gemm or dequantized
             self.register_buffer("scale_f32", weight.scale.float().reshape(-1).contiguous(), persistent=False)
         elif self.way == "int8-weight-only":
             self.register_buffer("scale_n", weight.scale.reshape(-1).to(dtype).contiguous(), persistent=False)
@@ -275,10 +323,15 @@ class QuantTenantLinear(nn.Module):
         return self.quantized.dequantized(dtype or self.dtype)
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
-        """``x Ŵᵀ`` in ``x``'s dtype, by this matrix's way."""
-        if self.way == "fp8-gemm":
+        """``x Ŵᵀ`` in ``x``'s dtype, by this matrix's way for ``x``'s rows (fixed per captured batch size)."""
+        way = self.way
+        if way == "fp8-gemv":
+            if x.shape[0] <= GEMV_MAX_ROWS:
+                return fp8_weight_only_triton(x, self.qweight, self.scale_f32)
+            way = self.large_way
+        if way == "fp8-gemm":
             return fp8_gemm(x, self.qweight, self.scale_f32)
-        if self.way == "int8-weight-only" and (not x.is_cuda or x.shape[0] <= INT8_GPU_MAX_ROWS):
+        if way == "int8-weight-only" and (not x.is_cuda or x.shape[0] <= INT8_GPU_MAX_ROWS):
             return int8_weight_only(x, self.qweight, self.scale_n)
         return F.linear(x, self.dequantized(x.dtype))
 
@@ -311,11 +364,13 @@ class QuantTenantLinear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return f"{self.name}, {self.scheme} {tuple(self.qweight.shape)}, {self.way}"
+        larger = f" (more than {GEMV_MAX_ROWS} rows: {self.large_way})" if self.large_way != self.way else ""
+        return f"{self.name}, {self.scheme} {tuple(self.qweight.shape)}, {self.way}{larger}"
 
 
 def ways_used(model: nn.Module) -> dict[str, int]:
-    """How many quantized matrices of ``model`` compute their base product each way."""
+    """How many quantized matrices of ``model`` compute their base product each way (their decode-sized
+    batches' way: an ``fp8-gemv`` matrix runs larger batches by its ``large_way``, ``fp8-gemm`` or dequantized)."""
     counts: dict[str, int] = {}
     for m in model.modules():
         if isinstance(m, QuantTenantLinear):
