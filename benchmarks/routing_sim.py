@@ -76,11 +76,22 @@ def route(policy: str, tenant: int, reps: list[Replica], rng: random.Random, max
     return min(reps, key=lambda r: r.ongoing)  # everyone is full: it queues at the least loaded
 
 
+def draw_tenants(weights: list[float], k: int, rng: random.Random) -> list[int]:
+    """``k`` tenant indices drawn independently with probabilities ``weights`` (the request stream)."""
+    return rng.choices(range(len(weights)), cum_weights=list(itertools.accumulate(weights)), k=k)
+
+
+def lru_hit_rate(stream: list[int], capacity: int) -> float:
+    """Share of ``stream``'s requests that one LRU of ``capacity`` deltas, empty at the start, already
+    holds (one replica, no load limits: what a single server's delta cache predicts for that trace)."""
+    cache = Replica(capacity)
+    return sum(cache.serve(t) for t in stream) / len(stream) if stream else 0.0
+
+
 def simulate(policy: str, weights: list[float], replicas: int, capacity: int, requests: int, warmup: int,
              in_flight: int, max_ongoing: int, seed: int) -> dict:
     rng = random.Random(seed)
-    cum = list(itertools.accumulate(weights))
-    stream = rng.choices(range(len(weights)), cum_weights=cum, k=warmup + requests)
+    stream = draw_tenants(weights, warmup + requests, rng)
     reps = [Replica(capacity) for _ in range(replicas)]
     running: deque[Replica] = deque()
     hits = 0

@@ -21,7 +21,8 @@ from .run import main_run
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=PACKAGE_DOC,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ns", default="1,8,32,64", help="tenant counts; 'max' = the largest N that fits")
+    ap.add_argument("--ns", default="1,8,32,64",
+                    help="tenant counts; 'max' = the largest N that fits; '' = none (e.g. a Zipf run alone)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--layers", type=int, default=None, help="fewer layers for quick runs (default: the model's)")
@@ -35,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--poisson-n", type=int, default=32, help="tenants (and engine batch) of the Poisson run")
     ap.add_argument("--poisson-requests", type=int, default=None,
                     help="requests of the Poisson run (default 2 x tenants)")
+    ap.add_argument("--zipf-deltas", type=int, default=1000,
+                    help="tenants registered for the Zipf-tenant run (0 = no Zipf run)")
+    ap.add_argument("--zipf-slots", type=int, default=32, help="device delta slots (and engine batch) of the Zipf run")
+    ap.add_argument("--zipf-host", type=int, default=128,
+                    help="deltas the Zipf run's host LRU holds (fewer than --zipf-deltas: some load from disk)")
+    ap.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent of the tenants' popularity")
+    ap.add_argument("--zipf-requests", type=int, default=256, help="requests of the Zipf run")
+    ap.add_argument("--zipf-rate", type=float, default=4.0, help="requests/s of the Zipf run (Poisson arrivals)")
     ap.add_argument("--profile", type=int, default=1, help="1: profile one decode step of each warm-up run; 0: off")
     ap.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of the whole run")
     ap.add_argument("--reserve-tail-s", type=float, default=20.0, help="budget kept for the phases after a run")
@@ -57,12 +66,24 @@ def apply_smoke(args, ap: argparse.ArgumentParser) -> None:
     args.prompt_len, args.new_tokens, args.ref_steps = min(args.prompt_len, 8), min(args.new_tokens, 6), 3
     args.poisson_rate, args.poisson_n, args.poisson_requests = args.poisson_rate and 40.0, 2, 4
     args.budget_s, args.distinct = min(args.budget_s, 120), 2
+    args.zipf_deltas = args.zipf_deltas and min(args.zipf_deltas, 40)
+    args.zipf_slots, args.zipf_host, args.zipf_requests, args.zipf_rate = 4, 16, 16, 20.0
     torch.set_num_threads(1)  # tiny shapes: threads only contend
+
+
+def check_zipf_flags(args, ap: argparse.ArgumentParser) -> None:
+    if args.zipf_deltas < 0:
+        ap.error("--zipf-deltas must be 0 (no Zipf run) or more")
+    if args.zipf_deltas and min(args.zipf_slots, args.zipf_host, args.zipf_requests) < 1:
+        ap.error("--zipf-slots, --zipf-host and --zipf-requests must be at least 1")
+    if args.zipf_deltas and (args.zipf_rate <= 0 or args.zipf_s <= 0):
+        ap.error("--zipf-rate and --zipf-s must be positive")
 
 
 def main(argv=None) -> None:
     ap = build_parser()
     args = ap.parse_args(argv)
+    check_zipf_flags(args, ap)
     if args.report:
         result = merge_results(args.report)
         write_outputs(result, Path(args.out or "."), args.docs, args.docs_block)

@@ -4,6 +4,9 @@ TTFT / ITL / TPOT percentiles, decode step times, memory and the memory roofline
 
     r = run_workload(run, model, slots, ["tenant-000", None], terms=terms, bw=bw, label="bitdelta-2")
     r["tok_s"], r["ttft_ms_p50"], r["roofline"]["pct"]
+
+``classify(tenant)``, called as each request arrives (before it is submitted), labels it (e.g. where
+its delta is then); the result then splits TTFT / TPOT by label and lists every request.
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ class Trace:
     reqs: list = field(default_factory=list)
     token_times: dict = field(default_factory=dict)
     arrival_at: dict = field(default_factory=dict)
+    labels: dict = field(default_factory=dict)  # request id -> classify(tenant) at arrival
     steps: list = field(default_factory=list)
     truncated: str | None = None
 
 
 def run_workload(run, model, slots, tenants, *, arrivals=None, max_batch=None, new_tokens=None, deadline=None,
-                 max_decode_steps=None, profile_step=None, terms=None, bw=None, label="") -> dict:
+                 max_decode_steps=None, profile_step=None, terms=None, bw=None, label="", classify=None) -> dict:
     """Serves ``len(tenants)`` requests (tenant names, None = base) and measures them.
 
     ``arrivals``: offsets in seconds (default: all at 0). Decode stops early at ``deadline`` or
@@ -53,7 +57,7 @@ def run_workload(run, model, slots, tenants, *, arrivals=None, max_batch=None, n
     recorder = StepRecorder(run.dev, profile_step)
     engine, graphs = open_engine(run, model, slots, wl, recorder)
     prompts = make_prompts(len(wl.tenants), run.args.prompt_len, model.vocab_size, seed=len(tenants) + len(label))
-    trace = drive(engine, recorder, wl, prompts, deadline, max_decode_steps)
+    trace = drive(engine, recorder, wl, prompts, deadline, max_decode_steps, classify)
     remaining = max((wl.new_tokens - len(r.output) for r in trace.reqs), default=0) if trace.truncated else 0
     for r in trace.reqs:
         engine.cancel(r)
@@ -66,6 +70,8 @@ def run_workload(run, model, slots, tenants, *, arrivals=None, max_batch=None, n
     del engine  # its KV cache is freed now, before the next run sizes its own
     run.dev.free_memory()
     res = summarize(wl, trace, run.args.prompt_len)
+    if classify is not None:
+        res.update(by_label(wl, trace))
     res.update(kv_cache_bytes=kv_bytes, peak_allocated_bytes=peak, truncated=trace.truncated,
                profile=recorder.profile, cuda_graphs=graphs)
     decode = [s for s in trace.steps if s["decode"]]
@@ -94,7 +100,7 @@ def open_engine(run, model, slots, wl: Workload, recorder: StepRecorder):
     return engine, graphs
 
 
-def drive(engine, recorder: StepRecorder, wl: Workload, prompts, deadline, max_decode_steps) -> Trace:
+def drive(engine, recorder: StepRecorder, wl: Workload, prompts, deadline, max_decode_steps, classify=None) -> Trace:
     """Submits each request at its arrival time and steps the engine until every request is done,
     or until ``deadline`` / ``max_decode_steps`` cuts it short (``Trace.truncated`` says which)."""
     order = sorted(range(len(wl.tenants)), key=lambda i: wl.arrivals[i])
@@ -102,7 +108,7 @@ def drive(engine, recorder: StepRecorder, wl: Workload, prompts, deadline, max_d
     while True:
         now = time.perf_counter()
         while order and tr.start + wl.arrivals[order[0]] <= now:
-            submit(engine, tr, wl, prompts, order.pop(0))
+            submit(engine, tr, wl, prompts, order.pop(0), classify)
         if engine.running or engine.waiting:
             t = time.perf_counter()
             n_rec = len(recorder.records)
@@ -110,6 +116,8 @@ def drive(engine, recorder: StepRecorder, wl: Workload, prompts, deadline, max_d
             te = time.perf_counter()
             if len(recorder.records) > n_rec:
                 tr.steps.append({**recorder.records[-1], "wall_s": te - t, "end": te})
+            else:
+                idle_until_woken(engine)
             n_dec = sum(s["decode"] for s in tr.steps)
             over_time = deadline is not None and te > deadline
             over_steps = max_decode_steps is not None and n_dec >= max_decode_steps
@@ -122,14 +130,24 @@ def drive(engine, recorder: StepRecorder, wl: Workload, prompts, deadline, max_d
             return tr
 
 
-def submit(engine, tr: Trace, wl: Workload, prompts, i: int) -> None:
+def idle_until_woken(engine, most_s: float = 0.002) -> None:
+    """Waits (GIL released) for the engine's wake-up, as the server's loop does when every waiting
+    request's delta is still loading: spinning on ``step()`` instead would starve the pool's loader
+    thread of the GIL and slow the very loads being waited for (seconds per load on a CPU)."""
+    with engine.cond:
+        engine.cond.wait(timeout=most_s)
+
+
+def submit(engine, tr: Trace, wl: Workload, prompts, i: int, classify=None) -> None:
     times = []
+    label = classify(wl.tenants[i]) if classify is not None else None
     r = Request(prompt=prompts[i], tenant=wl.tenants[i],
                 params=SamplingParams(max_tokens=wl.new_tokens, temperature=0, ignore_eos=True),
                 on_event=lambda ev: times.append(time.perf_counter()) if ev.token is not None else None)
     engine.submit(r)
     tr.token_times[r.id] = times
     tr.arrival_at[r.id] = tr.start + wl.arrivals[i]
+    tr.labels[r.id] = label
     tr.reqs.append(r)
 
 
@@ -137,9 +155,9 @@ def summarize(wl: Workload, tr: Trace, prompt_len: int) -> dict:
     """Throughput, step counts and latency percentiles of a finished (or cut) trace."""
     dec = [s for s in tr.steps if s["decode"]]
     times = [tr.token_times[r.id] for r in tr.reqs]
-    firsts = [t[0] - tr.arrival_at[r.id] for r, t in zip(tr.reqs, times) if t]
+    firsts = ttfts(tr, tr.reqs)
     itl = [b - a for t in times for a, b in zip(t, t[1:])]
-    tpot = [(t[-1] - t[0]) / (len(t) - 1) for t in times if len(t) > 1]
+    tpot = tpots(tr, tr.reqs)
     produced = sum(len(t) for t in tr.token_times.values())
     wall = max((t[-1] for t in tr.token_times.values() if t), default=tr.start) - tr.start
     dec_time = sum(s["wall_s"] for s in dec)
@@ -153,6 +171,34 @@ def summarize(wl: Workload, tr: Trace, prompt_len: int) -> dict:
             "ttft_ms_p50": ms(pct(firsts, 50)), "ttft_ms_p99": ms(pct(firsts, 99)),
             "itl_ms_p50": ms(pct(itl, 50)), "itl_ms_p99": ms(pct(itl, 99)),
             "tpot_ms_p50": ms(pct(tpot, 50)), "tpot_ms_p99": ms(pct(tpot, 99))}
+
+
+def ttfts(tr: Trace, reqs) -> list[float]:
+    """Seconds from each request's arrival to its first token (requests without one left out)."""
+    return [tr.token_times[r.id][0] - tr.arrival_at[r.id] for r in reqs if tr.token_times[r.id]]
+
+
+def tpots(tr: Trace, reqs) -> list[float]:
+    """Each request's mean seconds per output token after its first (requests with two or more tokens)."""
+    return [(t[-1] - t[0]) / (len(t) - 1) for t in (tr.token_times[r.id] for r in reqs) if len(t) > 1]
+
+
+def by_label(wl: Workload, tr: Trace) -> dict:
+    """TTFT / TPOT percentiles per arrival label, and every request (tenant, label, arrival, latencies)."""
+    groups: dict = {}
+    for r in tr.reqs:
+        groups.setdefault(tr.labels[r.id], []).append(r)
+    split = {lab: {"requests": len(rs), "ttft_ms_p50": ms(pct(ttfts(tr, rs), 50)),
+                   "ttft_ms_p99": ms(pct(ttfts(tr, rs), 99)), "tpot_ms_p50": ms(pct(tpots(tr, rs), 50)),
+                   "tpot_ms_p99": ms(pct(tpots(tr, rs), 99))} for lab, rs in groups.items()}
+    detail = []
+    for r in tr.reqs:
+        t = tr.token_times[r.id]
+        detail.append({"tenant": r.tenant, "label": tr.labels[r.id], "arrival_s": tr.arrival_at[r.id] - tr.start,
+                       "tokens": len(t), "first_token_s": t[0] - tr.start if t else None,
+                       "ttft_ms": ms(t[0] - tr.arrival_at[r.id]) if t else None,
+                       "tpot_ms": ms((t[-1] - t[0]) / (len(t) - 1)) if len(t) > 1 else None})
+    return {"by_label": split, "per_request": detail}
 
 
 def roofline(decode_steps: list[dict], terms: dict, bw: float) -> dict:

@@ -64,7 +64,8 @@ def goals(result: dict) -> list[str]:
 
 
 def markdown(result: dict) -> str:
-    lines = main_table(result) + overhead_table(result) + poisson_table(result) + cold_lines(result)
+    lines = main_table(result) + overhead_table(result) + poisson_table(result) + zipf_table(result)
+    lines += cold_lines(result)
     lines += merged_lines(result)
     lines += ["Goals:", ""] + [f"- {g}" for g in goals(result)]
     if result.get("skipped"):
@@ -147,6 +148,40 @@ def poisson_table(result: dict) -> list[str]:
     return lines + [""]
 
 
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def zipf_table(result: dict) -> list[str]:
+    """The Zipf-tenant run: latency by where each request's delta was when it arrived, and the hit rates."""
+    z = result.get("zipf")
+    if not z:
+        return []
+    per_s = lambda v: "–" if v is None else f"{v:.2f}/s"  # noqa: E731
+    lines = [f"Zipf tenants: {z['deltas']} registered deltas (Zipf s = {z['s']:g}; {z['distinct_tenants']} of them "
+             f"asked for), {z['requests']} requests at {z['rate']:g}/s (Poisson), {z['n']} device slots "
+             f"(engine batch up to {z['max_batch']}), host LRU of {z['host_capacity']}; "
+             f"{_f(tok(z))} tok/s{' (cut short)' if z.get('truncated') else ''}:", "",
+             "| delta on arrival | requests | TTFT p50/p99 ms | TPOT p50/p99 ms |", "|---|---|---|---|",
+             f"| all | {len(z['per_request'])} | {_f(z['ttft_ms_p50'], 0)} / {_f(z['ttft_ms_p99'], 0)} "
+             f"| {_f(z['tpot_ms_p50'])} / {_f(z['tpot_ms_p99'])} |"]
+    for label in ("device", "host", "disk", "failed"):
+        g = z["by_label"].get(label)
+        if g:
+            lines.append(f"| {label} | {g['requests']} | {_f(g['ttft_ms_p50'], 0)} / {_f(g['ttft_ms_p99'], 0)} "
+                         f"| {_f(g['tpot_ms_p50'])} / {_f(g['tpot_ms_p99'])} |")
+    answered = sum(z["counts"].values())
+    near = (z["counts"]["device"] + z["counts"]["host"]) / answered if answered else None
+    lines += ["", f"Device-slot hit rate {_pct(z['device_hit_rate'])} (one LRU of {z['n']} predicts "
+              f"{_pct(z['sim_device_hit_rate'])}); host hit rate {_pct(z['host_hit_rate'])} of the device misses "
+              f"(device or host: {_pct(near)}"
+              f", one LRU of the host's size predicts {_pct(z['sim_host_or_device_hit_rate'])}); "
+              f"{z['disk_loads']} disk loads ({per_s(z['loads_per_s'])}), {z['slot_installs']} slot installs "
+              f"({per_s(z['installs_per_s'])}). Disk loads read artifacts the page cache mostly holds "
+              "(a few artifacts back every tenant).", ""]
+    return lines
+
+
 def cold_lines(result: dict) -> list[str]:
     dc, fc = result.get("delta_cold"), result.get("full_cold")
     if not (dc or fc):
@@ -193,6 +228,11 @@ def short_table(result: dict) -> str:
         out.append(f"cold start: delta {dc['cold_start_s']:.2f}s" if dc else "cold start: delta –")
         if fc:
             out[-1] += f", full fine-tune {fc['cold_start_s']:.2f}s"
+    z = result.get("zipf")
+    if z:
+        out.append(f"zipf ({z['deltas']} deltas, {z['n']} slots): {g(tok(z)).strip()} tok/s, device hits "
+                   f"{_pct(z['device_hit_rate'])} (LRU predicts {_pct(z['sim_device_hit_rate'])}), TTFT p99 "
+                   + ", ".join(f"{lab} {_f(v['ttft_ms_p99'], 0)}" for lab, v in z["by_label"].items()) + " ms")
     out += goals(result)
     return "\n".join(out)
 
@@ -209,7 +249,7 @@ def merge_results(paths: list[str]) -> dict:
         keep = {(x["mode"], x["n"]): x for x in merged["runs"]}
         keep.update({(x["mode"], x["n"]): x for x in r["runs"]})
         merged["runs"] = list(keep.values())
-        for k in ("delta_cold", "full_cold", "artifacts"):
+        for k in ("delta_cold", "full_cold", "artifacts", "zipf"):
             if k in r:
                 merged[k] = r[k]
         if "merged" in r:
@@ -226,6 +266,8 @@ def merge_results(paths: list[str]) -> dict:
 def _covered(skip: str, result: dict) -> bool:
     if skip.startswith("full fine-tune cold start"):
         return "full_cold" in result
+    if skip.startswith("zipf:"):
+        return "zipf" in result
     m = re.match(r"(\w+) N=(\d+):", skip)
     if m:
         return any(x["mode"] == m[1] and x["n"] == int(m[2]) for x in result["runs"])

@@ -1,6 +1,6 @@
 """One serving benchmark run, phase by phase: device and base, artifacts, the full fine-tune's cold
 start, the tenants' pool, the merged model's piece, per N the three modes, the delta cold start,
-Poisson arrivals, and the merged-per-tenant model. Returns the result serve.json holds.
+Poisson arrivals, the Zipf-tenant run, and the merged-per-tenant model. Returns the result serve.json holds.
 
     result = main_run(args, RunLog())
 """
@@ -26,6 +26,7 @@ from .merged import merged_model
 from .modes import cold_start_run, merged_piece, per_n_runs, poisson_runs
 from .setup import build_served, install_tenants, largest_n, release_slots, size_slot, write_artifacts
 from .workload import tenant_counts
+from .zipf import zipf_run
 
 
 def main_run(args, log) -> dict:
@@ -49,6 +50,9 @@ def main_run(args, log) -> dict:
             cold_start_run(run, served)
         if args.poisson_rate > 0:
             poisson_runs(run, served, pn)
+        if args.zipf_deltas > 0:  # last: it releases the tenants' pool for its own
+            run.guarded("zipf", lambda: zipf_run(run, served))
+            run.checkpoint()
         if single:
             run.result["merged"] = merged_model(run.result, ns, meta, single)
     finally:

@@ -15,6 +15,7 @@ import time
 import torch
 
 from bitdelta.artifact import load_delta
+from bitdelta.serving.memory_plan import kv_budget_from_free
 from bitdelta.serving.slots import DeltaSlots
 
 from .._common import (
@@ -101,12 +102,16 @@ def release_slots(dev, slots: DeltaSlots) -> None:
 
 def largest_n(run, served: Served) -> int:
     """How many tenants (a delta slot + one sequence's KV each) fit in the free GPU memory, keeping
-    ``--reserve-gib`` free (4 on a CPU)."""
+    ``--reserve-gib`` free (4 on a CPU). The budget is the engine's memory plan's
+    (:func:`~bitdelta.serving.memory_plan.kv_budget_from_free`) with the benchmark's reserve as its
+    only headroom: the benchmark sizes every engine's KV cache itself, for exactly its batch."""
     args, model = run.args, served.model
     kv_seq = kv_bytes_per_seq(model, args.prompt_len + args.new_tokens)
     if run.dev.on_gpu:
-        free_now = torch.cuda.mem_get_info()[0]
-        nmax = int((free_now - args.reserve_gib * GiB) // (served.slot_bytes + kv_seq))
+        free_now, total = torch.cuda.mem_get_info()
+        budget = kv_budget_from_free(free_now, total, gpu_memory_fraction=1.0,
+                                     fixed_headroom=int(args.reserve_gib * GiB))
+        nmax = int(budget // (served.slot_bytes + kv_seq))
     else:
         free_now, nmax = None, 4
     run.result["meta"].update(slot_bytes=served.slot_bytes, kv_bytes_per_seq=kv_seq, nmax=nmax,

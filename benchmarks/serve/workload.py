@@ -26,11 +26,16 @@ def kv_bytes_per_seq(model, max_len: int) -> int:
 
 
 def tenant_counts(spec: str, nmax: int) -> tuple[list[int], list[str]]:
-    """The sorted distinct N of ``spec`` ("1,8,max": max = the largest that fits) that fit, and a
-    skip note for each that does not."""
+    """The sorted distinct N of ``spec`` ("1,8,max": max = the largest that fits; "": none, for a run
+    of the other phases only) that fit, and a skip note for each that does not."""
     ns, skipped = [], []
-    for tok in spec.split(","):
-        n = nmax if tok.strip() == "max" else int(tok)
+    for tok in filter(None, (t.strip() for t in spec.split(","))):
+        if tok != "max" and not (tok.isdigit() and int(tok) > 0):
+            raise ValueError(f"tenant count {tok!r} is neither a positive integer nor 'max'")
+        n = nmax if tok == "max" else int(tok)
+        if n < 1:
+            skipped.append("N=max: not even one tenant fits")
+            continue
         if n > nmax:
             skipped.append(f"N={n}: does not fit (largest N {nmax})")
             continue

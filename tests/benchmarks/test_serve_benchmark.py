@@ -1,6 +1,7 @@
 """``python -m benchmarks.serve`` end to end on the CPU (tiny shapes, the real engine, artifacts on
 disk), and its report: the table has a row per N with every mode, goals are stated, a run cut before its first
-decode step is marked rather than given a throughput, and runs combine."""
+decode step is marked rather than given a throughput, and runs combine. The Zipf-tenant run's requests are
+labelled by where their delta was and add up; ``--ns 64,max`` runs the largest N that fits beside every mode."""
 
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("serve-smoke")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--smoke", "--out", str(out)],
+def run_smoke(out: Path, *flags: str) -> Path:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--smoke", "--out", str(out), *flags],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    return run_smoke(tmp_path_factory.mktemp("serve-smoke"))
 
 
 def test_smoke_run_measures_every_mode(smoke):
@@ -62,8 +66,9 @@ def test_merge_drops_skips_another_run_measured(smoke, tmp_path):
     from benchmarks.serve.report import merge_results
 
     first = json.loads((smoke / "serve.json").read_text())
-    first["skipped"] = ["bitdelta N=2: time budget", "base N=64: time budget"]
+    first["skipped"] = ["bitdelta N=2: time budget", "base N=64: time budget", "zipf: time budget"]
     first["runs"] = [r for r in first["runs"] if not r["mode"].startswith("poisson")]
+    zipf = first.pop("zipf")
     later = json.loads((smoke / "serve.json").read_text())
     later.pop("full_cold")
     later["runs"] = [r for r in later["runs"] if r["n"] == 1]
@@ -72,5 +77,43 @@ def test_merge_drops_skips_another_run_measured(smoke, tmp_path):
     (tmp_path / "b.json").write_text(json.dumps(later))
     merged = merge_results([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     # measured in the first run: the second run's skip of the cold start and the first's of N=2 go;
-    # nothing measured N=64 or a Poisson bitdelta run, so those stay
+    # the second ran the Zipf run the first skipped; nothing measured N=64 or a Poisson bitdelta run
     assert merged["skipped"] == ["base N=64: time budget", "poisson bitdelta: time budget"]
+    assert merged["zipf"] == zipf
+
+
+def test_smoke_zipf_run_labels_every_request_by_where_its_delta_was(smoke):
+    result = json.loads((smoke / "serve.json").read_text())
+    assert "errors" not in result, result.get("errors")
+    z = result["zipf"]
+    assert (z["deltas"], z["n"], z["host_capacity"], z["requests"]) == (40, 4, 16, 16) and not z["truncated"]
+    per = z["per_request"]
+    assert len(per) == z["requests"] and all(r["tokens"] == z["new_tokens"] for r in per)
+    counts = z["counts"]
+    assert sum(counts.values()) == z["requests"] and counts["failed"] == 0
+    assert {lab: g["requests"] for lab, g in z["by_label"].items()} == {k: v for k, v in counts.items() if v}
+    assert all(g["ttft_ms_p50"] > 0 and g["ttft_ms_p99"] >= g["ttft_ms_p50"] for g in z["by_label"].values())
+    # more tenants than the host LRU holds, the most popular registered first: its first request reads the disk
+    assert counts["disk"] >= 1 and z["device_hit_rate"] == counts["device"] / z["requests"]
+    for key in ("device_hit_rate", "host_hit_rate", "sim_device_hit_rate", "sim_host_or_device_hit_rate"):
+        assert 0.0 <= z[key] <= 1.0, key
+    # every delta that was on disk or in host memory when asked for was loaded / installed afterwards
+    assert z["disk_loads"] >= len({r["tenant"] for r in per if r["label"] == "disk"})
+    assert z["slot_installs"] >= len({r["tenant"] for r in per if r["label"] != "device"})
+    assert z["loads_per_s"] > 0 and z["installs_per_s"] > 0
+    # the most popular tenant stays in memory once loaded: its later requests find it in a slot or host memory
+    top = [r for r in per if r["tenant"] == z["top_tenant"]]
+    later = [r for r in top if r["arrival_s"] > top[0]["first_token_s"]]
+    assert top[0]["label"] == "disk" and later and all(r["label"] in ("device", "host") for r in later), top
+    md = (smoke / "serve.md").read_text()
+    assert "Zipf tenants: 40 registered deltas" in md and "| disk |" in md and "Device-slot hit rate" in md
+
+
+def test_largest_n_runs_beside_64_and_every_mode(tmp_path):
+    out = run_smoke(tmp_path, "--ns", "64,max", "--skip-cold", "--poisson-rate", "0", "--zipf-deltas", "0")
+    result = json.loads((out / "serve.json").read_text())
+    nmax = result["meta"]["nmax"]  # 4 on a CPU
+    assert {(r["mode"], r["n"]) for r in result["runs"]} == {("base-b1", 1)} | {
+        (mode, nmax) for mode in ("base", "bitdelta", "unfused")}
+    assert f"N=64: does not fit (largest N {nmax})" in result["skipped"] and "zipf" not in result
+    assert f"\n| {nmax} |" in (out / "serve.md").read_text()

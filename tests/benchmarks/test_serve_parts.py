@@ -1,5 +1,6 @@
 """Parts of benchmarks/serve on their own: the per-step recorder sees every forward through the
-engine's ``wrap_forward`` hook, tenant counts and arrivals, and the merged-per-tenant schedule."""
+engine's ``wrap_forward`` hook, tenant counts and arrivals, the Zipf trace and its LRU prediction, and the
+merged-per-tenant schedule."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import pytest
 import torch
 
 from benchmarks._common import SMOKE, BenchDevice, build_base, synthetic_delta
+from benchmarks.routing_sim import lru_hit_rate
 from benchmarks.serve.merged import merged_schedule
 from benchmarks.serve.recorder import StepRecorder
 from benchmarks.serve.workload import make_prompts, poisson_arrivals, tenant_counts
+from benchmarks.serve.zipf import hit_rates, zipf_trace
 from bitdelta.serving.engine import Engine, Request, SamplingParams
 from bitdelta.serving.slots import DeltaSlots
 
@@ -43,6 +46,37 @@ def test_tenant_counts_and_poisson_arrivals():
     assert arr[0] == 0.0 and all(b >= a for a, b in zip(arr, arr[1:]))
     assert arr[-1] / 399 == pytest.approx(0.25, rel=0.2)  # mean gap 1 / rate
     assert poisson_arrivals(4.0, 10) == arr[:10]  # seeded
+
+
+def test_tenant_counts_take_max_and_none_and_refuse_nonsense():
+    assert tenant_counts("64,max", nmax=4) == ([4], ["N=64: does not fit (largest N 4)"])
+    assert tenant_counts("1,8,32,64,max", nmax=133) == ([1, 8, 32, 64, 133], [])
+    assert tenant_counts("", nmax=4) == ([], [])
+    assert tenant_counts("max", nmax=0) == ([], ["N=max: not even one tenant fits"])
+    for bad in ("0", "-1", "eight"):
+        with pytest.raises(ValueError, match="neither a positive integer nor 'max'"):
+            tenant_counts(bad, nmax=4)
+
+
+def test_zipf_trace_is_seeded_and_the_lru_simulation_counts_hits():
+    ranks = zipf_trace(1000, 1.0, 5000)
+    assert ranks == zipf_trace(1000, 1.0, 5000) and ranks != zipf_trace(1000, 1.0, 5000, seed=1)
+    assert all(0 <= k < 1000 for k in ranks)
+    # Zipf(1) over 1000: rank 0 draws 1 / H(1000) of the requests, rank 1 half as many
+    share = [ranks.count(k) / len(ranks) for k in (0, 1)]
+    assert share[0] == pytest.approx(0.1336, abs=0.015) and share[1] == pytest.approx(share[0] / 2, abs=0.015)
+    # capacity 2: miss 0, miss 1, hit 0, miss 2 (evicts 1), miss 1 (evicts 0), hit 2, hit 1
+    assert lru_hit_rate([0, 1, 0, 2, 1, 2, 1], 2) == pytest.approx(3 / 7)
+    assert lru_hit_rate([], 2) == 0.0
+    assert lru_hit_rate(ranks, 32) < lru_hit_rate(ranks, 128) < 1.0
+
+
+def test_zipf_hit_rates_from_labels():
+    per = [{"label": lab} for lab in ("disk", "device", "host", "device", "disk")]
+    rates = hit_rates(per)
+    assert rates["counts"] == {"device": 2, "host": 1, "disk": 2, "failed": 0}
+    assert rates["device_hit_rate"] == pytest.approx(2 / 5) and rates["host_hit_rate"] == pytest.approx(1 / 3)
+    assert hit_rates([])["device_hit_rate"] is None
 
 
 def test_merged_schedule_overlaps_one_copy_with_the_running_model():
