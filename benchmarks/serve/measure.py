@@ -71,7 +71,7 @@ def run_workload(run, model, slots, tenants, *, arrivals=None, max_batch=None, n
     run.dev.free_memory()
     res = summarize(wl, trace, run.args.prompt_len)
     if classify is not None:
-        res.update(by_label(wl, trace))
+        res.update(by_label(trace))
     res.update(kv_cache_bytes=kv_bytes, peak_allocated_bytes=peak, truncated=trace.truncated,
                profile=recorder.profile, cuda_graphs=graphs)
     decode = [s for s in trace.steps if s["decode"]]
@@ -183,7 +183,7 @@ def tpots(tr: Trace, reqs) -> list[float]:
     return [(t[-1] - t[0]) / (len(t) - 1) for t in (tr.token_times[r.id] for r in reqs) if len(t) > 1]
 
 
-def by_label(wl: Workload, tr: Trace) -> dict:
+def by_label(tr: Trace) -> dict:
     """TTFT / TPOT percentiles per arrival label, and every request (tenant, label, arrival, latencies)."""
     groups: dict = {}
     for r in tr.reqs:

@@ -6,10 +6,11 @@ realistic mix.
 benchmark shares them: the registry holds each artifact's prepared host copy once), in a fresh pool
 of ``--zipf-slots`` device slots whose host LRU holds ``--zipf-host`` deltas. Tenant ``zipf-0000``
 is the most popular; a request's tenant is drawn Zipf(``--zipf-s``) over all of them (seeded), and
-requests arrive as a Poisson process at ``--zipf-rate``. Each request is labelled, as it arrives,
-by where its delta is then, read through the pool's public :meth:`~bitdelta.serving.residency.
-DeltaSlots.state`: ``device`` (READY: in a slot), ``host`` (WAITING_FOR_SLOT: in host memory),
-``disk`` (LOADING: to be read from its artifact, or being read), ``failed``.
+requests arrive as a Poisson process at ``--zipf-rate``. Each request is labelled, as it is
+submitted (at its arrival, between engine steps), by where its delta is then, read through the
+pool's public :meth:`~bitdelta.serving.residency.DeltaSlots.state`: ``device`` (READY: in a slot),
+``host`` (WAITING_FOR_SLOT: in host memory), ``disk`` (LOADING: to be read from its artifact, or
+being read), ``failed``.
 
 Measured: tokens/s, TTFT and TPOT p50/p99 overall and per label, the device-slot hit rate (share
 of requests labelled ``device``), the host hit rate (share of the others labelled ``host``),
