@@ -16,6 +16,12 @@ agree within twice it.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -157,6 +163,57 @@ def test_default_config():
     kv = default_config(1, 1024, 8192, sms)  # a 70B K/V projection: 64 strips on 132 SMs
     assert kv.split_k > 1 and kv.split_k * -(-1024 // kv.block_n) >= sms
     assert default_config(1, 64, 512, sms).split_k == 1  # too short a K to split
+
+
+# Compiles the kernel for a GPU that is not there (Triton ships its LLVM and ptxas): what a CUDA machine
+# would build, with the divisibility Triton specializes for 16-aligned pointers and K.
+_AOT = textwrap.dedent("""
+    import json, re, sys
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from bitdelta.ops import fp8_gemv as G
+
+    gemv, _ = G._kernels()
+    facts = []
+    for arch, use_dot, bm, soft in json.loads(sys.argv[1]):
+        sig = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "out_ptr": "*bf16"}
+        sig.update({a: "i32" for a in ("M", "N", "K", "stride_xm", "stride_qn", "stride_om", "stride_os",
+                                       "k_per_split")})
+        consts = {"BM": bm, "BN": 16, "BK": 256, "USE_DOT": use_dot, "SPLIT": False, "SOFT_FP8": soft,
+                  "CT": tl.bfloat16, "PREC": "tf32", "POST": 256.0 if soft else 1.0}
+        sig.update({c: "constexpr" for c in consts})
+        aligned = ("x_ptr", "q_ptr", "s_ptr", "out_ptr", "N", "K", "stride_xm", "stride_qn", "stride_om",
+                   "k_per_split")
+        attrs = {(gemv.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+        k = triton.compile(ASTSource(gemv, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": 4, "num_stages": 3})
+        ptx = k.asm["ptx"]
+        wide = len(re.findall(r"ld\\.global[^;]*\\.v4\\.b32", ptx))
+        wide += len(re.findall(r"cp\\.async\\.cg\\.shared\\.global[^;]*, 0x10", ptx))
+        facts.append({"wide_loads": wide, "e4m3_cvt": len(re.findall(r"cvt\\.rn\\.f16x2\\.e4m3x2", ptx)),
+                      "local": len(re.findall(r"(ld|st)\\.local", ptx)), "mma": "mma" in ptx})
+    print(json.dumps(facts))
+""")
+
+
+@pytest.mark.slow  # compiles four kernels (about 10 s)
+def test_kernel_compiles_for_gpus_with_wide_loads():
+    """Without a GPU: the kernel compiles for Hopper (sm_90), Ada (sm_89) and Ampere (sm_80, integer
+    conversion), reads the weights with 16-byte loads, converts with the e4m3 instruction where there is
+    one, and spills nothing to local memory."""
+    cases = [(90, False, 1, False), (90, True, 16, False), (89, True, 16, False), (80, True, 16, True)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _AOT, json.dumps(cases)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    if proc.returncode != 0 and ("ptxas" in proc.stderr or "backend" in proc.stderr.lower()):
+        pytest.skip(f"this Triton cannot compile for NVIDIA GPUs here: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    facts = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (arch, use_dot, _, soft), f in zip(cases, facts):
+        assert f["wide_loads"] > 0 and f["local"] == 0, (arch, use_dot, f)
+        assert (f["e4m3_cvt"] > 0) == (not soft), (arch, f)
+        assert f["mma"] == use_dot, (arch, f)
 
 
 # ---------------------------------------------------------------------------------- GPU

@@ -116,13 +116,13 @@ def _kernels():
             u = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
             if SOFT_FP8:  # e4m3 bits shifted into an fp16: the value times 2^-8, exactly (POST puts 2^8 back)
                 b = u.to(tl.int16)  # zero-extended
-                w = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True).to(CT)
+                w = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
             else:
-                w = u.to(tl.float8e4nv, bitcast=True).to(CT)  # [BN, BK]
+                w = u.to(tl.float8e4nv, bitcast=True)  # [BN, BK]
             xv = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             if USE_DOT:
                 # the weight tile as the first operand: it can stay in registers where it was converted
-                acc = tl.dot(w, tl.trans(xv.to(CT)), acc, input_precision=PREC)
+                acc = tl.dot(w.to(CT), tl.trans(xv.to(CT)), acc, input_precision=PREC)
             else:
                 acc += xv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         if USE_DOT:
@@ -172,6 +172,7 @@ def _soft_fp8(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9)
 
 
+@functools.lru_cache(maxsize=4096)  # a few shapes and batch sizes per model: no Python work per call
 def default_config(m: int, n: int, k: int, multiprocessors: int) -> GemvConfig:
     """The launch configuration for ``x [m, k] @ qᵀ [k, n]`` on a GPU with ``multiprocessors`` SMs.
 
