@@ -20,7 +20,7 @@ from bitdelta.errors import ConfigError
 from bitdelta.serving.config import EngineConfig
 from bitdelta.serving.engine import DEFAULT_STEP_TOKENS, Engine, Request, SamplingParams, step_token_budget
 from bitdelta.serving.graphs import DecodeGraphs
-from bitdelta.serving.memory_plan import HEADROOM_FIXED_BYTES, kv_budget_from_free, kv_slots_that_fit
+from bitdelta.serving.memory_plan import HEADROOM_FIXED_BYTES, kv_blocks_that_fit, kv_budget_from_free
 from bitdelta.serving.models import DeltaModel
 from bitdelta.serving.slots import DeltaSlots
 from serving.engine_checks import (
@@ -241,22 +241,29 @@ def test_kv_sizing_from_free_memory():
     # 80 GiB device, 60 GiB free after the base and the pool: 8 GiB + the fixed margin stay free
     budget = kv_budget_from_free(60 * gib, 80 * gib)
     assert budget == 52 * gib - HEADROOM_FIXED_BYTES
-    per_seq = 512 * 2**20  # e.g. 4096 tokens of a 7B model in half precision
-    assert kv_slots_that_fit(budget, per_seq, 64, max_len=4096, sized_from_free=True) == 64
-    assert kv_slots_that_fit(budget, per_seq, 256, max_len=4096, sized_from_free=True) == 103  # 51.5 GiB / 0.5 GiB
+    per_block = 2 * 2**20  # e.g. 16 tokens of a 7B model in half precision
+    per_seq = 256  # blocks of a 4096-token sequence
+    # 51.5 GiB of 2 MiB blocks, less the scratch block
+    assert kv_blocks_that_fit(budget, per_block, per_seq, max_len=4096, sized_from_free=True) == 26367
+    assert kv_blocks_that_fit((per_seq + 1) * per_block, per_block, per_seq, max_len=4096) == per_seq
     assert kv_budget_from_free(5 * gib, 80 * gib) == 0  # less free than the headroom
     with pytest.raises(ConfigError, match="--max-model-len.*--kv-cache-mb"):
-        kv_slots_that_fit(0, per_seq, 64, max_len=4096, sized_from_free=True)
+        kv_blocks_that_fit(0, per_block, per_seq, max_len=4096, sized_from_free=True)
     with pytest.raises(ConfigError, match="raise --kv-cache-mb"):
-        kv_slots_that_fit(per_seq - 1, per_seq, 64, max_len=4096)
+        kv_blocks_that_fit((per_seq + 1) * per_block - 1, per_block, per_seq, max_len=4096)
 
 
-def test_engine_caps_max_batch_by_its_kv_budget(tiny_models):
-    engine, _ = _tiny(tiny_models, max_batch=64, kv_cache_mb=1)
-    model = engine.model
-    per_seq = 2 * model.num_layers * engine.max_len * model.kv_heads * model.head_dim * 4
-    assert 1 <= engine.max_batch == 2**20 // per_seq < 64
-    assert engine.kv_cache_bytes == engine.max_batch * per_seq == engine.kv.k.nbytes + engine.kv.v.nbytes
+def test_engine_sizes_its_block_pool_from_its_kv_budget(tiny_models):
+    engine, _ = _tiny(tiny_models, max_batch=16, kv_cache_mb=1)
+    model, kv = engine.model, engine.kv
+    per_block = 2 * model.num_layers * kv.block_size * model.kv_heads * model.head_dim * 4
+    per_seq = -(-engine.max_len // kv.block_size)
+    # the pool is the budget's blocks (less the scratch one), at most what max_batch whole sequences need
+    assert kv.num_blocks == min(2**20 // per_block - 1, 16 * per_seq) >= per_seq
+    assert kv.num_blocks * kv.block_size < 16 * engine.max_len  # less than max_batch whole sequences ...
+    assert engine.max_batch == 16  # ... and yet max_batch is not capped by max_batch x max_len memory
+    assert _tiny(tiny_models, max_batch=64, kv_cache_mb=1)[0].max_batch == kv.num_blocks  # a block each at least
+    assert engine.kv_cache_bytes == (kv.num_blocks + 1) * per_block == engine.kv.k.nbytes + engine.kv.v.nbytes
     with pytest.raises(ValueError, match="--max-step-tokens"):
         _tiny(tiny_models, max_batch=8, max_step_tokens=4)
 
@@ -274,7 +281,8 @@ def test_startup_plan_text_on_cpu(tiny_models):
     text = rt.plan()
     assert "device        cpu, float32" in text and "unquantized base, " in text
     assert f"delta pool    {rt.slots.num_slots} slots x " in text
-    assert f"KV cache      4 slots x {rt.engine.max_len} tokens = " in text
+    kv = rt.engine.kv
+    assert f"KV cache      {kv.num_blocks} blocks x {kv.block_size} tokens = {kv.tokens} tokens, " in text
     assert "max_batch     4 running sequences" in text and "step budget   16 tokens" in text
     assert "CUDA graphs   off" in text
     rt.engine.graphs = DecodeGraphs(rt.model, rt.engine.kv, rt.slots, 4, capture=False, min_span=64)

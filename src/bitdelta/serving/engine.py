@@ -10,11 +10,16 @@ only the step that completes a prompt samples its first token. So a long prompt 
 running streams, and a step's cost stays bounded. A request whose
 delta is not device-resident waits in the queue while its delta loads in the background; the others
 keep decoding. The waiting queue is bounded (:class:`QueueFull` when it is full, the API's 429).
-Keys/values live in a preallocated slotted cache: one slot per running sequence, ``max_len``
-positions each, sized from free device memory (CUDA) or ``kv_cache_mb`` (CPU); a new sequence takes
-the lowest free slot. With ``cuda_graphs`` on (the default on CUDA), steps where every sequence decodes
-one token replay CUDA graphs captured when the engine is built (:mod:`bitdelta.serving.graphs`);
-other steps run the forward eagerly.
+Keys/values live in a paged cache (:mod:`bitdelta.serving.kv_cache`): a pool of fixed-size blocks,
+sized from free device memory (CUDA) or ``kv_cache_mb`` (CPU), from which each running sequence gets
+the blocks for its prompt when it is admitted and one more whenever its next token crosses a block
+boundary; a sequence also takes the lowest free *sequence slot* (its graph row and penalty row),
+``max_batch`` of them. When a decode step finds the pool empty, the most recently admitted running
+sequence is preempted by recompute: its blocks are freed and it goes back to the front of the queue
+with its prompt and the tokens it already produced as the context to prefill again, after which it
+goes on where it stopped (its stream sees each token once). With ``cuda_graphs`` on (the default on
+CUDA), steps where every sequence decodes one token replay CUDA graphs captured when the engine is
+built (:mod:`bitdelta.serving.graphs`); other steps run the forward eagerly.
 
 Sampling (:mod:`bitdelta.serving.sampling`) runs per request after the forward, outside any captured
 graph: penalties on the request's logits row, then greedy or seeded sampling, then log-probabilities
@@ -34,7 +39,7 @@ KV state and serves again after a pause, at most ``max_restarts_per_minute`` tim
     engine = Engine(model, slots, max_batch=32, max_queue=256); engine.start()
     req = engine.submit(Request(prompt=[1, 2, 3], tenant="zephyr", params=SamplingParams(max_tokens=8),
                                 on_event=print))     # events: Event(token=..., finish=None) ..., Event(finish="length")
-    engine.cancel(req)                               # e.g. on client disconnect: frees the slot next step
+    engine.cancel(req)                               # e.g. on client disconnect: frees its blocks next step
 """
 
 from __future__ import annotations
@@ -51,8 +56,9 @@ from typing import Callable
 import torch
 
 from . import graphs as graphs_mod
-from .mapping import BatchMapping, KVCache
-from .memory_plan import CPU_KV_CACHE_BYTES, kv_budget_from_free, kv_slots_that_fit
+from .kv_cache import DEFAULT_BLOCK_SIZE, KVCache, blocks_for
+from .mapping import BatchMapping
+from .memory_plan import CPU_KV_CACHE_BYTES, kv_blocks_that_fit, kv_budget_from_free
 from .models import DeltaModel
 from .residency import DeltaState
 from .sampling import (
@@ -129,6 +135,20 @@ class Request:
     prefilled: bool = False
     prompt_done: int = 0  # prompt tokens put in the KV cache so far (the prefill goes chunk by chunk)
     prompt_scores: list[TokenLogprob] = field(default_factory=list)  # of prompt tokens 1, 2, ... so far
+    # After a preemption: what is prefilled again (the prompt, then the tokens already produced);
+    # None while the prefill is the prompt's own.
+    context: list[int] | None = None
+    preemptions: int = 0
+
+    @property
+    def prefill_tokens(self) -> list[int]:
+        """The tokens this request's prefill puts in the cache (its prompt, or its context after a preemption)."""
+        return self.prompt if self.context is None else self.context
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether its prefill scores each prompt position (asked for, and not a prefill after a preemption)."""
+        return self.params.prompt_logprobs is not None and self.context is None
 
 
 def check_limits(max_batch: int, max_queue: int, max_prefill_tokens: int = 4096,
@@ -162,7 +182,7 @@ class Engine:
                  max_len: int | None = None, kv_cache_mb: float | None = None, gpu_memory_fraction: float = 0.9,
                  max_prefill_tokens: int = 4096, metrics=None, cuda_graphs: bool | None = None,
                  auto_restart: bool = True, restart_delay_s: float = 1.0, max_restarts_per_minute: int = 5,
-                 wrap_forward=None, max_step_tokens: int | None = None):
+                 wrap_forward=None, max_step_tokens: int | None = None, kv_block_size: int = DEFAULT_BLOCK_SIZE):
         """``cuda_graphs``: None (default) captures decode graphs when the model is on CUDA and falls
         back to eager decoding, with a warning, if that is not possible; True requires them (raises
         otherwise); False never captures. ``auto_restart``: after a failure that stops the loop, wait
@@ -172,14 +192,17 @@ class Engine:
         forward, with ``run()`` doing that forward (benchmarks time and profile steps through it).
         ``max_step_tokens``: the tokens one step holds, decode tokens and prompt chunks together (see
         :func:`step_token_budget`); ``max_prefill_tokens``: at most this many of them prompt tokens
-        (a step's prompt chunks together; the default, 4096, leaves ``max_step_tokens`` the limit)."""
+        (a step's prompt chunks together; the default, 4096, leaves ``max_step_tokens`` the limit).
+        ``kv_cache_mb`` is the paged KV cache's budget in bytes of keys and values, ``kv_block_size``
+        the positions per block; ``max_batch`` caps the sequences running at once (and their slots)."""
         check_limits(max_batch, max_queue, max_prefill_tokens, max_step_tokens)
         self.model, self.slots, self.metrics = model, slots, metrics
         self.wrap_forward = wrap_forward
         self.max_len = min(max_len or model.max_len, model.max_len)
         self.max_queue, self.max_prefill_tokens = max_queue, max_prefill_tokens
-        per_seq = KVCache.bytes_per_sequence(model.num_layers, self.max_len, model.kv_heads, model.head_dim,
-                                             model.dtype)
+        per_block = KVCache.bytes_per_block(model.num_layers, kv_block_size, model.kv_heads, model.head_dim,
+                                            model.dtype)
+        per_seq_blocks = blocks_for(self.max_len, kv_block_size)
         if kv_cache_mb is not None:
             budget = int(kv_cache_mb * 2**20)
         elif model.device.type == "cuda":  # what the base, the delta pool and the allocator's cache leave
@@ -188,14 +211,18 @@ class Engine:
             budget = kv_budget_from_free(free + cached, total, gpu_memory_fraction)
         else:
             budget = CPU_KV_CACHE_BYTES
-        self.max_batch = kv_slots_that_fit(budget, per_seq, max_batch, self.max_len,
-                                           sized_from_free=kv_cache_mb is None and model.device.type == "cuda")
-        self.kv_cache_bytes = self.max_batch * per_seq
+        num_blocks = kv_blocks_that_fit(budget, per_block, per_seq_blocks, self.max_len,
+                                        sized_from_free=kv_cache_mb is None and model.device.type == "cuda")
+        # More blocks than max_batch whole-context sequences need could never be used.
+        num_blocks = min(num_blocks, max_batch * per_seq_blocks)
+        self.max_batch = min(max_batch, num_blocks)  # every running sequence holds at least one block
         self.max_step_tokens = step_token_budget(max_step_tokens, self.max_batch)
         self.kv = KVCache(model.num_layers, self.max_batch, self.max_len, model.kv_heads, model.head_dim,
-                          model.dtype, model.device)
-        # A min-heap: the lowest free slot first keeps running sequences in low slots, and so decode
-        # steps in small graph buckets (graph rows are KV slots).
+                          model.dtype, model.device, num_blocks=num_blocks, block_size=kv_block_size)
+        self.kv_cache_bytes = self.kv.nbytes
+        self.preemptions = 0
+        # Sequence slots (graph rows, penalty rows), a min-heap: the lowest free slot first keeps running
+        # sequences in low slots, and so decode steps in small graph buckets.
         self.free_kv = list(range(self.max_batch))
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -266,6 +293,11 @@ class Engine:
         if len(req.prompt) >= self.max_len:
             raise PromptTooLong(f"the prompt has {len(req.prompt)} tokens; this model's context is {self.max_len} "
                                 "tokens including at least one generated token", "prompt")
+        need = self.kv.blocks_needed(len(req.prompt) + 1)
+        if need > self.kv.num_blocks:
+            raise PromptTooLong(f"the prompt has {len(req.prompt)} tokens; with its first generated token it needs "
+                                f"{need} KV-cache blocks of {self.kv.block_size} tokens and the whole cache holds "
+                                f"{self.kv.num_blocks}", "prompt")
         check_params(req.params)
         seed = req.params.seed
         if req.tenant is not None and self.slots.get(req.tenant) is None:
@@ -287,7 +319,7 @@ class Engine:
         return req
 
     def cancel(self, req: Request, reason: str = "abort") -> None:
-        """Stops ``req`` at the next step and frees its KV slot (no more events are sent)."""
+        """Stops ``req`` at the next step and frees its KV blocks and slot (no more events are sent)."""
         with self.cond:
             if req.finish_reason is None:
                 self.cancelled[req.id] = reason
@@ -297,6 +329,8 @@ class Engine:
         with self.cond:
             return {"waiting": len(self.waiting), "running": len(self.running), "max_batch": self.max_batch,
                     "free_kv_slots": len(self.free_kv), "max_len": self.max_len, "steps": self.steps,
+                    "kv_blocks_free": self.kv.blocks_free, "kv_blocks_total": self.kv.num_blocks,
+                    "kv_block_size": self.kv.block_size, "preemptions": self.preemptions,
                     "max_step_tokens": self.max_step_tokens,
                     "graph_replays": self.graphs.replays if self.graphs else 0,
                     "request_errors": self.request_errors, "restart_count": self.restart_count,
@@ -383,14 +417,13 @@ class Engine:
             return not self._stop
 
     def _reset(self) -> None:
-        """A fresh KV state: every slot free, the cache zeroed in place (captured graphs keep pointing
-        at it); on CUDA the decode graphs are captured again."""
+        """A fresh KV state: every slot and block free, the cache zeroed in place (captured graphs keep
+        pointing at it); on CUDA the decode graphs are captured again."""
         with self.cond:
             self.running.clear()
             self.cancelled.clear()
             self.free_kv = list(range(self.max_batch))
-        self.kv.k.zero_()
-        self.kv.v.zero_()
+            self.kv.reset()
         if self.graphs is not None and self.graphs.capture:
             self.graphs = None
             self.graphs = self._capture_graphs(self._want_graphs)
@@ -433,22 +466,53 @@ class Engine:
                 self.cancelled[r.id] = "abort"
 
     def _finish(self, r: Request, reason: str, error: str | None = None, code: str | None = None) -> None:
-        """Marks ``r`` done, frees its KV slot and delta reference, sends the final event (under the lock)."""
+        """Marks ``r`` done, frees its KV blocks, slot and delta reference, sends the final event (under the lock)."""
         if r.finish_reason is not None:
             return
         r.finish_reason = reason
+        self._let_go(r)
+        self.cancelled.pop(r.id, None)
+        if self.metrics:
+            self.metrics.finished(r)
+        self._emit(r, Event(finish=reason, error=error, code=(code or "engine_error") if reason == "error" else None))
+
+    def _let_go(self, r: Request) -> None:
+        """Takes ``r`` out of the running batch: its KV blocks, sequence slot and delta reference go back."""
         if r in self.running:
             self.running.remove(r)
         if r.kv_slot is not None:
+            self.kv.release(r.kv_slot)
             heapq.heappush(self.free_kv, r.kv_slot)
             r.kv_slot = None
         if r.tenant is not None and r.delta_slot >= 0:
             r.delta_slot = -1
             self.slots.release(r.tenant)
-        self.cancelled.pop(r.id, None)
-        if self.metrics:
-            self.metrics.finished(r)
-        self._emit(r, Event(finish=reason, error=error, code=(code or "engine_error") if reason == "error" else None))
+
+    def _preempt(self, r: Request) -> None:
+        """Preemption by recompute: ``r`` frees everything it holds and goes back to the front of the
+        queue, to prefill its prompt and the tokens it already produced again (called under the lock)."""
+        logger.info("request %d: preempted (KV cache full), %d tokens to prefill again", r.id,
+                    len(r.prompt) + len(r.output))
+        self._let_go(r)
+        if r.prefilled:
+            r.context = r.prompt + r.output
+            r.prefilled = False
+        r.prompt_done = 0
+        r.prompt_scores = []  # a scored prefill cut short scores again from its start
+        r.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(r)
+
+    def _grow(self, r: Request) -> bool:
+        """Gives decoding ``r`` the block its next token needs, preempting the most recently admitted
+        running sequences while the pool is empty; False when that was ``r`` itself (called under the lock)."""
+        length = len(r.prompt) + len(r.output)
+        while not self.kv.ensure(r.kv_slot, length):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is r:
+                return False
+        return True
 
     def _schedule(self) -> list[tuple[Request, int]]:
         """This step's sequences and how many new tokens each brings (called under the lock).
@@ -457,13 +521,19 @@ class Engine:
         in arrival order: those already part way through their prefill, then waiting requests, which
         are admitted (a KV slot, their delta's slot) only when some of their prompt fits this step.
         A running prefill the budget does not reach this step brings nothing (``0``)."""
-        plan = [(r, 1) for r in self.running if r.prefilled]
+        plan = []
+        preempted = self.preemptions
+        for r in list(self.running):  # admission order: the newest are preempted first
+            if r.prefilled and r in self.running and self._grow(r):
+                plan.append((r, 1))
         budget = min(self.max_step_tokens - len(plan), self.max_prefill_tokens)
         for r in self.running:
             if not r.prefilled:
                 take = self._chunk(r, budget)
                 budget -= take
                 plan.append((r, take))
+        if self.preemptions != preempted:  # the pool just ran dry: admit nobody this step
+            return plan
         for r in self._admit(budget):
             plan.append((r, self._chunk(r, budget)))
             budget -= plan[-1][1]
@@ -472,23 +542,31 @@ class Engine:
     @staticmethod
     def _chunk(r: Request, budget: int) -> int:
         """Prompt tokens ``r`` puts in the cache this step, out of ``budget``."""
-        left = len(r.prompt) - r.prompt_done
-        if r.params.prompt_logprobs is not None:  # one-token rows, each reading the cache up to its position
+        left = len(r.prefill_tokens) - r.prompt_done
+        if r.scores_prompt:  # one-token rows, each reading the cache up to its position
             left = min(left, max(1, min(SCORED_PREFILL_CHUNK, SCORED_PREFILL_POSITIONS // len(r.prompt))))
         return max(0, min(left, budget))
 
     def _admit(self, budget: int) -> list[Request]:
         """Moves waiting requests that can start into ``running``, in arrival order, while ``budget``
-        (prompt tokens this step) lasts; returns them."""
+        (prompt tokens this step) lasts and the KV pool holds their prefill and first token besides the
+        blocks running sequences need for their next token (so that admitting does not force a
+        preemption at once); returns them."""
         admitted = []
         keep = deque()
         # An older request waiting for a free delta slot (its delta is in host memory, every slot is
         # held by running requests) holds back later delta requests, so a stream of requests for
         # resident tenants cannot keep the slots busy forever. A delta still loading blocks nobody.
         slot_blocked = False
+        pool_blocked = False  # the oldest waiting request does not fit the pool: later ones wait behind it
+        reserved = sum(self._next_block_need(r) for r in self.running)
         while self.waiting:
             r = self.waiting.popleft()
-            if not self.free_kv or budget < 1 or (slot_blocked and r.tenant is not None):
+            if not self.free_kv or budget < 1 or pool_blocked or (slot_blocked and r.tenant is not None):
+                keep.append(r)
+                continue
+            if self.kv.blocks_needed(len(r.prefill_tokens) + 1) + reserved > self.kv.blocks_free:
+                pool_blocked = True
                 keep.append(r)
                 continue
             if r.tenant is not None:
@@ -506,11 +584,18 @@ class Engine:
                     continue
                 r.delta_slot = delta_slot
             r.kv_slot = heapq.heappop(self.free_kv)
+            self.kv.release(r.kv_slot)  # (a slot is empty unless a caller drove the model in it directly)
+            self.kv.ensure(r.kv_slot, len(r.prefill_tokens))
+            reserved += self._next_block_need(r)
             budget -= self._chunk(r, budget)
             admitted.append(r)
         self.waiting = keep
         self.running += admitted
         return admitted
+
+    def _next_block_need(self, r: Request) -> int:
+        """Blocks running ``r`` lacks for its next generated token (0 or 1)."""
+        return self.kv.missing(r.kv_slot, len(r.prompt) + len(r.output) + 1)
 
     @staticmethod
     def _entries(r: Request, take: int) -> list[tuple[int, int, list[int], int]]:
@@ -519,8 +604,8 @@ class Engine:
         if r.prefilled:
             return [(r.kv_slot, len(r.prompt) + len(r.output) - 1, [r.output[-1]], r.delta_slot)]
         start, end = r.prompt_done, r.prompt_done + take
-        if r.params.prompt_logprobs is None:
-            return [(r.kv_slot, start, list(r.prompt[start:end]), r.delta_slot)]
+        if not r.scores_prompt:
+            return [(r.kv_slot, start, list(r.prefill_tokens[start:end]), r.delta_slot)]
         # A scored prefill: one-token rows of the same KV slot, each with its own logits. Every row
         # writes its key/value before any row attends, so each sees exactly the positions before it.
         return [(r.kv_slot, i, [r.prompt[i]], r.delta_slot) for i in range(start, end)]
@@ -537,9 +622,8 @@ class Engine:
         for r, _ in plan:
             if id(r) not in before and r.params.penalized:
                 self.penalties.start(r.kv_slot, r.prompt)
-        # A graph replay writes a padding row into every slot below its bucket that no entry holds:
-        # a prefill left out of this step holds such a slot, with its prompt so far in it.
-        complete = all(take > 0 for _, take in plan)
+                if r.output:  # readmitted after a preemption: what it generated so far counts again
+                    self.penalties.record([r.kv_slot] * len(r.output), r.output)
         plan = [(r, take) for r, take in plan if take > 0]
         if not plan:
             return
@@ -547,13 +631,13 @@ class Engine:
         groups = [self._entries(r, take) for r, take in plan]
         entries = [e for g in groups for e in g]
         # A scored prefill puts one KV slot on several rows, which a graph (rows = slots) cannot hold.
-        scoring = any(not r.prefilled and r.params.prompt_logprobs is not None for r in batch_reqs)
+        scoring = any(not r.prefilled and r.scores_prompt for r in batch_reqs)
         failed: list[tuple[Request, str]] = []
         try:
-            graphable = self.graphs is not None and not scoring and complete
+            graphable = self.graphs is not None and not scoring
             batch = self.graphs.prepare(entries) if graphable else None
             if batch is None:  # not graphable
-                batch = BatchMapping.build(entries, self.model.device)
+                batch = BatchMapping.build(entries, self.model.device, self.kv)
             if self.wrap_forward is None:
                 logits = self.model.forward(batch, self.kv, self.slots)
             else:
@@ -589,7 +673,7 @@ class Engine:
                 r.output.append(tok)
                 if self.metrics:
                     self.metrics.token(r)
-                if first and r.params.prompt_logprobs is not None:
+                if first and r.scores_prompt:
                     self._emit(r, Event(prompt_logprobs=[None, *r.prompt_scores]))
                 p = r.params
                 stop = tok in p.stop_token_ids or (tok in p.eos_token_ids and not p.ignore_eos)
@@ -610,12 +694,12 @@ class Engine:
         for r, g in zip(reqs, groups):
             n = len(g)
             if not r.prefilled:
-                if r.params.prompt_logprobs is not None:
+                if r.scores_prompt:
                     for j in range(n):
                         pos = r.prompt_done + j
                         if pos + 1 < len(r.prompt):
                             scores.append((r, at + j, r.prompt[pos + 1]))
-                if r.prompt_done + sum(len(new) for _, _, new, _ in g) < len(r.prompt):  # more prompt to come
+                if r.prompt_done + sum(len(new) for _, _, new, _ in g) < len(r.prefill_tokens):  # more to come
                     at += n
                     continue
             due.append(r)
@@ -654,7 +738,8 @@ class Engine:
         rows, ok, ok_groups, failed = [], [], [], []
         for r, group in zip(reqs, groups):
             try:
-                rows.append(self.model.forward(BatchMapping.build(group, self.model.device), self.kv, self.slots))
+                rows.append(self.model.forward(BatchMapping.build(group, self.model.device, self.kv), self.kv,
+                                               self.slots))
                 ok.append(r)
                 ok_groups.append(group)
             except Exception as e:  # noqa: BLE001
@@ -666,7 +751,7 @@ class Engine:
             # anyway): if even this fails, no request is to blame.
             probe = [(failed[0][0].kv_slot, 0, [0], -1)]
             try:
-                self.model.forward(BatchMapping.build(probe, self.model.device), self.kv, self.slots)
+                self.model.forward(BatchMapping.build(probe, self.model.device, self.kv), self.kv, self.slots)
             except Exception as e:
                 raise EngineFailure(f"the model's forward fails even on a one-token probe: {type(e).__name__}: {e}") \
                     from exc

@@ -7,26 +7,29 @@ step's inputs and replays.
 
 Layout (all shapes static, nothing read back on the host):
 
-* Graph row ``i`` is KV-cache slot ``i``. A step whose sequences sit in slots below ``B`` replays a
-  graph of batch bucket ``B`` (powers of two up to ``max_batch``, which is the last bucket; at most
-  :data:`MAX_ROWS`). Rows of slots no sequence holds are padding: token 0 at position 0, no delta,
-  a context of one. A padding row writes one cache row of its own, free, slot (a later prefill of
-  that slot overwrites it; no live sequence reads it) and its logits are dropped. Because rows are
-  slots, attention reads the cache in place (no gather). The engine hands out the lowest free slot
-  first, which keeps the occupied slots, and so the bucket, small.
-* Attention covers the first ``S`` cache positions of every row, ``S`` the span bucket (powers of
-  two from :data:`MIN_SPAN`, the last one the cache length), masked per row by its context length,
-  so no host-known length is baked into the graph. Keys past a row's length are read but masked.
-* Inputs: per batch bucket one int64 buffer ``[5, B]`` (token, position, delta slot and context
-  length per row, then each sequence's row in the engine's order), filled by one host-to-device
-  copy per step. Delta pools are written in place by :class:`~bitdelta.serving.layers.DevicePool`,
-  so a graph always reads the installed deltas.
+* Graph row ``i`` is sequence slot ``i`` (the engine's ``kv_slot``). A step whose sequences sit in
+  slots below ``B`` replays a graph of batch bucket ``B`` (powers of two up to ``max_batch``, which is
+  the last bucket; at most :data:`MAX_ROWS`). Rows of slots no sequence holds are padding: token 0 at
+  position 0, no delta, a context of one, whose key and value go to the paged cache's scratch block
+  (never handed to a sequence) and whose logits are dropped. The engine hands out the lowest free
+  slot first, which keeps the occupied slots, and so the bucket, small.
+* Attention reads each row's keys through its block table
+  (:func:`~bitdelta.serving.paged_decode.paged_decode_attention`) over the first ``S`` positions,
+  ``S`` the span bucket (powers of two from :data:`MIN_SPAN`, the last one the cache length), masked
+  per row by its context length, so no host-known length is baked into the graph. Keys past a row's
+  length are read but masked; table entries past its blocks point at the scratch block.
+* Inputs: per batch bucket one int32 buffer: ``[6, B]`` (token, position, delta slot, context length
+  per row, each sequence's row in the engine's order, the flat cache row each token writes) then the
+  block tables ``[B, max_blocks]`` (``max_blocks`` for a sequence of the cache's whole length),
+  filled by one host-to-device copy per step (:func:`pack_step`). Delta pools are written in place
+  by :class:`~bitdelta.serving.layers.DevicePool`, so a graph always reads the installed deltas.
 * One graph per (batch bucket, span bucket, variant): "delta" (per-token deltas via the Triton
   decode op) or "base" (no token in the step has a delta: plain GEMMs, as the eager path). All are
   captured when the engine starts, while no sequence runs (the warm-up runs write padding rows),
   into one shared memory pool (replays never overlap).
 
-Steps that run eagerly instead: any prompt or multi-token chunk; sequences in slots at or above the
+Steps that run eagerly instead: any prompt or multi-token chunk (a prefill that sits out a step is
+no obstacle: padding rows write only the scratch block); sequences in slots at or above the
 largest bucket; a tenant whose delta is column-scaled on some module (its tokens take a separate
 call on a host-computed token set); a custom ``linear_fn`` (the unfused baseline); a delta backend
 other than Triton (the torch reference reads tenant ids on the host).
@@ -97,6 +100,19 @@ def pack_inputs(entries, bucket: int) -> list[int]:
     return tokens + pos + ids + lens + order
 
 
+def pack_step(entries, bucket: int, kv) -> list[int]:
+    """A decode graph's whole input buffer for ``entries``, flattened: the five rows of
+    :func:`pack_inputs`, then each row's flat cache row, then the ``[bucket, kv.max_blocks]`` block
+    tables. Padding rows write and read the scratch block. Every entry's slot must already hold the
+    blocks its position needs."""
+    width = kv.max_blocks
+    index, tables = [kv.pad_index] * bucket, [kv.scratch] * (bucket * width)
+    for kv_slot, start, _, _ in entries:
+        index[kv_slot] = kv.flat_index(kv_slot, [start])[0]
+        tables[kv_slot * width:(kv_slot + 1) * width] = kv.table_row(kv_slot, width)
+    return pack_inputs(entries, bucket) + index + tables
+
+
 def unsupported(model, slots) -> str | None:
     """Why this model and delta pool cannot run graph-captured decode steps (None: they can)."""
     from ..ops import Backend, resolve_backend
@@ -126,7 +142,9 @@ class DecodeGraphs:
         self.device = model.device
         self.batches = batch_buckets(min(max_batch, kv.max_batch))
         self.spans = span_buckets(kv.max_len, min_span)
-        self.inputs = {b: torch.zeros((5, b), dtype=torch.long, device=self.device) for b in self.batches}
+        self.width = kv.max_blocks
+        self.inputs = {b: torch.zeros(b * (6 + self.width), dtype=torch.int32, device=self.device)
+                       for b in self.batches}
         self.rows = torch.arange(self.batches[-1], device=self.device)
         self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_s = 0.0
@@ -153,7 +171,7 @@ class DecodeGraphs:
 
     def _capture(self, b, span, delta, pool, stream):
         inp = self.inputs[b]
-        inp.copy_(torch.tensor(pack_inputs([], b), dtype=torch.long).view(5, b))  # padding everywhere
+        inp.copy_(torch.tensor(pack_step([], b, self.kv), dtype=torch.int32))  # padding everywhere
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             # Outside the capture: compiles Triton kernels, sizes cuBLAS workspaces and allocator blocks.
@@ -168,16 +186,21 @@ class DecodeGraphs:
 
     def _forward(self, b: int, span: int, delta: bool) -> torch.Tensor:
         """The forward of bucket ``b`` over the static inputs: logits ``[b, vocab + extra]`` by row."""
-        inp, rows = self.inputs[b], self.rows[:b]
-        ids = inp[2]
-        plan = AttentionPlan(prefill=[], decode=list(range(b)), dec_rows=None, dec_slots=rows, dec_slot0=0,
-                             dec_lens=inp[3], span=span, other=[], offsets=list(range(b)))
+        head, tables, rows = self._views(b)
+        wide = head.long()  # indices as int64 (one kernel inside the graph); the block tables stay int32
+        plan = AttentionPlan(prefill=[], decode=list(range(b)), dec_rows=None, block_tables=tables,
+                             seq_lens=head[3], span=span, other=[], offsets=list(range(b)))
         # seq_delta_slots stays empty: no host-side tenant grouping may happen inside a graph (DeltaSlots
         # then makes the single row-table call; steps with col-scaled tenants never get here).
-        batch = BatchMapping(tokens=inp[0], positions=inp[1], delta_slots=ids.to(torch.int32), gather=ids + 1,
+        batch = BatchMapping(tokens=wide[0], positions=wide[1], delta_slots=head[2], gather=wide[2] + 1,
                              kv_slots=rows, seqs=[(i, 0, 1) for i in range(b)], last=rows, any_delta=delta,
-                             seq_delta_slots=[], attn=plan)
+                             seq_delta_slots=[], attn=plan, kv_index=wide[5])
         return self.model.forward_eager(batch, self.kv, self.slots)
+
+    def _views(self, b: int):
+        """Bucket ``b``'s static input as ``[6, b]`` rows, ``[b, max_blocks]`` block tables, and row ids."""
+        inp = self.inputs[b]
+        return inp[:6 * b].view(6, b), inp[6 * b:].view(b, self.width), self.rows[:b]
 
     # ------------------------------------------------------------------ per step
 
@@ -193,13 +216,17 @@ class DecodeGraphs:
                 or not self.slots.col_slots.isdisjoint(seq_slots):
             return None
         delta = any(s >= 0 for s in seq_slots)
-        key, host, n = (b, span, delta), pack_inputs(entries, b), len(entries)
+        key, n = (b, span, delta), len(entries)
         if self.capture and key not in self.graphs:
             return None
+        if not all(self.kv.ensure(slot, start + 1) for slot, start, _, _ in entries):
+            return None  # out of blocks: the eager path says so
+        host = pack_step(entries, b, self.kv)
         inp = self.inputs[b]
+        head, _, rows = self._views(b)
 
         def replay() -> torch.Tensor:
-            src = torch.tensor(host, dtype=torch.long).view(5, b)
+            src = torch.tensor(host, dtype=torch.int32)
             if self.pin:
                 inp.copy_(src.pin_memory(), non_blocking=True)
             else:
@@ -211,11 +238,11 @@ class DecodeGraphs:
                 out = self._forward(b, span, delta)
             self.replays += 1
             # A fresh tensor in the engine's order: the graph's own output is overwritten next replay.
-            return out.index_select(0, inp[4, :n])
+            return out.index_select(0, head[4, :n])
 
-        return BatchMapping(tokens=inp[0], positions=inp[1], delta_slots=inp[2], gather=inp[2], kv_slots=self.rows[:b],
-                            seqs=[(e[0], e[1], 1) for e in entries], last=inp[4, :n], any_delta=delta,
-                            seq_delta_slots=seq_slots, replay=replay)
+        return BatchMapping(tokens=head[0], positions=head[1], delta_slots=head[2], gather=head[2], kv_slots=rows,
+                            seqs=[(e[0], e[1], 1) for e in entries], last=head[4, :n], any_delta=delta,
+                            seq_delta_slots=seq_slots, replay=replay, kv_index=head[5])
 
     def stats(self) -> dict:
         return {"graphs": len(self.graphs), "capture_s": self.capture_s, "replays": self.replays,

@@ -1,8 +1,9 @@
 """Server metrics in the Prometheus text format (no client library needed).
 
 Counters per tenant (``model`` label): requests by final status, prompt and generated tokens, delta
-loads and evictions; gauges: queue depth, running requests, free KV slots, resident deltas; the
-engine's restarts and the requests it ended for their own faults.
+loads and evictions; gauges: queue depth, running requests, free KV sequence slots and free blocks
+of the paged KV cache, resident deltas; the engine's restarts, preemptions, and the requests it
+ended for their own faults.
 
 Label values come from the server, never from clients: a ``model`` label is a registered model name
 (``known``, set by the runtime), and every other name a client sends shares :data:`UNKNOWN_MODEL`,
@@ -90,6 +91,13 @@ class Metrics:
         family("bitdelta_running_requests", "gauge", "Requests in the running batch.", [({}, st["running"])])
         family("bitdelta_kv_slots_free", "gauge", "Free KV-cache sequence slots.", [({}, st["free_kv_slots"])])
         family("bitdelta_kv_slots_total", "gauge", "KV-cache sequence slots.", [({}, st["max_batch"])])
+        if "kv_blocks_total" in st:
+            family("bitdelta_kv_blocks_free", "gauge", "Free blocks of the paged KV cache.",
+                   [({}, st["kv_blocks_free"])])
+            family("bitdelta_kv_blocks_total", "gauge", "Blocks of the paged KV cache.", [({}, st["kv_blocks_total"])])
+            family("bitdelta_kv_preemptions_total", "counter",
+                   "Running sequences preempted (their KV blocks freed, recomputed later) when the cache ran out.",
+                   [({}, st.get("preemptions", 0))])
         family("bitdelta_engine_steps_total", "counter", "Engine steps run.", [({}, st["steps"])])
         family("bitdelta_engine_restarts_total", "counter", "Engine restarts after a failure that stopped its loop.",
                [({}, st.get("restart_count", 0))])

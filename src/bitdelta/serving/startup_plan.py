@@ -1,14 +1,14 @@
 """The plan a server chose, in one block printed at start-up: where memory went and the limits that follow.
 
-Most of these figures are chosen, not given (the dtype from the checkpoint, ``max_batch`` from what
-the KV cache holds, the step budget from ``max_batch``), so the server states them before the first
+Most of these figures are chosen, not given (the dtype from the checkpoint, the KV cache's blocks
+from free memory, the step budget from ``max_batch``), so the server states them before the first
 request rather than leaving them to be inferred from its behaviour.
 
     print(startup_plan(rt.model, rt.slots, rt.engine))
       device        cuda:0, bfloat16
       base          unquantized base, 13.48 GB
       delta pool    32 slots x 414.1 MB = 13.25 GB
-      KV cache      64 slots x 4096 tokens = 34.36 GB
+      KV cache      16384 blocks x 16 tokens = 262144 tokens, 34.36 GB (paged; 64 whole-context sequences)
       max_batch     64 running sequences
       step budget   512 tokens (decode tokens first, then prompt chunks)
       CUDA graphs   on: batch buckets [1, 2, 4, ...], span buckets [256, ...], captured in 9.1 s
@@ -67,6 +67,13 @@ def graphs_line(engine) -> str:
     return f"on: batch buckets {g.batches}, span buckets {g.spans}, {len(g.graphs)} captured in {g.capture_s:.1f} s"
 
 
+def kv_line(kv, max_len: int, nbytes: int) -> str:
+    """The paged cache: its blocks, the tokens they hold, its bytes, and how many whole-context sequences that is."""
+    whole = kv.tokens // max_len
+    return (f"{kv.num_blocks} blocks x {kv.block_size} tokens = {kv.tokens} tokens, {size(nbytes)} (paged; "
+            f"{whole} whole-context sequence{'s' if whole != 1 else ''})")
+
+
 def startup_plan(model, slots, engine) -> str:
     """The block ``bitdelta serve`` prints once the engine is built (one setting a line)."""
     from .quant_base import describe as describe_base
@@ -78,7 +85,7 @@ def startup_plan(model, slots, engine) -> str:
     rows = [("device", f"{model.device}, {dtype}"),
             ("base", f"{describe_base(model)}, {size(base_bytes(model))}"),
             ("delta pool", f"{slots_n} slots x {size(pool / slots_n)} = {size(pool)}"),
-            ("KV cache", f"{engine.max_batch} slots x {engine.max_len} tokens = {size(kv)}"),
+            ("KV cache", kv_line(engine.kv, engine.max_len, kv)),
             ("max_batch", f"{engine.max_batch} running sequences"),
             ("step budget", f"{engine.max_step_tokens} tokens (decode tokens first, then prompt chunks)"),
             ("CUDA graphs", graphs_line(engine))]

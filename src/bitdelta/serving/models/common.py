@@ -13,7 +13,9 @@ use; this module builds the tree from an ``Arch`` and the checkpoint's tensors:
   :class:`~bitdelta.serving.quant_linear.QuantTenantLinear` instead, which adds the same delta;
 * :class:`TenantNorm`: RMSNorm whose weight is gathered per token (a tenant may carry its own);
   ``offset=1`` is Gemma's ``(1 + w)`` scaling, computed in float32 before the cast, as Gemma does;
-* :class:`Attention`: grouped-query attention on the slotted KV cache, optional per-head q/k norms
+* :class:`Attention`: grouped-query attention on the paged KV cache (keys and values written
+  through each token's flat cache row, decode rows read through their block tables by
+  :func:`~bitdelta.serving.paged_decode.paged_decode_attention`), optional per-head q/k norms
   (Qwen3, Gemma-3), partial rotary dimensions (Phi-3), a per-layer sliding window applied as a mask
   (Mistral, Gemma-2/3: the cache keeps every position), logit soft-capping (Gemma-2) and a custom
   query scale; :class:`MLP`: gated, SiLU or GELU-tanh;
@@ -36,7 +38,9 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...errors import BitDeltaError
-from ..mapping import AttentionPlan, BatchMapping, KVCache
+from ..kv_cache import KVCache
+from ..mapping import AttentionPlan, BatchMapping
+from ..paged_decode import paged_decode_attention
 from ..quant_linear import QuantizedWeight, QuantTenantLinear
 
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -120,12 +124,17 @@ def check_common(cfg) -> None:
 @dataclass
 class Step:
     """What every module needs during one forward: the step's mapping, the KV cache, the dispatch
-    (``deltas``: ``linear``, ``gather1d``, ``embed``, ``extra_logits``), and rotary tables per key."""
+    (``deltas``: ``linear``, ``gather1d``, ``embed``, ``extra_logits``), and rotary tables per key.
+    A mapping built without the cache is bound to it here (its flat cache rows and block tables)."""
 
     batch: BatchMapping
     kv: KVCache
     deltas: object | None
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kv is not None:
+            self.batch = self.batch.bind(self.kv)
 
     @property
     def per_tenant(self) -> bool:
@@ -254,11 +263,12 @@ class Attention(nn.Module):
     def _attention(self, q, k, v, step: Step) -> torch.Tensor:
         """q [T, H, D]; k/v [T, KV, D] for the new tokens; returns [T, H*D]."""
         batch, kv = step.batch, step.kv
-        kc, vc = kv.k[self.layer], kv.v[self.layer]
-        kc[batch.kv_slots, batch.positions] = k
-        vc[batch.kv_slots, batch.positions] = v
-        plan = batch.attn
+        kc, vc = kv.k[self.layer], kv.v[self.layer]  # [blocks, block_size, KV, D]
         h, nkv, d = self.heads, self.kv_heads, self.head_dim
+        # Every new token's key and value go to its own row of the flat view (block * size + offset).
+        kc.view(-1, nkv, d).index_copy_(0, batch.kv_index, k.to(kc.dtype))
+        vc.view(-1, nkv, d).index_copy_(0, batch.kv_index, v.to(vc.dtype))
+        plan = batch.attn
         t = q.shape[0]
         if plan.decode and plan.dec_rows is None:  # a pure decode step: no scatter needed
             return self._decode(q, kc, vc, plan).reshape(t, -1)
@@ -276,11 +286,12 @@ class Attention(nn.Module):
             out[rows] = o.transpose(1, 2).reshape(g * n, h, d)
         if plan.decode:
             out[plan.dec_rows] = self._decode(q[plan.dec_rows], kc, vc, plan)
-        for i in plan.other:  # a sequence continuing with several tokens: its own mask over the cache
-            slot, start, n = batch.seqs[i]
+        for i, blocks in zip(plan.other, plan.other_blocks):  # a sequence continuing with several tokens
+            _, start, n = batch.seqs[i]
             o0, total = plan.offsets[i], start + n
-            keys = kc[slot, :total].permute(1, 0, 2)[None]  # [1, KV, L, D]
-            vals = vc[slot, :total].permute(1, 0, 2)[None]
+            # its context through its block table: [1, KV, L, D]
+            keys = kc[blocks].reshape(-1, nkv, d)[:total].permute(1, 0, 2)[None]
+            vals = vc[blocks].reshape(-1, nkv, d)[:total].permute(1, 0, 2)[None]
             qi = q[o0:o0 + n].permute(1, 0, 2)[None]  # [1, H, n, D]
             mask = _window_mask(start + torch.arange(n, device=q.device), torch.arange(total, device=q.device),
                                 self.window)
@@ -289,22 +300,9 @@ class Attention(nn.Module):
         return out.reshape(t, -1)
 
     def _decode(self, qd, kc, vc, plan: AttentionPlan):
-        """Single-token rows ``qd [B, H, D]`` over their cache rows; returns ``[B, H, D]``."""
-        b, span = qd.shape[0], plan.span
-        if plan.dec_slot0 is not None:  # consecutive slots: read the cache in place
-            keys, vals = kc[plan.dec_slot0:plan.dec_slot0 + b, :span], vc[plan.dec_slot0:plan.dec_slot0 + b, :span]
-        else:
-            keys, vals = kc[plan.dec_slots, :span], vc[plan.dec_slots, :span]
-        mask = None
-        if plan.dec_lens is not None or (self.window is not None and self.window < span):
-            lens = plan.dec_lens[:, None] if plan.dec_lens is not None else span
-            j = torch.arange(span, device=qd.device)[None, :]
-            ok = j < lens
-            if self.window is not None:  # the token at position lens - 1 sees the last `window` positions
-                ok = ok & (j >= lens - self.window)
-            mask = ok[:, None, None, :]
-        o = _attend(qd.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2), mask, self.scale, self.softcap)
-        return o.squeeze(2)  # [B, H, D]
+        """Single-token rows ``qd [B, H, D]`` over their cache blocks; returns ``[B, H, D]``."""
+        return paged_decode_attention(qd, kc, vc, plan.block_tables, plan.seq_lens, scale=self.scale,
+                                      window=self.window, softcap=self.softcap, max_len=plan.span)
 
 
 class MLP(nn.Module):
