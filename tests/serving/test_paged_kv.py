@@ -308,3 +308,43 @@ def test_graph_static_inputs_run_eagerly_equal_a_plain_eager_step(family):
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
     # the scratch block took the padding row's key; no sequence's block did
     assert kv.k[:, kv.scratch].abs().sum() > 0
+
+
+def test_stats_metrics_and_exports_name_blocks(family):
+    import bitdelta.serving as serving
+    from bitdelta.serving.mapping import KVCache as FromMapping
+    from bitdelta.serving.metrics import Metrics
+
+    assert serving.KVCache is FromMapping is KVCache
+    engine = _engine(family, max_batch=2)
+    engine.submit(Request(prompt=list(range(3, 10)), params=SamplingParams(max_tokens=4, temperature=0)))
+    engine.step()
+    st = engine.stats()
+    assert (st["kv_blocks_total"], st["kv_blocks_free"], st["kv_block_size"]) == (32, 30, BLOCK)
+    assert st["free_kv_slots"] == 1 and st["max_batch"] == 2 and st["preemptions"] == 0
+    text = Metrics().render(engine, engine.slots)
+    assert "bitdelta_kv_blocks_free 30" in text and "bitdelta_kv_blocks_total 32" in text
+    assert "bitdelta_kv_slots_free 1" in text and "bitdelta_kv_slots_total 2" in text
+    assert "bitdelta_kv_preemptions_total 0" in text
+
+
+def test_a_preempted_scored_request_sends_its_prompt_logprobs_once(family):
+    engine = _engine(family, blocks=18, max_batch=3)
+    g = torch.Generator().manual_seed(11)
+    vocab = engine.model.vocab_size
+    events: list = []
+    first = [engine.submit(Request(prompt=torch.randint(0, vocab, (9,), generator=g).tolist(), tenant=t,
+                                   params=SamplingParams(max_tokens=30, temperature=0))) for t in (None, "row")]
+    scored_prompt = torch.randint(0, vocab, (8,), generator=g).tolist()
+    scored = engine.submit(Request(prompt=scored_prompt, tenant="row", on_event=events.append,
+                                   params=SamplingParams(max_tokens=25, temperature=0, prompt_logprobs=2)))
+    for _ in range(300):
+        if all(r.finish_reason for r in [*first, scored]):
+            break
+        engine.step()
+    assert scored.preemptions >= 1 and all(r.finish_reason == "length" for r in [*first, scored])
+    with_scores = [e for e in events if e.prompt_logprobs is not None]
+    assert len(with_scores) == 1 and len(with_scores[0].prompt_logprobs) == len(scored_prompt)
+    assert [e.token for e in events if e.token is not None] == scored.output
+    assert scored.output == _alone(family, "row", scored_prompt, 25)
+    assert _all_returned(engine)
