@@ -243,14 +243,13 @@ def test_kv_sizing_from_free_memory():
     assert budget == 52 * gib - HEADROOM_FIXED_BYTES
     per_block = 2 * 2**20  # e.g. 16 tokens of a 7B model in half precision
     per_seq = 256  # blocks of a 4096-token sequence
-    # 51.5 GiB of 2 MiB blocks, less the scratch block
-    assert kv_blocks_that_fit(budget, per_block, per_seq, max_len=4096, sized_from_free=True) == 26367
-    assert kv_blocks_that_fit((per_seq + 1) * per_block, per_block, per_seq, max_len=4096) == per_seq
+    assert kv_blocks_that_fit(budget, per_block, per_seq, max_len=4096, sized_from_free=True) == 26368  # 51.5 GiB
+    assert kv_blocks_that_fit(per_seq * per_block, per_block, per_seq, max_len=4096) == per_seq
     assert kv_budget_from_free(5 * gib, 80 * gib) == 0  # less free than the headroom
     with pytest.raises(ConfigError, match="--max-model-len.*--kv-cache-mb"):
         kv_blocks_that_fit(0, per_block, per_seq, max_len=4096, sized_from_free=True)
     with pytest.raises(ConfigError, match="raise --kv-cache-mb"):
-        kv_blocks_that_fit((per_seq + 1) * per_block - 1, per_block, per_seq, max_len=4096)
+        kv_blocks_that_fit(per_seq * per_block - 1, per_block, per_seq, max_len=4096)
 
 
 def test_engine_sizes_its_block_pool_from_its_kv_budget(tiny_models):
@@ -258,8 +257,8 @@ def test_engine_sizes_its_block_pool_from_its_kv_budget(tiny_models):
     model, kv = engine.model, engine.kv
     per_block = 2 * model.num_layers * kv.block_size * model.kv_heads * model.head_dim * 4
     per_seq = -(-engine.max_len // kv.block_size)
-    # the pool is the budget's blocks (less the scratch one), at most what max_batch whole sequences need
-    assert kv.num_blocks == min(2**20 // per_block - 1, 16 * per_seq) >= per_seq
+    # the pool is the budget's blocks (a scratch block besides), at most what max_batch whole sequences need
+    assert kv.num_blocks == min(2**20 // per_block, 16 * per_seq) >= per_seq
     assert kv.num_blocks * kv.block_size < 16 * engine.max_len  # less than max_batch whole sequences ...
     assert engine.max_batch == 16  # ... and yet max_batch is not capped by max_batch x max_len memory
     assert _tiny(tiny_models, max_batch=64, kv_cache_mb=1)[0].max_batch == kv.num_blocks  # a block each at least

@@ -50,7 +50,9 @@ def test_kv_cache_tables_indices_and_sizes():
     kv = KVCache(2, 3, 10, 2, 4, torch.float32, "cpu", num_blocks=6, block_size=4)
     assert kv.k.shape == (2, 7, 4, 2, 4) and kv.max_blocks == 3 and kv.scratch == 6 and kv.tokens == 24
     assert kv.nbytes == 7 * KVCache.bytes_per_block(2, 4, 2, 4, torch.float32) == 2 * 2 * 7 * 4 * 2 * 4 * 4
-    assert KVCache.blocks_in_budget(kv.nbytes, 2, 4, 2, 4, torch.float32) == 6
+    per_block = KVCache.bytes_per_block(2, 4, 2, 4, torch.float32)
+    assert KVCache.blocks_in_budget(6 * per_block + 1, 2, 4, 2, 4, torch.float32) == 6
+    assert KVCache.bytes_per_sequence(2, 10, 2, 4, torch.float32, block_size=4) == 3 * per_block
     assert kv.ensure(1, 5) and kv.tables[1] == [0, 1]  # 5 positions: 2 blocks
     assert kv.ensure(0, 4) and kv.tables[0] == [2]
     assert kv.ensure(1, 8) and kv.tables[1] == [0, 1]  # still 2 blocks
@@ -157,7 +159,7 @@ def _engine(family, blocks: int | None = None, graphs: bool = False, **kw) -> En
     model, slots = served_with_deltas(base_hf, deltas, max_gpu_deltas=2, max_cpu_deltas=2)
     if blocks is not None:
         per_block = KVCache.bytes_per_block(model.num_layers, BLOCK, model.kv_heads, model.head_dim, model.dtype)
-        kw["kv_cache_mb"] = (blocks + 1) * per_block / 2**20
+        kw["kv_cache_mb"] = blocks * per_block / 2**20
     kw.setdefault("kv_cache_mb", 16)
     engine = Engine(model, slots, kv_block_size=BLOCK, **kw)
     if graphs:

@@ -93,15 +93,17 @@ class KVCache:
         return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     @staticmethod
-    def bytes_per_sequence(num_layers, max_len, kv_heads, head_dim, dtype) -> int:
-        """Bytes of ``max_len`` positions' keys and values over every layer (one full-length sequence)."""
-        return KVCache.bytes_per_block(num_layers, max_len, kv_heads, head_dim, dtype)
+    def bytes_per_sequence(num_layers, max_len, kv_heads, head_dim, dtype, block_size: int = DEFAULT_BLOCK_SIZE
+                           ) -> int:
+        """Bytes the blocks of one ``max_len``-token sequence take over every layer (a budget of ``n``
+        times this holds ``n`` whole sequences)."""
+        blocks = blocks_for(max_len, block_size)
+        return blocks * KVCache.bytes_per_block(num_layers, block_size, kv_heads, head_dim, dtype)
 
     @staticmethod
     def blocks_in_budget(budget_bytes: int, num_layers, block_size, kv_heads, head_dim, dtype) -> int:
-        """Allocatable blocks a cache of ``budget_bytes`` holds (the scratch block counted against it)."""
-        per_block = KVCache.bytes_per_block(num_layers, block_size, kv_heads, head_dim, dtype)
-        return max(0, budget_bytes // per_block - 1)
+        """Allocatable blocks a budget of ``budget_bytes`` buys (the one scratch block comes on top)."""
+        return budget_bytes // KVCache.bytes_per_block(num_layers, block_size, kv_heads, head_dim, dtype)
 
     @property
     def nbytes(self) -> int:

@@ -37,14 +37,15 @@ def kv_budget_from_free(free_bytes: int, total_bytes: int, gpu_memory_fraction: 
 
 def kv_blocks_that_fit(budget_bytes: int, per_block_bytes: int, blocks_per_sequence: int, max_len: int,
                        sized_from_free: bool = False) -> int:
-    """Allocatable blocks of a paged KV cache of ``budget_bytes`` (one block of the budget is the
-    cache's scratch block). Raises :class:`~bitdelta.errors.ConfigError` naming the flags to change
-    when the pool cannot hold one sequence of ``max_len`` tokens (``blocks_per_sequence`` blocks): a
-    lone sequence must always be able to run to the end of its context."""
-    blocks = budget_bytes // per_block_bytes - 1
+    """Allocatable blocks of a paged KV cache of ``budget_bytes`` (the cache's one scratch block comes
+    on top: a block out of thousands, within the headroom). Raises :class:`~bitdelta.errors.ConfigError`
+    naming the flags to change when the pool cannot hold one sequence of ``max_len`` tokens
+    (``blocks_per_sequence`` blocks): a lone sequence must always be able to run to the end of its
+    context."""
+    blocks = budget_bytes // per_block_bytes
     if blocks >= blocks_per_sequence:
         return int(blocks)
-    need, have = (blocks_per_sequence + 1) * per_block_bytes / 2**20, budget_bytes / 2**20
+    need, have = blocks_per_sequence * per_block_bytes / 2**20, budget_bytes / 2**20
     if sized_from_free:
         raise ConfigError(f"the free GPU memory left after the base and the delta pool ({have:.0f} MiB past the "
                           f"headroom) holds no sequence of {max_len} tokens ({need:.1f} MiB); lower "

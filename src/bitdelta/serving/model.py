@@ -1,13 +1,15 @@
 """The served model: where the engine gets it (:class:`DeltaModel`, a module tree per family).
 
 The model itself lives in :mod:`bitdelta.serving.models` (shared blocks in ``models/common.py``, one
-file per family); a step's metadata in :mod:`bitdelta.serving.mapping`. This module keeps the names
+file per family); a step's metadata in :mod:`bitdelta.serving.mapping`, the paged KV cache in
+:mod:`bitdelta.serving.kv_cache`. This module keeps the names
 callers built on: :class:`DeltaLlama` builds a Llama-layout model straight from tensors (what the
 serving benchmark does, with random weights made on the device), and ``DeltaLlama.from_hf`` serves
 any supported family.
 
     model = DeltaModel.from_hf(hf_model, device="cpu")
-    batch = BatchMapping.build([(kv_slot, start_pos, new_token_ids, delta_slot), ...], device)
+    kv = KVCache(model.num_layers, max_batch, max_len, model.kv_heads, model.head_dim, model.dtype, device)
+    batch = BatchMapping.build([(kv_slot, start_pos, new_token_ids, delta_slot), ...], device, kv)
     logits = model.forward(batch, kv, deltas)   # [num_sequences, vocab (+ extra rows)]
 """
 
