@@ -5,11 +5,13 @@ One run does everything, so the roofline and the timings come from the same mach
      model shape: ragged lengths, shuffled pages, window and softcap on and off, split and unsplit;
   2. measures the copy bandwidth (device-to-device copy, bytes read + written);
   3. for each model's head layout, batch B and context length: builds a paged cache with every row's
-     pages shuffled through the pool, checks the kernel once more at that shape, then times (median,
-     replayed from a CUDA graph) the kernel with the split count it picks, the kernel unsplit, and
-     the reference path (where its float32 gathers fit in memory), against the roofline: the bytes
-     the kernel must read (each row's visible keys and values once, the query, the output and the
-     block table) at the copy bandwidth. ``--sweep`` also tries a few launch configs per shape.
+     pages shuffled through the pool, checks the kernel once more at that shape, then times the
+     kernel with the split count it picks, the kernel unsplit, and the reference path (where its
+     float32 gathers fit in memory), against the roofline: the bytes the kernel must read (each
+     row's visible keys and values once, the query, the output and the block table) at the copy
+     bandwidth. Times are medians of replays from a CUDA graph, whose successive calls rotate through
+     copies of the inputs spanning ``--rotate-mib`` (so small shapes are read from HBM, not from L2).
+     ``--sweep`` also tries a few launch configs per shape.
 Prints a short table last; ``--out`` writes the results as JSON.
 
     python benchmarks/paged_attention.py --out $OUT/paged_attention.json        # H200, a few minutes
@@ -47,6 +49,7 @@ SMOKE_MODELS = {
 }
 BLOCK_SIZE = 16
 REFERENCE_BYTES_MAX = 16 * GiB  # the reference's float32 gathers above this are not timed
+MAX_COPIES = 64
 SWEEP = [dict(BLOCK_N=n, num_warps=w, num_stages=s) for n, w, s in itertools.product((32, 64, 128), (4, 8), (2, 3))]
 
 
@@ -135,18 +138,34 @@ def run_shape(name, model, batch, context, dtype, dev, bw, args, log) -> dict:
 
     dev.free_memory()  # the previous shape's cache
     lens = [context] * batch
-    q, k, v, table, seq = paged_inputs(batch, model, lens, dtype, dev.device, seed=batch + context)
+    nbytes = bytes_read(model, lens, dtype)
+    # Back-to-back calls on one small cache would read it from L2, not HBM: calls rotate through
+    # enough copies (disjoint pages of one pool) to span ROTATE_BYTES.
+    copies = min(MAX_COPIES, max(1, math.ceil(args.rotate_mib * 2**20 / nbytes)))
+    q, k, v, table, seq = paged_inputs(batch * copies, model, lens * copies, dtype, dev.device, seed=batch + context)
+    sets = [(q[i * batch:(i + 1) * batch], table[i * batch:(i + 1) * batch], seq[i * batch:(i + 1) * batch])
+            for i in range(copies)]
     kw = dict(window=model["window"], softcap=model["softcap"])
     splits = pa.choose_num_splits(batch, model["kv_heads"], context, pa._sm_count(dev.device))
-    kernel = lambda **extra: pa.paged_decode_attention_triton(q, k, v, table, seq, max_seq_len=context,  # noqa: E731
-                                                               **kw, **extra)
-    row = {"model": name, "batch": batch, "context": context, "splits": splits,
-           "bytes": bytes_read(model, lens, dtype)}
-    row["roofline_us"] = roofline_us(row["bytes"], bw)
+
+    def rotating(fn):
+        turn = itertools.cycle(sets)
+
+        def call(**extra):
+            qi, ti, si = next(turn)
+            return fn(qi, k, v, ti, si, **kw, **extra)
+        return call
+
+    kernel = rotating(lambda *a, **extra: pa.paged_decode_attention_triton(*a, max_seq_len=context, **extra))
+    row = {"model": name, "batch": batch, "context": context, "splits": splits, "bytes": nbytes, "copies": copies}
+    row["roofline_us"] = roofline_us(nbytes, bw)
     fits = reference_bytes(batch, model, context) <= (REFERENCE_BYTES_MAX if dev.on_gpu else GiB)
     if fits:
-        reference = lambda: pa.paged_decode_attention_reference(q, k, v, table, seq, **kw)  # noqa: E731
-        row["max_abs_err"] = check(kernel(), reference(), dtype, f"{name} B={batch} context={context}")
+        reference = rotating(pa.paged_decode_attention_reference)
+        qi, ti, si = sets[0]
+        expected = pa.paged_decode_attention_reference(qi, k, v, ti, si, **kw)
+        out = pa.paged_decode_attention_triton(qi, k, v, ti, si, max_seq_len=context, **kw)
+        row["max_abs_err"] = check(out, expected, dtype, f"{name} B={batch} context={context}")
         row["reference_us"] = time_us(reference, dev, args.reps)
     row["kernel_us"] = time_us(kernel, dev, args.reps)
     row["unsplit_us"] = row["kernel_us"] if splits == 1 else time_us(lambda: kernel(num_splits=1), dev, args.reps)
@@ -182,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--contexts", default="512,4096,16384")
     ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     ap.add_argument("--reps", type=int, default=50, help="timing repetitions (ms of replays on a GPU)")
+    ap.add_argument("--rotate-mib", type=float, default=512.0,
+                    help="timed calls rotate through input copies spanning this much (default: ten H200 L2s)")
     ap.add_argument("--sweep", action="store_true", help="also time a few launch configs per shape")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under the Triton interpreter")
@@ -192,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> dict:
     if args.smoke:
         args.device = args.device or "cpu"
-        args.batches, args.contexts, args.reps = "1,3", "100", 1
+        args.batches, args.contexts, args.reps, args.rotate_mib = "1,3", "100", 1, 0.25
     dev = BenchDevice(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not dev.on_gpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first imported

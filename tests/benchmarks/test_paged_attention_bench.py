@@ -27,6 +27,7 @@ def test_smoke_run_checks_and_times_every_shape(tmp_path):
     assert result["meta"]["copy_gbps"] > 0
     shapes = {(r["model"], r["batch"], r["context"]) for r in result["rows"]}
     assert shapes == {(m, b, 100) for m in bench.SMOKE_MODELS for b in (1, 3)}
+    assert any(r["copies"] > 1 for r in result["rows"])  # the timed calls rotate through input copies
     for r in result["rows"]:
         assert r["kernel_us"] > 0 and r["reference_us"] > 0 and r["roofline_us"] > 0 and r["max_abs_err"] < 1e-5
     table = proc.stdout.rstrip().splitlines()

@@ -120,6 +120,7 @@ CASES = [
     (1, 6, 6, 64, 16, [130], 1, None, torch.bfloat16, None),
     (5, 4, 1, 128, 32, [7, 100, 1, 64, 33], 33, 3.0, torch.float32, 3),
     (3, 8, 2, 64, 16, [15, 16, 17], 16, None, torch.float32, 2),
+    (1, 20, 1, 64, 16, [50], None, None, torch.float16, 2),  # a group of 20 heads: 32 rows of the dot
 ]
 
 
@@ -231,10 +232,12 @@ def build(fn, consts, types, **options):
 
 cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 for dtype, dim, block_size, group, split in [(torch.bfloat16, 128, 16, 1, False), (torch.float16, 80, 32, 4, True),
-                                             (torch.float32, 256, 16, 8, False), (torch.bfloat16, 96, 16, 6, True)]:
+                                             (torch.float32, 256, 16, 8, False), (torch.bfloat16, 96, 16, 6, True),
+                                             (torch.bfloat16, 128, 16, 20, False)]:
     elem = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
-    cfg = pa._launch_config(dim, block_size, dtype)
-    consts = dict(GROUP=group, Q_ROWS=1 if group == 1 else 16, D=dim, D_PAD=pa._next_pow2(dim),
+    q_rows = 1 if group == 1 else max(16, pa._next_pow2(group))
+    cfg = pa._launch_config(dim, block_size, dtype, q_rows)
+    consts = dict(GROUP=group, Q_ROWS=q_rows, D=dim, D_PAD=pa._next_pow2(dim),
                   BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"], SPLIT=split, HAS_WINDOW=True, HAS_SOFTCAP=True,
                   IEEE_DOT=dtype == torch.float32)
     types = lambda n: (elem if n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr") else "*i32" if n in (
@@ -257,8 +260,8 @@ for dtype, dim, block_size, group, split in [(torch.bfloat16, 128, 16, 1, False)
 
 @pytest.mark.slow  # up to a minute: Triton's whole compile pipeline down to ptxas, for a few configs
 def test_kernels_compile_for_sm90_without_a_gpu():
-    """The compiled path (not the interpreter's) builds for an H100/H200 at head dims 80-256, GQA and
-    not, split and not; and its registers spill nowhere (spills would show as stack)."""
+    """The compiled path (not the interpreter's) builds for an H100/H200 at head dims 80-256, GQA groups
+    of 1-20 heads, split and not; and its registers spill nowhere (spills would show as stack)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", SM90_COMPILE], capture_output=True, text=True, env=env,
                           timeout=600)
@@ -266,7 +269,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
         pytest.skip("this triton install has no ptxas")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("COMPILED")]
-    assert len(lines) == 6 and all("STACK:0" in line for line in lines), proc.stdout  # 4 configs, 2 merges
+    assert len(lines) == 7 and all("STACK:0" in line for line in lines), proc.stdout  # 5 configs, 2 merges
 
 
 @pytest.mark.cuda

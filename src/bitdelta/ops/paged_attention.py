@@ -179,14 +179,17 @@ def choose_num_splits(batch: int, kv_heads: int, max_seq_len: int, sm_count: int
     return max(1, min(_cdiv(want, programs), by_length, MAX_SPLITS))
 
 
-def _launch_config(d: int, block_size: int, dtype: torch.dtype) -> dict:
+def _launch_config(d: int, block_size: int, dtype: torch.dtype, q_rows: int = 16) -> dict:
     """Keys per loop step (whole pages: 16 KiB of K at D = 128 in half precision) and warps. Compiled
-    for sm_90 these use about 100 registers a thread and spill none at D = 64-256, fp16/bf16/fp32."""
+    for sm_90 these use about 100 registers a thread and spill none at D = 64-256, fp16/bf16/fp32;
+    GQA groups of more than 16 heads at D = 128 (or 8 at D = 256) take 8 warps for their larger
+    accumulator (4 warps would need 150-200 registers a thread)."""
     per_step = 64 if d <= 128 else 32
     if dtype == torch.float32:
         per_step //= 2
     block_n = max(block_size, per_step // block_size * block_size)
-    return {"BLOCK_N": block_n, "num_warps": 4, "num_stages": 2}
+    warps = 8 if q_rows * _next_pow2(d) > 16 * 256 else 4
+    return {"BLOCK_N": block_n, "num_warps": warps, "num_stages": 2}
 
 
 def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, *, scale=None, window=None,
@@ -216,13 +219,13 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, *
     if num_splits is None:
         num_splits = choose_num_splits(b, kv, bound, _sm_count(q.device))
     num_splits = max(1, int(num_splits))
-    cfg = {**_launch_config(d, block_size, q.dtype), **(config or {})}
-    if cfg["BLOCK_N"] % block_size or cfg["BLOCK_N"] & (cfg["BLOCK_N"] - 1):
-        raise ValueError(f"BLOCK_N must be a power of two and a multiple of the block size {block_size} "
-                         f"(got {cfg['BLOCK_N']})")
     # Query heads of a group as the rows of a dot with the key tile; tensor-core dots need 16 rows.
     # A group of one (no GQA) multiplies elementwise instead of padding 1 row to 16.
     q_rows = 1 if group == 1 else max(16, _next_pow2(group))
+    cfg = {**_launch_config(d, block_size, q.dtype, q_rows), **(config or {})}
+    if cfg["BLOCK_N"] % block_size or cfg["BLOCK_N"] & (cfg["BLOCK_N"] - 1):
+        raise ValueError(f"BLOCK_N must be a power of two and a multiple of the block size {block_size} "
+                         f"(got {cfg['BLOCK_N']})")
     common = dict(
         GROUP=group, Q_ROWS=q_rows, D=d, D_PAD=max(16, _next_pow2(d)), BLOCK_SIZE=block_size,
         BLOCK_N=cfg["BLOCK_N"], SPLIT=num_splits > 1,
