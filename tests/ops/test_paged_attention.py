@@ -146,6 +146,19 @@ def test_split_and_unsplit_agree_with_more_splits_than_tiles():
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_query_as_a_slice_of_a_wider_projection():
+    """q is often a view into the fused QKV output: its row stride is not H * D."""
+    q, k, v, table, seq = make_paged(3, 8, 2, 64, 16, [9, 40, 16], torch.float16, seed=4)
+    wide = torch.randn(3, 12, 64, generator=torch.Generator().manual_seed(4)).half()
+    wide[:, 2:10] = q
+    expected = pa.paged_decode_attention_reference(q, k, v, table, seq, softcap=5.0)
+    wide, k, v, table, seq = (t.to(DEVICE) for t in (wide, k, v, table, seq))
+    view = wide[:, 2:10]
+    assert not view.is_contiguous()
+    _close(pa.paged_decode_attention_triton(view, k, v, table, seq, softcap=5.0, num_splits=2), expected,
+           torch.float16)
+
+
 def test_head_dim_256_and_custom_scale():
     q, k, v, table, seq = make_paged(2, 4, 2, 256, 16, [18, 40], torch.float16, seed=7)
     expected = pa.paged_decode_attention_reference(q, k, v, table, seq, scale=0.05)
