@@ -45,7 +45,8 @@ class EngineConfig:
     max_lowrank_rank: int = _setting(0, "rank of the low-rank corrections a device slot holds (default 0: none, "
                                         "and deltas with one are refused; raised to the startup deltas' largest)",
                                      lambda c: c.int_range(0, 4096))
-    max_batch: int = _setting(64, "max running sequences (KV slots; capped by memory)", lambda c: c.int_range(1))
+    max_batch: int = _setting(64, "max running sequences (a cap: the paged KV cache gives each the blocks its tokens "
+                                  "need)", lambda c: c.int_range(1))
     max_step_tokens: int | None = _setting(None, "tokens one engine step holds: a decode token per running sequence, "
                                                  "then prompt chunks (a longer prompt is split over steps); default "
                                                  "512, at least --max-batch", lambda c: c.int_range(1))

@@ -24,7 +24,7 @@ built (:mod:`bitdelta.serving.graphs`); other steps run the forward eagerly.
 Sampling (:mod:`bitdelta.serving.sampling`) runs per request after the forward, outside any captured
 graph: penalties on the request's logits row, then greedy or seeded sampling, then log-probabilities
 when asked. A request that wants its prompt scored (``prompt_logprobs``) is prefilled as one-token
-rows of its own KV slot, :data:`SCORED_PREFILL_CHUNK` per step at most (and within the step's token
+rows of its own sequence slot, :data:`SCORED_PREFILL_CHUNK` per step at most (and within the step's token
 budget like any chunk), so every prompt position has logits.
 
 Faults stay with the request that caused them. Sampling runs per request (a failure ends that request
@@ -243,7 +243,7 @@ class Engine:
         slots.on_ready = self._wake
         self._want_graphs = cuda_graphs
         self.graphs: graphs_mod.DecodeGraphs | None = self._capture_graphs(cuda_graphs)
-        # rows are KV slots; columns every token a step's logits can hold (the base's and added ones)
+        # rows are sequence slots; columns every token a step's logits can hold (the base's and added ones)
         self.penalties = PenaltyTable(self.max_batch, model.vocab_size + getattr(slots, "max_extra", 0), model.device)
 
     def _capture_graphs(self, want: bool | None):
@@ -519,8 +519,10 @@ class Engine:
 
         Decoding sequences first, one token each; then the step's token budget left goes to prompts
         in arrival order: those already part way through their prefill, then waiting requests, which
-        are admitted (a KV slot, their delta's slot) only when some of their prompt fits this step.
-        A running prefill the budget does not reach this step brings nothing (``0``)."""
+        are admitted (a sequence slot, KV blocks, their delta's slot) only when some of their prompt
+        fits this step. A decoding sequence whose next token needs a block the pool does not have
+        preempts the most recently admitted running sequences (see :meth:`_grow`); nobody is admitted
+        in that step. A running prefill the budget does not reach this step brings nothing (``0``)."""
         plan = []
         preempted = self.preemptions
         for r in list(self.running):  # admission order: the newest are preempted first
@@ -606,7 +608,7 @@ class Engine:
         start, end = r.prompt_done, r.prompt_done + take
         if not r.scores_prompt:
             return [(r.kv_slot, start, list(r.prefill_tokens[start:end]), r.delta_slot)]
-        # A scored prefill: one-token rows of the same KV slot, each with its own logits. Every row
+        # A scored prefill: one-token rows of the same sequence slot, each with its own logits. Every row
         # writes its key/value before any row attends, so each sees exactly the positions before it.
         return [(r.kv_slot, i, [r.prompt[i]], r.delta_slot) for i in range(start, end)]
 
@@ -630,7 +632,7 @@ class Engine:
         batch_reqs = [r for r, _ in plan]
         groups = [self._entries(r, take) for r, take in plan]
         entries = [e for g in groups for e in g]
-        # A scored prefill puts one KV slot on several rows, which a graph (rows = slots) cannot hold.
+        # A scored prefill puts one sequence slot on several rows, which a graph (rows = slots) cannot hold.
         scoring = any(not r.prefilled and r.scores_prompt for r in batch_reqs)
         failed: list[tuple[Request, str]] = []
         try:

@@ -86,7 +86,7 @@ def pick(value: int, buckets: list[int]) -> int | None:
 
 
 def pack_inputs(entries, bucket: int) -> list[int]:
-    """The ``[5, bucket]`` input buffer of one decode step, flattened; row ``i`` is KV slot ``i``.
+    """The ``[5, bucket]`` input buffer of one decode step, flattened; row ``i`` is sequence slot ``i``.
 
     ``entries``: ``(kv_slot, position, [token], delta_slot)`` per sequence, every ``kv_slot <
     bucket``. Rows: token, position, delta slot (-1 = base), context length (position + 1, the new
