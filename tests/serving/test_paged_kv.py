@@ -54,6 +54,7 @@ def test_kv_cache_tables_indices_and_sizes():
     assert KVCache.blocks_in_budget(6 * per_block + 1, 2, 4, 2, 4, torch.float32) == 6
     assert KVCache.bytes_per_sequence(2, 10, 2, 4, torch.float32, block_size=4) == 3 * per_block
     assert kv.ensure(1, 5) and kv.tables[1] == [0, 1]  # 5 positions: 2 blocks
+    assert kv.host_tables[1].tolist() == [0, 1, 6] and kv.host_tables[0].tolist() == [6, 6, 6]
     assert kv.ensure(0, 4) and kv.tables[0] == [2]
     assert kv.ensure(1, 8) and kv.tables[1] == [0, 1]  # still 2 blocks
     assert kv.ensure(1, 9) and kv.tables[1] == [0, 1, 3]
@@ -67,9 +68,11 @@ def test_kv_cache_tables_indices_and_sizes():
         kv.ensure(0, 11)
     kv.release(1)
     assert kv.blocks_free == 3 and kv.tables[1] == [] and kv.ensure(0, 10) and kv.tables[0] == [2, 0, 1]
+    assert kv.host_tables.tolist() == [[2, 0, 1], [6, 6, 6], [4, 5, 6]]  # in step with the lists
     kv.k.fill_(1.0)
     kv.reset()
     assert kv.blocks_free == 6 and all(t == [] for t in kv.tables) and not kv.k.any()
+    assert (kv.host_tables == kv.scratch).all()
 
 
 # ---------------------------------------------------------------------- paged decode attention
@@ -293,7 +296,7 @@ def test_graph_static_inputs_run_eagerly_equal_a_plain_eager_step(family):
     kv, model = engine.kv, engine.model
     assert all(kv.ensure(slot, pos + 1) for slot, pos, _, _ in entries)  # as the engine does before a step
     host = pack_step(entries, 4, kv)
-    head, tables = torch.tensor(host[:24]).view(6, 4), torch.tensor(host[24:]).view(4, kv.max_blocks)
+    head, tables = host[:24].view(6, 4), host[24:].view(4, kv.max_blocks)
     for slot, pos, _, _ in entries:
         assert head[3, slot] == pos + 1 and head[5, slot] == kv.flat_index(slot, [pos])[0]
         assert tables[slot].tolist() == kv.table_row(slot, kv.max_blocks)

@@ -100,17 +100,17 @@ def pack_inputs(entries, bucket: int) -> list[int]:
     return tokens + pos + ids + lens + order
 
 
-def pack_step(entries, bucket: int, kv) -> list[int]:
-    """A decode graph's whole input buffer for ``entries``, flattened: the five rows of
-    :func:`pack_inputs`, then each row's flat cache row, then the ``[bucket, kv.max_blocks]`` block
-    tables. Padding rows write and read the scratch block. Every entry's slot must already hold the
-    blocks its position needs."""
-    width = kv.max_blocks
-    index, tables = [kv.pad_index] * bucket, [kv.scratch] * (bucket * width)
+def pack_step(entries, bucket: int, kv) -> torch.Tensor:
+    """A decode graph's whole input buffer for ``entries``, flattened, as an int32 host tensor: the
+    five rows of :func:`pack_inputs`, then each row's flat cache row, then the ``[bucket,
+    kv.max_blocks]`` block tables (rows ``0 .. bucket - 1`` of the cache's host tables: a slot no
+    sequence holds has only scratch entries). Padding rows write and read the scratch block. Every
+    entry's slot must already hold the blocks its position needs."""
+    index = [kv.pad_index] * bucket
     for kv_slot, start, _, _ in entries:
         index[kv_slot] = kv.flat_index(kv_slot, [start])[0]
-        tables[kv_slot * width:(kv_slot + 1) * width] = kv.table_row(kv_slot, width)
-    return pack_inputs(entries, bucket) + index + tables
+    head = torch.tensor(pack_inputs(entries, bucket) + index, dtype=torch.int32)
+    return torch.cat((head, kv.host_tables[:bucket].flatten()))
 
 
 def unsupported(model, slots) -> str | None:
@@ -171,7 +171,8 @@ class DecodeGraphs:
 
     def _capture(self, b, span, delta, pool, stream):
         inp = self.inputs[b]
-        inp.copy_(torch.tensor(pack_step([], b, self.kv), dtype=torch.int32))  # padding everywhere
+        # padding everywhere (no sequence runs during capture: every table row is scratch)
+        inp.copy_(pack_step([], b, self.kv))
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             # Outside the capture: compiles Triton kernels, sizes cuBLAS workspaces and allocator blocks.
@@ -226,7 +227,7 @@ class DecodeGraphs:
         head, _, rows = self._views(b)
 
         def replay() -> torch.Tensor:
-            src = torch.tensor(host, dtype=torch.int32)
+            src = host
             if self.pin:
                 inp.copy_(src.pin_memory(), non_blocking=True)
             else:

@@ -84,6 +84,9 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.tables: list[list[int]] = [[] for _ in range(max_batch)]
+        # The same tables as one host tensor, rows padded with the scratch block and kept in step with
+        # the lists, so that a step's block tables are a slice, not a Python loop over every entry.
+        self.host_tables = torch.full((max_batch, self.max_blocks), self.scratch, dtype=torch.int32)
 
     # ------------------------------------------------------------------ sizing
 
@@ -138,18 +141,22 @@ class KVCache:
         got = self.allocator.allocate(need)
         if got is None:
             return False
+        held = len(self.tables[slot])
         self.tables[slot].extend(got)
+        self.host_tables[slot, held:held + need] = torch.tensor(got, dtype=torch.int32)
         return True
 
     def release(self, slot: int) -> None:
         """Returns ``slot``'s blocks to the free list."""
         self.allocator.free(self.tables[slot])
         self.tables[slot] = []
+        self.host_tables[slot].fill_(self.scratch)
 
     def reset(self) -> None:
         """Every block free, every table empty, the cache zeroed in place (captured graphs keep pointing at it)."""
         self.allocator.reset()
         self.tables = [[] for _ in range(self.max_batch)]
+        self.host_tables.fill_(self.scratch)
         self.k.zero_()
         self.v.zero_()
 

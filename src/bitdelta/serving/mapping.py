@@ -118,29 +118,32 @@ class BatchMapping:
         dec_lens = [seqs[i][1] + 1 for i in decode]
         span = max(dec_lens, default=0)
         rows_all = dec_rows == list(range(len(toks)))
-        tables, other_blocks = [], []
+        other_blocks = []
         width = blocks_for(span, kv.block_size) if kv is not None else 0
         if kv is not None:
-            for i in decode:
-                tables += kv.table_row(seqs[i][0], width)
             for i in other:
                 slot, start, n = seqs[i]
                 other_blocks.append(kv.tables[slot][:blocks_for(start + n, kv.block_size)])
-        # One host buffer, one copy to the device (pinned and asynchronous on CUDA).
-        parts = [toks, pos, ids, kvs, last, dec_rows, flat, dec_lens, tables, *other_blocks]
-        buf = torch.tensor([v for part in parts for v in part], dtype=torch.long)
+        # One host buffer, one copy to the device (pinned and asynchronous on CUDA). The decode rows'
+        # block tables come last, sliced from the cache's host tables (no loop over their entries).
+        parts = [toks, pos, ids, kvs, last, dec_rows, flat, dec_lens, *other_blocks]
+        host = torch.tensor([v for part in parts for v in part], dtype=torch.long)
+        if kv is not None and decode:
+            rows = torch.tensor([seqs[i][0] for i in decode])
+            tables = kv.host_tables.index_select(0, rows)[:, :width]  # (indexing by a list is far slower)
+            host = torch.cat((host, tables.flatten().long()))
         if torch.device(device).type == "cuda":
-            buf = buf.pin_memory().to(device, non_blocking=True)
+            buf = host.pin_memory().to(device, non_blocking=True)
         else:
-            buf = buf.to(device)
+            buf = host.to(device)
         views, at = [], 0
         for part in parts:
             views.append(buf[at:at + len(part)])
             at += len(part)
-        tok_t, pos_t, ids64, kv_t, last_t, rows_t, flat_t, lens_t, tables_t, *other_t = views
+        tok_t, pos_t, ids64, kv_t, last_t, rows_t, flat_t, lens_t, *other_t = views
         bound = kv is not None
         plan = AttentionPlan(prefill, decode, None if rows_all else rows_t,
-                             tables_t.view(len(decode), width).to(torch.int32) if bound else None,
+                             buf[at:].view(len(decode), width).to(torch.int32) if bound else None,
                              lens_t.to(torch.int32), span, other, offsets, other_t)
         return cls(tok_t, pos_t, ids64.to(torch.int32), ids64 + 1, kv_t, seqs, last_t,
                    any(s >= 0 for *_, s in entries), [s for *_, s in entries], plan,
