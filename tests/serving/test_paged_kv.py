@@ -353,3 +353,42 @@ def test_a_preempted_scored_request_sends_its_prompt_logprobs_once(family):
     assert [e.token for e in events if e.token is not None] == scored.output
     assert scored.output == _alone(family, "row", scored_prompt, 25)
     assert _all_returned(engine)
+
+
+def _decode_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(3, 4, 8, generator=g)
+    k, v = torch.randn(2, 10, 4, 2, 8, generator=g).unbind(0)
+    tables = torch.tensor([[3, 1, 0], [2, 4, 7], [9, 5, 6]], dtype=torch.int32)
+    lens = torch.tensor([9, 4, 11], dtype=torch.int32)
+    return q, k, v, tables, lens
+
+
+@pytest.mark.parametrize("kernel", ["right", "wrong", "raises"])
+def test_decode_attention_uses_the_kernel_only_after_its_trial(monkeypatch, kernel):
+    """Where the model would take the Triton kernel (CUDA), a kernel that fails or disagrees with the PyTorch path on
+    its first call is never used (the PyTorch path answers); one that agrees is used from then on."""
+    import bitdelta.ops.paged_attention as ops_attention
+    from bitdelta.serving import paged_decode
+
+    calls = []
+
+    def fake_kernel(q, k, v, tables, lens, *, scale=None, window=None, softcap=None, max_seq_len=None):
+        calls.append(1)
+        if kernel == "raises":
+            raise RuntimeError("does not compile here")
+        out = paged_decode.paged_decode_attention(q, k, v, tables, lens, scale=scale, window=window, softcap=softcap,
+                                                  max_len=max_seq_len)
+        return out if kernel == "right" else out + 1.0
+
+    monkeypatch.setattr(paged_decode, "_wants_kernel", lambda q: True)
+    monkeypatch.setattr(paged_decode, "_KERNEL_OK", {})
+    monkeypatch.setattr(ops_attention, "paged_decode_attention_triton", fake_kernel)
+    monkeypatch.setattr("bitdelta.ops.triton_available", lambda: True)
+    q, k, v, tables, lens = _decode_inputs()
+    want = paged_decode.paged_decode_attention(q, k, v, tables, lens, window=6, max_len=11)
+    for _ in range(3):
+        got = paged_decode.decode_attention(q, k, v, tables, lens, window=6, max_len=11)
+        assert torch.allclose(got, want, atol=1e-6)
+    # the trial calls the kernel once (on the first call); a kernel that passed it then answers all three calls
+    assert len(calls) == (4 if kernel == "right" else 1)

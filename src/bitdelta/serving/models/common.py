@@ -40,7 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ...errors import BitDeltaError
 from ..kv_cache import KVCache
 from ..mapping import AttentionPlan, BatchMapping
-from ..paged_decode import paged_decode_attention
+from ..paged_decode import decode_attention
 from ..quant_linear import QuantizedWeight, QuantTenantLinear
 
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -301,8 +301,8 @@ class Attention(nn.Module):
 
     def _decode(self, qd, kc, vc, plan: AttentionPlan):
         """Single-token rows ``qd [B, H, D]`` over their cache blocks; returns ``[B, H, D]``."""
-        return paged_decode_attention(qd, kc, vc, plan.block_tables, plan.seq_lens, scale=self.scale,
-                                      window=self.window, softcap=self.softcap, max_len=plan.span)
+        return decode_attention(qd, kc, vc, plan.block_tables, plan.seq_lens, scale=self.scale,
+                                window=self.window, softcap=self.softcap, max_len=plan.span)
 
 
 class MLP(nn.Module):
