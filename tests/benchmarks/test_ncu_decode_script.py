@@ -11,6 +11,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "ncu_decode.py"
 
 
+@pytest.mark.slow  # the profiling script in a subprocess, three times
 @pytest.mark.parametrize("gemv", [0, 1, 2])
 def test_ncu_decode_script_matches_reference(gemv):
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks import paged_attention as bench
@@ -16,6 +17,7 @@ from benchmarks import paged_attention as bench
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "paged_attention.py"
 
 
+@pytest.mark.slow  # the benchmark's smoke run in a subprocess, in the interpreter
 def test_smoke_run_checks_and_times_every_shape(tmp_path):
     out = tmp_path / "paged.json"
     env = dict(os.environ, TRITON_INTERPRET="1")

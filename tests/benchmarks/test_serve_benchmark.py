@@ -109,6 +109,7 @@ def test_smoke_zipf_run_labels_every_request_by_where_its_delta_was(smoke):
     assert "Zipf tenants: 40 registered deltas" in md and "| disk |" in md and "Device-slot hit rate" in md
 
 
+@pytest.mark.slow  # a second smoke run of the whole benchmark
 def test_largest_n_runs_beside_64_and_every_mode(tmp_path):
     out = run_smoke(tmp_path, "--ns", "64,max", "--skip-cold", "--poisson-rate", "0", "--zipf-deltas", "0")
     result = json.loads((out / "serve.json").read_text())

@@ -330,6 +330,7 @@ def test_fp8_gemv_that_fails_its_trial_is_never_used(gemv_on_cpu, monkeypatch, c
     assert torch.equal(layer.base(x), F.linear(x, layer.dequantized()))
 
 
+@pytest.mark.slow  # the whole engine with the GEMV in the Triton interpreter
 def test_engine_on_fp8_gemv_matches_merged_dequantized_model(pair, gemv_on_cpu, monkeypatch):
     """On the CPU the GEMV runs the base-only steps of at most 16 rows (tenants' steps make the dispatch
     call on the dequantized weight, larger ones dequantize): greedy tokens of the merged dequantized
