@@ -382,7 +382,7 @@ def test_decode_attention_uses_the_kernel_only_after_its_trial(monkeypatch, kern
         return out if kernel == "right" else out + 1.0
 
     monkeypatch.setattr(paged_decode, "_wants_kernel", lambda q: True)
-    monkeypatch.setattr(paged_decode, "_KERNEL_OK", {})
+    monkeypatch.setattr(paged_decode, "_KERNELS", {})
     monkeypatch.setattr(ops_attention, "paged_decode_attention_triton", fake_kernel)
     monkeypatch.setattr("bitdelta.ops.triton_available", lambda: True)
     q, k, v, tables, lens = _decode_inputs()

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Callable
 
 import torch
 
 logger = logging.getLogger(__name__)
 # Relative error above which the kernel's trial counts as a disagreement (the two differ by rounding only).
 TRIAL_REL_ERROR = 2e-2
-_KERNEL_OK: dict[tuple, bool] = {}  # (device, dtype, H, KV, D, block_size, window, softcap) -> trial passed
+# (device, dtype, H, KV, D, block_size, window, softcap) -> the kernel, once its trial passed; None: PyTorch
+_KERNELS: dict[tuple, Callable | None] = {}
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -76,25 +78,29 @@ def _wants_kernel(q: torch.Tensor) -> bool:
     return q.is_cuda and os.environ.get("BITDELTA_PAGED_ATTENTION", "auto") != "torch"
 
 
-def _kernel_trial(q, k_cache, v_cache, block_tables, seq_lens, scale, window, softcap, max_len) -> bool:
-    """Whether the Triton kernel runs on these inputs and agrees with the PyTorch path (once per configuration;
-    the trial is made on the first real call, which the engine makes eagerly before any graph capture)."""
-    from bitdelta.ops.paged_attention import paged_decode_attention_triton
+def _kernel_after_trial(q, k_cache, v_cache, block_tables, seq_lens, scale, window, softcap, max_len):
+    """The Triton kernel if it runs on these inputs and agrees with the PyTorch path, else None (asked once per
+    configuration, on the first real call, which the engine makes eagerly before any graph capture)."""
+    from bitdelta.ops import triton_available
+
+    if not triton_available():
+        return None
+    from bitdelta.ops.paged_attention import paged_decode_attention_triton as kernel
 
     try:
-        got = paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale=scale, window=window,
-                                            softcap=softcap, max_seq_len=max_len)
+        got = kernel(q, k_cache, v_cache, block_tables, seq_lens, scale=scale, window=window, softcap=softcap,
+                     max_seq_len=max_len)
     except Exception as e:  # noqa: BLE001 - any failure (a compile error included) means: use the PyTorch path
         logger.warning("the paged decode-attention kernel does not run here (%s); attention uses PyTorch", e)
-        return False
+        return None
     want = paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=scale, window=window,
                                   softcap=softcap, max_len=max_len)
     err = float((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-30))
     if not err < TRIAL_REL_ERROR:
         logger.warning("the paged decode-attention kernel is %.2g away from the PyTorch path; attention uses "
                        "PyTorch", err)
-        return False
-    return True
+        return None
+    return kernel
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -102,17 +108,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      softcap: float | None = None, max_len: int | None = None) -> torch.Tensor:
     """:func:`paged_decode_attention`'s result, by the Triton kernel on CUDA where its trial passed."""
     if _wants_kernel(q):
-        from bitdelta.ops import triton_available
-
         key = (str(q.device), q.dtype, q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1], window, softcap)
-        ok = _KERNEL_OK.get(key)
-        if ok is None:
-            ok = _KERNEL_OK[key] = triton_available() and _kernel_trial(
-                q, k_cache, v_cache, block_tables, seq_lens, scale, window, softcap, max_len)
-        if ok:
-            from bitdelta.ops.paged_attention import paged_decode_attention_triton
-
-            return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale=scale,
-                                                 window=window, softcap=softcap, max_seq_len=max_len)
+        if key not in _KERNELS:
+            _KERNELS[key] = _kernel_after_trial(q, k_cache, v_cache, block_tables, seq_lens, scale, window, softcap,
+                                                max_len)
+        kernel = _KERNELS[key]
+        if kernel is not None:
+            return kernel(q, k_cache, v_cache, block_tables, seq_lens, scale=scale, window=window, softcap=softcap,
+                          max_seq_len=max_len)
     return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=scale, window=window,
                                   softcap=softcap, max_len=max_len)
