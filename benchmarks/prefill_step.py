@@ -1,0 +1,243 @@
+"""GPU benchmark of prompt prefill with deltas: where a prefill step's time goes, and its ops alone.
+
+A serving run showed prompt steps that cost hundreds of milliseconds with deltas where the base
+alone takes tens. This script isolates them on a Llama-2-7B-shaped model (``--layers`` of its 32
+layers, random bf16 weights, synthetic 1-bit deltas):
+
+* engine prefill: ``n`` requests of ``len`` prompt tokens (each its own tenant, or the base alone)
+  put through :class:`~bitdelta.serving.engine.Engine` with one generated token, at the default
+  step token budget and at a budget that holds every prompt in one step; wall time per step and in
+  all, and one prompt step under the torch profiler, its GPU time grouped by part;
+* the segmented op alone on the three 7B matrix shapes for the same row layouts: cuBLAS base-only,
+  the default configuration, the fused Triton GEMM only (``EXPAND_MIN`` 0) and the expand path only
+  (``EXPAND_MIN`` 1), each checked against the reference op first.
+
+    python -m benchmarks.prefill_step --layers 8 --cases 1x128,4x128,32x128,1x2048 --sweep
+
+Prints a table last and writes ``prefill_step.json`` to ``$OUT`` when set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bitdelta.ops import reference as ref
+from bitdelta.ops import triton_ops
+from bitdelta.serving.engine import Engine, Request
+from bitdelta.serving.sampling import SamplingParams
+
+from ._common import LLAMA2_7B, build_base, random_linear_inputs, synthetic_delta, write_json
+from .kernels import SEG_CONFIGS
+from .serve.recorder import by_group_ms, gpu_kernels
+from .serve.setup import SharedArtifactSlots
+from .serve.workload import kv_bytes_per_seq
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (k, n) of q/k/v/o, gate/up, down
+
+
+def parse_cases(text: str) -> list[tuple[int, int]]:
+    """``"1x128,32x128"`` -> [(1, 128), (32, 128)]: sequences x prompt tokens."""
+    out = []
+    for part in text.split(","):
+        n, length = part.lower().split("x")
+        out.append((int(n), int(length)))
+    return out
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+T0 = time.perf_counter()
+
+
+# ------------------------------------------------------------------------------------ engine level
+
+
+class ProfileOnce:
+    """``wrap_forward`` hook: records each forward's wall time (synchronised) and runs the first
+    forward with prompt tokens under the torch profiler when ``armed``."""
+
+    def __init__(self, armed: bool):
+        self.armed, self.steps, self.profile = armed, [], None
+
+    def __call__(self, forward, batch):
+        prompt = any(n > 1 for _, _, n in batch.seqs)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        if prompt and self.armed:
+            self.armed = False
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                out = forward()
+                torch.cuda.synchronize()
+            kernels = gpu_kernels(prof)
+            top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:10]
+            self.profile = {"gpu_busy_ms": sum(v[0] for v in kernels.values()) / 1e3,
+                            "kernels": sum(v[1] for v in kernels.values()),
+                            "by_group_ms": by_group_ms(kernels),
+                            "top": [(n[:90], v[0] / 1e3, v[1]) for n, v in top],
+                            "tokens": sum(n for _, _, n in batch.seqs)}
+        else:
+            out = forward()
+        torch.cuda.synchronize()
+        self.steps.append({"ms": (time.perf_counter() - t) * 1e3, "tokens": sum(n for _, _, n in batch.seqs),
+                           "prompt": prompt})
+        return out
+
+
+def engine_prefill(model, slots, tenants, length: int, budget: int | None, profile: bool) -> dict:
+    """Every request prefilled and given one token; the steps' times (and one profiled prompt step)."""
+    n = len(tenants)
+    hook = ProfileOnce(profile)
+    per_seq = kv_bytes_per_seq(model, length + 4)
+    engine = Engine(model, slots, max_batch=n, max_queue=n + 1, max_len=length + 4,
+                    kv_cache_mb=(per_seq * n + 2**20) / 2**20, cuda_graphs=False, wrap_forward=hook,
+                    max_step_tokens=budget, max_prefill_tokens=max(budget or 0, 4096))
+    g = torch.Generator().manual_seed(length + n)
+    reqs = [Request(prompt=torch.randint(0, model.vocab_size, (length,), generator=g).tolist(), tenant=t,
+                    params=SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)) for t in tenants]
+    t = time.perf_counter()
+    for r in reqs:
+        engine.submit(r)
+    while engine.running or engine.waiting:
+        engine.step()
+    wall = (time.perf_counter() - t) * 1e3
+    prompt_steps = [s for s in hook.steps if s["prompt"]]
+    del engine
+    torch.cuda.empty_cache()
+    return {"wall_ms": wall, "steps": len(hook.steps), "prompt_steps": len(prompt_steps),
+            "prompt_ms": sum(s["ms"] for s in prompt_steps), "step_ms": [round(s["ms"], 2) for s in hook.steps],
+            "profile": hook.profile}
+
+
+# ---------------------------------------------------------------------------------------- op level
+
+
+def bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=50) * 1e3  # µs
+
+
+def op_rows(cases, dtype, sweep: bool) -> list[dict]:
+    """The segmented op on each 7B shape and row layout: checked, then timed by variant."""
+    rows = []
+    for n_seq, length in cases:
+        for k, n in SHAPES:
+            row = op_row(n_seq, length, k, n, dtype, sweep)
+            rows.append(row)
+            log(f"op {row['case']:>7} {row['shape']:>11}: cuBLAS {row['cublas_us']:.0f} µs, default "
+                f"{row['default_us']:.0f}, fused {row['fused only_us']:.0f}, expand {row['expand only_us']:.0f}"
+                + (f"; configs {row['sweep_us']}" if sweep else ""))
+    return rows
+
+
+def op_row(n_seq: int, length: int, k: int, n: int, dtype, sweep: bool) -> dict:
+    """``n_seq`` segments of ``length`` rows, one tenant each, through a ``k -> n`` matrix."""
+    t = n_seq * length
+    x, w, _, s, sc, _ = random_linear_inputs(t, n, k, n_seq, 1, "scalar", dtype, ids=[0] * t, seed=t + n,
+                                              device="cuda")
+    starts = torch.arange(0, t + 1, length, dtype=torch.int32, device="cuda")
+    sids = torch.arange(n_seq, dtype=torch.int32, device="cuda")
+    want = ref.bitdelta_linear_segmented_ref(x.float(), w.float(), None, s, sc, "scalar", starts, sids)
+    variants = {"default": None, "fused only": {"EXPAND_MIN": 0}, "expand only": {"EXPAND_MIN": 1}}
+    row = {"case": f"{n_seq}x{length}", "shape": f"{k}->{n}", "cublas_us": bench(lambda: torch.mm(x, w.t()))}
+    for name, cfg in variants.items():
+        y = triton_ops.bitdelta_segmented(x, w, None, s, sc, "scalar", starts, sids, config=cfg)
+        err = ((y.float() - want).norm() / want.norm()).item()
+        assert err < 2e-2, (name, row, err)
+        row[f"{name}_us"] = bench(lambda cfg=cfg: triton_ops.bitdelta_segmented(
+            x, w, None, s, sc, "scalar", starts, sids, config=cfg))
+    if sweep:  # the fused GEMM's tile configurations, to choose one per row count
+        times = []
+        for i, c in enumerate(SEG_CONFIGS):
+            c = {**c, "EXPAND_MIN": 0}
+            try:
+                times.append(round(bench(lambda c=c: triton_ops.bitdelta_segmented(
+                    x, w, None, s, sc, "scalar", starts, sids, config=c)), 1))
+            except Exception as exc:  # noqa: BLE001 (a configuration that does not fit is skipped)
+                log(f"  config {c} failed: {type(exc).__name__}: {str(exc)[:100]}")
+                times.append(None)
+        row["sweep_us"] = times
+    return row
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=8, help="decoder layers of the 7B shape (32 = all)")
+    ap.add_argument("--cases", default="1x128,4x128,32x128,1x2048", help="sequences x prompt tokens")
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--skip-ops", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="time every fused-GEMM tile configuration per op row")
+    args = ap.parse_args(argv)
+    assert torch.cuda.is_available(), "a GPU benchmark"
+    cases = parse_cases(args.cases)
+    dtype = torch.bfloat16
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
+              "date": time.strftime("%Y-%m-%d"), "engine": [], "ops": []}
+    shape = {**LLAMA2_7B, "layers": args.layers}
+    model = build_base(shape, dtype, "cuda")
+    most = max(n for n, _ in cases)
+    scratch = Path(tempfile.mkdtemp(prefix="bitdelta-prefill-"))
+    delta = synthetic_delta(model, seed=0)
+    path = scratch / "delta-0"
+    delta.save_pretrained(path)
+    slots = SharedArtifactSlots(model, [path], max_gpu_deltas=most, max_cpu_deltas=most + 2)
+    tenants = [f"t{i}" for i in range(most)]
+    for name in tenants:
+        slots.register(name, path, delta=delta)
+        assert slots.load(name) is not None
+    del delta
+    log(f"model of {args.layers} layers and {most} tenants ready")
+    for n_seq, length in cases:
+        for mode in ("base", "bitdelta"):
+            names = tenants[:n_seq] if mode == "bitdelta" else [None] * n_seq
+            for budget in (None, n_seq * length):
+                engine_prefill(model, slots, names, length, budget, False)  # compiles every shape
+                r = engine_prefill(model, slots, names, length, budget, True)
+                r.update(case=f"{n_seq}x{length}", mode=mode, budget=budget or "default")
+                result["engine"].append(r)
+                p = r["profile"] or {}
+                log(f"engine {r['case']:>7} {mode:>8} budget {str(r['budget']):>7}: {r['prompt_steps']} prompt "
+                    f"steps, {r['prompt_ms']:.1f} ms (all {r['wall_ms']:.1f} ms); profiled step GPU "
+                    f"{p.get('gpu_busy_ms', 0):.1f} ms in {p.get('kernels', 0)} kernels "
+                    f"{ {g: round(v, 1) for g, v in p.get('by_group_ms', {}).items()} }")
+                for name, ms_, count in p.get("top", [])[:6]:
+                    log(f"    {ms_:8.2f} ms  {count:5d}x  {name}")
+    if not args.skip_ops:
+        result["ops"] = op_rows(cases, dtype, args.sweep)
+    print("\nPrefill through the engine (bf16, Llama-2-7B shapes, "
+          f"{args.layers} layers, {result['device']}); ms of prompt steps:")
+    print("| case | budget | base steps / ms | bitdelta steps / ms | ratio |")
+    print("|---|---|---|---|---|")
+    eng = result["engine"]
+    for b in eng:
+        if b["mode"] != "base":
+            continue
+        d = next(r for r in eng if r["mode"] == "bitdelta" and r["case"] == b["case"] and r["budget"] == b["budget"])
+        print(f"| {b['case']} | {b['budget']} | {b['prompt_steps']} / {b['prompt_ms']:.1f} | "
+              f"{d['prompt_steps']} / {d['prompt_ms']:.1f} | {d['prompt_ms'] / b['prompt_ms']:.2f}x |")
+    if result["ops"]:
+        print("\nSegmented op alone, µs (scalar scales, 1 bit):")
+        print("| case | shape | cuBLAS | default | fused only | expand only | default / cuBLAS |")
+        print("|---|---|---|---|---|---|---|")
+        for r in result["ops"]:
+            print(f"| {r['case']} | {r['shape']} | {r['cublas_us']:.0f} | {r['default_us']:.0f} | "
+                  f"{r['fused only_us']:.0f} | {r['expand only_us']:.0f} | {r['default_us'] / r['cublas_us']:.2f}x |")
+    if args.out:
+        write_json(Path(args.out) / "prefill_step.json", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
