@@ -158,7 +158,7 @@ def op_row(n_seq: int, length: int, k: int, n: int, dtype, sweep: bool) -> dict:
             x, w, None, s, sc, "scalar", starts, sids, config=cfg))
     if sweep:  # the fused GEMM's tile configurations, to choose one per row count
         times = []
-        for i, c in enumerate(SEG_CONFIGS):
+        for c in SEG_CONFIGS:
             c = {**c, "EXPAND_MIN": 0}
             try:
                 times.append(round(bench(lambda c=c: triton_ops.bitdelta_segmented(
