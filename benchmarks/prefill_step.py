@@ -23,12 +23,14 @@ import argparse
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from bitdelta.ops import reference as ref
 from bitdelta.ops import triton_ops
+from bitdelta.ops.segment_table import SegmentTable
 from bitdelta.serving.engine import Engine, Request
 from bitdelta.serving.sampling import SamplingParams
 
@@ -39,6 +41,24 @@ from .serve.setup import SharedArtifactSlots
 from .serve.workload import kv_bytes_per_seq
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (k, n) of q/k/v/o, gate/up, down
+MODES = ("base", "bitdelta", "bitdelta (no host table)")
+
+
+@contextmanager
+def segment_tables(on: bool):
+    """With ``on`` False, the engine's segmented calls run without their host segment tables (the
+    op reads the table back from the device and uses its default tiles, as before the tables)."""
+    if on:
+        yield
+        return
+    import bitdelta.serving.dispatch as dispatch
+
+    real = dispatch.bitdelta_linear_segmented
+    dispatch.bitdelta_linear_segmented = lambda *a, table=None, **k: real(*a, **k)
+    try:
+        yield
+    finally:
+        dispatch.bitdelta_linear_segmented = real
 
 
 def parse_cases(text: str) -> list[tuple[int, int]]:
@@ -135,7 +155,8 @@ def op_rows(cases, dtype, sweep: bool) -> list[dict]:
             row = op_row(n_seq, length, k, n, dtype, sweep)
             rows.append(row)
             log(f"op {row['case']:>7} {row['shape']:>11}: cuBLAS {row['cublas_us']:.0f} µs, default "
-                f"{row['default_us']:.0f}, fused {row['fused only_us']:.0f}, expand {row['expand only_us']:.0f}"
+                f"{row['default_us']:.0f}, host table {row['host table_us']:.0f}, fused {row['fused only_us']:.0f}, "
+                f"expand {row['expand only_us']:.0f}"
                 + (f"; configs {row['sweep_us']}" if sweep else ""))
     return rows
 
@@ -148,14 +169,16 @@ def op_row(n_seq: int, length: int, k: int, n: int, dtype, sweep: bool) -> dict:
     starts = torch.arange(0, t + 1, length, dtype=torch.int32, device="cuda")
     sids = torch.arange(n_seq, dtype=torch.int32, device="cuda")
     want = ref.bitdelta_linear_segmented_ref(x.float(), w.float(), None, s, sc, "scalar", starts, sids)
-    variants = {"default": None, "fused only": {"EXPAND_MIN": 0}, "expand only": {"EXPAND_MIN": 1}}
+    variants = {"default": None, "host table": None, "fused only": {"EXPAND_MIN": 0}, "expand only": {"EXPAND_MIN": 1}}
     row = {"case": f"{n_seq}x{length}", "shape": f"{k}->{n}", "cublas_us": bench(lambda: torch.mm(x, w.t()))}
+    table = SegmentTable(starts.tolist(), sids.tolist())
     for name, cfg in variants.items():
-        y = triton_ops.bitdelta_segmented(x, w, None, s, sc, "scalar", starts, sids, config=cfg)
+        tab = table if name == "host table" else None
+        y = triton_ops.bitdelta_segmented(x, w, None, s, sc, "scalar", starts, sids, config=cfg, table=tab)
         err = ((y.float() - want).norm() / want.norm()).item()
         assert err < 2e-2, (name, row, err)
-        row[f"{name}_us"] = bench(lambda cfg=cfg: triton_ops.bitdelta_segmented(
-            x, w, None, s, sc, "scalar", starts, sids, config=cfg))
+        row[f"{name}_us"] = bench(lambda cfg=cfg, tab=tab: triton_ops.bitdelta_segmented(
+            x, w, None, s, sc, "scalar", starts, sids, config=cfg, table=tab))
     if sweep:  # the fused GEMM's tile configurations, to choose one per row count
         times = []
         for c in SEG_CONFIGS:
@@ -200,16 +223,19 @@ def main(argv=None) -> dict:
     del delta
     log(f"model of {args.layers} layers and {most} tenants ready")
     for n_seq, length in cases:
-        for mode in ("base", "bitdelta"):
-            names = tenants[:n_seq] if mode == "bitdelta" else [None] * n_seq
+        for mode in MODES:
+            names = tenants[:n_seq] if mode != "base" else [None] * n_seq
             for budget in (None, n_seq * length):
-                engine_prefill(model, slots, names, length, budget, False)  # compiles every shape
-                r = engine_prefill(model, slots, names, length, budget, True)
+                with segment_tables(mode != "bitdelta (no host table)"):
+                    engine_prefill(model, slots, names, length, budget, False)  # compiles every shape
+                    r = engine_prefill(model, slots, names, length, budget, False)
+                    r["profile"] = engine_prefill(model, slots, names, length, budget, True)["profile"]
                 r.update(case=f"{n_seq}x{length}", mode=mode, budget=budget or "default")
                 result["engine"].append(r)
                 p = r["profile"] or {}
-                log(f"engine {r['case']:>7} {mode:>8} budget {str(r['budget']):>7}: {r['prompt_steps']} prompt "
-                    f"steps, {r['prompt_ms']:.1f} ms (all {r['wall_ms']:.1f} ms); profiled step GPU "
+                log(f"engine {r['case']:>7} {mode:>24} budget {str(r['budget']):>7}: {r['prompt_steps']} prompt "
+                    f"steps, {r['prompt_ms']:.1f} ms (all {r['wall_ms']:.1f} ms; steps {r['step_ms']}); "
+                    "profiled step GPU "
                     f"{p.get('gpu_busy_ms', 0):.1f} ms in {p.get('kernels', 0)} kernels "
                     f"{ {g: round(v, 1) for g, v in p.get('by_group_ms', {}).items()} }")
                 for name, ms_, count in p.get("top", [])[:6]:
@@ -218,22 +244,25 @@ def main(argv=None) -> dict:
         result["ops"] = op_rows(cases, dtype, args.sweep)
     print("\nPrefill through the engine (bf16, Llama-2-7B shapes, "
           f"{args.layers} layers, {result['device']}); ms of prompt steps:")
-    print("| case | budget | base steps / ms | bitdelta steps / ms | ratio |")
-    print("|---|---|---|---|---|")
+    print("| case | budget | steps | base ms | bitdelta ms (÷ base) | without host tables ms (÷ base) |")
+    print("|---|---|---|---|---|---|")
     eng = result["engine"]
     for b in eng:
         if b["mode"] != "base":
             continue
-        d = next(r for r in eng if r["mode"] == "bitdelta" and r["case"] == b["case"] and r["budget"] == b["budget"])
-        print(f"| {b['case']} | {b['budget']} | {b['prompt_steps']} / {b['prompt_ms']:.1f} | "
-              f"{d['prompt_steps']} / {d['prompt_ms']:.1f} | {d['prompt_ms'] / b['prompt_ms']:.2f}x |")
+        d, o = (next(r for r in eng if r["mode"] == m and r["case"] == b["case"] and r["budget"] == b["budget"])
+                for m in MODES[1:])
+        print(f"| {b['case']} | {b['budget']} | {d['prompt_steps']} | {b['prompt_ms']:.1f} | {d['prompt_ms']:.1f} "
+              f"({d['prompt_ms'] / b['prompt_ms']:.2f}x) | {o['prompt_ms']:.1f} "
+              f"({o['prompt_ms'] / b['prompt_ms']:.2f}x) |")
     if result["ops"]:
         print("\nSegmented op alone, µs (scalar scales, 1 bit):")
-        print("| case | shape | cuBLAS | default | fused only | expand only | default / cuBLAS |")
+        print("| case | shape | cuBLAS | default | host table (÷ cuBLAS) | fused only | expand only |")
         print("|---|---|---|---|---|---|---|")
         for r in result["ops"]:
             print(f"| {r['case']} | {r['shape']} | {r['cublas_us']:.0f} | {r['default_us']:.0f} | "
-                  f"{r['fused only_us']:.0f} | {r['expand only_us']:.0f} | {r['default_us'] / r['cublas_us']:.2f}x |")
+                  f"{r['host table_us']:.0f} ({r['host table_us'] / r['cublas_us']:.2f}x) | {r['fused only_us']:.0f} | "
+                  f"{r['expand only_us']:.0f} |")
     if args.out:
         write_json(Path(args.out) / "prefill_step.json", result)
     return result

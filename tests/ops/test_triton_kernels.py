@@ -190,3 +190,36 @@ def test_expand_delta_matches_reference(mode, bits):
     want = w + ref.delta_dense(signs[2], sc[2], mode, k, dtype=torch.float32)
     got = triton_ops.expand_delta(*_to(DEVICE, w, signs[2], sc[2]), mode)
     _check(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("expand_min", [0, 3, 512])
+def test_segmented_with_host_table_matches_reference(expand_min, monkeypatch):
+    """With the segments given as host lists the op reads nothing back from the device (no
+    ``tolist``) and gives the reference's result, for every split between the fused GEMM and the
+    expanded path; with no config and short segments it runs the short-segment tiles."""
+    starts_l, ids_l = [0, 20, 20, 23, 24, 37], [1, 0, -1, 2, 0]
+    starts, seg_ids = torch.tensor(starts_l, dtype=torch.int32), torch.tensor(ids_l, dtype=torch.int32)
+    x, w, b, signs, sc, _ = make_inputs(37, 40, 96, 3, 1, "row", torch.float32, seed=5)
+    expected = ref.bitdelta_linear_segmented_ref(x, w, b, signs, sc, "row", starts, seg_ids)
+    args = (*_to(DEVICE, x, w, b, signs, sc), "row", starts.to(DEVICE), seg_ids.to(DEVICE))
+
+    def no_host_read(self):
+        raise AssertionError("the segmented op read a device tensor back with a host table given")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", no_host_read)
+    table = ops.SegmentTable(starts_l, ids_l)
+    cfg = None if expand_min == 512 else {**SMALL_SEG, "EXPAND_MIN": expand_min}
+    y = triton_ops.bitdelta_segmented(*args, config=cfg, table=table)
+    _check(y, expected, torch.float32)
+    if cfg is None:  # every segment is short: the short tiles' block map was built
+        assert (triton_ops.DEFAULT_CONFIGS["segmented_short"]["BM"], 512, DEVICE) in table._blocks
+    y = ops.bitdelta_linear_segmented(*args, backend="triton", table=table)
+    _check(y, expected, torch.float32)
+
+
+def test_segmented_refuses_a_table_of_other_segments():
+    x, w, b, signs, sc, _ = make_inputs(10, 24, 16, 2, 1, "scalar", torch.float32)
+    starts, seg_ids = torch.tensor([0, 4, 10], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="covers 9 rows"):
+        triton_ops.bitdelta_segmented(*_to(DEVICE, x, w, b, signs, sc), "scalar", starts.to(DEVICE),
+                                      seg_ids.to(DEVICE), table=ops.SegmentTable([0, 4, 9], [0, 1]))

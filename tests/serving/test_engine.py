@@ -303,7 +303,7 @@ def _recording_slots(tiny_models, tenants, monkeypatch):
     dec, seg = slots_mod.bitdelta_linear, slots_mod.bitdelta_linear_segmented
     monkeypatch.setattr(slots_mod, "bitdelta_linear", lambda x, *a: calls.append(("decode", x.shape[0])) or dec(x, *a))
     monkeypatch.setattr(slots_mod, "bitdelta_linear_segmented",
-                        lambda x, *a: calls.append(("segmented", x.shape[0])) or seg(x, *a))
+                        lambda x, *a, **k: calls.append(("segmented", x.shape[0])) or seg(x, *a, **k))
     name = next(k for k in slots.pools if k.endswith("mlp.down_proj"))
     return model, slots, calls, name
 

@@ -34,10 +34,12 @@ from bitdelta.ops.reference import (
     bitdelta_linear_segmented_ref,
     check_inputs,
 )
+from bitdelta.ops.segment_table import SegmentTable
 
 __all__ = [
     "Backend",
     "DECODE_MAX_TOKENS",
+    "SegmentTable",
     "bitdelta_linear",
     "bitdelta_linear_segmented",
     "bitdelta_linear_ref",
@@ -139,12 +141,12 @@ def _linear_impl(x, weight, bias, signs, scales, mode, ids, backend):
     return triton_ops.bitdelta_linear(x, weight, bias, signs, scales, mode, ids)
 
 
-def _segmented_impl(x, weight, bias, signs, scales, mode, seg_starts, seg_ids, backend):
+def _segmented_impl(x, weight, bias, signs, scales, mode, seg_starts, seg_ids, backend, table=None):
     if resolve_backend(backend, x) is Backend.TORCH:
         return bitdelta_linear_segmented_ref(x, weight, bias, signs, scales, mode, seg_starts, seg_ids)
     from bitdelta.ops import triton_ops
 
-    return triton_ops.bitdelta_segmented(x, weight, bias, signs, scales, mode, seg_starts, seg_ids)
+    return triton_ops.bitdelta_segmented(x, weight, bias, signs, scales, mode, seg_starts, seg_ids, table=table)
 
 
 try:
@@ -218,12 +220,18 @@ def bitdelta_linear_segmented(
     seg_starts: torch.Tensor,  # [S+1] int32, seg_starts[0] == 0, seg_starts[S] == T
     seg_ids: torch.Tensor,  # [S] int32 tenant per segment, -1 = base only
     backend: str | Backend = "auto",
+    table: SegmentTable | None = None,  # the same segments as host lists: no device sync per call
 ) -> torch.Tensor:
-    """Segmented (prefill) form: rows seg_starts[s]:seg_starts[s+1] use tenant seg_ids[s]."""
+    """Segmented (prefill) form: rows seg_starts[s]:seg_starts[s+1] use tenant seg_ids[s].
+
+    ``table`` (:class:`~bitdelta.ops.segment_table.SegmentTable`) is for callers that built the
+    segments on the host: the call then never waits for the GPU (under ``torch.compile`` it is
+    not passed on: the registered op takes tensors only)."""
     check_inputs(x, weight, bias, signs, scales, mode)
     if seg_ids.dim() != 1 or seg_starts.shape != (seg_ids.numel() + 1,):
         raise ValueError(f"seg_starts must have one more entry than seg_ids (got {tuple(seg_starts.shape)}, "
                          f"{tuple(seg_ids.shape)})")
     b = backend.value if isinstance(backend, Backend) else str(backend)
-    op = _segmented_impl if _direct(x) else _segmented_op
-    return op(x, weight, bias, signs, scales, str(mode), seg_starts, seg_ids, b)
+    if _direct(x):
+        return _segmented_impl(x, weight, bias, signs, scales, str(mode), seg_starts, seg_ids, b, table)
+    return _segmented_op(x, weight, bias, signs, scales, str(mode), seg_starts, seg_ids, b)

@@ -57,7 +57,7 @@ class Dispatch:
             xs, ids = (x, batch.delta_slots) if call.rows is None else (x[call.rows], batch.delta_slots[call.rows])
             if call.segments is not None:
                 out = bitdelta_linear_segmented(xs, w, None, pool["signs"], pool[call.mode], call.mode,
-                                                *call.segments, self.backend)
+                                                *call.segments, self.backend, table=call.table)
             else:
                 out = self._decode_op(xs, w, pool, call.mode, ids)
             if call.rows is None:

@@ -16,7 +16,9 @@ or a prompt chunk). Each kind of row is cheapest on a different op:
 
 Everything here is decided from host values the engine already has (each sequence's token count
 and delta slot), so no step waits on the GPU; the row indices and segment tables go to the device
-in one pinned asynchronous copy per step and column set.
+in one pinned asynchronous copy per step and column set, and each segmented call also carries its
+table as host lists (:class:`~bitdelta.ops.segment_table.SegmentTable`), so the op decides its
+split and block map without reading the device.
 
     calls = plan_calls(batch, col_slots=frozenset({3}))
     for c in calls: ...  # c.rows (None = all rows in order), c.mode, c.segments
@@ -27,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ..ops.segment_table import SegmentTable
 
 # Sequences with at least this many tokens in a step go to the segmented op. Below it the decode
 # kernel needs at most two 16-token tensor-core passes over the bits, about what one segmented tile
@@ -39,6 +43,7 @@ class OpCall:
     mode: str  # "row" (row and scalar scales) or "col"
     rows: torch.Tensor | None  # device index of the step's rows this call computes; None = all, in order
     segments: tuple[torch.Tensor, torch.Tensor] | None  # (seg_starts, seg_ids) over those rows, or None: decode op
+    table: SegmentTable | None = None  # the same segments on the host: the segmented op never waits for the GPU
 
 
 def has_long_sequences(batch) -> bool:
@@ -78,10 +83,13 @@ def plan_calls(batch, col_slots: frozenset) -> list[OpCall]:
         flat.extend(values)
         return len(flat) - len(values), len(values)
 
+    tables = {}
     for (mode, long), (rows, segs) in groups.items():
         spans = [None if len(groups) == 1 else put(rows)]
         if long:
-            spans += [put([s for s, _ in segs] + [len(rows)]), put([slot for _, slot in segs])]
+            starts, slots = [s for s, _ in segs] + [len(rows)], [slot for _, slot in segs]
+            spans += [put(starts), put(slots)]
+            tables[mode] = SegmentTable(starts, slots)
         layout.append((mode, long, spans))
     dev = batch.tokens.device
     buf = torch.tensor(flat, dtype=torch.long)
@@ -94,6 +102,6 @@ def plan_calls(batch, col_slots: frozenset) -> list[OpCall]:
     for mode, long, spans in layout:
         rows = view(spans[0])
         segments = (view(spans[1]).to(torch.int32), view(spans[2]).to(torch.int32)) if long else None
-        calls.append(OpCall(mode, rows, segments))
+        calls.append(OpCall(mode, rows, segments, tables.get(mode) if long else None))
     batch.cache[key] = calls
     return calls
