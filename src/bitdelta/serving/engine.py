@@ -7,10 +7,10 @@ into one forward of :class:`~bitdelta.serving.models.DeltaModel`. A step holds a
 then what is left goes to prompts in arrival order, a prompt longer than that split into chunks over
 several steps (the first chunk as a fresh prompt, later ones continuing over the sequence's cache);
 only the step that completes a prompt samples its first token. So a long prompt never stalls the
-running streams, and a step's cost stays bounded. A request whose
-delta is not device-resident waits in the queue while its delta loads in the background and then
-while its copy into a delta slot is in flight (on CUDA a side stream: see
-:mod:`bitdelta.serving.install_ticket`); the others keep decoding. The waiting queue is bounded (:class:`QueueFull` when it is full, the API's 429).
+running streams, and a step's cost stays bounded. A request whose delta is not device-resident
+waits in the queue while its delta loads in the background and then while its copy into a delta
+slot is in flight (on CUDA a side stream: see :mod:`bitdelta.serving.install_ticket`); the others
+keep decoding. The waiting queue is bounded (:class:`QueueFull` when it is full, the API's 429).
 Keys/values live in a paged cache (:mod:`bitdelta.serving.kv_cache`): a pool of fixed-size blocks,
 sized from free device memory (CUDA) or ``kv_cache_mb`` (CPU), from which each running sequence gets
 the blocks for its prompt when it is admitted and one more whenever its next token crosses a block
