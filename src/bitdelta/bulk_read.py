@@ -50,11 +50,14 @@ def plan_blocks(sizes: list[int], block_bytes: int) -> list[list[tuple[int, int]
 
 
 def read_tensors(entries: list[TensorEntry], threads: int = 1, pin: bool = False,
-                 block_bytes: int = BLOCK_BYTES) -> list[torch.Tensor]:
+                 block_bytes: int | None = None) -> list[torch.Tensor]:
     """Every entry's tensor (CPU; page-locked when ``pin``), in the order given, read by up to
-    ``threads`` threads. Raises :class:`~bitdelta.errors.FormatError` for a file cut short."""
+    ``threads`` threads. ``block_bytes``: the block size (default :data:`BLOCK_BYTES` when pinned,
+    else 0: a block per tensor). Raises :class:`~bitdelta.errors.FormatError` for a file cut short."""
     sizes = [e.end - e.start for e in entries]
-    blocks = plan_blocks(sizes, block_bytes if pin else 0)
+    if block_bytes is None:
+        block_bytes = BLOCK_BYTES if pin else 0
+    blocks = plan_blocks(sizes, block_bytes)
     out: list[torch.Tensor | None] = [None] * len(entries)
 
     def read_block(block: list[tuple[int, int]]) -> None:
