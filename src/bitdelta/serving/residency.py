@@ -443,8 +443,9 @@ class DeltaSlots:
             return True
 
     def load(self, name: str) -> int | None:
-        """Makes ``name`` device-resident now if possible (engine thread), without holding a reference."""
-        slot = self.acquire(name)
+        """Makes ``name`` device-resident now if possible (engine thread), without holding a reference;
+        a copy into its slot is waited for."""
+        slot = self.acquire(name, wait=True)
         if slot is not None:
             self.release(name)
         return slot
