@@ -205,6 +205,10 @@ def test_a_slot_in_flight_is_not_read_or_evicted_until_its_copy_lands(tiny_model
     # unloading a delta mid-copy frees its slot; the next install of that slot queues behind the copy
     assert slots.acquire("a") is None and slots.state("a") is DeltaState.INSTALLING
     assert slots.unload("a") and slots.entries["a"].ticket is None and slots.slot_owner == [None]
+    # a delta whose copy landed but whom no request took (its requests were cancelled) can be evicted
+    assert slots.acquire("a") is None and slots.state("a") is DeltaState.INSTALLING
+    held[-1].land()
+    assert slots.acquire("b") is None and slots.slot_owner == ["b"] and slots.state("a") is not DeltaState.READY
 
 
 def _engine(slots, model):

@@ -16,8 +16,8 @@ CUDA (:mod:`bitdelta.bulk_read`); the host copy then uses those buffers as they 
 -> slot (:meth:`~bitdelta.serving.layers.DevicePool.install`) is started by the engine thread between
 steps, on CUDA as copies on a side stream: the slot is INSTALLING, not READY, until the copy's event
 has completed (:mod:`bitdelta.serving.install_ticket`), so no step reads a slot being written and no
-step waits for the copy. An INSTALLING delta holds its slot (it is not in the eviction order) and
-its requests wait. The per-step ops the model calls (``linear``, ``gather1d``, ``embed``, ``extra_logits``) are
+step waits for the copy. An INSTALLING delta holds its slot (eviction passes over it) and its
+requests wait. The per-step ops the model calls (``linear``, ``gather1d``, ``embed``, ``extra_logits``) are
 the dispatch's (:mod:`bitdelta.serving.dispatch`), reached through this object.
 
 Registration refuses a delta before reading its tensors when the config and headers already show
@@ -456,7 +456,7 @@ class DeltaSlots:
                 return i
         for victim in self.lru:  # least recently used first
             ve = self.entries[victim]
-            if ve.refs == 0:
+            if ve.refs == 0 and (ve.ticket is None or ve.ticket.ready()):  # never a slot mid-copy
                 slot = ve.slot
                 self._free_slot(ve, count=True)
                 return slot
@@ -479,12 +479,14 @@ class DeltaSlots:
                 logger.info("delta %s evicted to disk", e.name)
 
     def _install(self, slot: int, e: Entry) -> None:
-        # Not in the eviction order (self.lru) until acquire() sees the copy landed: an INSTALLING
-        # slot is never taken from it.
+        # In the eviction order at once (a delta whose requests were cancelled mid-copy must not hold
+        # its slot for ever), but _take_slot passes over it while its copy is in flight.
         ticket = self.pool.install(slot, e.host)
         e.ticket = None if ticket.ready() else ticket
         self.slot_owner[slot] = e.name
         e.slot = slot
+        self.lru[e.name] = None
+        self.lru.move_to_end(e.name)
         if e.host is not None:
             self.host_lru[e.name] = None
             self.host_lru.move_to_end(e.name)
