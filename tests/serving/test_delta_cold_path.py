@@ -294,6 +294,38 @@ def test_cuda_install_copies_on_a_side_stream_and_lands(tiny_models, delta_dir):
     assert slots.acquire("a", wait=True) is not None and slots.state("a") is DeltaState.READY
 
 
+class WidePool:
+    """The little of a served model a DevicePool reads: one module wide enough that a slot's sign
+    planes are a copy of about a GiB (tens of milliseconds), on the GPU."""
+
+    device, dtype, hidden, embed_name = torch.device("cuda"), torch.float16, 8, "embed"
+    params1d: dict = {}
+
+    @staticmethod
+    def delta_modules():
+        return {"wide": (32768, 262144)}  # 32768 x 32768 bytes of signs
+
+
+@pytest.mark.cuda
+def test_cuda_compute_stream_does_not_wait_for_an_install():
+    from bitdelta.serving.layers import DevicePool, HostDelta
+
+    pool = DevicePool(WidePool(), num_slots=1)
+    g = torch.Generator().manual_seed(5)
+    signs = torch.randint(0, 256, (1, 32768, 32768), dtype=torch.uint8, generator=g).pin_memory()
+    scales = (torch.rand(1, 32768, generator=g) + 0.5).pin_memory()
+    torch.cuda.synchronize()
+    ticket = pool.install(0, HostDelta({"wide": (signs, scales, False)}, {}, None, None))
+    x = torch.randn(256, 256, device="cuda")
+    y = x @ x  # compute-stream work queued after the install ...
+    torch.cuda.current_stream().synchronize()  # ... completes while the copy is still in flight
+    assert not ticket.ready()
+    ticket.wait()
+    assert ticket.ready() and torch.equal(y, x @ x)
+    assert torch.equal(pool.pools["wide"]["signs"][0].cpu(), signs)
+    assert torch.equal(pool.pools["wide"]["row"][0].cpu(), scales)
+
+
 def test_registration_keeps_the_errors_of_a_wrong_base(tiny_models, tmp_path):
     wrong = tmp_path / "wrong"
     bitdelta.compress(tiny_models["shakespeare"], tiny_models["gsm8k"], scale="row", progress=False).save_pretrained(

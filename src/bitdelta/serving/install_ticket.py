@@ -9,8 +9,8 @@ when nothing else would run meanwhile. On the CPU the copy is done when ``instal
 ticket has no event and is always ready.
 
     ticket = pool.install(delta_slot, host)
-    if ticket.ready():            # or ticket.wait()
-        ticket.order(torch.cuda.current_stream())   # later work on that stream comes after the copy
+    ticket.ready()                # True once the copy has completed: work launched after that sees it
+    ticket.wait()                 # or block until then
 """
 
 from __future__ import annotations
@@ -33,8 +33,3 @@ class InstallTicket:
         if self.event is not None:
             self.event.synchronize()
             self.event = None
-
-    def order(self, stream) -> None:
-        """Makes ``stream``'s later work wait for the copy (free when it has completed already)."""
-        if self.event is not None:
-            stream.wait_event(self.event)
