@@ -17,8 +17,8 @@ CUDA (:mod:`bitdelta.bulk_read`); the host copy then uses those buffers as they 
 steps, on CUDA as copies on a side stream: the slot is INSTALLING, not READY, until the copy's event
 has completed (:mod:`bitdelta.serving.install_ticket`), so no step reads a slot being written and no
 step waits for the copy. An INSTALLING delta holds its slot (eviction passes over it) and its
-requests wait. The per-step ops the model calls (``linear``, ``gather1d``, ``embed``, ``extra_logits``) are
-the dispatch's (:mod:`bitdelta.serving.dispatch`), reached through this object.
+requests wait. The per-step ops the model calls (``linear``, ``gather1d``, ``embed``,
+``extra_logits``) are the dispatch's (:mod:`bitdelta.serving.dispatch`), reached through this object.
 
 Registration refuses a delta before reading its tensors when the config and headers already show
 it cannot be served here (shapes unlike the base's, too many planes or added tokens), checks its
@@ -290,8 +290,10 @@ class DeltaSlots:
         shapes = m.delta_modules()
         # The delta's own tensors serve as the host copy when they already have the pool's layout (and
         # are pinned, on CUDA: a load from disk reads them so). A delta with fewer sign planes than the
-        # pool is copied whole: a padded copy of some tensors would keep the read buffers of the rest alive.
-        reuse = all(pm.bits == self.bits for pm in delta.modules.values())
+        # pool, or low-rank factors in another dtype than the model's, is copied whole: copies of some
+        # tensors beside views of the rest would keep all the read buffers alive, the copied bytes too.
+        reuse = all(pm.bits == self.bits and (not pm.lowrank_rank or pm.lowrank_a.dtype == m.dtype)
+                    for pm in delta.modules.values())
         modules, extra_embed, extra_head, lowrank = {}, None, None, {}
         for fqn, pm in delta.modules.items():
             n, k = shapes[fqn]
@@ -568,8 +570,8 @@ class DeltaSlots:
     def status(self) -> list[dict]:
         with self.lock:
             return [{"name": e.name, "path": e.path, "device_slot": e.slot, "in_host_memory": e.host is not None,
-                     "loading": e.loading, "installing": e.ticket is not None, "running_requests": e.refs,
-                     "error": e.error, **e.stats}
+                     "loading": e.loading, "installing": e.ticket is not None and not e.ticket.ready(),
+                     "running_requests": e.refs, "error": e.error, **e.stats}
                     for e in self.entries.values() if not e.removed]
 
     def resident(self) -> int:
