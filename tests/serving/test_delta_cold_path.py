@@ -143,6 +143,19 @@ def test_a_wrong_dtype_in_the_header_is_still_refused_before_reading(delta_dir, 
         load_delta(bad, read_threads=4)
 
 
+def test_host_copy_uses_the_read_tensors_or_pads_a_copy(tiny_models, delta_dir):
+    delta = load_delta(delta_dir / "gsm8k", read_threads=2)
+    same = DeltaSlots(_model(tiny_models), max_gpu_deltas=1).prepare(delta)
+    wider = DeltaSlots(_model(tiny_models), max_gpu_deltas=1, max_bits=2).prepare(delta)
+    for name, m in delta.modules.items():
+        signs, scales, _ = same.modules[name]
+        assert signs.data_ptr() == m.sign.data_ptr() and scales.data_ptr() == m.scale.data_ptr()  # no copy
+        signs2, scales2, _ = wider.modules[name]
+        assert signs2.shape[0] == 2 and torch.equal(signs2[:1], m.sign) and not signs2[1:].any()
+        assert torch.equal(scales2[:1], m.scale) and not scales2[1:].any()
+        assert signs2.untyped_storage().data_ptr() != m.sign.untyped_storage().data_ptr()
+
+
 # ---------------------------------------------------------------------------------- install tickets
 
 
