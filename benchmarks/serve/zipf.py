@@ -40,8 +40,9 @@ from .measure import run_workload, summary_line
 from .setup import SharedArtifactSlots, release_slots
 from .workload import poisson_arrivals
 
-LABELS = {DeltaState.READY: "device", DeltaState.WAITING_FOR_SLOT: "host", DeltaState.LOADING: "disk",
-          DeltaState.FAILED: "failed"}
+# an INSTALLING delta is already host-resident (its copy to the device is in flight)
+LABELS = {DeltaState.READY: "device", DeltaState.INSTALLING: "host", DeltaState.WAITING_FOR_SLOT: "host",
+          DeltaState.LOADING: "disk", DeltaState.FAILED: "failed"}
 TRACE_SEED = 11
 
 

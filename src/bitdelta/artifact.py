@@ -54,6 +54,7 @@ import torch
 from ._version import __version__
 from .artifact_info import FORMAT_NAME, LAYOUT_KEYS, LOWRANK_FORMAT_VERSION, PLAIN_FORMAT_VERSION, DeltaInfo, migrate
 from .atomic import atomic_directory
+from .bulk_read import read_tensors
 from .delta import Delta, PackedModule
 from .errors import FormatError
 from .fingerprint import SAMPLES_PER_MODULE, Fingerprint
@@ -376,7 +377,8 @@ def read_config(path: Path, root=None) -> dict:
 
 
 def load_delta(path, device="cpu", revision: str | None = None, *, root=None,
-               precheck: Callable[[Layout], None] | None = None) -> Delta:
+               precheck: Callable[[Layout], None] | None = None, pin_memory: bool = False,
+               read_threads: int = 1) -> Delta:
     """Loads and validates an artifact from a directory or a hub id.
 
     Args:
@@ -385,6 +387,9 @@ def load_delta(path, device="cpu", revision: str | None = None, *, root=None,
         precheck: called with the artifact's :class:`Layout` after the config and the weights'
             headers are validated and before any tensor is read; raise in it to refuse the delta
             without reading it (a server compares shapes with its base).
+        pin_memory: read the tensors straight into page-locked host memory (a server copies them to
+            the GPU asynchronously from there; see :mod:`bitdelta.bulk_read`).
+        read_threads: threads reading the tensors at once.
 
     Raises :class:`FormatError` for anything inconsistent, outside the artifact, or non-finite.
     """
@@ -435,12 +440,21 @@ def load_delta(path, device="cpu", revision: str | None = None, *, root=None,
     if precheck is not None:
         precheck(Layout(layouts, dense_shapes, dict(cfg.get("tied_parameters") or {})))
 
+    # Everything the config names, read at once (in file order, see bitdelta.bulk_read), then checked
+    # as it is assembled; nothing else in the file is read.
+    keys = [FINGERPRINT_KEY, *dense_shapes]
+    for name, lay in layouts.items():
+        keys += [f"{name}.sign", f"{name}.scale"]
+        keys += [f"{name}.extra_rows"] if lay.extra_rows else []
+        keys += [f"{name}.lowrank_b", f"{name}.lowrank_a"] if lay.lowrank_rank else []
+    keys = sorted(set(keys), key=lambda k: (str(ckpt.entries[k].file), ckpt.entries[k].start))
+    read = dict(zip(keys, read_tensors([ckpt.entries[k] for k in keys], threads=read_threads, pin=pin_memory)))
     modules: dict[str, PackedModule] = {}
     for name, lay in layouts.items():
-        extra = ckpt.get(f"{name}.extra_rows") if lay.extra_rows else None
-        b, a = ((ckpt.get(f"{name}.lowrank_b"), ckpt.get(f"{name}.lowrank_a")) if lay.lowrank_rank
+        extra = read[f"{name}.extra_rows"] if lay.extra_rows else None
+        b, a = ((read[f"{name}.lowrank_b"], read[f"{name}.lowrank_a"]) if lay.lowrank_rank
                 else (None, None))
-        m = PackedModule(lay.kind, lay.mode, ckpt.get(f"{name}.sign"), ckpt.get(f"{name}.scale"), lay.in_features,
+        m = PackedModule(lay.kind, lay.mode, read[f"{name}.sign"], read[f"{name}.scale"], lay.in_features,
                          lay.vocab, extra, b, a)
         m.validate(name)
         if extra is not None and not all_finite(extra):
@@ -448,11 +462,11 @@ def load_delta(path, device="cpu", revision: str | None = None, *, root=None,
         modules[name] = m
     dense = {}
     for name in dense_shapes:
-        value = ckpt.get(name)
+        value = read[name]
         if not all_finite(value):
             raise FormatError(f"{local}: dense parameter {name!r} holds NaN or inf")
         dense[name] = value
-    samples = ckpt.get(FINGERPRINT_KEY)
+    samples = read[FINGERPRINT_KEY]
     fp = Fingerprint(names, [(modules[n].out_features, modules[n].in_features) for n in names], samples.float())
     recorded = cfg["base_fingerprint"].get("sha256")
     if recorded and recorded != fp.sha256:

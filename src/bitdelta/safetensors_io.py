@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,30 +162,51 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     return entries, metadata
 
 
-_bytes_read = 0  # bytes read by read_tensor in this process (approximate across threads)
+_bytes_read = 0  # bytes read by read_tensor/read_into in this process
+_count_lock = threading.Lock()
 
 
 def bytes_read() -> int:
     """Bytes of tensor data this process has read so far: lets a failure path tell whether it
-    read enough to be worth a full garbage collection (see ``serving/slots.py``)."""
+    read enough to be worth a full garbage collection (see ``serving/residency.py``)."""
     return _bytes_read
+
+
+def read_into(entry: TensorEntry, dst: torch.Tensor) -> None:
+    """Reads ``entry``'s bytes into ``dst``, a contiguous uint8 CPU tensor of exactly that many bytes
+    (e.g. a slice of a pinned buffer: the data lands there with no intermediate copy)."""
+    global _bytes_read
+    nbytes = entry.end - entry.start
+    with _count_lock:
+        _bytes_read += nbytes
+    if nbytes == 0:
+        return
+    view = dst.numpy()
+    done = 0
+    # Unbuffered: readinto goes straight to the destination. One read can return less than asked
+    # (Linux caps a read at about 2 GiB), so read until full or until the file ends early.
+    with open(entry.file, "rb", buffering=0) as f:
+        f.seek(entry.start)
+        while done < nbytes:
+            got = f.readinto(view[done:])
+            if not got:
+                raise FormatError(f"{entry.file} is truncated (short read); re-create or re-download it")
+            done += got
 
 
 def read_tensor(entry: TensorEntry) -> torch.Tensor:
     """Reads one tensor from disk into a fresh CPU tensor."""
-    global _bytes_read
-    nbytes = entry.end - entry.start
-    _bytes_read += nbytes
-    if nbytes == 0:
-        return torch.empty(entry.shape, dtype=entry.dtype)
     # Read straight into an uninitialised tensor: a zero-filled bytearray cost about 0.4 s more per
     # GB (the fill and its page faults), a large part of a delta's cold start.
-    flat = torch.empty(nbytes, dtype=torch.uint8)
-    with open(entry.file, "rb") as f:
-        f.seek(entry.start)
-        got = f.readinto(flat.numpy())
-    if got != nbytes:
-        raise FormatError(f"{entry.file} is truncated (short read); re-create or re-download it")
+    flat = torch.empty(entry.end - entry.start, dtype=torch.uint8)
+    read_into(entry, flat)
+    return as_tensor(entry, flat)
+
+
+def as_tensor(entry: TensorEntry, flat: torch.Tensor) -> torch.Tensor:
+    """``flat`` (``entry``'s bytes, uint8) viewed as ``entry``'s dtype and shape, without a copy."""
+    if entry.end == entry.start:
+        return torch.empty(entry.shape, dtype=entry.dtype)
     return flat.view(entry.dtype).reshape(entry.shape)
 
 

@@ -55,3 +55,23 @@ def test_base_dtype_defaults_to_the_checkpoints_on_cuda_and_float32_on_cpu(tiny_
         assert rt.model.dtype == torch.float32
     finally:
         rt.shutdown()
+
+
+def test_kv_block_size_reaches_the_engine_and_bad_values_fail_in_one_line(tiny_models, tmp_path, capsys):
+    from bitdelta.cli import main
+    from bitdelta.serving.runtime import build_runtime
+
+    args = build_parser().parse_args(["serve", "--base", "b", "--kv-block-size", "8"])
+    cfg = EngineConfig.from_args(args)
+    assert cfg.kv_block_size == 8
+    rt = build_runtime(tiny_models["base"], {}, config=cfg, device="cpu", kv_cache_mb=4, start=False)
+    try:
+        assert rt.engine.kv.block_size == 8 and rt.engine.kv.k.shape[2] == 8
+    finally:
+        rt.shutdown()
+    # the same check for a settings file, before the base loads
+    (tmp_path / "s.yaml").write_text("kv_block_size: 48\n")
+    capsys.readouterr()
+    assert main(["serve", "--base", str(tmp_path / "no-base"), "--config", str(tmp_path / "s.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "kv_block_size: must be a power of two from 1 to 256 (got 48)" in err[0], err

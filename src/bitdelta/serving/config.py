@@ -26,6 +26,25 @@ def _base_quant_name(text: str) -> str:
     return value
 
 
+MAX_KV_BLOCK_SIZE = 256
+
+
+def _kv_block_size(text: str) -> int:
+    """``--kv-block-size`` value: a power of two from 1 to :data:`MAX_KV_BLOCK_SIZE`. The Triton decode
+    attention walks a sequence's keys in tiles of whole blocks whose size is a power of two
+    (:func:`bitdelta.ops.paged_attention.paged_decode_attention_triton`), so another block size would
+    leave every decode step on the slower PyTorch path; past the maximum a block is larger than any
+    tile the kernel's launch configuration was sized for, and wastes up to a block per sequence."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a power of two from 1 to {MAX_KV_BLOCK_SIZE}, got {text!r}"
+                                         ) from None
+    if not 1 <= value <= MAX_KV_BLOCK_SIZE or value & (value - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two from 1 to {MAX_KV_BLOCK_SIZE} (got {value})")
+    return value
+
+
 def _setting(default, help: str, flag_type=None, optional_bool: bool = False):
     """A field with what its flag needs: ``flag_type(bitdelta.cli) -> argparse type`` (resolved when the
     flags are made, so that importing this module stays light), ``optional_bool``: ``--x/--no-x``."""
@@ -55,6 +74,8 @@ class EngineConfig:
     kv_cache_mb: float | None = _setting(None, "KV cache budget in MiB (default on CUDA: the memory free after the "
                                                "base and delta pool, less a tenth of the card and 512 MiB; CPU: 1024)",
                                          lambda c: c.float_range(0, strict_lo=True))
+    kv_block_size: int = _setting(16, "positions per block of the paged KV cache: a power of two from 1 to "
+                                      f"{MAX_KV_BLOCK_SIZE} (default 16)", lambda c: _kv_block_size)
     dtype: str | None = _setting(None, "dtype of the base weights (float32, bfloat16, float16; default: the "
                                        "checkpoint's own on CUDA, float32 on CPU)", lambda c: c.dtype_name)
     device: str | None = _setting(None, "cuda or cpu (default: cuda if available)", lambda c: c.device_name)

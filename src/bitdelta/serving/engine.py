@@ -7,8 +7,9 @@ into one forward of :class:`~bitdelta.serving.models.DeltaModel`. A step holds a
 then what is left goes to prompts in arrival order, a prompt longer than that split into chunks over
 several steps (the first chunk as a fresh prompt, later ones continuing over the sequence's cache);
 only the step that completes a prompt samples its first token. So a long prompt never stalls the
-running streams, and a step's cost stays bounded. A request whose
-delta is not device-resident waits in the queue while its delta loads in the background; the others
+running streams, and a step's cost stays bounded. A request whose delta is not device-resident
+waits in the queue while its delta loads in the background and then while its copy into a delta
+slot is in flight (on CUDA a side stream: see :mod:`bitdelta.serving.install_ticket`); the others
 keep decoding. The waiting queue is bounded (:class:`QueueFull` when it is full, the API's 429).
 Keys/values live in a paged cache (:mod:`bitdelta.serving.kv_cache`): a pool of fixed-size blocks,
 sized from free device memory (CUDA) or ``kv_cache_mb`` (CPU), from which each running sequence gets
@@ -579,9 +580,11 @@ class Engine:
                 if state is DeltaState.FAILED:
                     self._finish(r, "error", error=self.slots.error(r.tenant))
                     continue
-                delta_slot = self.slots.acquire(r.tenant)
-                if delta_slot is None:  # loading in the background, or every delta slot is busy: wait
-                    slot_blocked = slot_blocked or state is DeltaState.WAITING_FOR_SLOT
+                # A delta's copy into its slot (CUDA: a side stream) is waited for only when nothing runs:
+                # otherwise the running streams decode on and the request is admitted once it landed.
+                delta_slot = self.slots.acquire(r.tenant, wait=not self.running and not admitted)
+                if delta_slot is None:  # loading, installing, or every delta slot is busy: wait
+                    slot_blocked = slot_blocked or self.slots.state(r.tenant) is DeltaState.WAITING_FOR_SLOT
                     keep.append(r)
                     continue
                 r.delta_slot = delta_slot

@@ -16,12 +16,15 @@ on a module has zeros there. :mod:`bitdelta.serving.dispatch` adds ``(x Aáµ€) Bá
 
 Every device tensor is allocated once, here; :meth:`DevicePool.install` copies into its delta slot
 in place and :meth:`DevicePool.clear` forgets it, so captured CUDA graphs
-(:mod:`bitdelta.serving.graphs`) always read the live buffers. ``col_slots`` (host) says which delta
+(:mod:`bitdelta.serving.graphs`) always read the live buffers. On CUDA an install copies on a side
+stream and returns an :class:`~bitdelta.serving.install_ticket.InstallTicket`: the slot is readable
+once the ticket is ready. ``col_slots`` (host) says which delta
 slots are column-scaled on some module: their tokens take separate op calls
 (:mod:`bitdelta.serving.dispatch`).
 
     pool = DevicePool(model, num_slots=8, bits=2, max_extra_vocab=4, max_lowrank_rank=16)
-    pool.install(delta_slot, host_delta)     # engine thread, between steps
+    ticket = pool.install(delta_slot, host_delta)     # engine thread, between steps
+    ticket.ready()                                    # the slot may be read (always, on the CPU)
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..scale_modes import scale_shape
+from .install_ticket import InstallTicket
 
 
 @dataclass
@@ -78,10 +82,28 @@ class DevicePool:
         self.extra_head = torch.zeros((s, max_extra_vocab, h), dtype=model.dtype, device=dev)
         self.n_extra = torch.zeros(s, dtype=torch.long, device=dev)
         self.col_slots: set[int] = set()  # delta slots whose tenant is column-scaled on some module (host)
+        # installs copy on a stream of their own, so decode steps never queue behind a delta's copy
+        self.copy_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
 
     @torch.no_grad()
-    def install(self, delta_slot: int, host: HostDelta) -> None:
-        """Copies ``host`` into ``delta_slot`` of every buffer, in place."""
+    def install(self, delta_slot: int, host: HostDelta) -> InstallTicket:
+        """Copies ``host`` into ``delta_slot`` of every buffer, in place; the ticket says when the slot
+        may be read. On CUDA the copies run on :attr:`copy_stream` (non-blocking from pinned memory),
+        after the work already queued on the current stream (a step may still read the slot's previous
+        tenant); nothing on the current stream waits for them. All installs share that one stream, so
+        a slot freed and installed again while a copy is in flight is written in order. On the CPU the
+        copy is done on return."""
+        if self.copy_stream is None:
+            self._copy(delta_slot, host)
+            return InstallTicket()
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.model.device))
+        with torch.cuda.stream(self.copy_stream):  # pinned sources record this stream: not reused mid-copy
+            self._copy(delta_slot, host)
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        return InstallTicket(done)
+
+    def _copy(self, delta_slot: int, host: HostDelta) -> None:
         for name, pool in self.pools.items():
             if "lowrank_a" in pool:
                 self._install_lowrank(pool, delta_slot, host.lowrank.get(name))

@@ -7,13 +7,18 @@ is all the engine needs to schedule it:
 
 * ``READY``: in a delta slot; requests run;
 * ``WAITING_FOR_SLOT``: in host memory, every delta slot held by running requests;
+* ``INSTALLING``: given a delta slot, its copy from host memory still in flight (CUDA only);
 * ``LOADING``: on its way from disk (a background thread), or on disk with a load about to start;
 * ``FAILED``: its last load failed (the error says why; requests for it fail).
 
-Disk loads run in a background thread; installing host -> slot (:meth:`~bitdelta.serving.layers.
-DevicePool.install`) happens on the engine thread between steps, so no step ever reads a slot being
-written. The per-step ops the model calls (``linear``, ``gather1d``, ``embed``, ``extra_logits``) are
-the dispatch's (:mod:`bitdelta.serving.dispatch`), reached through this object.
+Disk loads run in a background thread and read the artifact straight into pinned host memory on
+CUDA (:mod:`bitdelta.bulk_read`); the host copy then uses those buffers as they are. Installing host
+-> slot (:meth:`~bitdelta.serving.layers.DevicePool.install`) is started by the engine thread between
+steps, on CUDA as copies on a side stream: the slot is INSTALLING, not READY, until the copy's event
+has completed (:mod:`bitdelta.serving.install_ticket`), so no step reads a slot being written and no
+step waits for the copy. An INSTALLING delta holds its slot (eviction passes over it) and its
+requests wait. The per-step ops the model calls (``linear``, ``gather1d``, ``embed``,
+``extra_logits``) are the dispatch's (:mod:`bitdelta.serving.dispatch`), reached through this object.
 
 Registration refuses a delta before reading its tensors when the config and headers already show
 it cannot be served here (shapes unlike the base's, too many planes or added tokens), checks its
@@ -34,6 +39,7 @@ import gc
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +52,7 @@ from ..scale_modes import scale_shape
 from ..validate import check_delta_values
 from .base_reference import BaseReference
 from .dispatch import Dispatch, FunctionDispatch
+from .install_ticket import InstallTicket
 from .layers import DevicePool, HostDelta
 
 logger = logging.getLogger(__name__)
@@ -57,6 +64,7 @@ class DeltaState(enum.Enum):
     """Where a registered delta stands, as the engine schedules it (see the module docstring)."""
 
     READY = "ready"
+    INSTALLING = "installing"
     WAITING_FOR_SLOT = "waiting_for_slot"
     LOADING = "loading"
     FAILED = "failed"
@@ -71,6 +79,7 @@ class Entry:
     root: str | None = None  # the directory its files must stay in (a server's --delta-dir), reloads too
     host: HostDelta | None = None
     slot: int | None = None  # its delta slot in the device pool
+    ticket: InstallTicket | None = None  # the slot's copy, while it may be in flight (CUDA)
     refs: int = 0
     loading: bool = False
     error: str | None = None
@@ -86,11 +95,13 @@ class DeltaSlots:
     """Device slot pools + host LRU + background loader, keyed by delta name."""
 
     def __init__(self, model, max_gpu_deltas: int = 32, max_cpu_deltas: int = 128, max_bits: int = 1,
-                 max_extra_vocab: int = 0, backend: str = "auto", linear_fn=None, max_lowrank_rank: int = 0):
+                 max_extra_vocab: int = 0, backend: str = "auto", linear_fn=None, max_lowrank_rank: int = 0,
+                 read_threads: int = 4):
         """``linear_fn(name, x, w, pool, batch) -> y`` replaces the fused op for every module when given
         (e.g. :func:`bitdelta.serving.unfused.unfused_linear`, the reference-style baseline that
         benchmarks compare against); None uses :func:`bitdelta.ops.bitdelta_linear`. ``max_lowrank_rank``:
-        the largest low-rank correction a slot holds (0: none; such deltas are refused)."""
+        the largest low-rank correction a slot holds (0: none; such deltas are refused).
+        ``read_threads``: threads reading an artifact from disk at once."""
         if max_gpu_deltas < 1:
             raise ValueError("max_gpu_deltas must be at least 1")
         self.model, self.backend = model, backend
@@ -99,6 +110,8 @@ class DeltaSlots:
         self.pool = DevicePool(model, max_gpu_deltas, max_bits, max_extra_vocab, max_lowrank_rank)
         self.linear_fn = linear_fn  # sets self.dispatch
         self.pin = model.device.type == "cuda"
+        self.read_threads = read_threads
+        self.last_load: dict = {}  # seconds of the last load from disk, by phase (benchmarks split cold starts)
         self.entries: dict[str, Entry] = {}
         self.slot_owner: list[str | None] = [None] * max_gpu_deltas
         self.lru: OrderedDict[str, None] = OrderedDict()  # device-resident, least recent first
@@ -143,7 +156,7 @@ class DeltaSlots:
 
     def _register(self, name: str, path, delta, root) -> Entry:
         delta = self._load(path, root, name) if delta is None else self._verify(delta, path)
-        host = self.prepare(delta, name)
+        host = self._timed_prepare(delta, name)
         entry = Entry(name, str(path), dict(delta.info), dict(delta.files), None if root is None else str(root))
         with self.lock:
             if name in self.entries:  # registered by another thread meanwhile
@@ -184,11 +197,19 @@ class DeltaSlots:
         if not Path(path).is_dir():
             raise BitDeltaError(f"{path} is not a delta artifact directory")
         # The layout is checked against the base before any tensor is read, so an artifact declaring
-        # tensors this server cannot hold is refused without reading them.
-        delta = load_delta(path, root=root, precheck=lambda layout: self._check_layout(layout, name))
-        return self._verify(delta, path)
+        # tensors this server cannot hold is refused without reading them. On CUDA the tensors land in
+        # pinned memory, which prepare() then uses as the host copy.
+        t0 = time.perf_counter()
+        delta = load_delta(path, root=root, precheck=lambda layout: self._check_layout(layout, name),
+                           pin_memory=self.pin, read_threads=self.read_threads)
+        t1 = time.perf_counter()
+        delta = self._verify(delta, path)
+        self.last_load = {"read_validate_s": t1 - t0, "base_check_s": time.perf_counter() - t1}
+        return delta
 
     def _verify(self, delta, path):
+        """The base check: a comparison with the base's samples and magnitudes read once at start-up
+        (:attr:`base_reference`); no base weight is read here."""
         if delta.artifact_path is None:  # an in-memory delta: name it by where it was registered from
             delta.artifact_path = str(path)
         ref = self.base_reference
@@ -196,6 +217,12 @@ class DeltaSlots:
                                  model_name=str(getattr(self.model.config, "_name_or_path", "base")))
         check_delta_values(delta, ref.values_for(delta))
         return delta
+
+    def _timed_prepare(self, delta, name: str) -> HostDelta:
+        t = time.perf_counter()
+        host = self.prepare(delta, name)
+        self.last_load = {**self.last_load, "host_copy_s": time.perf_counter() - t}
+        return host
 
     def _check_layout(self, layout, name: str = "?") -> None:
         """Raises a clear error unless a delta of ``layout`` (an :class:`~bitdelta.artifact.Layout`) fits
@@ -261,18 +288,25 @@ class DeltaSlots:
         self._check_layout(Layout.of(delta), name)
         m = self.model
         shapes = m.delta_modules()
+        # The delta's own tensors serve as the host copy when they already have the pool's layout (and
+        # are pinned, on CUDA: a load from disk reads them so). A delta with fewer sign planes than the
+        # pool, or low-rank factors in another dtype than the model's, is copied whole: copies of some
+        # tensors beside views of the rest would keep all the read buffers alive, the copied bytes too.
+        reuse = all(pm.bits == self.bits and (not pm.lowrank_rank or pm.lowrank_a.dtype == m.dtype)
+                    for pm in delta.modules.values())
         modules, extra_embed, extra_head, lowrank = {}, None, None, {}
         for fqn, pm in delta.modules.items():
             n, k = shapes[fqn]
             if pm.lowrank_rank:
-                lowrank[fqn] = tuple(self._pinned(t.to(m.dtype).cpu()) for t in (pm.lowrank_b, pm.lowrank_a))
+                lowrank[fqn] = tuple(self._host_copy(t, m.dtype, reuse) for t in (pm.lowrank_b, pm.lowrank_a))
             is_col = pm.mode == "col"
             sc = pm.scale.float().cpu()
             sc = sc[:, None].expand(pm.bits, n) if pm.mode == "scalar" else sc
-            modules[fqn] = (self._host_planes(pm.sign.cpu(), (self.bits, n, (k + 7) // 8)),
-                            self._host_planes(sc, scale_shape("col" if is_col else "row", n, k, self.bits)), is_col)
+            modules[fqn] = (self._host_planes(pm.sign.cpu(), (self.bits, n, (k + 7) // 8), reuse),
+                            self._host_planes(sc, scale_shape("col" if is_col else "row", n, k, self.bits), reuse),
+                            is_col)
             if pm.extra_rows is not None:
-                rows = pm.extra_rows.to(m.dtype).cpu()
+                rows = self._host_copy(pm.extra_rows, m.dtype, reuse)
                 if fqn == m.embed_name:
                     extra_embed = rows
                     if m.head_name == m.embed_name:
@@ -282,18 +316,26 @@ class DeltaSlots:
         params1d = {}
         for pname, value in delta.dense.items():
             key = delta.ties.get(pname, pname)
-            params1d[key] = self._pinned(value.to(m.dtype).cpu())
+            params1d[key] = self._host_copy(value, m.dtype, reuse)
         return HostDelta(modules, params1d, extra_embed, extra_head, lowrank)
 
-    def _pinned(self, t: torch.Tensor) -> torch.Tensor:
-        return t.pin_memory() if self.pin else t
+    def _usable(self, t: torch.Tensor, reuse: bool) -> bool:
+        """Whether ``t`` can be the host copy itself: a contiguous CPU tensor, pinned on CUDA."""
+        return reuse and t.device.type == "cpu" and t.is_contiguous() and (not self.pin or t.is_pinned())
 
-    def _host_planes(self, planes: torch.Tensor, shape: tuple) -> torch.Tensor:
+    def _host_copy(self, t: torch.Tensor, dtype: torch.dtype, reuse: bool = False) -> torch.Tensor:
+        """``t`` in ``dtype`` as a host tensor (pinned on CUDA): ``t`` itself when it is one already,
+        else one copy (the dtype conversion included) straight into the destination."""
+        if t.dtype == dtype and self._usable(t, reuse):
+            return t
+        buf = torch.empty(t.shape, dtype=dtype, pin_memory=self.pin)
+        return buf.copy_(t)
+
+    def _host_planes(self, planes: torch.Tensor, shape: tuple, reuse: bool = False) -> torch.Tensor:
         """``planes [bits, ...]`` as a host tensor of ``shape`` (the pool's planes, zero past the
-        delta's). One copy straight into pinned memory on CUDA, none on CPU when no padding is
-        needed (the 0.79 s host step of a 7B delta's cold start on an H100 made a zero-filled
-        staging copy, then a second copy into pinned memory)."""
-        if tuple(planes.shape) == tuple(shape) and not self.pin:
+        delta's): ``planes`` itself when it has that shape and :meth:`_usable` says so (a load from
+        disk read it into pinned memory), else one copy straight into a (pinned) buffer."""
+        if tuple(planes.shape) == tuple(shape) and (self._usable(planes, reuse) or not self.pin):
             return planes.contiguous()
         buf = torch.empty(shape, dtype=planes.dtype, pin_memory=self.pin)
         buf[:planes.shape[0]].copy_(planes)
@@ -325,7 +367,7 @@ class DeltaSlots:
                 path = e.path
                 root = e.root
             try:
-                host = self.prepare(self._load(path, root, name), name)
+                host = self._timed_prepare(self._load(path, root, name), name)
                 err = None
             except Exception as ex:  # a file changed or vanished since registration
                 host, err = None, f"could not load delta {name!r} from {path}: {ex}"
@@ -353,8 +395,10 @@ class DeltaSlots:
 
     # ------------------------------------------------------------------ device slots (engine thread)
 
-    def acquire(self, name: str) -> int | None:
-        """The slot of ``name`` with a reference held, or None if it is not resident yet (loading starts)."""
+    def acquire(self, name: str, wait: bool = False) -> int | None:
+        """The slot of ``name`` with a reference held, or None if it is not resident yet (loading
+        starts) or its copy into the slot is still in flight (CUDA). ``wait``: block until such a copy
+        has landed instead (for a caller with nothing else to run meanwhile)."""
         with self.lock:
             e = self.entries.get(name)
             if e is None or e.removed:
@@ -367,6 +411,12 @@ class DeltaSlots:
                 if slot is None:
                     return None
                 self._install(slot, e)
+            if e.ticket is not None:
+                if wait:
+                    e.ticket.wait()
+                elif not e.ticket.ready():
+                    return None
+                e.ticket = None
             e.refs += 1
             self.lru[name] = None
             self.lru.move_to_end(name)
@@ -395,8 +445,9 @@ class DeltaSlots:
             return True
 
     def load(self, name: str) -> int | None:
-        """Makes ``name`` device-resident now if possible (engine thread), without holding a reference."""
-        slot = self.acquire(name)
+        """Makes ``name`` device-resident now if possible (engine thread), without holding a reference;
+        a copy into its slot is waited for."""
+        slot = self.acquire(name, wait=True)
         if slot is not None:
             self.release(name)
         return slot
@@ -407,18 +458,20 @@ class DeltaSlots:
                 return i
         for victim in self.lru:  # least recently used first
             ve = self.entries[victim]
-            if ve.refs == 0:
+            if ve.refs == 0 and (ve.ticket is None or ve.ticket.ready()):  # never a slot mid-copy
                 slot = ve.slot
                 self._free_slot(ve, count=True)
                 return slot
         return None
 
     def _free_slot(self, e: Entry, count: bool = False) -> None:
+        # An install may still be in flight (unload or unregister of an INSTALLING delta): the slot's
+        # next install queues behind it on the pool's one copy stream, so it lands in order.
         if e.slot is None:
             return
         slot = e.slot
         self.slot_owner[slot] = None
-        e.slot = None
+        e.slot, e.ticket = None, None
         self.lru.pop(e.name, None)
         self.pool.clear(slot)
         if count:
@@ -428,9 +481,14 @@ class DeltaSlots:
                 logger.info("delta %s evicted to disk", e.name)
 
     def _install(self, slot: int, e: Entry) -> None:
-        self.pool.install(slot, e.host)
+        # In the eviction order at once (a delta whose requests were cancelled mid-copy must not hold
+        # its slot for ever), but _take_slot passes over it while its copy is in flight.
+        ticket = self.pool.install(slot, e.host)
+        e.ticket = None if ticket.ready() else ticket
         self.slot_owner[slot] = e.name
         e.slot = slot
+        self.lru[e.name] = None
+        self.lru.move_to_end(e.name)
         if e.host is not None:
             self.host_lru[e.name] = None
             self.host_lru.move_to_end(e.name)
@@ -446,6 +504,8 @@ class DeltaSlots:
             if e.error:
                 return DeltaState.FAILED
             if e.slot is not None:
+                if e.ticket is not None and not e.ticket.ready():
+                    return DeltaState.INSTALLING
                 return DeltaState.READY
             if e.host is not None:
                 return DeltaState.WAITING_FOR_SLOT
@@ -510,7 +570,8 @@ class DeltaSlots:
     def status(self) -> list[dict]:
         with self.lock:
             return [{"name": e.name, "path": e.path, "device_slot": e.slot, "in_host_memory": e.host is not None,
-                     "loading": e.loading, "running_requests": e.refs, "error": e.error, **e.stats}
+                     "loading": e.loading, "installing": e.ticket is not None and not e.ticket.ready(),
+                     "running_requests": e.refs, "error": e.error, **e.stats}
                     for e in self.entries.values() if not e.removed]
 
     def resident(self) -> int:

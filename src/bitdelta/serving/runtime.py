@@ -133,7 +133,8 @@ def build_runtime(base, deltas: dict[str, str] | None = None, *, base_name: str 
     metrics.base_name = base_name or Path(str(base)).name or "base"
     engine = Engine(model, slots, max_batch=max_batch, max_queue=max_queue, max_len=cfg.max_model_len,
                     kv_cache_mb=cfg.kv_cache_mb, metrics=metrics, cuda_graphs=None if cfg.cuda_graphs else False,
-                    auto_restart=cfg.engine_restart, max_step_tokens=cfg.max_step_tokens)
+                    auto_restart=cfg.engine_restart, max_step_tokens=cfg.max_step_tokens,
+                    kv_block_size=cfg.kv_block_size)
     rt = ServingRuntime(metrics.base_name, str(base), model, slots, engine, metrics)
     metrics.known = rt.has  # metrics label registered names only: clients cannot grow the page
     rt.texts[rt.base_name] = TenantText.load(base)
