@@ -99,7 +99,7 @@ def test_rms_norm_strided_rows_and_output_buffer():
 def test_norm_launchers_refuse_bad_inputs():
     x, w = _rand(3, 40, seed=0), _rand(40, seed=1)
     with pytest.raises(ValueError, match="weight must have"):
-        fused.rms_norm(x, w.double(), 1e-6)
+        fused.rms_norm(x, w.half(), 1e-6)
     with pytest.raises(ValueError, match=r"base norm weight must be a contiguous \[40\]"):
         fused.rms_norm(x, _rand(41, seed=2), 1e-6)
     with pytest.raises(ValueError, match=r"weight must be \[3, 40\]"):
