@@ -226,3 +226,119 @@ def test_rope_launcher_refuses_bad_inputs():
     with pytest.raises(ValueError, match="contiguous head dim"):
         fused.rope_kv_write(q.transpose(1, 2).contiguous().transpose(1, 2)[:, :, :40], k, v, cos, sin, kc, vc,
                             rows)
+
+
+# ---------------------------------------------------------------------------------- a served model
+
+
+def _served_pair(arch, tmp_path):
+    """A tiny served base of ``arch`` with one row-scaled delta registered (its slot loaded)."""
+    import warnings
+
+    import transformers
+
+    import bitdelta
+    from arch_pairs import finetune_of, load_model, make_arch_model
+    from serving.engine_checks import served_with_deltas
+
+    if arch == "gemma":  # Gemma (1): (1 + w) norms and GELU-tanh without sandwich norms
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cfg = transformers.GemmaConfig(vocab_size=61, hidden_size=40, num_hidden_layers=2, num_attention_heads=4,
+                                           num_key_value_heads=2, intermediate_size=72, head_dim=10,
+                                           max_position_embeddings=64)
+            base = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(100)
+            for p in base.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    else:
+        overrides = {"phi3": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                  "partial_rotary_factor": 0.5}}}.get(arch, {})
+        base = make_arch_model(arch, **overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base.save_pretrained(tmp_path / "base")
+        finetune_of(base, 1, scale=0.3).save_pretrained(tmp_path / "ft")
+    delta = bitdelta.compress(tmp_path / "base", tmp_path / "ft", scale="row", progress=False)
+    model, slots = served_with_deltas(load_model(tmp_path / "base"), {"ft": delta}, max_gpu_deltas=1)
+    return model, slots, slots.load("ft")
+
+
+def _run_steps(model, slots, slot, vocab):
+    """Logits of prefill and decode steps with and without deltas (and a continuing chunk beside
+    decode rows) on a fresh KV cache, and the cache afterwards."""
+    from bitdelta.serving.kv_cache import KVCache
+    from bitdelta.serving.mapping import BatchMapping
+
+    kv = KVCache(model.num_layers, 4, 32, model.kv_heads, model.head_dim, model.dtype, model.device, block_size=4)
+    g = torch.Generator().manual_seed(0)
+
+    def toks(n):
+        return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+    steps = [
+        [(0, 0, toks(5), -1), (1, 0, toks(5), -1)],  # prefill, base only (one group of two prompts)
+        [(2, 0, toks(6), slot), (3, 0, toks(3), -1)],  # prefill with a delta
+        [(0, 5, toks(1), slot), (1, 5, toks(1), -1), (2, 6, toks(1), slot), (3, 3, toks(1), -1)],  # decode
+        [(0, 6, toks(1), -1), (1, 6, toks(1), -1), (2, 7, toks(1), -1)],  # decode, base only
+        [(0, 7, toks(1), slot), (1, 7, toks(3), -1), (3, 4, toks(1), slot)],  # a chunk among decode rows
+    ]
+    logits = [model.forward(BatchMapping.build(entries, model.device, kv), kv, slots) for entries in steps]
+    return logits, kv
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's model check (the GPU benchmark checks CUDA)")
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma"])
+def test_served_model_same_logits_fused_and_unfused(arch, tmp_path, monkeypatch):
+    from bitdelta.serving.models import common
+
+    model, slots, slot = _served_pair(arch, tmp_path)
+    monkeypatch.setenv("BITDELTA_FUSED_BASE", "0")
+    want, want_kv = _run_steps(model, slots, slot, model.vocab_size)
+
+    calls = {}
+
+    def counted(name):
+        fn = getattr(fused, name)
+
+        def call(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return call
+
+    for name in ("add_rms_norm", "rms_norm", "gated_activation", "rope_kv_write"):
+        monkeypatch.setattr(common.fused_norm, name, counted(name))
+    monkeypatch.setenv("BITDELTA_FUSED_BASE", "1")
+    got, got_kv = _run_steps(model, slots, slot, model.vocab_size)
+    layers, steps = model.num_layers, len(want)
+    # every step: one fused norm per residual add (two per layer), the first input norm, RoPE and
+    # the activation per layer; the final norm takes the last add on decode steps
+    assert calls["rope_kv_write"] == calls["gated_activation"] == layers * steps
+    assert calls["add_rms_norm"] + calls["rms_norm"] == (2 * layers + 1) * steps
+    assert calls["add_rms_norm"] > layers * steps
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape and a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=f"step {i}")
+    torch.testing.assert_close(got_kv.k, want_kv.k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_kv.v, want_kv.v, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_base_switch(monkeypatch):
+    from bitdelta.serving.models.common import fused_base_on
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("BITDELTA_FUSED_BASE", raising=False)
+    assert not fused_base_on(cpu)  # the default: off on a CPU, even under the interpreter
+    monkeypatch.setenv("BITDELTA_FUSED_BASE", "1")
+    assert fused_base_on(cpu)  # TRITON_INTERPRET=1 here
+    monkeypatch.setenv("BITDELTA_FUSED_BASE", "0")
+    assert not fused_base_on(cpu)
+    monkeypatch.setenv("BITDELTA_FUSED_BASE", "yes")
+    with pytest.raises(ValueError, match="must be 1, 0 or auto"):
+        fused_base_on(cpu)
+    monkeypatch.setenv("BITDELTA_FUSED_BASE", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs Triton and CUDA"):
+        fused_base_on(cpu)
