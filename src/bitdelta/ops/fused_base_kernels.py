@@ -65,9 +65,10 @@ def gated_act_kernel(
 
 
 @triton.jit
-def _rotate(x_row_ptr, dims, partner, in_dim, rotary, c, s, OUT: tl.constexpr):
-    """One head vector rotated over its rotary dims (the rest passes through), rounded as eager
-    ``x * cos + roll(x) * sin`` rounds each product and the sum."""
+def _rotate(x_row_ptr, out_ptr, dims, partner, in_dim, rotary, c, s):
+    """One head vector rotated over its rotary dims (the rest passes through), rounded to ``out_ptr``'s
+    dtype as eager ``x * cos + roll(x) * sin`` rounds each product and the sum."""
+    OUT = out_ptr.dtype.element_ty
     x = tl.load(x_row_ptr + dims, mask=in_dim, other=0.0).to(tl.float32)
     xp = tl.load(x_row_ptr + partner, mask=rotary, other=0.0).to(tl.float32)
     a = (x * c).to(OUT).to(tl.float32)
@@ -94,14 +95,13 @@ def rope_kv_kernel(
     partner = tl.where(dims < half, dims + half, dims - half)
     c = tl.load(cos_ptr + t * stride_cos + dims, mask=rotary, other=1.0).to(tl.float32)
     s = tl.load(sin_ptr + t * stride_sin + dims, mask=rotary, other=0.0).to(tl.float32)
-    out_ty = q_out_ptr.dtype.element_ty
     if head < heads:
-        y = _rotate(q_ptr + t * stride_qt + head * stride_qh, dims, partner, in_dim, rotary, c, s, out_ty)
+        y = _rotate(q_ptr + t * stride_qt + head * stride_qh, q_out_ptr, dims, partner, in_dim, rotary, c, s)
         tl.store(q_out_ptr + t * stride_qo_t + head * stride_qo_h + dims, y, mask=in_dim)
     else:
         kv_head = head - heads
         row = tl.load(index_ptr + t).to(tl.int64)  # the token's flat cache row (block * size + slot)
-        y = _rotate(k_ptr + t * stride_kt + kv_head * stride_kh, dims, partner, in_dim, rotary, c, s, out_ty)
+        y = _rotate(k_ptr + t * stride_kt + kv_head * stride_kh, q_out_ptr, dims, partner, in_dim, rotary, c, s)
         tl.store(kc_ptr + row * stride_kc_row + kv_head * stride_kc_head + dims, y, mask=in_dim)
         if K_OUT:
             tl.store(k_out_ptr + t * stride_ko_t + kv_head * stride_ko_h + dims, y, mask=in_dim)
