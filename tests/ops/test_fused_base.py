@@ -232,7 +232,9 @@ def test_rope_launcher_refuses_bad_inputs():
 
 
 def _served_pair(arch, tmp_path):
-    """A tiny served base of ``arch`` with one row-scaled delta registered (its slot loaded)."""
+    """A tiny served base of ``arch`` with one row-scaled delta registered (its slot loaded): Llama,
+    Phi-3 (partial rotary, fused qkv and gate_up), Gemma (Gemma's norms, GELU-tanh) or Gemma-2
+    (sandwich norms, soft-capping)."""
     import warnings
 
     import transformers
@@ -290,7 +292,7 @@ def _run_steps(model, slots, slot, vocab):
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's model check (the GPU benchmark checks CUDA)")
-@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma"])
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma", "gemma2"])
 def test_served_model_same_logits_fused_and_unfused(arch, tmp_path, monkeypatch):
     from bitdelta.serving.models import common
 
@@ -313,10 +315,11 @@ def test_served_model_same_logits_fused_and_unfused(arch, tmp_path, monkeypatch)
     monkeypatch.setenv("BITDELTA_FUSED_BASE", "1")
     got, got_kv = _run_steps(model, slots, slot, model.vocab_size)
     layers, steps = model.num_layers, len(want)
-    # every step: one fused norm per residual add (two per layer), the first input norm, RoPE and
-    # the activation per layer; the final norm takes the last add on decode steps
-    assert calls["rope_kv_write"] == calls["gated_activation"] == layers * steps
-    assert calls["add_rms_norm"] + calls["rms_norm"] == (2 * layers + 1) * steps
+    assert calls["rope_kv_write"] == calls["gated_activation"] == layers * steps  # per layer and step
+    # one fused norm per residual add (two per layer), the first input norm and the final one, which
+    # takes the last add on decode steps; Gemma-2's sandwich layers normalise two block outputs more
+    norms = 2 * layers + 1 + (2 * layers if model.arch.sandwich_norms else 0)
+    assert calls["add_rms_norm"] + calls["rms_norm"] == norms * steps
     assert calls["add_rms_norm"] > layers * steps
     for i, (a, b) in enumerate(zip(got, want)):
         assert a.shape == b.shape and a.dtype == torch.float32

@@ -30,9 +30,10 @@ except on soft-capped layers, which SDPA cannot express: those compute scores ex
 The fused base path (:func:`fused_base_on`, env ``BITDELTA_FUSED_BASE``; on by default on CUDA when
 Triton imports) runs the same computation through the kernels of :mod:`bitdelta.ops.fused_norm`:
 each residual add is fused with the norm after it (layer i's MLP output is added inside layer i+1's
-input norm, the last one inside the final norm), RoPE with the paged-cache writes of keys and
-values, and the gated activation in one kernel. Gemma's sandwich layers keep their unfused norms and
-adds; per-head q/k norms stay unfused, before the fused RoPE. The eager ops remain the reference.
+input norm, the last one inside the final norm; Gemma's sandwich layers normalise a block's output
+first, then add it inside the next norm), RoPE with the paged-cache writes of keys and values, and
+the gated activation in one kernel. Per-head q/k norms stay unfused, before the fused RoPE. The
+eager ops remain the reference.
 """
 
 from __future__ import annotations
@@ -401,13 +402,16 @@ class DecoderLayer(nn.Module):
         """The layer on the fused path, whose hidden state is ``residual + pending``: ``pending`` is the
         previous layer's MLP output (None before the first layer), added inside this layer's input norm.
         Returns the new ``(residual, pending)``; ``residual`` is updated in place."""
-        if self.sandwich:  # Gemma-2/3: the unfused layer, on the summed state
-            return self.forward(residual if pending is None else residual.add_(pending), step), None
         if pending is None:
             h = self.input_layernorm.fused(residual, step)
         else:
             h = self.input_layernorm.fused(pending, step, residual=residual)
-        h = self.post_attention_layernorm.fused(self.self_attn(h, step), step, residual=residual)
+        a = self.self_attn(h, step)
+        if self.sandwich:  # Gemma-2/3: each block's output is normalised before it is added
+            a = self.post_attention_layernorm.fused(a, step)
+            h = self.pre_feedforward_layernorm.fused(a, step, residual=residual)
+            return residual, self.post_feedforward_layernorm.fused(self.mlp(h, step), step)
+        h = self.post_attention_layernorm.fused(a, step, residual=residual)
         return residual, self.mlp(h, step)
 
 
