@@ -3,7 +3,8 @@
 One run does everything:
   1. checks every kernel against its PyTorch reference (bitdelta.ops.fused_base_reference) in
      bfloat16 and float16 at Llama-2-7B shapes (hidden 4096, MLP 11008, 32 heads of 128): add +
-     RMSNorm (residual bit-exact, base and per-token weights, Llama and Gemma numerics), RMSNorm,
+     RMSNorm (residual bit-exact; the base's weight, per-token weights and rows of a tenants'
+     table; Llama and Gemma numerics), RMSNorm,
      gated SiLU and GELU-tanh (two tensors and Phi-3's one), RoPE with the paged KV write (full and
      partial rotary, rows scattered over the cache);
   2. times each fused op against the eager ops it replaces, as the serving layers run them, at
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import statistics
 import sys
@@ -96,6 +98,17 @@ def rope_inputs(t, shape, rot, dtype, device, seed):
     return q, k, v, cos, sin, kc, vc, rows
 
 
+def norm_weight(kind, t, dim, dtype, device):
+    """(weight as the kernel takes it, its rows or None, the per-token weight the reference takes): the
+    base's ``[D]``, per-token ``[T, D]``, or a table of 17 tenants' rows (the serving path's)."""
+    if kind == "table":
+        table = rand(17, dim, dtype=dtype, device=device, seed=5, scale=0.1) + 1
+        rows = torch.randint(0, 17, (t,), generator=torch.Generator(device=device).manual_seed(t), device=device)
+        return table, rows, table[rows]
+    w = rand(*((t, dim) if kind == "per-token" else (dim,)), dtype=dtype, device=device, seed=5, scale=0.1) + 1
+    return w, None, w
+
+
 # ---------------------------------------------------------------------------------- 1. checks
 
 
@@ -113,19 +126,18 @@ def run_checks(shape, dtypes, dev, log) -> list[dict]:
         for t in (1, 7, 64):
             x = rand(t, dim, dtype=dtype, device=device, seed=t)
             res = rand(t, dim, dtype=dtype, device=device, seed=t + 1, scale=3.0)
-            for per_token, offset in ((False, 0.0), (True, 0.0), (False, 1.0), (True, 1.0)):
-                w = rand(*((t, dim) if per_token else (dim,)), dtype=dtype, device=device, seed=5, scale=0.1) + 1
-                what = f"add_rms_norm T={t} {'per-token' if per_token else 'base'} {'gemma' if offset else 'llama'}"
+            for kind, offset in itertools.product(("base", "per-token", "table"), (0.0, 1.0)):
+                w, w_rows, per_token = norm_weight(kind, t, dim, dtype, device)
+                what = f"add_rms_norm T={t} {kind} {'gemma' if offset else 'llama'}"
                 want_res, got_res = res.clone(), res.clone()
-                want = ref.add_rms_norm_reference(x, want_res, w, EPS, offset)
-                got = fused.add_rms_norm(x, got_res, w, EPS, offset)
+                want = ref.add_rms_norm_reference(x, want_res, per_token, EPS, offset)
+                got = fused.add_rms_norm(x, got_res, w, EPS, offset, weight_rows=w_rows)
                 if not torch.equal(got_res, want_res):
                     raise AssertionError(f"{what}: the residual sum is not bit-exact")
                 record(what, dtype, check(got, want, dtype, what))
                 what = what.replace("add_rms_norm", "rms_norm")
-                record(what, dtype, check(fused.rms_norm(res, w, EPS, offset), ref.rms_norm_reference(res, w, EPS,
-                                                                                                      offset), dtype,
-                                          what))
+                want = ref.rms_norm_reference(res, per_token, EPS, offset)
+                record(what, dtype, check(fused.rms_norm(res, w, EPS, offset, weight_rows=w_rows), want, dtype, what))
             gate_up = rand(t, 2 * inter, dtype=dtype, device=device, seed=t + 2, scale=2.0)
             for act in ("silu", "gelu_tanh"):
                 gate, up = gate_up[:, :inter].contiguous(), gate_up[:, inter:].contiguous()

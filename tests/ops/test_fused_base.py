@@ -57,17 +57,34 @@ def _close(got, want, dtype=torch.float32):
 # ---------------------------------------------------------------------------------- RMSNorm
 
 
+def _norm_weight(kind, t, d, dtype, seed):
+    """(weight as the kernel takes it, its rows or None, the per-token weight the reference takes):
+    the base's ``[D]``, per-token ``[T, D]``, or a table of tenants' rows read at ``rows``."""
+    if kind == "base":
+        w = _rand(d, seed=seed, dtype=dtype)
+        return w, None, w
+    if kind == "per-token":
+        w = _rand(t, d, seed=seed, dtype=dtype)
+        return w, None, w
+    table = _rand(4, d, seed=seed, dtype=dtype)
+    rows = torch.randint(0, 4, (t,), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    return table, rows, table[rows]
+
+
+WEIGHT_KINDS = ["base", "per-token", "table"]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("offset", [0.0, 1.0], ids=["llama", "gemma"])
-@pytest.mark.parametrize("per_token", [False, True], ids=["base-weight", "per-token-weight"])
+@pytest.mark.parametrize("kind", WEIGHT_KINDS)
 @pytest.mark.parametrize("t,d", [(1, 40), (3, 72), (7, 40)])
-def test_add_rms_norm_matches_reference(t, d, per_token, offset, dtype):
+def test_add_rms_norm_matches_reference(t, d, kind, offset, dtype):
     x, res = _rand(t, d, seed=t, dtype=dtype), _rand(t, d, seed=t + 1, dtype=dtype) * 3
-    w = _rand(*((t, d) if per_token else (d,)), seed=d, dtype=dtype)
+    w, rows, per_token = _norm_weight(kind, t, d, dtype, seed=d)
     want_res = res.clone()
-    want = ref.add_rms_norm_reference(x, want_res, w, 1e-6, offset)
+    want = ref.add_rms_norm_reference(x, want_res, per_token, 1e-6, offset)
     got_res = res.clone()
-    got = fused.add_rms_norm(x, got_res, w, 1e-6, offset)
+    got = fused.add_rms_norm(x, got_res, w, 1e-6, offset, weight_rows=rows)
     _close(got, want, dtype)
     if _exact(dtype):
         assert torch.equal(got_res, want_res)  # the residual sum is one rounded add: bit-exact
@@ -76,15 +93,15 @@ def test_add_rms_norm_matches_reference(t, d, per_token, offset, dtype):
 
 
 @pytest.mark.parametrize("offset", [0.0, 1.0], ids=["llama", "gemma"])
-@pytest.mark.parametrize("per_token", [False, True], ids=["base-weight", "per-token-weight"])
+@pytest.mark.parametrize("kind", WEIGHT_KINDS)
 @pytest.mark.parametrize("t,d", [(1, 72), (7, 40)])
-def test_rms_norm_matches_reference(t, d, per_token, offset):
+def test_rms_norm_matches_reference(t, d, kind, offset):
     x = _rand(t, d, seed=t) * 2 + 0.5
-    w = _rand(*((t, d) if per_token else (d,)), seed=d)
-    out = fused.rms_norm(x, w, 1e-5, offset)
-    _close(out, ref.rms_norm_reference(x, w, 1e-5, offset))
+    w, rows, per_token = _norm_weight(kind, t, d, torch.float32, seed=d)
+    out = fused.rms_norm(x, w, 1e-5, offset, weight_rows=rows)
+    _close(out, ref.rms_norm_reference(x, per_token, 1e-5, offset))
     # the two numerics differ (a weight of w versus 1 + w): a kernel ignoring the offset fails
-    assert (fused.rms_norm(x, w, 1e-5, 1.0 - offset) - out).abs().max() > 1e-2
+    assert (fused.rms_norm(x, w, 1e-5, 1.0 - offset, weight_rows=rows) - out).abs().max() > 1e-2
 
 
 def test_rms_norm_strided_rows_and_output_buffer():
@@ -110,6 +127,11 @@ def test_norm_launchers_refuse_bad_inputs():
         fused.add_rms_norm(x, _rand(3, 41, seed=2), w, 1e-6)
     with pytest.raises(ValueError, match="x must be"):
         fused.rms_norm(_rand(2, 3, 40, seed=2), w, 1e-6)
+    rows = torch.tensor([0, 1, 0], device=DEVICE)
+    with pytest.raises(ValueError, match="with weight_rows, weight must be a table"):
+        fused.rms_norm(x, w, 1e-6, weight_rows=rows)
+    with pytest.raises(ValueError, match=r"weight_rows must be \[T=3\]"):
+        fused.rms_norm(x, _rand(2, 40, seed=2), 1e-6, weight_rows=rows[:2])
 
 
 # ---------------------------------------------------------------------------------- gated activation

@@ -7,7 +7,8 @@ then back to float32), so in half precision the fused path gives the same values
 * ``rms_norm_kernel``: grid (token,). Optionally adds the sublayer output to the residual row first
   (storing the sum, rounded, back into the residual), then RMSNorm in float32 with Llama's (cast,
   then scale) or Gemma's (scale by ``offset + w`` in float32, then cast) numerics; the weight row
-  stride is 0 for the base's ``[D]`` weight, ``D`` for per-token ``[T, D]`` weights.
+  stride is 0 for the base's ``[D]`` weight, ``D`` for per-token ``[T, D]`` weights, and with
+  ``HAS_W_INDEX`` token t reads row ``w_index[t]`` of a table (each tenant's weights, gathered in place).
 * ``gated_act_kernel``: grid (token, column block). ``act(gate) * up`` with SiLU or GELU-tanh.
 * ``rope_kv_kernel``: grid (token, query head + kv head). Query heads are rotated into the output;
   key heads are rotated and written to their paged-cache row (and optionally to a dense output),
@@ -20,8 +21,8 @@ import triton.language as tl
 
 @triton.jit
 def rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, y_ptr, stride_x, stride_res, stride_w, stride_y, dim, eps, offset,
-    HAS_RESIDUAL: tl.constexpr, GEMMA: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, res_ptr, w_ptr, w_index_ptr, y_ptr, stride_x, stride_res, stride_w, stride_y, dim, eps, offset,
+    HAS_RESIDUAL: tl.constexpr, HAS_W_INDEX: tl.constexpr, GEMMA: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -35,7 +36,10 @@ def rms_norm_kernel(
         x = s.to(tl.float32)
     inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / dim + eps)
     normed = x * inv_rms
-    w = tl.load(w_ptr + row * stride_w + cols, mask=ok, other=0.0).to(tl.float32)
+    w_row = row
+    if HAS_W_INDEX:
+        w_row = tl.load(w_index_ptr + row).to(tl.int64)
+    w = tl.load(w_ptr + w_row * stride_w + cols, mask=ok, other=0.0).to(tl.float32)
     if GEMMA:  # (1 + w) in float32, one rounding at the end
         y = normed * (offset + w)
     else:  # Llama: the normalised row is rounded to the activation dtype before the scale

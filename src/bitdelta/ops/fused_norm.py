@@ -83,7 +83,7 @@ def _check_device(*ts: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------- RMSNorm
 
 
-def _norm(x, residual, weight, eps, offset, out):
+def _norm(x, residual, weight, eps, offset, out, weight_rows=None):
     _check_dtype("x", x)
     if x.dim() != 2:
         raise ValueError(f"x must be [T, D] (got {list(x.shape)})")
@@ -95,7 +95,15 @@ def _norm(x, residual, weight, eps, offset, out):
         _check_dtype("residual", residual, x.dtype)
         _check_rows("residual", residual, (t, d))
     _check_dtype("weight", weight, x.dtype)
-    if weight.dim() == 1:
+    if weight_rows is not None:
+        if weight.dim() != 2 or weight.shape[1] != d or weight.stride(-1) != 1:
+            raise ValueError(f"with weight_rows, weight must be a table [rows, {d}] with a contiguous last dim "
+                             f"(got {list(weight.shape)})")
+        if weight_rows.shape != (t,) or weight_rows.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"weight_rows must be [T={t}] int32 or int64 (got {list(weight_rows.shape)} "
+                             f"{weight_rows.dtype})")
+        stride_w = weight.stride(0)
+    elif weight.dim() == 1:
         if weight.shape[0] != d or weight.stride(0) != 1:
             raise ValueError(f"a base norm weight must be a contiguous [{d}] (got {list(weight.shape)})")
         stride_w = 0
@@ -105,31 +113,37 @@ def _norm(x, residual, weight, eps, offset, out):
     y = torch.empty((t, d), dtype=x.dtype, device=x.device) if out is None else out
     _check_rows("out", y, (t, d))
     _check_dtype("out", y, x.dtype)
-    _check_device(x, weight, y, *([] if residual is None else [residual]))
+    _check_device(x, weight, y, *([] if residual is None else [residual]),
+                  *([] if weight_rows is None else [weight_rows]))
     if t == 0:
         return y
     block = max(16, _next_pow2(d))
     warps = min(16, max(1, block // 512))
     res = x if residual is None else residual
     _kernels().rms_norm_kernel[(t,)](
-        x, res, weight, y, x.stride(0), res.stride(0), stride_w, y.stride(0), d, float(eps), float(offset),
-        HAS_RESIDUAL=residual is not None, GEMMA=bool(offset), BLOCK_D=block, num_warps=warps)
+        x, res, weight, weight if weight_rows is None else weight_rows, y,
+        x.stride(0), res.stride(0), stride_w, y.stride(0), d, float(eps), float(offset),
+        HAS_RESIDUAL=residual is not None, HAS_W_INDEX=weight_rows is not None, GEMMA=bool(offset),
+        BLOCK_D=block, num_warps=warps)
     return y
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+             out: torch.Tensor | None = None, weight_rows: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm of ``x [T, D]`` with ``weight`` ``[D]`` or ``[T, D]`` (x's dtype); ``offset`` 1.0 is
-    Gemma's ``(1 + w)`` scale in float32, 0.0 Llama's cast-then-scale. Returns ``[T, D]``."""
-    return _norm(x, None, weight, eps, offset, out)
+    Gemma's ``(1 + w)`` scale in float32, 0.0 Llama's cast-then-scale. Returns ``[T, D]``.
+
+    ``weight_rows [T]``: ``weight`` is a table ``[rows, D]`` and token t uses ``weight[weight_rows[t]]``
+    (per-tenant weights without a separate gather; the rows must be in range: they are not read here)."""
+    return _norm(x, None, weight, eps, offset, out, weight_rows)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, weight_rows: torch.Tensor | None = None) -> torch.Tensor:
     """``residual += x`` in place (rounded to the dtype), then :func:`rms_norm` of the new residual."""
     if residual is None:
         raise ValueError("add_rms_norm needs a residual (use rms_norm without one)")
-    return _norm(x, residual, weight, eps, offset, out)
+    return _norm(x, residual, weight, eps, offset, out, weight_rows)
 
 
 # ---------------------------------------------------------------------------------- gated activation

@@ -175,6 +175,15 @@ class Step:
         """A 1-D parameter, per token (``[T, dim]``) when some token has a delta, else the base's."""
         return self.deltas.gather1d(name, self.batch) if self.per_tenant else base
 
+    def param_rows(self, name: str, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A 1-D parameter as ``(weights, rows)`` for a kernel that gathers: with some token's delta
+        and a dispatch that exposes its tables, the ``[slots + 1, dim]`` table and each token's row
+        of it (``batch.gather``); else :meth:`param`'s tensor and None."""
+        table = getattr(self.deltas, "param_table", None) if self.per_tenant else None
+        if table is None:
+            return self.param(name, base), None
+        return table(name), self.batch.gather
+
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
@@ -216,14 +225,14 @@ class TenantNorm(nn.Module):
     def fused(self, x: torch.Tensor, step: Step, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The norm of ``x [T, D]`` in one kernel; with ``residual``: ``residual += x`` in place first,
         and the norm is of the new residual. A weight of another dtype takes the eager ops."""
-        w = step.param(f"{self.name}.weight", self.weight)
+        w, rows = step.param_rows(f"{self.name}.weight", self.weight)  # per-tenant rows: gathered in the kernel
         if x.dim() != 2 or w.dtype != x.dtype:
             if residual is None:
                 return self(x, step)
             return self(residual.add_(x), step)
         if residual is None:
-            return fused_norm.rms_norm(x, w, self.eps, self.offset)
-        return fused_norm.add_rms_norm(x, residual, w, self.eps, self.offset)
+            return fused_norm.rms_norm(x, w, self.eps, self.offset, weight_rows=rows)
+        return fused_norm.add_rms_norm(x, residual, w, self.eps, self.offset, weight_rows=rows)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
