@@ -253,7 +253,7 @@ def test_rope_launcher_refuses_bad_inputs():
 # ---------------------------------------------------------------------------------- a served model
 
 
-def _served_pair(arch, tmp_path):
+def _served_pair(arch, tmp_path, device="cpu", dtype=torch.float32):
     """A tiny served base of ``arch`` with one row-scaled delta registered (its slot loaded): Llama,
     Phi-3 (partial rotary, fused qkv and gate_up), Gemma (Gemma's norms, GELU-tanh) or Gemma-2
     (sandwich norms, soft-capping)."""
@@ -263,7 +263,8 @@ def _served_pair(arch, tmp_path):
 
     import bitdelta
     from arch_pairs import finetune_of, load_model, make_arch_model
-    from serving.engine_checks import served_with_deltas
+    from bitdelta.serving.models import DeltaModel
+    from bitdelta.serving.residency import DeltaSlots
 
     if arch == "gemma":  # Gemma (1): (1 + w) norms and GELU-tanh without sandwich norms
         torch.manual_seed(0)
@@ -286,7 +287,9 @@ def _served_pair(arch, tmp_path):
         base.save_pretrained(tmp_path / "base")
         finetune_of(base, 1, scale=0.3).save_pretrained(tmp_path / "ft")
     delta = bitdelta.compress(tmp_path / "base", tmp_path / "ft", scale="row", progress=False)
-    model, slots = served_with_deltas(load_model(tmp_path / "base"), {"ft": delta}, max_gpu_deltas=1)
+    model = DeltaModel.from_hf(load_model(tmp_path / "base"), device=device, dtype=dtype)
+    slots = DeltaSlots(model, max_gpu_deltas=1)
+    slots.register("ft", "<memory:ft>", delta=delta)
     return model, slots, slots.load("ft")
 
 
@@ -367,3 +370,18 @@ def test_fused_base_switch(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="needs Triton and CUDA"):
         fused_base_on(cpu)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_served_model_on_gpu_fused_matches_unfused(dtype, tmp_path, monkeypatch):
+    """On a GPU (compiled kernels): the same steps' logits with the switch on and off. float32 differs
+    only past rounding; bfloat16 by the odd ulp where a float32 difference crosses a rounding boundary."""
+    model, slots, slot = _served_pair("llama", tmp_path, device="cuda", dtype=dtype)
+    runs = {}
+    for on in ("0", "1"):
+        monkeypatch.setenv("BITDELTA_FUSED_BASE", on)
+        runs[on], _ = _run_steps(model, slots, slot, model.vocab_size)
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    for i, (a, b) in enumerate(zip(runs["1"], runs["0"])):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=f"step {i}")
