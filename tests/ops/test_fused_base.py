@@ -1,7 +1,10 @@
 """The fused base kernels (RMSNorm with and without the residual add, gated activation, RoPE with the
 paged KV write) against their PyTorch references: on CPU under TRITON_INTERPRET=1 (set before the
-kernels are decorated), compiled on a CUDA machine. Odd sizes, per-token and base norm weights, both
-norm numerics, both activations, partial rotary, cache rows scattered over the pool.
+kernels are decorated), compiled on a CUDA machine. Odd sizes, the base's, per-token and tenant-table
+norm weights, both norm numerics, both activations, partial rotary, cache rows scattered over the
+pool. Then a tiny served model (Llama, Phi-3, Gemma, Gemma-2) with a delta: the same logits and KV
+cache with BITDELTA_FUSED_BASE=1 as with 0, over prefill and decode steps with and without deltas
+(interpreted on a CPU; compiled on a GPU, cuda-marked).
 
 Tolerances: float32 inputs; kernel and reference compute in float32 and differ only in the order of
 the norm's sum of squares, the rsqrt, and exp-based vs library activations (a few ulp), so 1e-5.
