@@ -220,6 +220,31 @@ def test_rope_kv_write_matches_reference(t, heads, kv, d, rot, dtype):
     assert (got_q - q).abs().max() > 1e-2  # and the rotary ones rotate
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("offset", [0.0, 1.0], ids=["qwen3", "gemma3"])
+@pytest.mark.parametrize("kind", WEIGHT_KINDS)
+@pytest.mark.parametrize("t,rot", [(1, 40), (7, 20)], ids=["T1", "T7-partial"])
+def test_rope_kv_write_with_qk_norms_matches_reference(t, rot, kind, offset, dtype):
+    heads, kv, d = 4, 2, 40
+    q, k, v, cos, sin, kc, vc, rows = _rope_case(t, heads, kv, d, rot, dtype, seed=t + rot)
+    qw, w_rows, q_per_token = _norm_weight(kind, t, d, dtype, seed=3)
+    kw, _, k_per_token = _norm_weight(kind, t, d, dtype, seed=4) if kind != "table" else (None, None, None)
+    if kind == "table":  # the same rows of a second table
+        kw = _rand(4, d, seed=4, dtype=dtype)
+        k_per_token = kw[w_rows]
+    want_kc, want_vc = kc.clone(), vc.clone()
+    want_q, want_k = ref.rope_kv_write_reference(q * 3, k * 3, v, cos, sin, want_kc, want_vc, rows,
+                                                 q_per_token, k_per_token, 1e-6, offset)
+    got_q, got_k = fused.rope_kv_write(q * 3, k * 3, v, cos, sin, kc, vc, rows, return_k=True, q_weight=qw,
+                                       k_weight=kw, weight_rows=w_rows, eps=1e-6, offset=offset)
+    _close(got_q, want_q, dtype)
+    _close(got_k, want_k, dtype)
+    _close(kc, want_kc, dtype)
+    assert torch.equal(vc, want_vc)
+    # without the norms the result differs (a kernel skipping them fails)
+    assert (fused.rope_kv_write(q * 3, k * 3, v, cos, sin, kc.clone(), vc.clone(), rows) - got_q).abs().max() > 1e-1
+
+
 def test_rope_kv_write_strided_views_and_int32_rows():
     # Phi-3 style: q, k, v as views of one qkv projection output (row stride wider than the heads)
     t, heads, kv, d = 3, 4, 2, 40
@@ -248,6 +273,12 @@ def test_rope_launcher_refuses_bad_inputs():
         fused.rope_kv_write(q, k, v, cos, sin, kc, vc, rows.float())
     with pytest.raises(ValueError, match="multiple of the kv heads"):
         fused.rope_kv_write(q[:, :3], k, v, cos, sin, kc, vc, rows)
+    with pytest.raises(ValueError, match="need both q_weight and k_weight"):
+        fused.rope_kv_write(q, k, v, cos, sin, kc, vc, rows, q_weight=_rand(40, seed=1))
+    with pytest.raises(ValueError, match=r"k_weight must be \[40\] or \[3, 40\]"):
+        fused.rope_kv_write(q, k, v, cos, sin, kc, vc, rows, q_weight=_rand(40, seed=1), k_weight=_rand(2, 40, seed=1))
+    with pytest.raises(ValueError, match="weight_rows without q/k norm weights"):
+        fused.rope_kv_write(q, k, v, cos, sin, kc, vc, rows, weight_rows=rows)
     with pytest.raises(ValueError, match="contiguous head dim"):
         fused.rope_kv_write(q.transpose(1, 2).contiguous().transpose(1, 2)[:, :, :40], k, v, cos, sin, kc, vc,
                             rows)

@@ -12,7 +12,8 @@ then back to float32), so in half precision the fused path gives the same values
 * ``gated_act_kernel``: grid (token, column block). ``act(gate) * up`` with SiLU or GELU-tanh.
 * ``rope_kv_kernel``: grid (token, query head + kv head). Query heads are rotated into the output;
   key heads are rotated and written to their paged-cache row (and optionally to a dense output),
-  value heads copied to theirs.
+  value heads copied to theirs. With ``QK_NORM``, each query and key head is first RMS-normalised
+  over its own dims with its weight (Qwen3, Gemma-3), rounded as the eager norm's output is.
 """
 
 import triton
@@ -69,12 +70,28 @@ def gated_act_kernel(
 
 
 @triton.jit
-def _rotate(x_row_ptr, out_ptr, dims, partner, in_dim, rotary, c, s):
-    """One head vector rotated over its rotary dims (the rest passes through), rounded to ``out_ptr``'s
-    dtype as eager ``x * cos + roll(x) * sin`` rounds each product and the sum."""
+def _scale(n, w, offset, GEMMA: tl.constexpr, OUT: tl.constexpr):
+    """A normalised value times its weight, rounded as TenantNorm rounds (see rms_norm_kernel)."""
+    if GEMMA:
+        return (n * (offset + w)).to(OUT).to(tl.float32)
+    return (n.to(OUT).to(tl.float32) * w).to(OUT).to(tl.float32)
+
+
+@triton.jit
+def _rotate(x_row_ptr, out_ptr, dims, partner, in_dim, rotary, c, s, w_row_ptr, eps, offset,
+            D: tl.constexpr, QK_NORM: tl.constexpr, GEMMA: tl.constexpr):
+    """One head vector (RMS-normalised with the weights at ``w_row_ptr`` first, with ``QK_NORM``)
+    rotated over its rotary dims (the rest passes through), rounded to ``out_ptr``'s dtype as eager
+    ``x * cos + roll(x) * sin`` rounds each product and the sum."""
     OUT = out_ptr.dtype.element_ty
     x = tl.load(x_row_ptr + dims, mask=in_dim, other=0.0).to(tl.float32)
     xp = tl.load(x_row_ptr + partner, mask=rotary, other=0.0).to(tl.float32)
+    if QK_NORM:  # the partner is a dim of the same head: one inverse RMS for both
+        inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+        w = tl.load(w_row_ptr + dims, mask=in_dim, other=0.0).to(tl.float32)
+        wp = tl.load(w_row_ptr + partner, mask=rotary, other=0.0).to(tl.float32)
+        x = _scale(x * inv_rms, w, offset, GEMMA, OUT)
+        xp = _scale(xp * inv_rms, wp, offset, GEMMA, OUT)
     a = (x * c).to(OUT).to(tl.float32)
     b = (xp * s).to(OUT).to(tl.float32)
     return tl.where(rotary, a + b, x).to(OUT)
@@ -86,8 +103,9 @@ def rope_kv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
     stride_kc_row, stride_kc_head, stride_vc_row, stride_vc_head,
     stride_qo_t, stride_qo_h, stride_ko_t, stride_ko_h,
-    heads,
+    heads, qw_ptr, kw_ptr, w_index_ptr, stride_qw, stride_kw, eps, offset,
     D: tl.constexpr, ROT: tl.constexpr, D_PAD: tl.constexpr, K_OUT: tl.constexpr,
+    QK_NORM: tl.constexpr, HAS_W_INDEX: tl.constexpr, GEMMA: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -99,13 +117,18 @@ def rope_kv_kernel(
     partner = tl.where(dims < half, dims + half, dims - half)
     c = tl.load(cos_ptr + t * stride_cos + dims, mask=rotary, other=1.0).to(tl.float32)
     s = tl.load(sin_ptr + t * stride_sin + dims, mask=rotary, other=0.0).to(tl.float32)
+    w_row = t
+    if HAS_W_INDEX:
+        w_row = tl.load(w_index_ptr + t).to(tl.int64)
     if head < heads:
-        y = _rotate(q_ptr + t * stride_qt + head * stride_qh, q_out_ptr, dims, partner, in_dim, rotary, c, s)
+        y = _rotate(q_ptr + t * stride_qt + head * stride_qh, q_out_ptr, dims, partner, in_dim, rotary, c, s,
+                    qw_ptr + w_row * stride_qw, eps, offset, D, QK_NORM, GEMMA)
         tl.store(q_out_ptr + t * stride_qo_t + head * stride_qo_h + dims, y, mask=in_dim)
     else:
         kv_head = head - heads
         row = tl.load(index_ptr + t).to(tl.int64)  # the token's flat cache row (block * size + slot)
-        y = _rotate(k_ptr + t * stride_kt + kv_head * stride_kh, q_out_ptr, dims, partner, in_dim, rotary, c, s)
+        y = _rotate(k_ptr + t * stride_kt + kv_head * stride_kh, q_out_ptr, dims, partner, in_dim, rotary, c, s,
+                    kw_ptr + w_row * stride_kw, eps, offset, D, QK_NORM, GEMMA)
         tl.store(kc_ptr + row * stride_kc_row + kv_head * stride_kc_head + dims, y, mask=in_dim)
         if K_OUT:
             tl.store(k_out_ptr + t * stride_ko_t + kv_head * stride_ko_h + dims, y, mask=in_dim)

@@ -50,8 +50,14 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return rot if r == x.shape[-1] else torch.cat((rot, x[..., r:]), dim=-1)
 
 
-def rope_kv_write_reference(q, k, v, cos, sin, k_cache, v_cache, kv_index):
-    """Rotated ``q`` and ``k``; the rotated keys and the values written to their flat cache rows."""
+def rope_kv_write_reference(q, k, v, cos, sin, k_cache, v_cache, kv_index, q_weight=None, k_weight=None,
+                            eps: float = 1e-6, offset: float = 0.0):
+    """Rotated ``q`` and ``k``; the rotated keys and the values written to their flat cache rows.
+    ``q_weight``/``k_weight`` (``[D]`` or per token ``[T, D]``): per-head RMSNorms of q and k first."""
+    if q_weight is not None:
+        per_head = (lambda w: w[:, None, :]) if q_weight.dim() == 2 else (lambda w: w)
+        q = rms_norm_reference(q, per_head(q_weight), eps, offset)
+        k = rms_norm_reference(k, per_head(k_weight), eps, offset)
     q, k = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
     kv, d = k_cache.shape[-2:]
     k_cache.view(-1, kv, d).index_copy_(0, kv_index, k.to(k_cache.dtype))

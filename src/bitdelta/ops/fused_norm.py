@@ -8,8 +8,9 @@ ops did, with the same rounding (spec: :mod:`bitdelta.ops.fused_base_reference`)
 * :func:`add_rms_norm`: ``residual += x`` (in place, in the activation dtype), then RMSNorm of the sum;
 * :func:`rms_norm`: RMSNorm alone (the first layer's input norm, the final norm);
 * :func:`gated_activation`: ``act(gate) * up``, SiLU or GELU-tanh, from two tensors or Phi-3's one;
-* :func:`rope_kv_write`: RoPE on ``q`` and ``k`` (partial rotary too), rotated keys and the values
-  written to their paged-cache rows; returns the rotated ``q`` (and ``k`` when asked).
+* :func:`rope_kv_write`: RoPE on ``q`` and ``k`` (partial rotary too; per-head q/k RMSNorms first
+  when given their weights), rotated keys and the values written to their paged-cache rows; returns
+  the rotated ``q`` (and ``k`` when asked).
 
 The launchers check shapes, dtypes and strides from tensor metadata only (nothing is read from the
 device, so every call can be captured in a CUDA graph) and raise ``ValueError`` on anything the
@@ -190,14 +191,36 @@ def _check_heads(name: str, t: torch.Tensor, tokens: int, dim: int, dtype) -> No
         raise ValueError(f"{name} needs a contiguous head dim (strides {t.stride()})")
 
 
+def _norm_weight_stride(name: str, w: torch.Tensor, tokens: int, dim: int, dtype, rows) -> int:
+    """The row stride of a q/k norm weight: ``[D]`` (0), ``[T, D]``, or with ``rows`` a table ``[R, D]``."""
+    _check_dtype(name, w, dtype)
+    if w.stride(-1) != 1:
+        raise ValueError(f"{name} needs a contiguous last dim")
+    if rows is not None:
+        if w.dim() != 2 or w.shape[1] != dim:
+            raise ValueError(f"with weight_rows, {name} must be a table [rows, {dim}] (got {list(w.shape)})")
+        return w.stride(0)
+    if w.dim() == 1 and w.shape[0] == dim:
+        return 0
+    if w.dim() == 2 and tuple(w.shape) == (tokens, dim):
+        return w.stride(0)
+    raise ValueError(f"{name} must be [{dim}] or [{tokens}, {dim}] (got {list(w.shape)})")
+
+
 def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, kv_index: torch.Tensor, return_k: bool = False):
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, kv_index: torch.Tensor, return_k: bool = False,
+                  q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                  weight_rows: torch.Tensor | None = None, eps: float = 1e-6, offset: float = 0.0):
     """Rotated ``q [T, H, D]`` (a new tensor); rotated ``k`` and ``v`` written to cache rows ``kv_index``.
 
     ``cos``/``sin`` ``[T, 1, R]`` (or ``[T, R]``), ``R`` even and at most ``D`` (the first ``R`` dims
     rotate); ``k_cache``/``v_cache`` contiguous ``[blocks, block_size, KV, D]`` of q's dtype; ``kv_index``
     ``[T]`` integer flat rows (``block * block_size + slot``). With ``return_k``, returns ``(q, k)``
     (the rotated keys as a new ``[T, KV, D]`` tensor, for attention over the new tokens themselves).
+
+    ``q_weight`` and ``k_weight`` (both or neither): per-head RMSNorms of queries and keys before
+    RoPE (Qwen3, Gemma-3), as :func:`rms_norm` takes its weight (``[D]``, ``[T, D]``, or a table read
+    at ``weight_rows``), with ``eps`` and ``offset``.
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [T, H, D] (got {list(q.shape)})")
@@ -236,6 +259,20 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
     if heads % kv:
         raise ValueError(f"the query heads ({heads}) must be a multiple of the kv heads ({kv})")
     _check_device(q, k, v, cos2, sin2, k_cache, v_cache, kv_index)
+    qk_norm = q_weight is not None or k_weight is not None
+    stride_qw = stride_kw = 0
+    if qk_norm:
+        if q_weight is None or k_weight is None:
+            raise ValueError("q/k norms need both q_weight and k_weight")
+        if weight_rows is not None and (weight_rows.shape != (t,) or weight_rows.dtype not in (torch.int32,
+                                                                                                 torch.int64)):
+            raise ValueError(f"weight_rows must be [T={t}] int32 or int64 (got {list(weight_rows.shape)} "
+                             f"{weight_rows.dtype})")
+        stride_qw = _norm_weight_stride("q_weight", q_weight, t, d, q.dtype, weight_rows)
+        stride_kw = _norm_weight_stride("k_weight", k_weight, t, d, q.dtype, weight_rows)
+        _check_device(q, q_weight, k_weight, *([] if weight_rows is None else [weight_rows]))
+    elif weight_rows is not None:
+        raise ValueError("weight_rows without q/k norm weights")
     q_out = torch.empty((t, heads, d), dtype=q.dtype, device=q.device)
     k_out = torch.empty((t, kv, d), dtype=q.dtype, device=q.device) if return_k else q_out
     if t > 0:
@@ -245,5 +282,8 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             cos2.stride(0), sin2.stride(0), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), heads,
-            D=d, ROT=rot, D_PAD=max(16, _next_pow2(d)), K_OUT=return_k, num_warps=1 if d <= 128 else 2)
+            q_weight if qk_norm else q, k_weight if qk_norm else q,
+            weight_rows if weight_rows is not None else kv_index, stride_qw, stride_kw, float(eps), float(offset),
+            D=d, ROT=rot, D_PAD=max(16, _next_pow2(d)), K_OUT=return_k, QK_NORM=qk_norm,
+            HAS_W_INDEX=weight_rows is not None, GEMMA=bool(offset), num_warps=1 if d <= 128 else 2)
     return (q_out, k_out) if return_k else q_out
