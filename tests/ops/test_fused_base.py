@@ -2,7 +2,7 @@
 paged KV write) against their PyTorch references: on CPU under TRITON_INTERPRET=1 (set before the
 kernels are decorated), compiled on a CUDA machine. Odd sizes, the base's, per-token and tenant-table
 norm weights, both norm numerics, both activations, partial rotary, cache rows scattered over the
-pool. Then a tiny served model (Llama, Phi-3, Gemma, Gemma-2) with a delta: the same logits and KV
+pool. Then a tiny served model (Llama, Phi-3, Gemma, Qwen3, Gemma-3) with a delta: the same logits and KV
 cache with BITDELTA_FUSED_BASE=1 as with 0, over prefill and decode steps with and without deltas
 (interpreted on a CPU; compiled on a GPU, cuda-marked).
 
@@ -289,8 +289,8 @@ def test_rope_launcher_refuses_bad_inputs():
 
 def _served_pair(arch, tmp_path, device="cpu", dtype=torch.float32):
     """A tiny served base of ``arch`` with one row-scaled delta registered (its slot loaded): Llama,
-    Phi-3 (partial rotary, fused qkv and gate_up), Gemma (Gemma's norms, GELU-tanh) or Gemma-2
-    (sandwich norms, soft-capping)."""
+    Phi-3 (partial rotary, fused qkv and gate_up), Gemma (Gemma's norms, GELU-tanh), Qwen3 (q/k
+    norms) or Gemma-3 (sandwich norms, q/k norms in Gemma's numerics, two rotary tables)."""
     import warnings
 
     import transformers
@@ -351,7 +351,7 @@ def _run_steps(model, slots, slot, vocab):
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's model check (the GPU benchmark checks CUDA)")
-@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma", "qwen3", "gemma3"])
 def test_served_model_same_logits_fused_and_unfused(arch, tmp_path, monkeypatch):
     from bitdelta.serving.models import common
 
@@ -376,7 +376,7 @@ def test_served_model_same_logits_fused_and_unfused(arch, tmp_path, monkeypatch)
     layers, steps = model.num_layers, len(want)
     assert calls["rope_kv_write"] == calls["gated_activation"] == layers * steps  # per layer and step
     # one fused norm per residual add (two per layer), the first input norm and the final one, which
-    # takes the last add on decode steps; Gemma-2's sandwich layers normalise two block outputs more
+    # takes the last add on decode steps; Gemma's sandwich layers normalise two block outputs more
     norms = 2 * layers + 1 + (2 * layers if model.arch.sandwich_norms else 0)
     assert calls["add_rms_norm"] + calls["rms_norm"] == norms * steps
     assert calls["add_rms_norm"] > layers * steps

@@ -32,8 +32,8 @@ Triton imports) runs the same computation through the kernels of :mod:`bitdelta.
 each residual add is fused with the norm after it (layer i's MLP output is added inside layer i+1's
 input norm, the last one inside the final norm; Gemma's sandwich layers normalise a block's output
 first, then add it inside the next norm), RoPE with the paged-cache writes of keys and values, and
-the gated activation in one kernel. Per-head q/k norms stay unfused, before the fused RoPE. The
-eager ops remain the reference.
+the gated activation in one kernel; per-head q/k norms (Qwen3, Gemma-3) run inside the RoPE kernel.
+The eager ops remain the reference.
 """
 
 from __future__ import annotations
@@ -306,19 +306,33 @@ class Attention(nn.Module):
         else:
             q, k, v = self.q_proj(x, step), self.k_proj(x, step), self.v_proj(x, step)
         q, k, v = q.reshape(t, h, d), k.reshape(t, kvh, d), v.reshape(t, kvh, d)
+        cos, sin = step.rope[self.rope_key]
+        if step.fused and step.kv.k.dtype == q.dtype:
+            return self.o_proj(self._rope_attention_fused(q, k, v, cos, sin, step), step)
         if self.q_norm is not None:
             q, k = self.q_norm(q, step), self.k_norm(k, step)
-        cos, sin = step.rope[self.rope_key]
-        kc, vc = step.kv.k[self.layer], step.kv.v[self.layer]
-        if step.fused and kc.dtype == q.dtype:  # one kernel: RoPE, and the keys and values into the cache
-            plan = step.batch.attn
-            if plan.decode and plan.dec_rows is None:  # a pure decode step reads its keys from the cache
-                q = fused_norm.rope_kv_write(q, k, v, cos, sin, kc, vc, step.batch.kv_index)
-                return self.o_proj(self._decode(q, kc, vc, plan).reshape(t, -1), step)
-            q, k = fused_norm.rope_kv_write(q, k, v, cos, sin, kc, vc, step.batch.kv_index, return_k=True)
-            return self.o_proj(self._attention(q, k, v, step, written=True), step)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return self.o_proj(self._attention(q, k, v, step), step)
+
+    def _rope_attention_fused(self, q, k, v, cos, sin, step: Step) -> torch.Tensor:
+        """One kernel for the q/k norms (when the layer has them), RoPE, and the keys and values into
+        the cache; then attention. Returns ``[T, H*D]``."""
+        kc, vc = step.kv.k[self.layer], step.kv.v[self.layer]
+        norms = {}
+        if self.q_norm is not None:
+            wq, rows = step.param_rows(f"{self.q_norm.name}.weight", self.q_norm.weight)
+            wk, _ = step.param_rows(f"{self.k_norm.name}.weight", self.k_norm.weight)
+            if wq.dtype == wk.dtype == q.dtype:
+                norms = dict(q_weight=wq, k_weight=wk, weight_rows=rows, eps=self.q_norm.eps,
+                             offset=self.q_norm.offset)
+            else:
+                q, k = self.q_norm(q, step), self.k_norm(k, step)
+        plan = step.batch.attn
+        if plan.decode and plan.dec_rows is None:  # a pure decode step reads its keys from the cache
+            q = fused_norm.rope_kv_write(q, k, v, cos, sin, kc, vc, step.batch.kv_index, **norms)
+            return self._decode(q, kc, vc, plan).reshape(q.shape[0], -1)
+        q, k = fused_norm.rope_kv_write(q, k, v, cos, sin, kc, vc, step.batch.kv_index, return_k=True, **norms)
+        return self._attention(q, k, v, step, written=True)
 
     def _attention(self, q, k, v, step: Step, written: bool = False) -> torch.Tensor:
         """q [T, H, D]; k/v [T, KV, D] for the new tokens; returns [T, H*D]. ``written``: the keys and
