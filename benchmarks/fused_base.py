@@ -6,7 +6,7 @@ One run does everything:
      RMSNorm (residual bit-exact; the base's weight, per-token weights and rows of a tenants'
      table; Llama and Gemma numerics), RMSNorm,
      gated SiLU and GELU-tanh (two tensors and Phi-3's one), RoPE with the paged KV write (full and
-     partial rotary, rows scattered over the cache);
+     partial rotary, with and without per-head q/k norms, rows scattered over the cache);
   2. times each fused op against the eager ops it replaces, as the serving layers run them, at
      T = 1, 8, 32, 64, 512 tokens: medians of replays from a CUDA graph;
   3. builds a Llama-2-7B-shaped served model of a few layers (random weights, two synthetic 1-bit
@@ -147,12 +147,22 @@ def run_checks(shape, dtypes, dev, log) -> list[dict]:
                 what += " gate_up"
                 record(what, dtype, check(fused.gated_activation(gate_up, act=act),
                                           ref.gated_activation_reference(gate_up, act=act), dtype, what))
-            for rot in (shape["head_dim"], shape["head_dim"] // 2):
+            for rot, qk_norm in ((shape["head_dim"], None), (shape["head_dim"] // 2, None),
+                                 (shape["head_dim"], "table"), (shape["head_dim"], "base")):
                 q, k, v, cos, sin, kc, vc, kv_rows = rope_inputs(t, shape, rot, dtype, device, seed=t + rot)
+                norms, ref_norms = {}, {}
+                if qk_norm:  # Qwen3's per-head norms before RoPE (Gemma-3's numerics on the table rows)
+                    qw, w_rows, q_per_token = norm_weight(qk_norm, t, shape["head_dim"], dtype, device)
+                    offset = 1.0 if qk_norm == "table" else 0.0
+                    kw = qw.flip(-1).contiguous()
+                    k_per_token = kw if w_rows is None else kw[w_rows]
+                    norms = dict(q_weight=qw, k_weight=kw, weight_rows=w_rows, eps=EPS, offset=offset)
+                    ref_norms = dict(q_weight=q_per_token, k_weight=k_per_token, eps=EPS, offset=offset)
                 want_kc, want_vc = kc.clone(), vc.clone()
-                want_q, want_k = ref.rope_kv_write_reference(q, k, v, cos, sin, want_kc, want_vc, kv_rows)
-                got_q, got_k = fused.rope_kv_write(q, k, v, cos, sin, kc, vc, kv_rows, return_k=True)
-                what = f"rope_kv_write T={t} rotary {rot}/{shape['head_dim']}"
+                want_q, want_k = ref.rope_kv_write_reference(q, k, v, cos, sin, want_kc, want_vc, kv_rows, **ref_norms)
+                got_q, got_k = fused.rope_kv_write(q, k, v, cos, sin, kc, vc, kv_rows, return_k=True, **norms)
+                what = f"rope_kv_write T={t} rotary {rot}/{shape['head_dim']}" + (f" q/k norms {qk_norm}"
+                                                                                   if qk_norm else "")
                 if not torch.equal(vc, want_vc):
                     raise AssertionError(f"{what}: the value cache differs")
                 err = max(check(got_q, want_q, dtype, what + " q"), check(got_k, want_k, dtype, what + " k"),
