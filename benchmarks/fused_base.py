@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokens", default="1,8,32,64,512", help="per-op timings: tokens per call")
     ap.add_argument("--batches", default="1,8,32,64", help="decode steps: sequences per step")
     ap.add_argument("--layers", type=int, default=4, help="decoder layers of the 7B-shaped model")
-    ap.add_argument("--reps", type=int, default=100, help="timing repetitions (ms of replays on a GPU)")
+    ap.add_argument("--reps", type=int, default=30, help="timing repetitions (ms of replays on a GPU)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under the Triton interpreter")
     ap.add_argument("--out", default=None, help="JSON file to write (default: $OUT/fused_base.json when $OUT is set)")
