@@ -80,6 +80,11 @@ class Dispatch:
     def gather1d(self, name: str, batch) -> torch.Tensor:
         return self.pool.tables[name][batch.gather]
 
+    def param_table(self, name: str) -> torch.Tensor:
+        """The ``[delta slots + 1, dim]`` table of a 1-D parameter (row 0 the base's), which
+        ``gather1d`` reads at ``batch.gather``: for kernels that gather the rows themselves."""
+        return self.pool.tables[name]
+
     def embed(self, x: torch.Tensor, batch) -> torch.Tensor:
         """Adds each token's tenant embedding delta (and added-token rows) to the base rows ``x``."""
         if not batch.any_delta:

@@ -539,6 +539,9 @@ class DeltaSlots:
     def gather1d(self, name: str, batch) -> torch.Tensor:
         return self.dispatch.gather1d(name, batch)
 
+    def param_table(self, name: str) -> torch.Tensor:
+        return self.dispatch.param_table(name)
+
     def embed(self, x: torch.Tensor, batch) -> torch.Tensor:
         return self.dispatch.embed(x, batch)
 

@@ -26,10 +26,19 @@ One forward runs a flattened step (:class:`~bitdelta.serving.mapping.BatchMappin
 of every sequence, each with its tenant's delta slot. Attention uses ``scaled_dot_product_attention``
 (not cuDNN's, whose per-shape graph build costs tens of ms of host time at every new key length),
 except on soft-capped layers, which SDPA cannot express: those compute scores explicitly.
+
+The fused base path (:func:`fused_base_on`, env ``BITDELTA_FUSED_BASE``; on by default on CUDA when
+Triton imports) runs the same computation through the kernels of :mod:`bitdelta.ops.fused_norm`:
+each residual add is fused with the norm after it (layer i's MLP output is added inside layer i+1's
+input norm, the last one inside the final norm; Gemma's sandwich layers normalise a block's output
+first, then add it inside the next norm), RoPE with the paged-cache writes of keys and values, and
+the gated activation in one kernel; per-head q/k norms (Qwen3, Gemma-3) run inside the RoPE kernel.
+The eager ops remain the reference.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +47,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...errors import BitDeltaError
+from ...ops import fused_norm
 from ..kv_cache import KVCache
 from ..mapping import AttentionPlan, BatchMapping
 from ..paged_decode import decode_attention
@@ -49,6 +59,26 @@ ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approxim
 # Rope types whose frequencies are fixed when the model is built (Hugging Face computes them once);
 # "dynamic" and "longrope" change them with the sequence length, which a mixed batch does not have.
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+FUSED_BASE_ENV = "BITDELTA_FUSED_BASE"
+# MLP activations by the name the fused kernel takes
+FUSED_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
+def fused_base_on(device: torch.device) -> bool:
+    """Whether a forward on ``device`` takes the fused base kernels: env ``BITDELTA_FUSED_BASE`` ``1``
+    (on; raises where the kernels cannot run), ``0`` (off), unset or ``auto`` (on for CUDA tensors
+    when Triton imports, off on a CPU, even under the Triton interpreter)."""
+    choice = os.environ.get(FUSED_BASE_ENV, "auto").strip().lower() or "auto"
+    if choice == "0":
+        return False
+    if choice == "auto":
+        return device.type == "cuda" and fused_norm.kernels_run(device)
+    if choice != "1":
+        raise ValueError(f"{FUSED_BASE_ENV} must be 1, 0 or auto (got {choice!r})")
+    if not fused_norm.kernels_run(device):
+        raise RuntimeError(f"{FUSED_BASE_ENV}=1 needs Triton and CUDA tensors (or TRITON_INTERPRET=1); "
+                           f"this model is on {device}")
+    return True
 
 
 class UnsupportedModel(BitDeltaError):
@@ -131,6 +161,7 @@ class Step:
     kv: KVCache
     deltas: object | None
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    fused: bool = False  # the fused base kernels (fused_base_on)
 
     def __post_init__(self):
         if self.kv is not None:
@@ -143,6 +174,15 @@ class Step:
     def param(self, name: str, base: torch.Tensor) -> torch.Tensor:
         """A 1-D parameter, per token (``[T, dim]``) when some token has a delta, else the base's."""
         return self.deltas.gather1d(name, self.batch) if self.per_tenant else base
+
+    def param_rows(self, name: str, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A 1-D parameter as ``(weights, rows)`` for a kernel that gathers: with some token's delta
+        and a dispatch that exposes its tables, the ``[slots + 1, dim]`` table and each token's row
+        of it (``batch.gather``); else :meth:`param`'s tensor and None."""
+        table = getattr(self.deltas, "param_table", None) if self.per_tenant else None
+        if table is None:
+            return self.param(name, base), None
+        return table(name), self.batch.gather
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -181,6 +221,18 @@ class TenantNorm(nn.Module):
         if self.offset:  # Gemma: scale in float32, then cast
             return (xf * (self.offset + w.float())).to(x.dtype)
         return w * xf.to(x.dtype)  # Llama: cast, then scale
+
+    def fused(self, x: torch.Tensor, step: Step, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The norm of ``x [T, D]`` in one kernel; with ``residual``: ``residual += x`` in place first,
+        and the norm is of the new residual. A weight of another dtype takes the eager ops."""
+        w, rows = step.param_rows(f"{self.name}.weight", self.weight)  # per-tenant rows: gathered in the kernel
+        if x.dim() != 2 or w.dtype != x.dtype:
+            if residual is None:
+                return self(x, step)
+            return self(residual.add_(x), step)
+        if residual is None:
+            return fused_norm.rms_norm(x, w, self.eps, self.offset, weight_rows=rows)
+        return fused_norm.add_rms_norm(x, residual, w, self.eps, self.offset, weight_rows=rows)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -254,20 +306,44 @@ class Attention(nn.Module):
         else:
             q, k, v = self.q_proj(x, step), self.k_proj(x, step), self.v_proj(x, step)
         q, k, v = q.reshape(t, h, d), k.reshape(t, kvh, d), v.reshape(t, kvh, d)
+        cos, sin = step.rope[self.rope_key]
+        if step.fused and step.kv.k.dtype == q.dtype:
+            return self.o_proj(self._rope_attention_fused(q, k, v, cos, sin, step), step)
         if self.q_norm is not None:
             q, k = self.q_norm(q, step), self.k_norm(k, step)
-        cos, sin = step.rope[self.rope_key]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return self.o_proj(self._attention(q, k, v, step), step)
 
-    def _attention(self, q, k, v, step: Step) -> torch.Tensor:
-        """q [T, H, D]; k/v [T, KV, D] for the new tokens; returns [T, H*D]."""
+    def _rope_attention_fused(self, q, k, v, cos, sin, step: Step) -> torch.Tensor:
+        """One kernel for the q/k norms (when the layer has them), RoPE, and the keys and values into
+        the cache; then attention. Returns ``[T, H*D]``."""
+        kc, vc = step.kv.k[self.layer], step.kv.v[self.layer]
+        norms = {}
+        if self.q_norm is not None:
+            wq, rows = step.param_rows(f"{self.q_norm.name}.weight", self.q_norm.weight)
+            wk, _ = step.param_rows(f"{self.k_norm.name}.weight", self.k_norm.weight)
+            if wq.dtype == wk.dtype == q.dtype:
+                norms = dict(q_weight=wq, k_weight=wk, weight_rows=rows, eps=self.q_norm.eps,
+                             offset=self.q_norm.offset)
+            else:
+                q, k = self.q_norm(q, step), self.k_norm(k, step)
+        plan = step.batch.attn
+        if plan.decode and plan.dec_rows is None:  # a pure decode step reads its keys from the cache
+            q = fused_norm.rope_kv_write(q, k, v, cos, sin, kc, vc, step.batch.kv_index, **norms)
+            return self._decode(q, kc, vc, plan).reshape(q.shape[0], -1)
+        q, k = fused_norm.rope_kv_write(q, k, v, cos, sin, kc, vc, step.batch.kv_index, return_k=True, **norms)
+        return self._attention(q, k, v, step, written=True)
+
+    def _attention(self, q, k, v, step: Step, written: bool = False) -> torch.Tensor:
+        """q [T, H, D]; k/v [T, KV, D] for the new tokens; returns [T, H*D]. ``written``: the keys and
+        values are in the cache already (the fused RoPE wrote them)."""
         batch, kv = step.batch, step.kv
         kc, vc = kv.k[self.layer], kv.v[self.layer]  # [blocks, block_size, KV, D]
         h, nkv, d = self.heads, self.kv_heads, self.head_dim
-        # Every new token's key and value go to its own row of the flat view (block * size + offset).
-        kc.view(-1, nkv, d).index_copy_(0, batch.kv_index, k.to(kc.dtype))
-        vc.view(-1, nkv, d).index_copy_(0, batch.kv_index, v.to(vc.dtype))
+        if not written:
+            # Every new token's key and value go to its own row of the flat view (block * size + offset).
+            kc.view(-1, nkv, d).index_copy_(0, batch.kv_index, k.to(kc.dtype))
+            vc.view(-1, nkv, d).index_copy_(0, batch.kv_index, v.to(vc.dtype))
         plan = batch.attn
         t = q.shape[0]
         if plan.decode and plan.dec_rows is None:  # a pure decode step: no scatter needed
@@ -313,8 +389,15 @@ class MLP(nn.Module):
         for key, mod in projections.items():
             setattr(self, key, mod)
         self.fused, self.act = arch.fused_gate_up, ACTIVATIONS[arch.act]
+        self.act_name = FUSED_ACTIVATIONS[arch.act]
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        if step.fused:  # act(gate) * up in one kernel
+            if self.fused:
+                y = fused_norm.gated_activation(self.gate_up_proj(x, step), act=self.act_name)
+            else:
+                y = fused_norm.gated_activation(self.gate_proj(x, step), self.up_proj(x, step), self.act_name)
+            return self.down_proj(y, step)
         if self.fused:
             g, u = self.gate_up_proj(x, step).chunk(2, dim=-1)
         else:
@@ -337,6 +420,22 @@ class DecoderLayer(nn.Module):
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x, step), step), step)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x, step), step)
+
+    def forward_fused(self, residual: torch.Tensor, pending: torch.Tensor | None, step: Step):
+        """The layer on the fused path, whose hidden state is ``residual + pending``: ``pending`` is the
+        previous layer's MLP output (None before the first layer), added inside this layer's input norm.
+        Returns the new ``(residual, pending)``; ``residual`` is updated in place."""
+        if pending is None:
+            h = self.input_layernorm.fused(residual, step)
+        else:
+            h = self.input_layernorm.fused(pending, step, residual=residual)
+        a = self.self_attn(h, step)
+        if self.sandwich:  # Gemma-2/3: each block's output is normalised before it is added
+            a = self.post_attention_layernorm.fused(a, step)
+            h = self.pre_feedforward_layernorm.fused(a, step, residual=residual)
+            return residual, self.post_feedforward_layernorm.fused(self.mlp(h, step), step)
+        h = self.post_attention_layernorm.fused(a, step, residual=residual)
+        return residual, self.mlp(h, step)
 
 
 class Backbone(nn.Module):
@@ -501,7 +600,7 @@ class DeltaModel(nn.Module):
     def forward_eager(self, batch: BatchMapping, kv: KVCache, deltas=None) -> torch.Tensor:
         """The step's computation, op by op (what :mod:`bitdelta.serving.graphs` captures)."""
         with sdpa_kernel(SDPA_BACKENDS):
-            return self._forward(Step(batch, kv, deltas))
+            return self._forward(Step(batch, kv, deltas, fused=fused_base_on(self.device)))
 
     def _forward(self, step: Step) -> torch.Tensor:
         batch, deltas, arch = step.batch, step.deltas, self.arch
@@ -512,11 +611,14 @@ class DeltaModel(nn.Module):
             x = x * self.embed_scale
         for key, (inv_freq, scaling) in self.ropes.items():
             step.rope[key] = rope_tables(batch.positions, inv_freq, scaling, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, step)
         last = batch.take_last()
-        head_step = Step(last, step.kv, deltas)
-        h = self.model.norm(x if last is batch else x[batch.last], head_step)
+        head_step = Step(last, step.kv, deltas, fused=step.fused)
+        if step.fused:
+            h = self._layers_fused(x, step, last is batch, head_step)
+        else:
+            for layer in self.model.layers:
+                x = layer(x, step)
+            h = self.model.norm(x if last is batch else x[batch.last], head_step)
         logits = self._head(h, head_step).float()
         if deltas is not None:
             logits = deltas.extra_logits(h, logits, last)
@@ -524,6 +626,19 @@ class DeltaModel(nn.Module):
             cap = arch.final_softcap
             logits = torch.where(torch.isfinite(logits), torch.tanh(logits / cap) * cap, logits)
         return logits
+
+    def _layers_fused(self, x: torch.Tensor, step: Step, every_row: bool, head_step: Step) -> torch.Tensor:
+        """The layers and the final norm on the fused path; ``x`` (the embeddings) becomes the residual
+        stream, updated in place. ``every_row``: every token's logits are wanted (a decode step), so the
+        last MLP output is added inside the final norm; else the sum is taken, then its last rows."""
+        residual, pending = x, None
+        for layer in self.model.layers:
+            residual, pending = layer.forward_fused(residual, pending, step)
+        if every_row and pending is not None:
+            return self.model.norm.fused(pending, head_step, residual=residual)
+        if pending is not None:
+            residual.add_(pending)
+        return self.model.norm.fused(residual if every_row else residual[step.batch.last], head_step)
 
 
 def rotary_of(hf_model, arch: Arch) -> dict[str, tuple[torch.Tensor, float]]:
