@@ -394,7 +394,8 @@ def test_fused_base_switch(monkeypatch):
     monkeypatch.delenv("BITDELTA_FUSED_BASE", raising=False)
     assert not fused_base_on(cpu)  # the default: off on a CPU, even under the interpreter
     monkeypatch.setenv("BITDELTA_FUSED_BASE", "1")
-    assert fused_base_on(cpu)  # TRITON_INTERPRET=1 here
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the CPU runs the kernels only under the interpreter
+    assert fused_base_on(cpu)
     monkeypatch.setenv("BITDELTA_FUSED_BASE", "0")
     assert not fused_base_on(cpu)
     monkeypatch.setenv("BITDELTA_FUSED_BASE", "yes")

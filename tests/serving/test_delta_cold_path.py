@@ -324,12 +324,14 @@ def test_cuda_compute_stream_does_not_wait_for_an_install():
     from bitdelta.serving.layers import DevicePool, HostDelta
 
     pool = DevicePool(WidePool(), num_slots=1)
+    x = torch.randn(256, 256, device="cuda")
+    y = x @ x  # the first matmul initialises cuBLAS (tens of ms): done before the copy starts
+    torch.cuda.synchronize()
     g = torch.Generator().manual_seed(5)
     signs = torch.randint(0, 256, (1, 32768, 32768), dtype=torch.uint8, generator=g).pin_memory()
     scales = (torch.rand(1, 32768, generator=g) + 0.5).pin_memory()
     torch.cuda.synchronize()
     ticket = pool.install(0, HostDelta({"wide": (signs, scales, False)}, {}, None, None))
-    x = torch.randn(256, 256, device="cuda")
     y = x @ x  # compute-stream work queued after the install ...
     torch.cuda.current_stream().synchronize()  # ... completes while the copy is still in flight
     assert not ticket.ready()
