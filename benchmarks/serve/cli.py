@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--skip-merged", action="store_true", help="no merged-per-tenant model in the tables")
     ap.add_argument("--skip-reference", action="store_true", help="no unfused reference-style runs")
     ap.add_argument("--skip-cold", action="store_true", help="no cold-start and pinned-copy measurements")
+    ap.add_argument("--skip-full-cold", action="store_true",
+                    help="no full fine-tune cold start (writing 13 GB takes a minute); the delta cold start stays")
     ap.add_argument("--ref-steps", type=int, default=16,
                     help="decode steps measured for the unfused mode (rest extrapolated)")
     ap.add_argument("--poisson-rate", type=float, default=4.0, help="requests/s of the Poisson run (0 = none)")

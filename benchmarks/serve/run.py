@@ -82,14 +82,14 @@ def before_pools(run: BenchRun, served: Served, scratch: Path) -> None:
     """One slot's size and the roofline terms, then the full fine-tune's cold start and pinned swap
     copy (they need a model's worth of free GPU memory: before the pools)."""
     probe = size_slot(served)
-    if not run.args.skip_cold:
+    if not (run.args.skip_cold or run.args.skip_full_cold):
         # A base forward first, so the full model's first token pays no one-time library start-up.
         run_workload(run, served.model, probe, [None], new_tokens=2, label="warm")
         run.guarded("full fine-tune cold start", lambda: run.result.__setitem__(
             "full_cold", full_finetune_cold_start(run, served.model, scratch)))
         run.checkpoint()
     else:
-        run.skip("full fine-tune cold start / pinned copy (--skip-cold)")
+        run.skip("full fine-tune cold start / pinned copy (--skip-cold or --skip-full-cold)")
     release_slots(run.dev, probe)
 
 
