@@ -118,3 +118,14 @@ def test_largest_n_runs_beside_64_and_every_mode(tmp_path):
         (mode, nmax) for mode in ("base", "bitdelta", "unfused")}
     assert f"N=64: does not fit (largest N {nmax})" in result["skipped"] and "zipf" not in result
     assert f"\n| {nmax} |" in (out / "serve.md").read_text()
+
+
+def test_skip_full_cold_keeps_the_delta_cold_start(tmp_path):
+    """``--skip-full-cold`` drops only the full fine-tune's cold start (a 13 GB write at 7B): the delta's
+    is still measured, and the report says what was skipped."""
+    out = run_smoke(tmp_path, "--ns", "1", "--skip-reference", "--skip-merged", "--skip-full-cold",
+                    "--zipf-deltas", "0", "--poisson-rate", "0")
+    result = json.loads((out / "serve.json").read_text())
+    assert "full_cold" not in result and result["delta_cold"]["cold_start_s"] > 0
+    assert result["delta_cold"]["beyond_read_s"] >= 0
+    assert any(s.startswith("full fine-tune cold start") for s in result["skipped"])
