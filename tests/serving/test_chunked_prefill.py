@@ -298,3 +298,39 @@ def test_cuda_kv_cache_sized_from_free_memory(tiny_models):
     free, _ = torch.cuda.mem_get_info()
     assert rt.engine.max_batch == 8 and rt.engine.kv_cache_bytes > 0 and free > HEADROOM_FIXED_BYTES
     assert rt.plan().splitlines()[0].split()[1].startswith("cuda")
+
+
+def test_an_idle_engine_takes_a_burst_of_prompts_in_one_step_with_the_default_budget(tiny_models):
+    """With the default step budget, prompts reaching an engine where nobody decodes share one step up
+    to max_prefill_tokens (no stream's pace to protect); once streams decode, the budget caps the step
+    again; a budget the user gave is a hard cap even when idle. Tokens as with chunking."""
+    g = torch.Generator().manual_seed(3)
+
+    def prompt(n):
+        return [0] + torch.randint(3, 200, (n - 1,), generator=g).tolist()
+
+    burst = [prompt(200) for _ in range(3)]  # 600 tokens: more than the default budget
+    later = [prompt(250) for _ in range(3)]
+
+    def serve(**kw):
+        engine, log = _tiny(tiny_models, max_batch=8, **kw)
+        reqs = [engine.submit(Request(prompt=p, params=SamplingParams(max_tokens=4, temperature=0))) for p in burst]
+        engine.step()
+        return engine, log, reqs
+
+    def finish(engine):
+        while engine.running or engine.waiting:
+            engine.step()
+
+    engine, log, reqs = serve()
+    assert log.tokens(0) == 600 > DEFAULT_STEP_TOKENS and all(r.prefilled for r in reqs)
+    late = [engine.submit(Request(prompt=p, params=SamplingParams(max_tokens=2, temperature=0))) for p in later]
+    engine.step()  # three streams decode now: the new prompts get what the default budget leaves
+    assert log.tokens(-1) == DEFAULT_STEP_TOKENS and sum(r.prompt_done for r in late) == DEFAULT_STEP_TOKENS - 3
+    finish(engine)
+    capped, capped_log, capped_reqs = serve(max_step_tokens=DEFAULT_STEP_TOKENS)
+    assert capped_log.tokens(0) == DEFAULT_STEP_TOKENS and not capped_reqs[2].prefilled
+    finish(capped)
+    assert [r.output for r in reqs] == [r.output for r in capped_reqs]
+    _, small_log, _ = serve(max_prefill_tokens=300)  # below the budget: the budget stays the limit
+    assert small_log.tokens(0) == 300

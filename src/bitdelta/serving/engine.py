@@ -7,7 +7,10 @@ into one forward of :class:`~bitdelta.serving.models.DeltaModel`. A step holds a
 then what is left goes to prompts in arrival order, a prompt longer than that split into chunks over
 several steps (the first chunk as a fresh prompt, later ones continuing over the sequence's cache);
 only the step that completes a prompt samples its first token. So a long prompt never stalls the
-running streams, and a step's cost stays bounded. A request whose delta is not device-resident
+running streams, and a step's cost stays bounded. With the default budget, a step in which nobody
+is decoding (a burst of requests reaching an idle engine) takes up to ``max_prefill_tokens`` prompt
+tokens instead: there is no stream's pace to protect, and one large prompt step costs less than
+its chunks (per-step costs are paid once). A request whose delta is not device-resident
 waits in the queue while its delta loads in the background and then while its copy into a delta
 slot is in flight (on CUDA a side stream: see :mod:`bitdelta.serving.install_ticket`); the others
 keep decoding. The waiting queue is bounded (:class:`QueueFull` when it is full, the API's 429).
@@ -194,6 +197,8 @@ class Engine:
         ``max_step_tokens``: the tokens one step holds, decode tokens and prompt chunks together (see
         :func:`step_token_budget`); ``max_prefill_tokens``: at most this many of them prompt tokens
         (a step's prompt chunks together; the default, 4096, leaves ``max_step_tokens`` the limit).
+        Left at its default, the budget widens to ``max_prefill_tokens`` in steps where no sequence
+        decodes; a ``max_step_tokens`` given is a hard cap on every step.
         ``kv_cache_mb`` is the paged KV cache's budget in bytes of keys and values, ``kv_block_size``
         the positions per block; ``max_batch`` caps the sequences running at once (and their slots)."""
         check_limits(max_batch, max_queue, max_prefill_tokens, max_step_tokens)
@@ -218,6 +223,8 @@ class Engine:
         num_blocks = min(num_blocks, max_batch * per_seq_blocks)
         self.max_batch = min(max_batch, num_blocks)  # every running sequence holds at least one block
         self.max_step_tokens = step_token_budget(max_step_tokens, self.max_batch)
+        # Only the default budget widens when nobody decodes: a budget asked for is a hard cap.
+        self.widen_idle_steps = max_step_tokens is None
         self.kv = KVCache(model.num_layers, self.max_batch, self.max_len, model.kv_heads, model.head_dim,
                           model.dtype, model.device, num_blocks=num_blocks, block_size=kv_block_size)
         self.kv_cache_bytes = self.kv.nbytes
@@ -529,7 +536,10 @@ class Engine:
         for r in list(self.running):  # admission order: the newest are preempted first
             if r.prefilled and r in self.running and self._grow(r):
                 plan.append((r, 1))
-        budget = min(self.max_step_tokens - len(plan), self.max_prefill_tokens)
+        room = self.max_step_tokens - len(plan)
+        if not plan and self.widen_idle_steps:  # nobody decodes: no stream's pace to protect
+            room = max(room, self.max_prefill_tokens)
+        budget = min(room, self.max_prefill_tokens)
         for r in self.running:
             if not r.prefilled:
                 take = self._chunk(r, budget)
