@@ -20,6 +20,7 @@ import gc
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -350,3 +351,32 @@ def replace_between(text: str, begin: str, end: str, body: str) -> str | None:
         return None
     head, rest = text.split(begin, 1)
     return head + begin + body + end + rest.split(end, 1)[1]
+
+
+# Kernel-against-reference tolerances of the GPU benchmarks (the tests' own, per dtype: rtol, atol).
+KERNEL_TOLERANCES = {torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 2e-2), torch.float32: (1e-5, 1e-5)}
+
+
+def time_us(fn, dev: BenchDevice, reps: int) -> float:
+    """Median microseconds of ``fn``: replayed from a CUDA graph on a GPU, wall clock on a CPU."""
+    if dev.on_gpu:
+        from triton.testing import do_bench_cudagraph
+
+        return do_bench_cudagraph(fn, rep=reps, return_mode="median") * 1e3
+    fn()
+    times = []
+    for _ in range(max(1, reps)):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e6
+
+
+def check(out, expected, dtype, what: str) -> float:
+    """Max abs error of a kernel's output against the reference; raises past :data:`KERNEL_TOLERANCES`."""
+    rtol, atol = KERNEL_TOLERANCES[dtype]
+    err = (out.float() - expected.float()).abs()
+    bad = err > atol + rtol * expected.float().abs()
+    if out.shape != expected.shape or not torch.isfinite(out).all() or bool(bad.any()):
+        raise AssertionError(f"{what}: kernel differs from the reference (max abs error {float(err.max()):.3g})")
+    return float(err.max())

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import itertools
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,42 +35,26 @@ if __package__ in (None, ""):  # run as a file: the repository root and src/ on 
 import torch
 from torch.nn import functional as F
 
-from benchmarks._common import LLAMA2_7B, SMOKE, BenchDevice, RunLog, build_base, run_and_save, synthetic_delta
+from benchmarks._common import (
+    LLAMA2_7B,
+    SMOKE,
+    BenchDevice,
+    RunLog,
+    build_base,
+    check,
+    run_and_save,
+    synthetic_delta,
+    time_us,
+)
 
 SHAPES = {"full": dict(hidden=4096, inter=11008, heads=32, kv_heads=32, head_dim=128),
           "smoke": dict(hidden=72, inter=40, heads=4, kv_heads=2, head_dim=24)}
-TOLERANCES = {torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 2e-2), torch.float32: (1e-5, 1e-5)}
 EPS = 1e-5
 BLOCK_SIZE = 16
 CONTEXT = 512  # decode-step positions: every sequence has this many tokens before the new one
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-
-def time_us(fn, dev: BenchDevice, reps: int) -> float:
-    """Median microseconds of ``fn``: replayed from a CUDA graph on a GPU, wall clock on a CPU."""
-    if dev.on_gpu:
-        from triton.testing import do_bench_cudagraph
-
-        return do_bench_cudagraph(fn, rep=reps, return_mode="median") * 1e3
-    fn()
-    times = []
-    for _ in range(max(1, reps)):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
-
-
-def check(out, expected, dtype, what: str) -> float:
-    """Max abs error of the kernel against the reference; raises past the tests' tolerance."""
-    rtol, atol = TOLERANCES[dtype]
-    err = (out.float() - expected.float()).abs()
-    bad = err > atol + rtol * expected.float().abs()
-    if out.shape != expected.shape or not torch.isfinite(out).all() or bool(bad.any()):
-        raise AssertionError(f"{what}: kernel differs from the reference (max abs error {float(err.max()):.3g})")
-    return float(err.max())
 
 
 def rand(*shape, dtype, device, seed, scale=1.0):

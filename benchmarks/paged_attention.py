@@ -25,7 +25,6 @@ import argparse
 import itertools
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ if __package__ in (None, ""):  # run as a file: the repository root and src/ on 
 
 import torch
 
-from benchmarks._common import BenchDevice, GiB, RunLog, copy_bandwidth, roofline_us, run_and_save
+from benchmarks._common import BenchDevice, GiB, RunLog, check, copy_bandwidth, roofline_us, run_and_save, time_us
 
 # name -> query heads, kv heads, head dim, window, softcap
 MODELS = {
@@ -87,31 +86,6 @@ def bytes_read(model, lens, dtype, block_size=BLOCK_SIZE) -> int:
 def reference_bytes(batch, model, max_len) -> int:
     """The reference path's float32 intermediates: keys and values gathered, then spread over the query heads."""
     return 2 * batch * max_len * (model["kv_heads"] + model["heads"]) * model["dim"] * 4
-
-
-def time_us(fn, dev: BenchDevice, reps: int) -> float:
-    """Median microseconds of ``fn``: replayed from a CUDA graph on a GPU, wall clock on a CPU."""
-    if dev.on_gpu:
-        from triton.testing import do_bench_cudagraph
-
-        return do_bench_cudagraph(fn, rep=reps, return_mode="median") * 1e3
-    fn()
-    times = []
-    for _ in range(max(1, reps)):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
-
-
-def check(out, expected, dtype, what: str) -> float:
-    """Max abs error of the kernel against the reference; raises past the tests' tolerance."""
-    rtol, atol = {torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 2e-2), torch.float32: (1e-5, 1e-5)}[dtype]
-    err = (out.float() - expected.float()).abs()
-    bad = err > atol + rtol * expected.float().abs()
-    if not torch.isfinite(out).all() or bool(bad.any()):
-        raise AssertionError(f"{what}: kernel differs from the reference (max abs error {float(err.max()):.3g})")
-    return float(err.max())
 
 
 def run_checks(models, dtype, dev, log, quick=False) -> list[dict]:

@@ -23,11 +23,11 @@ kernels do not take. The kernels run on CUDA tensors, or on CPU ones under ``TRI
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from . import _interpreting
 from .fused_base_reference import ACTIVATIONS
+from .paged_attention import _next_pow2
 
 __all__ = ["add_rms_norm", "rms_norm", "gated_activation", "rope_kv_write", "kernels_run"]
 
@@ -35,14 +35,6 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # One program holds a whole row in registers: past this, the kernel would spill (no model has it).
 MAX_NORM_DIM = 32768
 ACT_BLOCK = 1024
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def kernels_run(device: torch.device) -> bool:

@@ -216,7 +216,10 @@ def bitdelta_segmented(x, weight, bias, signs, scales, mode, seg_starts, seg_ids
             cfg = {**DEFAULT_CONFIGS["segmented_short"], "EXPAND_MIN": expand_min}
     elif expand_min > 0:
         starts, sids = seg_starts.tolist(), seg_ids.tolist()
-    long = ([i for i in range(s) if starts[i + 1] - starts[i] >= expand_min] if expand_min > 0 else [])
+    if table is not None:
+        long = table.long_segments(expand_min)
+    else:
+        long = [i for i in range(s) if starts[i + 1] - starts[i] >= expand_min] if expand_min > 0 else []
     for i in long:
         a, b, d = starts[i], starts[i + 1], sids[i]
         wd = weight if d < 0 else expand_delta(weight, signs[d], scales[d], mode, config)
