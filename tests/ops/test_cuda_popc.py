@@ -94,3 +94,65 @@ def test_dispatch_routes_decode_to_popc(monkeypatch, choice):
     y_t = ops.bitdelta_linear(*_cuda(x, w, b, signs, sc), "row", ids.cuda())
     torch.testing.assert_close(y_t.cpu().float(), ref.bitdelta_linear_ref(x, w, b, signs, sc, "row", ids).float(),
                                rtol=5e-3, atol=5e-3)
+
+
+def _group_inputs(t, widths, k, d, bits, mode, dtype, seed, ids=None):
+    """x, the stacked weight, (signs, scales) per member and ids for a group of ``widths`` matrices."""
+    members, ws = [], []
+    x = None
+    for j, n in enumerate(widths):
+        xj, w, _, signs, sc, idj = make_inputs(t, n, k, d, bits, mode, dtype, seed=seed, ids=ids, bias=False)
+        if x is None:
+            x, ids = xj, idj
+        ws.append(w * (1 + j))  # members differ in their base rows as well as in their signs
+        signs = pack_signs_like(signs, seed + 17 * j)
+        members.append((signs, sc * (1 + 0.5 * j)))
+    return x, torch.cat(ws), members, ids
+
+
+def pack_signs_like(signs, seed):
+    """Fresh random bits of the same packed shape (the members must not share signs)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, signs.shape, generator=g, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("mode", ["scalar", "row"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_popc_group_matches_the_members_one_by_one(mode, dtype):
+    """The grouped op (one base GEMM, one prep, a delta launch per member, one add) gives each
+    member's columns what its own call gives: odd widths, K not a multiple of 512, -1 tokens."""
+    cp = _popc()
+    import bitdelta.ops as ops
+
+    for t, widths, k, ids in ((1, [40, 24, 24], 600, [1]), (7, [1000, 136, 136], 2176, [0, -1, 2, 0, 1, 2, -1]),
+                              (33, [520, 520], 1024, None)):
+        ids = torch.tensor(ids) if ids is not None else None
+        x, w, members, ids = _group_inputs(t, widths, k, 3, 1, mode, dtype, seed=t, ids=ids)
+        got = cp.decode_delta_group(_cuda(x)[0], [tuple(_cuda(*m)) for m in members], mode, ids.cuda()).cpu()
+        want = torch.cat([bp.delta_bitplane(x, s, sc, mode, ids) for s, sc in members], dim=-1)
+        scale = max(want.abs().max().item(), 1e-30)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5 * scale)
+        y = ops.bitdelta_linear_group(*_cuda(x, w), [tuple(_cuda(*m)) for m in members], mode, ids.cuda()).cpu()
+        parts = w.split(widths)
+        one_by_one = torch.cat([cp.bitdelta_decode(*_cuda(x, p, None, s, sc), mode, ids.cuda()).cpu()
+                                for p, (s, sc) in zip(parts, members)], dim=-1)
+        assert y.shape == (t, sum(widths)) and y.dtype == dtype
+        torch.testing.assert_close(y.float(), one_by_one.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_popc_group_in_a_cuda_graph():
+    cp = _popc()
+    x, w, members, ids = _group_inputs(16, [512, 128, 128], 1024, 8, 1, "row", torch.bfloat16, seed=5)
+    x, w, ids = _cuda(x, w, ids)
+    members = [tuple(_cuda(*m)) for m in members]
+    cp.bitdelta_decode_group(x, w, None, members, "row", ids)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_g = cp.bitdelta_decode_group(x, w, None, members, "row", ids)
+    ids.copy_(ids.flip(0))
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = torch.cat([bp.bitdelta_linear_bitplane(x.cpu(), p.cpu(), None, s.cpu(), sc.cpu(), "row", ids.cpu())
+                      for p, (s, sc) in zip(w.split([512, 128, 128]), members)], dim=-1)
+    torch.testing.assert_close(y_g.cpu().float(), want.float(), rtol=3e-2, atol=3e-2)

@@ -18,6 +18,7 @@ any GPU it runs on (sm_80+) and for fp32 inputs too, ``=auto`` (the default) is 
 
     y = bitdelta_linear(x, w, b, signs, scales, "row", ids)                    # decode / any batch
     y = bitdelta_linear_segmented(x, w, b, signs, scales, "row", starts, seg_ids)  # prefill
+    qkv = bitdelta_linear_group(x, w_qkv, [(sq, cq), (sk, ck), (sv, cv)], "row", ids)  # q, k, v as one
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "DECODE_MAX_TOKENS",
     "SegmentTable",
     "bitdelta_linear",
+    "bitdelta_linear_group",
     "bitdelta_linear_segmented",
     "bitdelta_linear_ref",
     "bitdelta_linear_segmented_ref",
@@ -208,6 +210,37 @@ def bitdelta_linear(
     b = backend.value if isinstance(backend, Backend) else str(backend)
     op = _linear_impl if _direct(x) else _linear_op
     return op(x, weight, bias, signs, scales, str(mode), ids, b)  # str(): a ScaleMode as the op's plain string
+
+
+def bitdelta_linear_group(
+    x: torch.Tensor,  # [T, K]
+    weight: torch.Tensor,  # [N_1 + N_2 + ..., K]: the matrices' base rows, one after the other
+    members: list[tuple[torch.Tensor, torch.Tensor]],  # (signs [D, bits, N_i, ceil(K/8)], scales) per matrix
+    mode: str,
+    ids: torch.Tensor,  # [T] int32, -1 = base only
+    backend: str | Backend = "auto",
+) -> torch.Tensor:
+    """Several multi-tenant linears over the same input as one call (a layer's q, k and v; its gate
+    and up): ``[T, N_1 + N_2 + ...]``, by definition the per-matrix :func:`bitdelta_linear` results
+    side by side. On the binary tensor-core path that is one base GEMM over the stacked rows, one
+    quantisation of the input, a delta launch per matrix and one add, where separate calls repeat
+    the GEMM, the quantisation and the add per matrix; elsewhere (Triton, the torch reference,
+    column scales, compiling) it is the per-matrix calls, concatenated. No host sync either way."""
+    widths = [signs.shape[2] for signs, _ in members]
+    if not members or sum(widths) != weight.shape[0]:
+        raise ValueError(f"the members' output sizes {widths} must add up to the stacked weight's rows "
+                         f"({weight.shape[0]})")
+    parts = weight.split(widths)
+    for w, (signs, scales) in zip(parts, members):
+        check_inputs(x, w, None, signs, scales, mode)
+    if ids.shape != (x.shape[0],):
+        raise ValueError(f"ids must be [{x.shape[0]}] (one tenant index per token; got {tuple(ids.shape)})")
+    if str(mode) != "col" and _direct(x) and _use_popc(x, backend):
+        from bitdelta.ops import cuda_popc
+
+        return cuda_popc.bitdelta_decode_group(x, weight, None, members, str(mode), ids)
+    return torch.cat([bitdelta_linear(x, w, None, signs, scales, mode, ids, backend)
+                      for w, (signs, scales) in zip(parts, members)], dim=-1)
 
 
 def bitdelta_linear_segmented(

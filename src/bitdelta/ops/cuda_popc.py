@@ -453,47 +453,79 @@ def decode_delta(x, signs, scales, mode, ids, config: dict | None = None) -> tor
     x [T, K] fp16/bf16/fp32 (T <= 128), signs [D, bits, N, ceil(K/8)] uint8, scales of the mode,
     ids [T] int. No host sync, fixed-size allocations: CUDA-graph safe.
     """
+    return decode_delta_group(x, [(signs, scales)], mode, ids, config)
+
+
+def decode_delta_group(x, members, mode, ids, config: dict | None = None) -> torch.Tensor:
+    """The delta terms of several matrices that read the same input (a layer's q, k and v, or its
+    gate and up), side by side: fp32 ``[T, N_1 + N_2 + ...]``.
+
+    ``members``: ``(signs [D, bits, N_i, ceil(K/8)], scales)`` per matrix, all of one ``K``, bit
+    count and mode. The input is quantised into bit planes once (one prep launch, which also zeroes
+    the whole output), then one delta launch per matrix writes its columns: a group of three costs
+    four launches where three separate calls cost six. Column scales multiply the input before it
+    is quantised, so ``col`` mode takes one matrix at a time.
+    """
     if x.device.index is not None and x.device.index != torch.cuda.current_device():
         with torch.cuda.device(x.device):  # its module and context belong to x's device
-            return decode_delta(x, signs, scales, mode, ids, config)
+            return decode_delta_group(x, members, mode, ids, config)
     cfg = DEFAULT_CONFIG if not config else {**DEFAULT_CONFIG, **config}
     t, k = x.shape
-    _, bits, n, kb = signs.shape
+    if not members:
+        raise BitDeltaError("decode_delta_group needs at least one (signs, scales) pair")
+    if mode == "col" and len(members) > 1:
+        raise BitDeltaError("column-scaled deltas quantise the input per matrix: call decode_delta once per matrix")
     if t > MAX_TOKENS:
         raise BitDeltaError(f"the popc decode kernel takes at most {MAX_TOKENS} tokens (got {t}); use the segmented op")
     if x.dtype not in DTYPE_CODE:
         raise BitDeltaError(f"x must be fp16, bf16 or fp32 for the popc kernel (got {x.dtype})")
-    if t == 0 or n == 0:
-        return torch.zeros((t, n), dtype=torch.float32, device=x.device)
-    out = torch.empty((t, n), dtype=torch.float32, device=x.device)  # zeroed by the prep kernel
+    bits, kb = members[0][0].shape[1], members[0][0].shape[3]
+    for signs, _ in members:
+        if signs.shape[1] != bits or signs.shape[3] != kb:
+            raise BitDeltaError(f"the matrices of a group must share bits and K (got {tuple(signs.shape)} "
+                                f"beside {tuple(members[0][0].shape)})")
+    widths = [signs.shape[2] for signs, _ in members]
+    n_total = sum(widths)
+    if t == 0 or n_total == 0:
+        return torch.zeros((t, n_total), dtype=torch.float32, device=x.device)
+    out = torch.empty((t, n_total), dtype=torch.float32, device=x.device)  # zeroed by the prep kernel
     if x.stride(1) != 1:
         x = x.contiguous()
-    signs = signs.contiguous()
-    scales = scales.contiguous().float()
     ids = ids.to(torch.int32).contiguous()
     nch = _cdiv(k, GROUP)
     p = bits if mode == "col" else 1
     planes = torch.empty((t, p, nch, 128), dtype=torch.int32, device=x.device)
     qsx = torch.empty((t, p, nch, 2), dtype=torch.float32, device=x.device)
-    aligned = kb % 16 == 0 and signs.data_ptr() % 16 == 0
     nw, tg, u = int(cfg["NW"]), int(cfg["TG"]), int(cfg["U"])
-    (prep, delta), _ = _functions(x.device, (DTYPE_CODE[x.dtype], ScaleMode(mode).code, nw, tg, u, aligned))
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    sc_d = scales.stride(0)
-    sc_p = scales.stride(1) if scales.dim() > 1 else 0
-    _launch(prep, (nch, t, p), (512, 1, 1),
-            [_ptr(x), _ptr(scales), _ptr(ids), _ptr(planes), _ptr(qsx), _ptr(out), t, k, nch, p, x.stride(0),
-             sc_d, sc_p, n, out.stride(0)],
-            stream)
-    nbx = _cdiv(n, 16 * nw)
-    split = max(1, min(nch, _cdiv(int(cfg["TARGET"]), nbx * t)))
-    cps = _cdiv(nch, split)
-    split = _cdiv(nch, cps)
-    _launch(delta, (nbx, t, split), (32 * nw, 1, 1),
-            [_ptr(signs), _ptr(planes), _ptr(qsx), _ptr(scales), _ptr(ids), _ptr(out),
-             t, n, kb, nch, cps, bits, p, signs.stride(0), signs.stride(1), signs.stride(2), sc_d, sc_p,
-             out.stride(0)],
-            stream)
+    col = 0
+    for i, (signs, scales) in enumerate(members):
+        signs = signs.contiguous()
+        scales = scales.contiguous().float()
+        n = widths[i]
+        aligned = kb % 16 == 0 and signs.data_ptr() % 16 == 0
+        (prep, delta), _ = _functions(x.device, (DTYPE_CODE[x.dtype], ScaleMode(mode).code, nw, tg, u, aligned))
+        sc_d = scales.stride(0)
+        sc_p = scales.stride(1) if scales.dim() > 1 else 0
+        if i == 0:
+            _launch(prep, (nch, t, p), (512, 1, 1),
+                    [_ptr(x), _ptr(scales), _ptr(ids), _ptr(planes), _ptr(qsx), _ptr(out), t, k, nch, p, x.stride(0),
+                     sc_d, sc_p, n_total, out.stride(0)],
+                    stream)
+        if n == 0:
+            continue
+        nbx = _cdiv(n, 16 * nw)
+        split = max(1, min(nch, _cdiv(int(cfg["TARGET"]), nbx * t)))
+        cps = _cdiv(nch, split)
+        split = _cdiv(nch, cps)
+        # this matrix's columns: the output pointer moved ``col`` floats along the row
+        dst = ctypes.c_void_p(out.data_ptr() + 4 * col)
+        _launch(delta, (nbx, t, split), (32 * nw, 1, 1),
+                [_ptr(signs), _ptr(planes), _ptr(qsx), _ptr(scales), _ptr(ids), dst,
+                 t, n, kb, nch, cps, bits, p, signs.stride(0), signs.stride(1), signs.stride(2), sc_d, sc_p,
+                 out.stride(0)],
+                stream)
+        col += n
     return out
 
 
@@ -508,6 +540,14 @@ def bitdelta_decode(x, weight, bias, signs, scales, mode, ids, config: dict | No
     (both in flight at once, joined before the add; capturable in a CUDA graph); ``None`` does so
     for batches of at most ``OVERLAP_MAX`` tokens.
     """
+    return bitdelta_decode_group(x, weight, bias, [(signs, scales)], mode, ids, config, overlap)
+
+
+def bitdelta_decode_group(x, weight, bias, members, mode, ids, config: dict | None = None,
+                          overlap: bool | None = None):
+    """:func:`bitdelta_decode` of matrices stacked along the output: ``weight [N_1 + N_2 + ..., K]``
+    is their base rows one after the other, ``members`` their ``(signs, scales)`` in that order
+    (:func:`decode_delta_group`). One base GEMM, one prep, a delta launch per matrix, one add."""
     if x.shape[0] == 0:
         return torch.empty((0, weight.shape[0]), dtype=x.dtype, device=x.device)
     if overlap is None:
@@ -520,11 +560,11 @@ def bitdelta_decode(x, weight, bias, signs, scales, mode, ids, config: dict | No
             side = _SIDE[x.device.index] = torch.cuda.Stream(x.device)
         side.wait_stream(cur)
         with torch.cuda.stream(side):
-            d32 = decode_delta(x, signs, scales, mode, ids, config)
+            d32 = decode_delta_group(x, members, mode, ids, config)
         y = torch.nn.functional.linear(x, weight, bias)
         cur.wait_stream(side)
         d32.record_stream(cur)
     else:
-        d32 = decode_delta(x, signs, scales, mode, ids, config)
+        d32 = decode_delta_group(x, members, mode, ids, config)
         y = torch.nn.functional.linear(x, weight, bias)
     return y.add_(d32)

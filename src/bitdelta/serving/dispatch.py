@@ -15,13 +15,14 @@ per tenant), and
 
     dispatch = Dispatch(pool, backend="auto")
     y = dispatch.linear("model.layers.0.mlp.down_proj", x, w, batch)
+    qkv = dispatch.linear_group(["...q_proj", "...k_proj", "...v_proj"], x, w_qkv, batch)  # stacked rows
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..ops import DECODE_MAX_TOKENS, bitdelta_linear, bitdelta_linear_segmented
+from ..ops import DECODE_MAX_TOKENS, bitdelta_linear, bitdelta_linear_group, bitdelta_linear_segmented
 from ..pack import unpack_signs
 from .op_calls import has_long_sequences, plan_calls
 
@@ -43,6 +44,41 @@ class Dispatch:
         if has_long_sequences(batch):  # prompt steps are never captured: host row ranges, active tenants only
             return lowrank_by_sequence(x, y, pool, batch)
         return y + lowrank_gathered(x, pool["lowrank_a"], pool["lowrank_b"], batch.delta_slots).to(y.dtype)
+
+    def linear_group(self, names: list[str], x: torch.Tensor, w: torch.Tensor, batch) -> torch.Tensor:
+        """:meth:`linear` of matrices that read the same input, ``w`` their base rows stacked in the
+        order of ``names``: ``[T, N_1 + N_2 + ...]``. A decode step with no column-scaled tenant (every
+        graph-captured step) makes one :func:`bitdelta_linear_group` call, then adds each member's
+        low-rank term (if its pool has them) to its columns; any other step makes the per-matrix
+        calls, side by side."""
+        pools = [self.pool.pools[name] for name in names]
+        if not self.grouped(pools, batch):
+            parts = w.split([p["signs"].shape[2] for p in pools])
+            return torch.cat([self.linear(name, x, part, batch) for name, part in zip(names, parts)], dim=-1)
+        y = self._decode_group(x, w, pools, batch.delta_slots)
+        at = 0
+        for pool in pools:
+            n = pool["signs"].shape[2]
+            if "lowrank_a" in pool:
+                low = lowrank_gathered(x, pool["lowrank_a"], pool["lowrank_b"], batch.delta_slots)
+                y[:, at:at + n] += low.to(y.dtype)
+            at += n
+        return y
+
+    def grouped(self, pools: list[dict], batch) -> bool:
+        """Whether a step's group goes through the one grouped op (see :meth:`linear_group`)."""
+        if has_long_sequences(batch):
+            return False
+        return all(not pool["col_slots"] or pool["col_slots"].isdisjoint(batch.seq_delta_slots) for pool in pools)
+
+    def _decode_group(self, x, w, pools: list[dict], ids) -> torch.Tensor:
+        """The grouped decode op, in calls of at most ``DECODE_MAX_TOKENS`` rows (as :meth:`_decode_op`)."""
+        members = [(p["signs"], p["row"]) for p in pools]
+        if x.shape[0] <= DECODE_MAX_TOKENS:
+            return bitdelta_linear_group(x, w, members, "row", ids, self.backend)
+        return torch.cat([bitdelta_linear_group(x[a:a + DECODE_MAX_TOKENS], w, members, "row",
+                                                ids[a:a + DECODE_MAX_TOKENS], self.backend)
+                          for a in range(0, x.shape[0], DECODE_MAX_TOKENS)])
 
     def sign_linear(self, name: str, x: torch.Tensor, w: torch.Tensor, batch) -> torch.Tensor:
         """``x Wᵀ`` plus each token's sign-plane delta (the fused ops)."""
@@ -128,6 +164,9 @@ class FunctionDispatch(Dispatch):
 
     def sign_linear(self, name, x, w, batch):
         return self.fn(name, x, w, self.pool.pools[name], batch)
+
+    def grouped(self, pools, batch) -> bool:
+        return False  # the function sees one module at a time
 
 
 class UnfusedDispatch(FunctionDispatch):

@@ -536,6 +536,9 @@ class DeltaSlots:
     def linear(self, name: str, x: torch.Tensor, w: torch.Tensor, batch) -> torch.Tensor:
         return self.dispatch.linear(name, x, w, batch)
 
+    def linear_group(self, names: list[str], x: torch.Tensor, w: torch.Tensor, batch) -> torch.Tensor:
+        return self.dispatch.linear_group(names, x, w, batch)
+
     def gather1d(self, name: str, batch) -> torch.Tensor:
         return self.dispatch.gather1d(name, batch)
 

@@ -8,7 +8,9 @@ use; this module builds the tree from an ``Arch`` and the checkpoint's tensors:
 
 * :class:`TenantLinear`: a base matrix (and bias) whose output adds each token's own delta, through
   the step's dispatch (``deltas.linear``); fused projections (Phi-3's ``qkv_proj``, ``gate_up_proj``)
-  are one matrix with one delta, split after the call. A matrix given as a
+  are one matrix with one delta, split after the call; separate q/k/v and gate/up matrices are
+  stacked into one when the model is built (:mod:`.stacked`: one GEMM, one grouped delta op) and
+  split the same way. A matrix given as a
   :class:`~bitdelta.serving.quant_linear.QuantizedWeight` (an INT8/FP8 base) becomes a
   :class:`~bitdelta.serving.quant_linear.QuantTenantLinear` instead, which adds the same delta;
 * :class:`TenantNorm`: RMSNorm whose weight is gathered per token (a tenant may carry its own);
@@ -52,6 +54,7 @@ from ..kv_cache import KVCache
 from ..mapping import AttentionPlan, BatchMapping
 from ..paged_decode import decode_attention
 from ..quant_linear import QuantizedWeight, QuantTenantLinear
+from .stacked import stack_projections
 
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -293,6 +296,8 @@ class Attention(nn.Module):
         for key, mod in projections.items():  # q_proj/k_proj/v_proj/o_proj, or qkv_proj/o_proj
             setattr(self, key, mod)
         self.fused = arch.fused_qkv
+        # q, k and v stacked into one matrix (built by DeltaModel when they can be; see .stacked)
+        self.qkv_stack = None
         self.q_norm, self.k_norm = q_norm, k_norm
         self.window = arch.windows[layer]
         self.scale, self.softcap = arch.attn_scale, arch.attn_softcap
@@ -303,6 +308,8 @@ class Attention(nn.Module):
         if self.fused:  # one matrix, one delta: split its output (queries, then keys, then values)
             qkv = self.qkv_proj(x, step)
             q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
+        elif self.qkv_stack is not None:  # three matrices stacked as one: the same split
+            q, k, v = self.qkv_stack(x, step).split([h * d, kvh * d, kvh * d], dim=-1)
         else:
             q, k, v = self.q_proj(x, step), self.k_proj(x, step), self.v_proj(x, step)
         q, k, v = q.reshape(t, h, d), k.reshape(t, kvh, d), v.reshape(t, kvh, d)
@@ -390,16 +397,26 @@ class MLP(nn.Module):
             setattr(self, key, mod)
         self.fused, self.act = arch.fused_gate_up, ACTIVATIONS[arch.act]
         self.act_name = FUSED_ACTIVATIONS[arch.act]
+        self.gate_up_stack = None  # gate and up stacked into one matrix, gate first (see .stacked)
+
+    def _gate_up(self, x: torch.Tensor, step: Step) -> torch.Tensor | None:
+        """Gate and up side by side (gate first) when they are one matrix or a stack; else None."""
+        if self.fused:
+            return self.gate_up_proj(x, step)
+        if self.gate_up_stack is not None:
+            return self.gate_up_stack(x, step)
+        return None
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        gu = self._gate_up(x, step)
         if step.fused:  # act(gate) * up in one kernel
-            if self.fused:
-                y = fused_norm.gated_activation(self.gate_up_proj(x, step), act=self.act_name)
+            if gu is not None:
+                y = fused_norm.gated_activation(gu, act=self.act_name)
             else:
                 y = fused_norm.gated_activation(self.gate_proj(x, step), self.up_proj(x, step), self.act_name)
             return self.down_proj(y, step)
-        if self.fused:
-            g, u = self.gate_up_proj(x, step).chunk(2, dim=-1)
+        if gu is not None:
+            g, u = gu.chunk(2, dim=-1)
         else:
             g, u = self.gate_proj(x, step), self.up_proj(x, step)
         return self.down_proj(self.act(g) * u, step)
@@ -502,6 +519,10 @@ class DeltaModel(nn.Module):
             attn = Attention(arch, i, self.num_heads, self.kv_heads, self.head_dim, proj, qn, kn)
             keys = ("gate_up_proj", "down_proj") if arch.fused_gate_up else ("gate_proj", "up_proj", "down_proj")
             mlp = MLP(arch, {k: linear(p + f"mlp.{k}") for k in keys})
+            if not arch.fused_qkv:
+                attn.qkv_stack = stack_projections([proj["q_proj"], proj["k_proj"], proj["v_proj"]], tensors)
+            if not arch.fused_gate_up:
+                mlp.gate_up_stack = stack_projections([mlp.gate_proj, mlp.up_proj], tensors)
             names = ["input_layernorm", "post_attention_layernorm"]
             if arch.sandwich_norms:
                 names += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
