@@ -138,3 +138,31 @@ def test_stacking_switch(monkeypatch):
     monkeypatch.setenv(STACKED_ENV, "yes")
     with pytest.raises(ValueError, match="BITDELTA_STACKED_PROJECTIONS must be 1 or 0"):
         stacking_on()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stacked_projections_on_the_gpu(tmp_path, monkeypatch):
+    """bf16 on a GPU: the grouped binary tensor-core op (sm_90) or the per-member Triton calls give
+    the logits of separate matrices, step after step, with row, column-scaled and low-rank tenants."""
+    base = _pair("llama", tmp_path).to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        deltas = {"row": bitdelta.compress(tmp_path / "base", tmp_path / "ft1", scale="row", progress=False),
+                  "col": bitdelta.compress(tmp_path / "base", tmp_path / "ft2", scale="col", progress=False),
+                  "low": bitdelta.compress(tmp_path / "base", tmp_path / "ft3", scale="row", lowrank_rank=4,
+                                           progress=False)}
+    logits = {}
+    for stacked in (False, True):
+        monkeypatch.setenv(STACKED_ENV, "1" if stacked else "0")
+        model = DeltaModel.from_hf(base, device="cuda", dtype=torch.bfloat16)
+        slots = DeltaSlots(model, max_gpu_deltas=3, max_lowrank_rank=4)
+        for name, delta in deltas.items():
+            slots.register(name, f"<memory:{name}>", delta=delta)
+        slot_of = {name: slots.load(name) for name in deltas}
+        kv = KVCache(model.num_layers, 5, 64, model.kv_heads, model.head_dim, model.dtype, model.device, block_size=4)
+        logits[stacked] = [model.forward(BatchMapping.build(entries, model.device, kv), kv, slots).cpu()
+                           for entries in _steps(model.vocab_size, slot_of)]
+    for i, (a, b) in enumerate(zip(logits[True], logits[False])):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2, msg=f"step {i}")
