@@ -61,6 +61,7 @@ import torch
 
 from . import graphs as graphs_mod
 from .kv_cache import DEFAULT_BLOCK_SIZE, KVCache, blocks_for
+from .lookahead import Ahead, greedy_only, lookahead_allowed, next_entries
 from .mapping import BatchMapping
 from .memory_plan import CPU_KV_CACHE_BYTES, kv_blocks_that_fit, kv_budget_from_free
 from .models import DeltaModel
@@ -72,7 +73,9 @@ from .sampling import (
     SamplingParams,
     TokenLogprob,
     check_params,
+    device_greedy,
     non_finite_message,
+    on_device,
     sample_step,
     token_logprobs,
 )
@@ -186,7 +189,8 @@ class Engine:
                  max_len: int | None = None, kv_cache_mb: float | None = None, gpu_memory_fraction: float = 0.9,
                  max_prefill_tokens: int = 4096, metrics=None, cuda_graphs: bool | None = None,
                  auto_restart: bool = True, restart_delay_s: float = 1.0, max_restarts_per_minute: int = 5,
-                 wrap_forward=None, max_step_tokens: int | None = None, kv_block_size: int = DEFAULT_BLOCK_SIZE):
+                 wrap_forward=None, max_step_tokens: int | None = None, kv_block_size: int = DEFAULT_BLOCK_SIZE,
+                 lookahead: bool | None = None):
         """``cuda_graphs``: None (default) captures decode graphs when the model is on CUDA and falls
         back to eager decoding, with a warning, if that is not possible; True requires them (raises
         otherwise); False never captures. ``auto_restart``: after a failure that stops the loop, wait
@@ -200,7 +204,9 @@ class Engine:
         Left at its default, the budget widens to ``max_prefill_tokens`` in steps where no sequence
         decodes; a ``max_step_tokens`` given is a hard cap on every step.
         ``kv_cache_mb`` is the paged KV cache's budget in bytes of keys and values, ``kv_block_size``
-        the positions per block; ``max_batch`` caps the sequences running at once (and their slots)."""
+        the positions per block; ``max_batch`` caps the sequences running at once (and their slots).
+        ``lookahead``: launch greedy decode steps ahead (:mod:`bitdelta.serving.lookahead`); None: env
+        ``BITDELTA_LOOKAHEAD`` (default: on with captured CUDA graphs)."""
         check_limits(max_batch, max_queue, max_prefill_tokens, max_step_tokens)
         self.model, self.slots, self.metrics = model, slots, metrics
         self.wrap_forward = wrap_forward
@@ -251,6 +257,9 @@ class Engine:
         slots.on_ready = self._wake
         self._want_graphs = cuda_graphs
         self.graphs: graphs_mod.DecodeGraphs | None = self._capture_graphs(cuda_graphs)
+        self.lookahead = lookahead
+        self.ahead: Ahead | None = None  # a decode step in flight, launched by the step before
+        self.ahead_steps = 0  # steps launched ahead
         # rows are sequence slots; columns every token a step's logits can hold (the base's and added ones)
         self.penalties = PenaltyTable(self.max_batch, model.vocab_size + getattr(slots, "max_extra", 0), model.device)
 
@@ -401,6 +410,7 @@ class Engine:
         msg = f"{type(e).__name__}: {e}"
         now = time.monotonic()
         with self.cond:
+            self.ahead = None
             while self._restarts and now - self._restarts[0] > 60:
                 self._restarts.popleft()
             self.last_error = msg
@@ -428,6 +438,7 @@ class Engine:
         """A fresh KV state: every slot and block free, the cache zeroed in place (captured graphs keep
         pointing at it); on CUDA the decode graphs are captured again."""
         with self.cond:
+            self.ahead = None
             self.running.clear()
             self.cancelled.clear()
             self.free_kv = list(range(self.max_batch))
@@ -629,38 +640,27 @@ class Engine:
         """Admits what fits, runs one forward over this step's tokens (see :meth:`_schedule`),
         samples, emits, retires.
 
+        With a step launched ahead by the previous call (:mod:`bitdelta.serving.lookahead`), its
+        forward is this step's; either way the next decode step may be launched before this one's
+        tokens are read.
+
         Raises (stopping the loop) only for a failure no single request explains."""
+        ahead, self.ahead = self.ahead, None
         with self.cond:
             self._drop_cancelled()
-            before = set(map(id, self.running))
-            plan = self._schedule()
-        for r, _ in plan:
-            if id(r) not in before and r.params.penalized:
-                self.penalties.start(r.kv_slot, r.prompt)
-                if r.output:  # readmitted after a preemption: what it generated so far counts again
-                    self.penalties.record([r.kv_slot] * len(r.output), r.output)
-        plan = [(r, take) for r, take in plan if take > 0]
-        if not plan:
-            return
-        batch_reqs = [r for r, _ in plan]
-        groups = [self._entries(r, take) for r, take in plan]
-        entries = [e for g in groups for e in g]
-        # A scored prefill puts one sequence slot on several rows, which a graph (rows = slots) cannot hold.
-        scoring = any(not r.prefilled and r.scores_prompt for r in batch_reqs)
         failed: list[tuple[Request, str]] = []
-        try:
-            graphable = self.graphs is not None and not scoring
-            batch = self.graphs.prepare(entries) if graphable else None
-            if batch is None:  # not graphable
-                batch = BatchMapping.build(entries, self.model.device, self.kv)
-            if self.wrap_forward is None:
-                logits = self.model.forward(batch, self.kv, self.slots)
-            else:
-                logits = self.wrap_forward(lambda: self.model.forward(batch, self.kv, self.slots), batch)
-        except Exception as e:  # noqa: BLE001 (find the request that caused it; the rest go on)
-            logits, batch_reqs, groups, failed = self._isolate(batch_reqs, groups, e)
+        if ahead is not None and ahead.live():  # the running batch, launched ahead with its tokens
+            batch_reqs, groups, logits = ahead.reqs, ahead.groups, ahead.logits
+        else:
+            plan = self._plan()
+            if not plan:
+                return
+            batch_reqs = [r for r, _ in plan]
+            groups = [self._entries(r, take) for r, take in plan]
+            logits, batch_reqs, groups, failed = self._forward(batch_reqs, groups)
         due, rows, scores = self._read_rows(batch_reqs, groups)
-        outcomes = sample_step(logits, rows, due, self.penalties) if due else []
+        greedy = self._launch_ahead(batch_reqs, due, rows, logits) if not failed and not scores else None
+        outcomes = sample_step(logits, rows, due, self.penalties, greedy=greedy) if due else []
         scored = self._score_prompts(logits, scores)
         self.steps += 1
         with self.cond:
@@ -699,6 +699,69 @@ class Engine:
                 elif len(r.output) >= p.max_tokens or len(r.prompt) + len(r.output) >= self.max_len:
                     self._finish(r, "length")
             self._drop_cancelled()
+
+    def _plan(self) -> list[tuple[Request, int]]:
+        """This step's schedule (requests with at least one token each); penalty rows of newly
+        admitted requests started."""
+        with self.cond:
+            before = set(map(id, self.running))
+            plan = self._schedule()
+        for r, _ in plan:
+            if id(r) not in before and r.params.penalized:
+                self.penalties.start(r.kv_slot, r.prompt)
+                if r.output:  # readmitted after a preemption: what it generated so far counts again
+                    self.penalties.record([r.kv_slot] * len(r.output), r.output)
+        return [(r, take) for r, take in plan if take > 0]
+
+    def _forward(self, batch_reqs: list[Request], groups):
+        """The step's forward (a graph replay when it fits one). Returns the logits, the requests and
+        entry groups they cover, and (request, message) for those that failed on their own."""
+        entries = [e for g in groups for e in g]
+        # A scored prefill puts one sequence slot on several rows, which a graph (rows = slots) cannot hold.
+        scoring = any(not r.prefilled and r.scores_prompt for r in batch_reqs)
+        try:
+            graphable = self.graphs is not None and not scoring
+            batch = self.graphs.prepare(entries) if graphable else None
+            if batch is None:  # not graphable
+                batch = BatchMapping.build(entries, self.model.device, self.kv)
+            return self._run(batch), batch_reqs, groups, []
+        except Exception as e:  # noqa: BLE001 (find the request that caused it; the rest go on)
+            return self._isolate(batch_reqs, groups, e)
+
+    def _run(self, batch) -> torch.Tensor:
+        if self.wrap_forward is None:
+            return self.model.forward(batch, self.kv, self.slots)
+        return self.wrap_forward(lambda: self.model.forward(batch, self.kv, self.slots), batch)
+
+    def _launch_ahead(self, batch_reqs: list[Request], due: list[Request], rows: list[int],
+                      logits: torch.Tensor) -> torch.Tensor | None:
+        """Launches the next decode step before this one's tokens are read, when it may (see
+        :mod:`bitdelta.serving.lookahead`); returns the greedy tokens it computed on the device
+        (which this step's sampling then reads), or None when it launched nothing."""
+        if not due or len(due) != len(batch_reqs) or not lookahead_allowed(self.lookahead, self.graphs):
+            return None
+        if not all(greedy_only(r) for r in due):
+            return None
+        with self.cond:
+            if self.cancelled or self._admissible():
+                return None
+            keep, entries = next_entries(due, self.max_len)
+        greedy = device_greedy(logits, rows)
+        if not entries:
+            return greedy
+        tokens = greedy if len(keep) == len(due) else greedy.index_select(0, on_device(keep, greedy.device))
+        # a row that is not finite (-1) fails its request when this step is read; its row ahead is dropped
+        batch = self.graphs.prepare(entries, device_tokens=tokens.clamp(min=0))
+        if batch is None:  # no graph for it, or the KV pool is out of blocks: the next step schedules
+            return greedy
+        try:
+            logits_ahead = self._run(batch)
+        except Exception:  # noqa: BLE001 (the next step schedules and runs it the usual way)
+            logger.warning("a decode step launched ahead failed; running it the usual way", exc_info=True)
+            return greedy
+        self.ahead = Ahead([due[i] for i in keep], [[e] for e in entries], logits_ahead)
+        self.ahead_steps += 1
+        return greedy
 
     @staticmethod
     def _read_rows(reqs: list[Request], groups):

@@ -205,9 +205,12 @@ class DecodeGraphs:
 
     # ------------------------------------------------------------------ per step
 
-    def prepare(self, entries) -> BatchMapping | None:
+    def prepare(self, entries, device_tokens: torch.Tensor | None = None) -> BatchMapping | None:
         """This step as a graph replay (a batch whose ``replay`` computes the logits), or None when it
-        must run eagerly. ``entries`` as :meth:`BatchMapping.build` takes them."""
+        must run eagerly. ``entries`` as :meth:`BatchMapping.build` takes them. ``device_tokens``:
+        the step's input tokens as a device tensor in ``entries`` order, in place of the entries' own
+        (a step launched before the previous one's tokens reached the host: they go from the previous
+        step's sampling straight into this step's input buffer, on the device)."""
         if not entries or any(len(new) != 1 for _, _, new, _ in entries):
             return None
         b = pick(max(e[0] for e in entries) + 1, self.batches)
@@ -232,6 +235,8 @@ class DecodeGraphs:
                 inp.copy_(src.pin_memory(), non_blocking=True)
             else:
                 inp.copy_(src)
+            if device_tokens is not None:
+                head[0].index_copy_(0, head[4, :n].long(), device_tokens.to(torch.int32))
             if self.capture:
                 graph, out = self.graphs[key]
                 graph.replay()

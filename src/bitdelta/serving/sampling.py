@@ -239,26 +239,45 @@ def sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generat
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def sample_step(logits: torch.Tensor, rows: list[int], reqs: list, penalties: PenaltyTable | None) -> list[Outcome]:
+def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    return logits if rows == list(range(logits.shape[0])) else logits.index_select(0, on_device(rows, logits.device))
+
+
+def _greedy(x: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax on the device, -1 where the row is unusable: its top value is NaN (argmax
+    lands on NaN), +inf, or -inf (all masked). One gather, read back with the argmax: no extra sync."""
+    greedy = x.argmax(dim=-1)
+    top = x.gather(-1, greedy[:, None])[:, 0]
+    return torch.where(torch.isfinite(top), greedy, -1)
+
+
+def device_greedy(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """The greedy token of each row ``rows[i]`` of ``logits`` as a device tensor (-1: not finite),
+    without waiting for the device: what a step launched ahead feeds back (``sample_step(greedy=)``
+    then reads the same tensor)."""
+    return _greedy(_rows(logits, rows))
+
+
+def sample_step(logits: torch.Tensor, rows: list[int], reqs: list, penalties: PenaltyTable | None,
+                greedy: torch.Tensor | None = None) -> list[Outcome]:
     """Samples each request of ``reqs`` from its row ``rows[i]`` of ``logits``.
 
     Requests carry ``params`` (:class:`SamplingParams`), ``generator``, ``kv_slot``, ``tenant`` and
     ``id``. Penalties apply on the device; the greedy choice and the finiteness check come back in
-    one read; only rows that sample at a temperature go to the host one by one."""
+    one read; only rows that sample at a temperature go to the host one by one. ``greedy``: the
+    rows' :func:`device_greedy`, already computed (only for requests without penalties)."""
     if not reqs:
         return []
     dev = logits.device
-    x = logits if rows == list(range(logits.shape[0])) else logits.index_select(0, on_device(rows, dev))
+    x = _rows(logits, rows)
     pen = [i for i, r in enumerate(reqs) if r.params.penalized] if penalties is not None else []
     if pen:
+        if greedy is not None:
+            raise ValueError("sample_step: a greedy choice computed beforehand ignores penalties")
         idx = on_device(pen, dev)
         shaped = penalties.apply(x.index_select(0, idx), [reqs[i].kv_slot for i in pen], [reqs[i].params for i in pen])
         x = x.float().index_copy(0, idx, shaped)  # out of place: the raw logits stay for log-probabilities
-    greedy = x.argmax(dim=-1)
-    # A row is unusable when its top value is NaN (argmax lands on NaN), +inf, or -inf (all masked).
-    # One gather on the device, read back with the argmax: no extra sync in the normal case.
-    top = x.gather(-1, greedy[:, None])[:, 0]
-    greedy = torch.where(torch.isfinite(top), greedy, -1).tolist()
+    greedy = (_greedy(x) if greedy is None else greedy).tolist()
     out: list[Outcome] = []
     for i, r in enumerate(reqs):
         if greedy[i] < 0:
