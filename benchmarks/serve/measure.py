@@ -65,6 +65,7 @@ def run_workload(run, model, slots, tenants, *, arrivals=None, max_batch=None, n
     kv_bytes = engine.kv.k.numel() * engine.kv.k.element_size() * 2
     if graphs is not None:
         graphs["replays"] = engine.graphs.replays
+        graphs["launched_ahead"] = engine.ahead_steps  # decode steps queued before the previous one was read
     peak = torch.cuda.max_memory_allocated() if run.dev.on_gpu else None
     slots.on_ready = None
     del engine  # its KV cache is freed now, before the next run sizes its own
@@ -111,11 +112,12 @@ def drive(engine, recorder: StepRecorder, wl: Workload, prompts, deadline, max_d
             submit(engine, tr, wl, prompts, order.pop(0), classify)
         if engine.running or engine.waiting:
             t = time.perf_counter()
-            n_rec = len(recorder.records)
+            steps = engine.steps
             engine.step()
             te = time.perf_counter()
-            if len(recorder.records) > n_rec:
-                tr.steps.append({**recorder.records[-1], "wall_s": te - t, "end": te})
+            rec = recorder.of(engine.read_batch) if engine.steps > steps else None
+            if rec is not None:
+                tr.steps.append({**rec, "wall_s": te - t, "end": te})
             else:
                 idle_until_woken(engine)
             n_dec = sum(s["decode"] for s in tr.steps)

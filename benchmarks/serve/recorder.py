@@ -4,7 +4,10 @@ GPU, one chosen decode step is run under the torch profiler, its kernels grouped
 
     rec = StepRecorder(dev, profile_decode_step=1)
     engine = Engine(model, slots, ..., wrap_forward=rec)
-    engine.step(); rec.records[-1]     # {"tokens", "seqs", "decode", "tenants", "ctx", "host_s"}
+    engine.step(); rec.of(engine.read_batch)   # {"tokens", "seqs", "decode", "tenants", "ctx", "host_s"}
+
+A step may read the logits of a forward launched by the step before (decode steps launched ahead,
+bitdelta.serving.lookahead), so records are looked up by the batch the engine says it read.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ class StepRecorder:
         self.profile_decode_step = profile_decode_step  # the n-th decode step (0 = first) to profile
         self.records: list[dict] = []
         self.profile: dict | None = None
+        self._by_batch: dict[int, dict] = {}  # id(batch) -> its record, until a step reads it
 
     def __call__(self, forward, batch):
         decode = all(n == 1 for _, _, n in batch.seqs)
@@ -36,7 +40,12 @@ class StepRecorder:
             out = forward()
             rec["host_s"] = time.perf_counter() - t
         self.records.append(rec)
+        self._by_batch[id(batch)] = rec
         return out
+
+    def of(self, batch) -> dict | None:
+        """The record of the forward over ``batch`` (once: it is forgotten here after)."""
+        return self._by_batch.pop(id(batch), None) if batch is not None else None
 
     def _profiled(self, forward, batch):
         from torch.profiler import ProfilerActivity, profile

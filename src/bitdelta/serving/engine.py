@@ -260,6 +260,7 @@ class Engine:
         self.lookahead = lookahead
         self.ahead: Ahead | None = None  # a decode step in flight, launched by the step before
         self.ahead_steps = 0  # steps launched ahead
+        self.read_batch = None  # the BatchMapping whose logits the last step read (for measurements)
         # rows are sequence slots; columns every token a step's logits can hold (the base's and added ones)
         self.penalties = PenaltyTable(self.max_batch, model.vocab_size + getattr(slots, "max_extra", 0), model.device)
 
@@ -651,6 +652,7 @@ class Engine:
         failed: list[tuple[Request, str]] = []
         if ahead is not None and ahead.live():  # the running batch, launched ahead with its tokens
             batch_reqs, groups, logits = ahead.reqs, ahead.groups, ahead.logits
+            self.read_batch = ahead.batch
         else:
             plan = self._plan()
             if not plan:
@@ -724,6 +726,7 @@ class Engine:
             batch = self.graphs.prepare(entries) if graphable else None
             if batch is None:  # not graphable
                 batch = BatchMapping.build(entries, self.model.device, self.kv)
+            self.read_batch = batch
             return self._run(batch), batch_reqs, groups, []
         except Exception as e:  # noqa: BLE001 (find the request that caused it; the rest go on)
             return self._isolate(batch_reqs, groups, e)
@@ -736,8 +739,9 @@ class Engine:
     def _launch_ahead(self, batch_reqs: list[Request], due: list[Request], rows: list[int],
                       logits: torch.Tensor) -> torch.Tensor | None:
         """Launches the next decode step before this one's tokens are read, when it may (see
-        :mod:`bitdelta.serving.lookahead`); returns the greedy tokens it computed on the device
-        (which this step's sampling then reads), or None when it launched nothing."""
+        :mod:`bitdelta.serving.lookahead`); returns this step's greedy tokens, computed on the device
+        and already copied to the host (which this step's sampling then reads), or None when it
+        launched nothing."""
         if not due or len(due) != len(batch_reqs) or not lookahead_allowed(self.lookahead, self.graphs):
             return None
         if not all(greedy_only(r) for r in due):
@@ -749,19 +753,28 @@ class Engine:
         greedy = device_greedy(logits, rows)
         if not entries:
             return greedy
+        # This step's tokens start for the host now, ahead of the next step in the stream: reading
+        # them later waits for this step's work only, not for the step launched below.
+        read = greedy
+        if greedy.is_cuda:
+            read = torch.empty(greedy.shape, dtype=greedy.dtype, pin_memory=True)
+            read.copy_(greedy, non_blocking=True)
+            landed = torch.cuda.Event()
+            landed.record()
         tokens = greedy if len(keep) == len(due) else greedy.index_select(0, on_device(keep, greedy.device))
         # a row that is not finite (-1) fails its request when this step is read; its row ahead is dropped
         batch = self.graphs.prepare(entries, device_tokens=tokens.clamp(min=0))
-        if batch is None:  # no graph for it, or the KV pool is out of blocks: the next step schedules
-            return greedy
-        try:
-            logits_ahead = self._run(batch)
-        except Exception:  # noqa: BLE001 (the next step schedules and runs it the usual way)
-            logger.warning("a decode step launched ahead failed; running it the usual way", exc_info=True)
-            return greedy
-        self.ahead = Ahead([due[i] for i in keep], [[e] for e in entries], logits_ahead)
-        self.ahead_steps += 1
-        return greedy
+        if batch is not None:  # else no graph for it, or the KV pool is out of blocks: the next step schedules
+            try:
+                logits_ahead = self._run(batch)
+            except Exception:  # noqa: BLE001 (the next step schedules and runs it the usual way)
+                logger.warning("a decode step launched ahead failed; running it the usual way", exc_info=True)
+            else:
+                self.ahead = Ahead([due[i] for i in keep], [[e] for e in entries], logits_ahead, batch)
+                self.ahead_steps += 1
+        if greedy.is_cuda:
+            landed.synchronize()
+        return read
 
     @staticmethod
     def _read_rows(reqs: list[Request], groups):

@@ -21,7 +21,7 @@ EOS token, fails or is cancelled had a row in the step ahead, whose result is dr
 Switch: ``Engine(lookahead=)``, else env ``BITDELTA_LOOKAHEAD``: ``auto`` (default: on with
 captured CUDA graphs), ``1`` (also with graphs run eagerly, as the CPU tests do), ``0`` (off).
 
-    ahead = Ahead(reqs, groups, logits)    # what Engine.step consumes next instead of scheduling
+    ahead = Ahead(reqs, groups, logits, batch)    # what Engine.step consumes next instead of scheduling
 """
 
 from __future__ import annotations
@@ -64,11 +64,13 @@ def greedy_only(r) -> bool:
 
 @dataclass
 class Ahead:
-    """A decode step in flight: its requests, their entries (one each) and its logits (on the device)."""
+    """A decode step in flight: its requests, their entries (one each), its logits (on the device)
+    and the step's mapping."""
 
     reqs: list
     groups: list[list[tuple[int, int, list[int], int]]]
     logits: torch.Tensor
+    batch: object = None
 
     def live(self) -> bool:
         """Whether some sequence of the step is still running (else its result is of no use)."""

@@ -265,7 +265,8 @@ def sample_step(logits: torch.Tensor, rows: list[int], reqs: list, penalties: Pe
     Requests carry ``params`` (:class:`SamplingParams`), ``generator``, ``kv_slot``, ``tenant`` and
     ``id``. Penalties apply on the device; the greedy choice and the finiteness check come back in
     one read; only rows that sample at a temperature go to the host one by one. ``greedy``: the
-    rows' :func:`device_greedy`, already computed (only for requests without penalties)."""
+    rows' :func:`device_greedy`, already computed (on the device or copied to the host; only for
+    requests without penalties)."""
     if not reqs:
         return []
     dev = logits.device
