@@ -46,8 +46,8 @@ def goals(result: dict) -> list[str]:
     for (mode, n), r in sorted(rb.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if mode in ("bitdelta", "base") and r.get("roofline"):
             p, want = r["roofline"]["pct"], 85 if mode == "bitdelta" else 80
-            what = "decode" if mode == "bitdelta" else "base alone"
-            out.append(f"N={n}: {what} at {p:.1f}% of {'the mix' if mode == 'bitdelta' else 'its'} memory roofline "
+            what, whose = ("decode", "the mix's") if mode == "bitdelta" else ("base alone", "its")
+            out.append(f"N={n}: {what} at {p:.1f}% of {whose} memory roofline "
                        f"(goal >= {want}%): {'met' if p >= want else 'NOT met'}")
     r32, b32 = rb.get(("bitdelta", 32)), rb.get(("base", 32))
     m32 = merged_at(result, 32)
