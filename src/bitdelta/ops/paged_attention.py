@@ -42,9 +42,10 @@ __all__ = ["paged_decode_attention", "paged_decode_attention_reference", "paged_
            "choose_num_splits"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# A split should read at least this many tokens: below it, the partial results' write and merge
-# cost more than the parallelism gains.
-MIN_TOKENS_PER_SPLIT = 256
+# A split should read at least this many tokens (one key tile at head dims up to 128): below it, the
+# partial results' write and merge cost more than the parallelism gains. A lone decode row of a
+# serving step (span bucket 256, 32 KV heads: 32 programs unsplit) then gets 4 splits.
+MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 32
 # Programs wanted on the whole GPU (per SM: enough to hide the latency of the paged loads).
 PROGRAMS_PER_SM = 4
