@@ -139,9 +139,10 @@ def test_popc_group_matches_the_members_one_by_one(mode, dtype, monkeypatch):
         one_by_one = torch.cat([cp.bitdelta_decode(*_cuda(x, p, None, s, sc), mode, ids.cuda()).cpu()
                                 for p, (s, sc) in zip(parts, members)], dim=-1)
         assert y.shape == (t, sum(widths)) and y.dtype == dtype
-        # same quantised delta on both sides; the base GEMMs of different widths may round apart by an ulp
-        rnd = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-        torch.testing.assert_close(y.float(), one_by_one.float(), rtol=rnd, atol=rnd)
+        # same quantised delta on both sides; cuBLAS's base GEMMs of different widths split K differently
+        # (fp16 split-K partial sums are rounded to fp16), so a few ulps of the partial sums apart
+        rnd = {torch.float16: 5e-3, torch.bfloat16: 1.6e-2}[dtype]
+        torch.testing.assert_close(y.float(), one_by_one.float(), rtol=rnd, atol=2 * rnd)
         # the Triton route (the ops tests' default) is the members' calls side by side: exact delta
         monkeypatch.setenv("BITDELTA_DECODE_KERNEL", "triton")
         y_t = ops.bitdelta_linear_group(*_cuda(x, w), [tuple(_cuda(*m)) for m in members], mode, ids.cuda()).cpu()
