@@ -31,9 +31,19 @@ def _pair(arch, tmp_path):
     return load_model(tmp_path / "base")
 
 
-def _served(base_hf, deltas, monkeypatch, stacked: bool):
+def _deltas(tmp_path) -> dict:
+    """A row-scaled, a column-scaled and a low-rank-corrected delta of the three fine-tunes of ``_pair``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {"row": bitdelta.compress(tmp_path / "base", tmp_path / "ft1", scale="row", progress=False),
+                "col": bitdelta.compress(tmp_path / "base", tmp_path / "ft2", scale="col", progress=False),
+                "low": bitdelta.compress(tmp_path / "base", tmp_path / "ft3", scale="row", lowrank_rank=4,
+                                         progress=False)}
+
+
+def _served(base_hf, deltas, monkeypatch, stacked: bool, device=None, dtype=None):
     monkeypatch.setenv(STACKED_ENV, "1" if stacked else "0")
-    model = DeltaModel.from_hf(base_hf)
+    model = DeltaModel.from_hf(base_hf, device=device, dtype=dtype)
     slots = DeltaSlots(model, max_gpu_deltas=len(deltas), max_lowrank_rank=4)
     for name, delta in deltas.items():
         slots.register(name, f"<memory:{name}>", delta=delta)
@@ -95,12 +105,7 @@ def _steps(vocab, slots_of):
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_stacked_and_separate_projections_give_the_same_logits(arch, tmp_path, monkeypatch):
     base = _pair(arch, tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        deltas = {"row": bitdelta.compress(tmp_path / "base", tmp_path / "ft1", scale="row", progress=False),
-                  "col": bitdelta.compress(tmp_path / "base", tmp_path / "ft2", scale="col", progress=False),
-                  "low": bitdelta.compress(tmp_path / "base", tmp_path / "ft3", scale="row", lowrank_rank=4,
-                                           progress=False)}
+    deltas = _deltas(tmp_path)
     grouped = []
     real = dispatch_mod.bitdelta_linear_group
 
@@ -146,20 +151,10 @@ def test_stacked_projections_on_the_gpu(tmp_path, monkeypatch):
     """bf16 on a GPU: the grouped binary tensor-core op (sm_90) or the per-member Triton calls give
     the logits of separate matrices, step after step, with row, column-scaled and low-rank tenants."""
     base = _pair("llama", tmp_path).to(torch.bfloat16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        deltas = {"row": bitdelta.compress(tmp_path / "base", tmp_path / "ft1", scale="row", progress=False),
-                  "col": bitdelta.compress(tmp_path / "base", tmp_path / "ft2", scale="col", progress=False),
-                  "low": bitdelta.compress(tmp_path / "base", tmp_path / "ft3", scale="row", lowrank_rank=4,
-                                           progress=False)}
+    deltas = _deltas(tmp_path)
     logits = {}
     for stacked in (False, True):
-        monkeypatch.setenv(STACKED_ENV, "1" if stacked else "0")
-        model = DeltaModel.from_hf(base, device="cuda", dtype=torch.bfloat16)
-        slots = DeltaSlots(model, max_gpu_deltas=3, max_lowrank_rank=4)
-        for name, delta in deltas.items():
-            slots.register(name, f"<memory:{name}>", delta=delta)
-        slot_of = {name: slots.load(name) for name in deltas}
+        model, slots, slot_of = _served(base, deltas, monkeypatch, stacked, device="cuda", dtype=torch.bfloat16)
         kv = KVCache(model.num_layers, 5, 64, model.kv_heads, model.head_dim, model.dtype, model.device, block_size=4)
         logits[stacked] = [model.forward(BatchMapping.build(entries, model.device, kv), kv, slots).cpu()
                            for entries in _steps(model.vocab_size, slot_of)]

@@ -70,7 +70,7 @@ class Ahead:
     reqs: list
     groups: list[list[tuple[int, int, list[int], int]]]
     logits: torch.Tensor
-    batch: object = None
+    batch: object
 
     def live(self) -> bool:
         """Whether some sequence of the step is still running (else its result is of no use)."""

@@ -52,7 +52,6 @@ class StackedProjections:
         self.members = members
         self.names = [m.name for m in members]
         self.weight = weight  # [N_1 + N_2 + ..., K]; member i's weight is a view of its rows
-        self.widths = [m.weight.shape[0] for m in members]
 
     def __call__(self, x: torch.Tensor, step) -> torch.Tensor:
         """``[T, N_1 + N_2 + ...]``: the members' outputs side by side."""
