@@ -18,9 +18,15 @@ variant is built from a named recipe of ``bitdelta.recipes`` or says why it has 
                    bytes of a second plane (``--lowrank-budget 1.0``; compared with scalar-2bit)
   reference        the reference implementation's recipe: scalar scales, embeddings/lm_head kept
                    dense and trained during distillation together with the norms
+  int8-base,       scalar's recipe (same compression, same distillation and --distill-* flags) against the
+  fp8-base         base quantized per output channel to INT8 / FP8 (Δ = W_ft − Q(W_base)), distilled on and
+                   scored on that base dequantized, as the engine runs it
+  int8-merged,     no delta: the fine-tune itself quantized the same way (merge, then quantize), what a
+  fp8-merged       user would otherwise serve
 
 and base, fine-tune and every variant are measured the same way: held-out domain perplexity and
-recovery ((log ppl_base - log ppl_delta) / (log ppl_base - log ppl_ft), design.md), KL(ft || model)
+recovery ((log ppl_base - log ppl_delta) / (log ppl_base - log ppl_ft), design.md; the full-precision
+base and fine-tune for every row, the quantized ones included), KL(ft || model)
 and top-1 agreement with the fine-tune on the held-out text, greedy-generation agreement with the
 fine-tune (exact match of the first 32 generated tokens on held-out prompts), GSM8K answer accuracy
 (GSM8K domains), WikiText-2 perplexity, zero-shot ARC-Easy / PIQA / HellaSwag / Winogrande / LAMBADA

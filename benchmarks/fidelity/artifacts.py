@@ -1,9 +1,10 @@
 """The deltas of one domain, built as ``variants.py`` describes and kept under
 ``<work>/artifacts[-NAME]/<domain>/`` with their build record (compression / distillation seconds,
-peak GPU bytes), so a rerun with the same settings reuses them.
+peak GPU bytes, the quantized base's scheme), so a rerun with the same settings reuses them.
 
     arts = Artifacts(args, "gsm8k", base, ft, cal, base_dir, ft_dir)
     delta, record = arts.get("auto")       # builds scalar, row and col first (its candidates)
+    model = arts.base_model(BUILDS["int8-base"])  # the INT8-quantized base its delta is applied to
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import bitdelta
 from bitdelta.delta import Delta
 from bitdelta.distill import TeacherLogits, choose_auto, choose_modes, distill_scales
+from bitdelta.hf import load_model
 
 from .settings import eval_settings, log, run_dir
 from .variants import BUILDS, Variant, distill_config
@@ -32,13 +34,31 @@ class Artifacts:
         self.root = args.work / run_dir(args, "artifacts") / domain
         self.root.mkdir(parents=True, exist_ok=True)
         self.memo: dict[str, tuple[Delta, dict]] = {}
+        self.quantized: dict[str, object] = {}  # scheme -> quantized base; at most one held (see base_model)
 
     def path(self, name: str) -> Path:
         return self.root / f"{name}.bitdelta"
 
+    def base_model(self, v: Variant):
+        """The model ``v``'s delta is made against, distilled on and applied to: the base, or, for a
+        delta against a quantized base, that base as the engine runs it (each quantizable weight read
+        as ``fake_quantize`` of the stored one, exactly as ``compress`` read it, so the fingerprint
+        matches). It is loaded once per scheme and kept for the domain's eval; only the latest scheme
+        is kept, since a variant is built and scored before the next one starts."""
+        scheme = v.base_quant
+        if scheme is None:
+            return self.base
+        if scheme not in self.quantized:
+            self.quantized.clear()  # free the previous scheme's base before loading the next
+            self.quantized[scheme] = load_model(self.base_dir, dtype="float32", device=self.args.device,
+                                                base_quant=scheme)
+        return self.quantized[scheme]
+
     def get(self, name: str) -> tuple[Delta, dict]:
         """The variant's delta and build record: from this run's memo, from disk when built with the
         same settings, or built now."""
+        if BUILDS[name].quantized_finetune:
+            raise ValueError(f"{name} has no delta: it is the fine-tune quantized ({BUILDS[name].quantized_finetune})")
         if name in self.memo:
             return self.memo[name]
         path, rec_path = self.path(name), self.root / f"{name}.build.json"
@@ -49,6 +69,7 @@ class Artifacts:
                 self.memo[name] = (Delta.from_pretrained(path), rec)
                 return self.memo[name]
         delta, rec = self.build(BUILDS[name])
+        rec["base_quant"] = BUILDS[name].base_quant
         rec["settings"] = settings
         delta.save_pretrained(path)
         rec_path.write_text(json.dumps(rec, indent=2))
@@ -76,10 +97,13 @@ class Artifacts:
 
     def _distill(self, delta: Delta, v: Variant) -> tuple[Delta, float]:
         t = time.perf_counter()
-        out = distill_scales(delta, self.base, self.ft, self.cal, distill_config(self.args, v), progress=False)
+        # the student is the base the delta was compressed against: a quantized base's delta is trained on it
+        out = distill_scales(delta, self.base_model(v), self.ft, self.cal, distill_config(self.args, v),
+                             progress=False)
         self.args.dev.sync()
         d = out.info["distillation"]
-        log(f"  distilled {out.info['compression']['scale']} {out.info['compression']['bits']}-bit: train loss "
+        on = f" on the {v.base_quant} base" if v.base_quant else ""
+        log(f"  distilled {out.info['compression']['scale']} {out.info['compression']['bits']}-bit{on}: train loss "
             f"{d['initial_loss']:.4g} -> {d['final_loss']:.4g}, held-out {d['heldout_loss_before']:.4g} -> "
             f"{d['heldout_loss_after']:.4g} ({time.perf_counter() - t:.1f}s)")
         return out, time.perf_counter() - t

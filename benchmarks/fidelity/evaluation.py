@@ -1,7 +1,9 @@
 """Phase ``eval`` for one domain: the base row, the fine-tune row, then each variant built and
 scored, every result kept as a JSON in the work directory (reused while its settings match). Before
 each model it checks the time budget (``--budget-s``) and stops cleanly, to be resumed, rather than
-overrun it.
+overrun it. A delta against a quantized base is scored on that base (dequantized); a quantized
+fine-tune (``*-merged``) is scored as it is; both against the same full-precision fine-tune and
+with the same full-precision base's perplexity in their recovery as every other row.
 
     rc = phase_eval(args, "gsm8k", deadline)     # 0, or EXIT_INCOMPLETE: run the same command again
 """
@@ -26,7 +28,7 @@ from .data import calibration, heldout_docs
 from .evaluator import Evaluator
 from .report import gb_text
 from .settings import EXIT_INCOMPLETE, copy_out, eval_settings, log, result_path, run_dir
-from .variants import COST
+from .variants import BUILDS, COST
 
 
 @dataclass
@@ -178,21 +180,26 @@ def finetune_row(args, run: DomainRun, ft_path: Path, base_rec: dict, budget: Bu
 
 
 def variant_row(args, run: DomainRun, arts: Artifacts, name: str, path: Path, ppls: tuple, budget: Budget) -> None:
-    """Builds (or reuses) the variant's delta, applies it to the base and scores it."""
+    """Builds (or reuses) the variant's delta, applies it to its base (the quantized one for a delta
+    against a quantized base) and scores it."""
+    if BUILDS[name].quantized_finetune:
+        quantized_finetune_row(args, run, name, path, ppls, budget)
+        return
     t = time.perf_counter()
     log(f"{run.domain}/{name}: building")
     delta, build = arts.get(name)
     art = describe_artifact(arts.path(name))
+    model = arts.base_model(BUILDS[name])
     args.dev.reset_peak()
-    apply(run.base, delta)
+    apply(model, delta)
     try:
-        scores = run.ev.run(run.base, name)
+        scores = run.ev.run(model, name)
     finally:
-        unapply(run.base)
+        unapply(model)
     eval_peak = args.dev.peak_bytes()
     fid = scores["fidelity"]
-    rec = {**run.common, "model": name, "kind": "delta", "heldout_ppl": fid["ppl_student"],
-           "recovery": recovery(*ppls, fid["ppl_student"]), **scores,
+    rec = {**run.common, "model": name, "kind": "delta", "base_quant": BUILDS[name].base_quant,
+           "heldout_ppl": fid["ppl_student"], "recovery": recovery(*ppls, fid["ppl_student"]), **scores,
            "compress_s": round(build["compress_s"], 2), "distill_s": round(build["distill_s"], 2),
            "choose_s": round(build["choose_s"], 2) if "choose_s" in build else None,
            "peak_gpu_build_bytes": build["peak_gpu_bytes"], "peak_gpu_eval_bytes": eval_peak,
@@ -208,3 +215,29 @@ def variant_row(args, run: DomainRun, arts: Artifacts, name: str, path: Path, pp
         f"mean scale {rec['mean_first_plane_scale']:.3g}, compress {build['compress_s']:.1f}s, distill "
         f"{build['distill_s']:.1f}s, peak GPU {gb_text(build['peak_gpu_bytes'])}/{gb_text(eval_peak)} GB build/eval "
         f"({budget.durations[-1][1]:.1f}s for this model)")
+
+
+def quantized_finetune(ft_dir: Path, scheme: str, device: str):
+    """The fine-tune in ``ft_dir`` with every weight a quantized base quantizes (``quantizable_parameters``)
+    replaced by ``fake_quantize`` of its stored value: the model a user gets by merging the fine-tune,
+    then quantizing it with ``scheme`` (``bitdelta quantize-base`` on it), dequantized."""
+    return load_model(str(ft_dir), dtype="float32", device=device, base_quant=scheme)
+
+
+def quantized_finetune_row(args, run: DomainRun, name: str, path: Path, ppls: tuple, budget: Budget) -> None:
+    """A ``*-merged`` row: the quantized fine-tune scored like a delta row, no delta, nothing distilled."""
+    t = time.perf_counter()
+    scheme = BUILDS[name].quantized_finetune
+    args.dev.reset_peak()
+    model = quantized_finetune(run.ft_dir, scheme, args.device)
+    quantize_s = time.perf_counter() - t
+    scores = run.ev.run(model, name)
+    del model  # one quantized fine-tune at a time
+    fid = scores["fidelity"]
+    rec = {**run.common, "model": name, "kind": "quantized-finetune", "finetune_quant": scheme,
+           "heldout_ppl": fid["ppl_student"], "recovery": recovery(*ppls, fid["ppl_student"]), **scores,
+           "quantize_s": round(quantize_s, 2), "peak_gpu_eval_bytes": args.dev.peak_bytes()}
+    save_result(args, path, rec)
+    budget.done(name, t)
+    log(f"  {name}: recovery {rec['recovery']:.2%} (fine-tune quantized to {scheme} in {quantize_s:.1f}s; "
+        f"{budget.durations[-1][1]:.1f}s for this model)")

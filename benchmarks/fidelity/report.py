@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bitdelta.quant import SCHEMES
+
 from .gguf import CHAT_PROBE
 from .settings import DOMAINS, MODELS, log, run_dir
-from .variants import VARIANTS
+from .variants import QUANTIZED, VARIANTS
 
 REPORT_START, REPORT_END = "<!-- fidelity-benchmark:start -->", "<!-- fidelity-benchmark:end -->"
 TASK_COLUMNS = (("arc_easy", "acc", "ARC-E"), ("piqa", "acc", "PIQA"), ("hellaswag", "acc_norm", "HSwag (norm)"),
@@ -107,16 +109,18 @@ def goal_checks(rows: dict) -> list[str]:
             if goals:
                 out += [f"- **{domain}**:", *goals]
             continue
-        out.append(f"- **{domain}**: " + "; ".join(plain_checks(rows, domain, rec)))
+        checks = plain_checks(rows, domain, rec)
+        out.append(f"- **{domain}**:" + (" " + "; ".join(checks) if checks else ""))
         out += round_goals(rows, domain)
     return out
 
 
 def plain_checks(rows: dict, domain: str, rec: dict) -> list[str]:
-    """The first round's goals on the plain rows (recovery by variant in ``rec``), then the relative-lr rows."""
+    """The first round's goals on the plain rows (recovery by variant in ``rec``), then the relative-lr rows;
+    the rows on a quantized model have their own goal (``round_goals``)."""
     kl = {m: rows[(domain, m)]["fidelity"]["kl"] for m in VARIANTS if (domain, m) in rows}
     checks = []
-    one_bit = {m: v for m, v in rec.items() if m not in ("auto-2bit", "reference")}
+    one_bit = {m: v for m, v in rec.items() if m not in ("auto-2bit", "reference", *QUANTIZED)}
     if one_bit:
         best = max(one_bit, key=one_bit.get)
         checks.append(f"1-bit recovery ≥ 95%: best {best} {one_bit[best]:.1%} "
@@ -136,7 +140,8 @@ def plain_checks(rows: dict, domain: str, rec: dict) -> list[str]:
         dr, da = rows[(domain, "reference")]["delta"], rows[(domain, "auto")]["delta"]
         checks.append(f"vs reference recipe: recovery {rec['reference']:.1%} at {dr['weight_bytes'] / 1e6:.1f} MB; "
                       f"auto {rec['auto']:.1%} at {da['weight_bytes'] / 1e6:.1f} MB")
-    relative = [lab for lab in ordered_labels(rows) if lab != variant_of(lab) and (domain, lab) in rows]
+    relative = [lab for lab in ordered_labels(rows)
+                if lab != variant_of(lab) and (domain, lab) in rows and variant_of(lab) not in QUANTIZED]
     if relative:
         parts = []
         for lab in relative:
@@ -149,7 +154,8 @@ def plain_checks(rows: dict, domain: str, rec: dict) -> list[str]:
 
 def round_goals(rows: dict, domain: str) -> list[str]:
     """design.md's current goals, per group of rows distilled with the same settings (same label marks):
-    best 1-bit ≥ 99%, 2-bit ≥ 99.5%, auto ≥ the best of scalar/row/col − 0.2 points."""
+    best 1-bit ≥ 99%, 2-bit ≥ 99.5%, auto ≥ the best of scalar/row/col − 0.2 points, and per scheme the
+    quantized base + Δ within 1 point of the fp32 base + Δ (``scalar``, the same recipe)."""
     groups: dict[str, dict] = {}
     for (d, label), r in rows.items():
         if d == domain and variant_of(label) in VARIANTS and r.get("recovery") is not None:
@@ -173,9 +179,25 @@ def round_goals(rows: dict, domain: str) -> list[str]:
             gap = 100 * (rec["auto"] - single[best])
             checks.append(f"auto ≥ best single − 0.2 pts: auto {rec['auto']:.1%} vs {best} {single[best]:.1%} "
                           f"({gap:+.1f} pts) {'PASS' if gap >= -0.2 else 'FAIL'}")
+        checks += quantized_base_checks(rec)
         if checks:
             out.append(f"  - goals{marks or ' (plain rows)'}: " + "; ".join(checks))
     return out
+
+
+def quantized_base_checks(rec: dict) -> list[str]:
+    """Per scheme: ``<scheme>-base`` at most 1 point of recovery below ``scalar`` (being above it passes),
+    with the quantized fine-tune (``<scheme>-merged``), what serving without a delta would give, beside it."""
+    checks = []
+    for scheme in SCHEMES:
+        q, merged = f"{scheme}-base", f"{scheme}-merged"
+        if q not in rec or "scalar" not in rec:
+            continue
+        gap = 100 * (rec[q] - rec["scalar"])
+        checks.append(f"{scheme} base + Δ within 1 pt of fp32 base + Δ: {q} {rec[q]:.1%} vs scalar {rec['scalar']:.1%} "
+                      f"({gap:+.1f} pts) {'PASS' if gap >= -1.0 else 'FAIL'}"
+                      + (f" (fine-tune quantized, no delta: {rec[merged]:.1%})" if merged in rec else ""))
+    return checks
 
 
 def recipe_lines(prep: dict | None) -> list[str]:
@@ -253,7 +275,11 @@ def header_lines(rows: dict, folders: list[Path]) -> list[str]:
             "(auto: row + col + the held-out choice); peak GPU: max allocated while building and evaluating "
             "(base and fine-tune resident, fp32); reference: scalar scales, embedding/lm_head (tied) kept dense in "
             "fp16 and trained with the norms during distillation (`compress(dense_embeddings=True)`, "
-            "`distill_scales(train_dense=True)`)", ""]
+            "`distill_scales(train_dense=True)`); int8-base, fp8-base: scalar's recipe compressed against, distilled "
+            "on and evaluated on the base quantized per output channel (round to nearest) to INT8 / FP8 and "
+            "dequantized (Δ = W_ft − Q(W_base), `compress(base_quant=...)`); int8-merged, fp8-merged: no delta, the "
+            "fine-tune itself quantized the same way (merge, then quantize); every row's KL and recovery are against "
+            "the fp32 fine-tune and base", ""]
 
 
 def phase_report(args) -> int:

@@ -221,3 +221,89 @@ def test_the_evaluator_reports_the_suites_scores_under_the_benchmarks_fields(fid
     ft_generation = ev.generation_scores(ft)
     assert ft_generation["greedy_agreement"]["exact_match"] == 1.0 and ft_generation["gsm8k"]["n"] == 3
     assert Evaluator(args, tok, ft, held).generation_scores(base) == {}  # no domain: no prompts, no GSM8K
+
+
+@pytest.mark.skipif(not (SHARED / "finetune").is_dir(), reason="../shared/data not present")
+def test_eval_quantized_base_and_quantized_finetune_rows(fid, tmp_path, capsys):
+    """One eval call on the tiny pair (models/tiny base and its gsm8k fine-tune) makes the quantized
+    rows: ``<s>-base`` is scalar's delta against, distilled on and scored on the quantized base;
+    ``<s>-merged`` is the fine-tune quantized; all against the same fp32 fine-tune."""
+    import math
+    import shutil
+
+    import torch
+
+    from benchmarks.fidelity.data import heldout_docs
+    from benchmarks.fidelity.evaluation import quantized_finetune
+    from bitdelta.apply import apply, unapply
+    from bitdelta.delta import Delta
+    from bitdelta.errors import WrongBaseError
+    from bitdelta.evaluate import fidelity
+    from bitdelta.hf import load_model, load_tokenizer
+    from bitdelta.quant import fake_quantize, quantizable_parameters
+
+    work = tmp_path / "work"
+    shutil.copytree(ROOT / "models" / "tiny" / "base", work / "base")
+    ft_dir = work / "finetunes" / "gsm8k"
+    shutil.copytree(ROOT / "models" / "tiny" / "gsm8k", ft_dir)
+    argv = ["--smoke", "--domain", "gsm8k", "--work", str(work), "--data", str(SHARED), "--tasks", "arc_easy",
+            "--device", "cpu"]
+    quantized = ["int8-base", "fp8-base", "int8-merged", "fp8-merged"]
+    assert fid.main(["--phase", "eval", *argv, "--variants", ",".join(["scalar", *quantized])]) == 0
+    res = {m: json.loads((work / "results" / f"gsm8k__{m}.json").read_text())
+           for m in ["base", "finetune", "scalar", *quantized]}
+
+    args = fid.parse_args(["--phase", "eval", *argv])
+    tok, ft = load_tokenizer(ft_dir), load_model(ft_dir, dtype="float32", device="cpu")
+    held = heldout_docs(args, "gsm8k")
+
+    def scored(model):  # the fidelity columns as the benchmark measures them (--smoke: 64 tokens, batch 4)
+        return fidelity(model, ft, tok, held, max_length=64, batch_size=4, progress=False).to_dict()
+
+    ppl_base, ppl_ft = res["base"]["heldout_ppl"], res["finetune"]["heldout_ppl"]
+    arts = work / "artifacts" / "gsm8k"
+    scalar = Delta.from_pretrained(arts / "scalar.bitdelta")
+    float_base = load_model(work / "base", dtype="float32", device="cpu")
+    assert scalar.info["compression"]["base_quantization"] is None
+    for s in ("int8", "fp8"):
+        row = res[f"{s}-base"]
+        assert json.loads((arts / f"{s}-base.build.json").read_text())["base_quant"] == s
+        assert row["base_quant"] == s and row["kind"] == "delta" and row["delta"]["weight_bytes"] > 0
+        delta = Delta.from_pretrained(arts / f"{s}-base.bitdelta")
+        assert delta.info["compression"]["base_quantization"]["scheme"] == s
+        assert delta.info["distillation"]["steps"] == args.distill_steps
+        # the fingerprint is the quantized base's: it refuses the fp32 base the scalar delta is made on
+        assert delta.fingerprint.sha256 != scalar.fingerprint.sha256
+        with pytest.raises(WrongBaseError, match="quantized"):
+            apply(float_base, delta)
+        q_base = load_model(work / "base", dtype="float32", device="cpu", base_quant=s)
+        alone = scored(q_base)
+        apply(q_base, delta)
+        try:
+            assert scored(q_base) == row["fidelity"]  # the row is this delta on the quantized base
+        finally:
+            unapply(q_base)
+        # against the fp32 fine-tune and with the fp32 base's perplexity, as every row
+        assert row["fidelity"]["ppl_teacher"] == ppl_ft
+        expected = (math.log(ppl_base) - math.log(row["heldout_ppl"])) / (math.log(ppl_base) - math.log(ppl_ft))
+        assert row["recovery"] == pytest.approx(expected)
+        assert row["fidelity"]["kl"] < alone["kl"] / 2  # the delta closes most of the quantized base's gap
+
+        merged = res[f"{s}-merged"]
+        assert merged["finetune_quant"] == s and "delta" not in merged and merged["kind"] == "quantized-finetune"
+        q_ft = quantized_finetune(ft_dir, s, "cpu")
+        names = set(quantizable_parameters(ft))
+        assert len(names) == 4 * 7  # every attention and MLP projection of the 4 layers; not the tied embedding
+        for name, p in ft.named_parameters():
+            want = fake_quantize(p.detach(), s) if name in names else p.detach()
+            assert torch.equal(q_ft.get_parameter(name), want), name
+        assert scored(q_ft) == merged["fidelity"]
+        assert 0 < merged["fidelity"]["kl"] < res["base"]["fidelity"]["kl"]
+
+    assert fid.main(["--phase", "report", "--results", str(work / "results"), "--report-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    models = [line.split(" | ")[1] for line in out.splitlines() if line.startswith("| gsm8k |")]
+    assert models == ["base", "finetune", "scalar", *quantized]
+    assert "| gsm8k | int8-merged |" in (tmp_path / "fidelity.md").read_text()
+    for s in ("int8", "fp8"):
+        assert f"{s} base + Δ within 1 pt of fp32 base + Δ: {s}-base " in out

@@ -41,3 +41,15 @@ def test_distill_config_puts_the_flags_over_the_recipe():
     ref = distill_config(args, BUILDS["reference"])
     assert ref.train_dense and ref.lr_mode == "absolute" and ref.steps == 7  # the reference trains absolute
     assert distill_config(args, BUILDS["auto-old"]) == dataclasses.replace(row, calibration=None)
+
+
+def test_quantized_base_variants_are_scalars_recipe_on_a_quantized_base():
+    args = parse_args(["--phase", "eval", "--distill-steps", "7"])
+    for s in ("int8", "fp8"):
+        v, merged = BUILDS[f"{s}-base"], BUILDS[f"{s}-merged"]
+        assert v.compress == dataclasses.replace(BUILDS["scalar"].compress, base_quant=s) and v.distill
+        assert v.base_quant == s and not v.start_from and not v.candidates
+        assert distill_config(args, v) == distill_config(args, BUILDS["scalar"])  # same distillation, same flags
+        assert merged.quantized_finetune == s and merged.base_quant is None and COST[merged.name] == 1.0
+    # reported after every float-base variant, bases before merged
+    assert VARIANTS[-4:] == ("int8-base", "fp8-base", "int8-merged", "fp8-merged")
