@@ -10,7 +10,10 @@ layers, random bf16 weights, synthetic 1-bit deltas):
   all, and one prompt step under the torch profiler, its GPU time grouped by part;
 * the segmented op alone on the three 7B matrix shapes for the same row layouts: cuBLAS base-only,
   the default configuration, the fused Triton GEMM only (``EXPAND_MIN`` 0) and the expand path only
-  (``EXPAND_MIN`` 1), each checked against the reference op first.
+  (``EXPAND_MIN`` 1), each checked against the reference op first; for at most 128 rows also the
+  decode op's binary tensor-core kernel (``cuda_popc``) at several tokens per program (``TG``), and
+  at engine level the mode "bitdelta (prompts on decode op)": sequences of up to 128 tokens kept on
+  the decode op (``op_calls.SEGMENT_MIN_TOKENS`` raised to 129) instead of the segmented op.
 
     python -m benchmarks.prefill_step --layers 8 --cases 1x128,4x128,32x128,1x2048 --sweep
 
@@ -28,8 +31,8 @@ from pathlib import Path
 
 import torch
 
+from bitdelta.ops import cuda_popc, triton_ops
 from bitdelta.ops import reference as ref
-from bitdelta.ops import triton_ops
 from bitdelta.ops.segment_table import SegmentTable
 from bitdelta.serving.engine import Engine, Request
 from bitdelta.serving.sampling import SamplingParams
@@ -41,7 +44,24 @@ from .serve.setup import SharedArtifactSlots
 from .serve.workload import kv_bytes_per_seq
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (k, n) of q/k/v/o, gate/up, down
-MODES = ("base", "bitdelta", "bitdelta (no host table)")
+MODES = ("base", "bitdelta", "bitdelta (no host table)", "bitdelta (prompts on decode op)")
+POPC_TG = (4, 8, 16)  # tokens per program of the popc decode kernel tried on prompt rows
+
+
+@contextmanager
+def prompts_on_decode_op(on: bool):
+    """With ``on``, sequences of up to 128 tokens take the decode op instead of the segmented op."""
+    if not on:
+        yield
+        return
+    import bitdelta.serving.op_calls as op_calls
+
+    real = op_calls.SEGMENT_MIN_TOKENS
+    op_calls.SEGMENT_MIN_TOKENS = 129
+    try:
+        yield
+    finally:
+        op_calls.SEGMENT_MIN_TOKENS = real
 
 
 @contextmanager
@@ -179,6 +199,17 @@ def op_row(n_seq: int, length: int, k: int, n: int, dtype, sweep: bool) -> dict:
         assert err < 2e-2, (name, row, err)
         row[f"{name}_us"] = bench(lambda cfg=cfg, tab=tab: triton_ops.bitdelta_segmented(
             x, w, None, s, sc, "scalar", starts, sids, config=cfg, table=tab))
+    if t <= 128 and cuda_popc.available(x.device):  # the decode op's kernel on the same rows
+        ids = torch.arange(t, device="cuda", dtype=torch.int32) // length
+        for tg in POPC_TG:
+            try:
+                y = cuda_popc.bitdelta_decode(x, w, None, s, sc, "scalar", ids, config={"TG": tg})
+                err = ((y.float() - want).norm() / want.norm()).item()
+                assert err < 2e-2, ("popc", tg, row, err)
+                row[f"popc TG{tg}_us"] = bench(lambda tg=tg: cuda_popc.bitdelta_decode(
+                    x, w, None, s, sc, "scalar", ids, config={"TG": tg}))
+            except Exception as exc:  # noqa: BLE001 (a configuration that does not compile is reported)
+                log(f"  popc TG{tg} failed: {type(exc).__name__}: {str(exc)[:100]}")
     if sweep:  # the fused GEMM's tile configurations, to choose one per row count
         times = []
         for c in SEG_CONFIGS:
@@ -226,7 +257,8 @@ def main(argv=None) -> dict:
         for mode in MODES:
             names = tenants[:n_seq] if mode != "base" else [None] * n_seq
             for budget in (None, n_seq * length):
-                with segment_tables(mode != "bitdelta (no host table)"):
+                with segment_tables(mode != "bitdelta (no host table)"), \
+                        prompts_on_decode_op(mode == "bitdelta (prompts on decode op)"):
                     engine_prefill(model, slots, names, length, budget, False)  # compiles every shape
                     r = engine_prefill(model, slots, names, length, budget, False)
                     r["profile"] = engine_prefill(model, slots, names, length, budget, True)["profile"]
@@ -244,25 +276,31 @@ def main(argv=None) -> dict:
         result["ops"] = op_rows(cases, dtype, args.sweep)
     print("\nPrefill through the engine (bf16, Llama-2-7B shapes, "
           f"{args.layers} layers, {result['device']}); ms of prompt steps:")
-    print("| case | budget | steps | base ms | bitdelta ms (÷ base) | without host tables ms (÷ base) |")
-    print("|---|---|---|---|---|---|")
+    print("| case | budget | steps | base ms | bitdelta ms (÷ base) | without host tables ms (÷ base) "
+          "| prompts on decode op ms (÷ base) |")
+    print("|---|---|---|---|---|---|---|")
     eng = result["engine"]
     for b in eng:
         if b["mode"] != "base":
             continue
-        d, o = (next(r for r in eng if r["mode"] == m and r["case"] == b["case"] and r["budget"] == b["budget"])
-                for m in MODES[1:])
+        d, o, p = (next(r for r in eng if r["mode"] == m and r["case"] == b["case"] and r["budget"] == b["budget"])
+                   for m in MODES[1:])
         print(f"| {b['case']} | {b['budget']} | {d['prompt_steps']} | {b['prompt_ms']:.1f} | {d['prompt_ms']:.1f} "
               f"({d['prompt_ms'] / b['prompt_ms']:.2f}x) | {o['prompt_ms']:.1f} "
-              f"({o['prompt_ms'] / b['prompt_ms']:.2f}x) |")
+              f"({o['prompt_ms'] / b['prompt_ms']:.2f}x) | {p['prompt_ms']:.1f} "
+              f"({p['prompt_ms'] / b['prompt_ms']:.2f}x) |")
     if result["ops"]:
         print("\nSegmented op alone, µs (scalar scales, 1 bit):")
-        print("| case | shape | cuBLAS | default | host table (÷ cuBLAS) | fused only | expand only |")
-        print("|---|---|---|---|---|---|---|")
+        popc = [f"popc TG{tg}" for tg in POPC_TG]
+        print("| case | shape | cuBLAS | default | host table (÷ cuBLAS) | fused only | expand only | "
+              + " | ".join(f"decode op {p}" for p in popc) + " |")
+        print("|---|---|---|---|---|---|---|" + "---|" * len(popc))
         for r in result["ops"]:
+            cells = " | ".join(f"{r[p + '_us']:.0f} ({r[p + '_us'] / r['cublas_us']:.2f}x)" if p + "_us" in r else "–"
+                               for p in popc)
             print(f"| {r['case']} | {r['shape']} | {r['cublas_us']:.0f} | {r['default_us']:.0f} | "
                   f"{r['host table_us']:.0f} ({r['host table_us'] / r['cublas_us']:.2f}x) | {r['fused only_us']:.0f} | "
-                  f"{r['expand only_us']:.0f} |")
+                  f"{r['expand only_us']:.0f} | {cells} |")
     if args.out:
         write_json(Path(args.out) / "prefill_step.json", result)
     return result
