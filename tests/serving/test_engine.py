@@ -182,7 +182,7 @@ def _graph_vs_eager_logits(engine, names):
 
 def test_graph_buckets_and_inputs():
     assert batch_buckets(1) == [1] and batch_buckets(8) == [1, 2, 4, 8] and batch_buckets(6) == [1, 2, 4, 6]
-    assert batch_buckets(300) == [1, 2, 4, 8, 16, 32, 64, 128]  # the decode op's token limit
+    assert batch_buckets(300) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]  # past the decode op's 128 rows too
     assert span_buckets(144) == [144] and span_buckets(4096) == [256, 512, 1024, 2048, 4096]
     assert span_buckets(300, min_span=64) == [64, 128, 256, 300]
     assert pick(1, [1, 2, 4]) == 1 and pick(3, [1, 2, 4]) == 4 and pick(5, [1, 2, 4]) is None
@@ -194,6 +194,86 @@ def test_graph_buckets_and_inputs():
     assert got[3].tolist() == [5, 1, 10, 1]  # context lengths incl. the new token (padding: 1)
     assert got[4].tolist() == [2, 0, 0, 0]  # each sequence's row, in entry order
 
+
+def _past_the_decode_ops_rows(tiny_models, tenants, device="cpu"):
+    """A model, delta slots and tenant names for one more decode row than the decode op takes in a call,
+    plus twice over (``DECODE_MAX_TOKENS + 2`` sequences)."""
+    from bitdelta.ops import DECODE_MAX_TOKENS
+
+    model = DeltaLlama.from_hf(load_hf(tiny_models["base"]), device=device)
+    slots = DeltaSlots(model, max_gpu_deltas=2, max_cpu_deltas=8, max_bits=2)
+    for name in ("shk_row", "shk_2bit"):
+        slots.register(name, f"<memory:{name}>", delta=tenants[name])
+    names = [("shk_row", "shk_2bit", None)[i % 3] for i in range(DECODE_MAX_TOKENS + 2)]
+    return model, slots, names
+
+
+def _many_sequences(engine, names):
+    """Every request submitted at once (short prompts, 4 greedy tokens); their outputs."""
+    g = torch.Generator().manual_seed(3)
+    reqs = [engine.submit(Request(prompt=torch.randint(3, engine.model.vocab_size, (3 + i % 4,), generator=g).tolist(),
+                                  tenant=t, params=SamplingParams(max_tokens=4, temperature=0)))
+            for i, t in enumerate(names)]
+    for _ in range(50):
+        if all(r.finish_reason for r in reqs):
+            break
+        engine.step()
+    assert all(r.finish_reason == "length" for r in reqs)
+    return [r.output for r in reqs]
+
+
+@pytest.mark.slow  # 130 sequences through the tiny model, eager and in the graph layout
+def test_graph_bucket_past_the_decode_ops_rows_matches_eager(tiny_models, tenants, monkeypatch):
+    """A decode step of more sequences than the decode op takes in one call (130 > 128) replays the
+    last bucket, whose delta products run in chunks of 128 rows: same tokens as the eager engine."""
+    import bitdelta.serving.dispatch as dispatch
+    from bitdelta.ops import DECODE_MAX_TOKENS
+
+    model, slots, names = _past_the_decode_ops_rows(tiny_models, tenants)
+    n = len(names)
+    kw = dict(max_batch=n, max_queue=n, kv_cache_mb=64, max_step_tokens=1024)
+    want = _many_sequences(Engine(model, slots, **kw), names)
+    engine = Engine(model, slots, **kw)
+    graphs = emulate_graph_layout(engine)
+    assert graphs.batches[-1] == n
+    replayed, chunks = [], []
+    real_forward = graphs._forward
+    monkeypatch.setattr(graphs, "_forward", lambda b, span, delta: replayed.append(b) or real_forward(b, span, delta))
+    for op in ("bitdelta_linear", "bitdelta_linear_group"):  # separate or stacked projections
+        real = getattr(dispatch, op)
+        monkeypatch.setattr(dispatch, op, lambda x, *a, real=real, **k: chunks.append(x.shape[0]) or real(x, *a, **k))
+    assert _many_sequences(engine, names) == want
+    assert replayed.count(n) >= 2  # every decode step held all the sequences
+    assert DECODE_MAX_TOKENS in chunks and 2 in chunks  # the delta ops ran in chunks of the bucket's rows
+
+
+@pytest.mark.cuda
+def test_cuda_graph_bucket_past_the_decode_ops_rows(tiny_models, tenants, monkeypatch, caplog):
+    """On a GPU (float32): 130 sequences replay a captured 130-row graph and give the eager tokens;
+    and a bucket past 128 rows whose capture fails is dropped with a warning, its steps run eagerly."""
+    from bitdelta.serving.graphs import DecodeGraphs
+
+    model, slots, names = _past_the_decode_ops_rows(tiny_models, tenants, device="cuda")
+    n = len(names)
+    kw = dict(max_batch=n, max_queue=n, kv_cache_mb=64, max_step_tokens=1024)
+    want = _many_sequences(Engine(model, slots, cuda_graphs=False, **kw), names)
+    engine = Engine(model, slots, cuda_graphs=True, **kw)
+    assert engine.graphs.batches[-1] == n and (n, engine.graphs.spans[0], True) in engine.graphs.graphs
+    before = engine.graphs.replays
+    assert _many_sequences(engine, names) == want
+    assert engine.graphs.replays - before >= 2
+    real = DecodeGraphs._capture
+
+    def fail_past_128(self, b, *a):
+        if b > 128:
+            raise RuntimeError("capture failed (test)")
+        return real(self, b, *a)
+
+    monkeypatch.setattr(DecodeGraphs, "_capture", fail_past_128)
+    engine = Engine(model, slots, cuda_graphs=True, **kw)
+    assert engine.graphs.batches[-1] == 128 and all(k[0] <= 128 for k in engine.graphs.graphs)
+    assert "run without a CUDA graph" in caplog.text
+    assert _many_sequences(engine, names) == want
 
 def test_engine_takes_lowest_free_kv_slot(tiny_models):
     model = DeltaLlama.from_hf(load_hf(tiny_models["base"]))

@@ -9,9 +9,13 @@ Layout (all shapes static, nothing read back on the host):
 
 * Graph row ``i`` is sequence slot ``i`` (the engine's ``kv_slot``). A step whose sequences sit in
   slots below ``B`` replays a graph of batch bucket ``B`` (powers of two up to ``max_batch``, which is
-  the last bucket; at most :data:`MAX_ROWS`). Rows of slots no sequence holds are padding: token 0 at
-  position 0, no delta, a context of one, whose key and value go to the paged cache's scratch block
-  (never handed to a sequence) and whose logits are dropped. The engine hands out the lowest free
+  the last bucket). A bucket of more rows than the decode op takes in one call
+  (``bitdelta.ops.DECODE_MAX_TOKENS``) runs the op in fixed chunks of that size
+  (:class:`~bitdelta.serving.dispatch.Dispatch`), static shapes that capture like the rest; should
+  such a bucket fail to capture, it is dropped with a warning and those steps run eagerly. Rows of
+  slots no sequence holds are padding: token 0 at position 0, no delta, a context of one, whose key
+  and value go to the paged cache's scratch block (never handed to a sequence) and whose logits are
+  dropped. The engine hands out the lowest free
   slot first, which keeps the occupied slots, and so the bucket, small.
 * Attention reads each row's keys through its block table
   (:func:`~bitdelta.serving.paged_decode.paged_decode_attention`) over the first ``S`` positions,
@@ -52,15 +56,14 @@ from .mapping import AttentionPlan, BatchMapping
 
 logger = logging.getLogger(__name__)
 
-# Graphs stop at bitdelta.ops.DECODE_MAX_TOKENS rows: a larger decode step runs eagerly, in chunks of
-# that size (serving.dispatch.Dispatch.linear), whose capture has not been checked on a GPU yet.
-MAX_ROWS = DECODE_MAX_TOKENS
 MIN_SPAN = 256
 
 
-def batch_buckets(max_batch: int, cap: int = MAX_ROWS) -> list[int]:
-    """Graph batch sizes: powers of two below ``min(max_batch, cap)``, then that bound itself."""
-    top = min(max_batch, cap)
+def batch_buckets(max_batch: int) -> list[int]:
+    """Graph batch sizes: powers of two below ``max_batch``, then ``max_batch`` itself. (Up to 128 rows
+    they were once the only buckets: a larger step ran eagerly, which at 132 sequences of a 7B model
+    cost 150 ms of host time per step against 10 ms of GPU work.)"""
+    top = max_batch
     out, b = [], 1
     while b < top:
         out.append(b)
@@ -161,10 +164,19 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         # Largest first: smaller graphs then reuse the pool's blocks.
-        for b in reversed(self.batches):
-            for span in reversed(self.spans):
-                for delta in (True, False):
-                    self.graphs[(b, span, delta)] = self._capture(b, span, delta, pool, stream)
+        for b in reversed(list(self.batches)):
+            try:
+                for span in reversed(self.spans):
+                    for delta in (True, False):
+                        self.graphs[(b, span, delta)] = self._capture(b, span, delta, pool, stream)
+            except RuntimeError as e:
+                if b <= DECODE_MAX_TOKENS:  # the buckets every engine has captured since graphs exist
+                    raise
+                # A bucket of chunked op calls that does not capture here: its steps run eagerly.
+                logger.warning("decode steps of %d sequences run without a CUDA graph (capture failed: %s)", b, e)
+                torch.cuda.synchronize(self.device)
+                self.graphs = {k: v for k, v in self.graphs.items() if k[0] != b}
+                self.batches.remove(b)
         torch.cuda.synchronize(self.device)
         self.capture_s = time.perf_counter() - t
         return self
