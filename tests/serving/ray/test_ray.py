@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-pytest.importorskip("ray", reason="scale-out tests need Ray: pip install 'bitdelta[ray]'")
+# "ray.serve", not "ray": without Ray installed, "ray" resolves to this test folder (a namespace package)
+pytest.importorskip("ray.serve", reason="scale-out tests need Ray: pip install 'bitdelta[ray]'")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 

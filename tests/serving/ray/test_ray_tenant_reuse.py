@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-pytest.importorskip("ray", reason="scale-out tests need Ray: pip install 'bitdelta[ray]'")
+# "ray.serve", not "ray": without Ray installed, "ray" resolves to this test folder (a namespace package)
+pytest.importorskip("ray.serve", reason="scale-out tests need Ray: pip install 'bitdelta[ray]'")
 
 from ray.serve.multiplex import _ModelMultiplexWrapper  # noqa: E402
 
