@@ -8,6 +8,9 @@ layers, random bf16 weights, synthetic 1-bit deltas):
   put through :class:`~bitdelta.serving.engine.Engine` with one generated token, at the default
   step token budget and at a budget that holds every prompt in one step; wall time per step and in
   all, and one prompt step under the torch profiler, its GPU time grouped by part;
+* a mixed step: ``--mixed`` requests decoding (CUDA graphs on) when a 128-token prompt arrives; the
+  step that prefills it beside their tokens runs eagerly: its wall and host time and profiled GPU
+  time, against a decode-only step (the stall the Poisson and Zipf serving runs show);
 * the segmented op alone on the three 7B matrix shapes for the same row layouts: cuBLAS base-only,
   the default configuration, the fused Triton GEMM only (``EXPAND_MIN`` 0) and the expand path only
   (``EXPAND_MIN`` 1), each checked against the reference op first; for at most 128 rows also the
@@ -15,7 +18,7 @@ layers, random bf16 weights, synthetic 1-bit deltas):
   at engine level the mode "bitdelta (prompts on decode op)": sequences of up to 128 tokens kept on
   the decode op (``op_calls.SEGMENT_MIN_TOKENS`` raised to 129) instead of the segmented op.
 
-    python -m benchmarks.prefill_step --layers 8 --cases 1x128,4x128,32x128,1x2048 --sweep
+    python -m benchmarks.prefill_step --layers 8 --cases 1x128,4x128,32x128,1x2048 --sweep --mixed 0,31
 
 Prints a table last and writes ``prefill_step.json`` to ``$OUT`` when set.
 """
@@ -111,6 +114,7 @@ class ProfileOnce:
         prompt = any(n > 1 for _, _, n in batch.seqs)
         torch.cuda.synchronize()
         t = time.perf_counter()
+        host = None
         if prompt and self.armed:
             self.armed = False
             from torch.profiler import ProfilerActivity, profile
@@ -127,9 +131,10 @@ class ProfileOnce:
                             "tokens": sum(n for _, _, n in batch.seqs)}
         else:
             out = forward()
+            host = (time.perf_counter() - t) * 1e3  # until the forward returned: the host's part of the step
         torch.cuda.synchronize()
-        self.steps.append({"ms": (time.perf_counter() - t) * 1e3, "tokens": sum(n for _, _, n in batch.seqs),
-                           "prompt": prompt})
+        self.steps.append({"ms": (time.perf_counter() - t) * 1e3, "host_ms": host,
+                           "tokens": sum(n for _, _, n in batch.seqs), "prompt": prompt})
         return out
 
 
@@ -156,6 +161,38 @@ def engine_prefill(model, slots, tenants, length: int, budget: int | None, profi
     return {"wall_ms": wall, "steps": len(hook.steps), "prompt_steps": len(prompt_steps),
             "prompt_ms": sum(s["ms"] for s in prompt_steps), "step_ms": [round(s["ms"], 2) for s in hook.steps],
             "profile": hook.profile}
+
+
+def engine_mixed(model, slots, tenants, decoding: int, length: int, profile: bool) -> dict:
+    """``decoding`` requests decoding (one token a step, each its own tenant) when one more request of
+    ``length`` prompt tokens arrives: the step that prefills it beside their decode tokens (eager,
+    since it holds a prompt), against the decode-only steps around it. What a stream sees when
+    another tenant's request arrives (the Poisson and Zipf runs' inter-token stalls)."""
+    n = decoding + 1
+    hook = ProfileOnce(profile)
+    per_seq = kv_bytes_per_seq(model, length + 64)
+    engine = Engine(model, slots, max_batch=n, max_queue=n + 1, max_len=length + 64,
+                    kv_cache_mb=(per_seq * n + 2**20) / 2**20, cuda_graphs=True, wrap_forward=hook)
+    g = torch.Generator().manual_seed(length + n)
+
+    def request(tenant, plen, new):
+        return Request(prompt=torch.randint(0, model.vocab_size, (plen,), generator=g).tolist(), tenant=tenant,
+                       params=SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
+
+    for t in tenants[:decoding]:
+        engine.submit(request(t, 8, 48))
+    for _ in range(12):  # past their prompts: decode steps only
+        engine.step()
+    hook.steps.clear()
+    engine.submit(request(tenants[decoding], length, 2))
+    for _ in range(4):
+        engine.step()
+    step = next(s for s in hook.steps if s["prompt"])
+    others = [s["ms"] for s in hook.steps if not s["prompt"]]
+    del engine
+    torch.cuda.empty_cache()
+    return {"mixed_ms": step["ms"], "mixed_host_ms": step["host_ms"], "tokens": step["tokens"],
+            "decode_ms": min(others) if others else None, "profile": hook.profile}
 
 
 # ---------------------------------------------------------------------------------------- op level
@@ -232,6 +269,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--cases", default="1x128,4x128,32x128,1x2048", help="sequences x prompt tokens")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--skip-ops", action="store_true")
+    ap.add_argument("--mixed", default="0,31",
+                    help="requests decoding when a 128-token prompt arrives, per mixed-step case ('' = none)")
     ap.add_argument("--sweep", action="store_true", help="time every fused-GEMM tile configuration per op row")
     args = ap.parse_args(argv)
     assert torch.cuda.is_available(), "a GPU benchmark"
@@ -241,7 +280,8 @@ def main(argv=None) -> dict:
               "date": time.strftime("%Y-%m-%d"), "engine": [], "ops": []}
     shape = {**LLAMA2_7B, "layers": args.layers}
     model = build_base(shape, dtype, "cuda")
-    most = max(n for n, _ in cases)
+    mixed = [int(v) for v in args.mixed.split(",") if v.strip()]
+    most = max([n for n, _ in cases] + [d + 1 for d in mixed])
     scratch = Path(tempfile.mkdtemp(prefix="bitdelta-prefill-"))
     delta = synthetic_delta(model, seed=0)
     path = scratch / "delta-0"
@@ -272,6 +312,20 @@ def main(argv=None) -> dict:
                     f"{ {g: round(v, 1) for g, v in p.get('by_group_ms', {}).items()} }")
                 for name, ms_, count in p.get("top", [])[:6]:
                     log(f"    {ms_:8.2f} ms  {count:5d}x  {name}")
+    result["mixed"] = []
+    for decoding in mixed:
+        for mode in ("base", "bitdelta"):
+            names = tenants if mode == "bitdelta" else [None] * len(tenants)
+            engine_mixed(model, slots, names, decoding, 128, False)  # compiles and captures
+            r = engine_mixed(model, slots, names, decoding, 128, False)
+            r["profile"] = engine_mixed(model, slots, names, decoding, 128, True)["profile"]
+            r.update(decoding=decoding, mode=mode)
+            result["mixed"].append(r)
+            p = r["profile"] or {}
+            log(f"mixed {decoding:>3} decoding + 1 x 128 {mode:>8}: prompt step {r['mixed_ms']:.1f} ms "
+                f"(host {r['mixed_host_ms']:.1f} until the forward returned), decode step {r['decode_ms']:.1f} ms; "
+                f"profiled GPU {p.get('gpu_busy_ms', 0):.1f} ms in {p.get('kernels', 0)} kernels "
+                f"{ {g: round(v, 1) for g, v in p.get('by_group_ms', {}).items()} }")
     if not args.skip_ops:
         result["ops"] = op_rows(cases, dtype, args.sweep)
     print("\nPrefill through the engine (bf16, Llama-2-7B shapes, "
@@ -289,6 +343,14 @@ def main(argv=None) -> dict:
               f"({d['prompt_ms'] / b['prompt_ms']:.2f}x) | {o['prompt_ms']:.1f} "
               f"({o['prompt_ms'] / b['prompt_ms']:.2f}x) | {p['prompt_ms']:.1f} "
               f"({p['prompt_ms'] / b['prompt_ms']:.2f}x) |")
+    if result["mixed"]:
+        print("\nA 128-token prompt arriving while others decode (ms; host = until the forward returned):")
+        print("| decoding | mode | prompt step | host | GPU busy (profiled) | kernels | decode-only step |")
+        print("|---|---|---|---|---|---|---|")
+        for r in result["mixed"]:
+            p = r["profile"] or {}
+            print(f"| {r['decoding']} | {r['mode']} | {r['mixed_ms']:.1f} | {r['mixed_host_ms']:.1f} | "
+                  f"{p.get('gpu_busy_ms', 0):.1f} | {p.get('kernels', 0)} | {r['decode_ms']:.1f} |")
     if result["ops"]:
         print("\nSegmented op alone, µs (scalar scales, 1 bit):")
         popc = [f"popc TG{tg}" for tg in POPC_TG]
