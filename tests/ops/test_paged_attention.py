@@ -248,9 +248,9 @@ for dtype, dim, block_size, group, split in [(torch.bfloat16, 128, 16, 1, False)
                                              (torch.float32, 256, 16, 8, False), (torch.bfloat16, 96, 16, 6, True),
                                              (torch.bfloat16, 128, 16, 20, False)]:
     elem = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
-    q_rows = 1 if group == 1 else max(16, pa._next_pow2(group))
+    q_rows = 1 if group == 1 else max(16, pa.next_pow2(group))
     cfg = pa._launch_config(dim, block_size, dtype, q_rows)
-    consts = dict(GROUP=group, Q_ROWS=q_rows, D=dim, D_PAD=pa._next_pow2(dim),
+    consts = dict(GROUP=group, Q_ROWS=q_rows, D=dim, D_PAD=pa.next_pow2(dim),
                   BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"], SPLIT=split, HAS_WINDOW=True, HAS_SOFTCAP=True,
                   IEEE_DOT=dtype == torch.float32)
     types = lambda n: (elem if n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr") else "*i32" if n in (
@@ -258,7 +258,7 @@ for dtype, dim, block_size, group, split in [(torch.bfloat16, 128, 16, 1, False)
     cubins = [build(kernels.paged_decode_kernel, consts, types, num_warps=cfg["num_warps"],
                     num_stages=cfg["num_stages"]).asm["cubin"]]
     if split:
-        cubins.append(build(kernels.merge_splits_kernel, dict(D=dim, D_PAD=pa._next_pow2(dim), SPLITS_PAD=8),
+        cubins.append(build(kernels.merge_splits_kernel, dict(D=dim, D_PAD=pa.next_pow2(dim), SPLITS_PAD=8),
                             lambda n: elem if n == "out_ptr" else "*fp32" if n.endswith("_ptr") else "i32",
                             num_warps=4).asm["cubin"])
     for cubin in cubins:

@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from bitdelta.ops.launch import interpreting
 from bitdelta.ops.reference import (
     bitdelta_linear_dense64,
     bitdelta_linear_ref,
@@ -79,9 +80,6 @@ def triton_available() -> bool:
     return _TRITON_OK
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 def resolve_backend(backend: str | Backend, x: torch.Tensor) -> Backend:
     """The backend a call runs on: env ``BITDELTA_BACKEND`` > argument; ``auto`` -> Triton on CUDA."""
@@ -95,7 +93,7 @@ def resolve_backend(backend: str | Backend, x: torch.Tensor) -> Backend:
     if b is Backend.TRITON:
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package; install bitdelta[triton] or use 'torch'")
-        if not x.is_cuda and not _interpreting():
+        if not x.is_cuda and not interpreting():
             raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1); use 'torch' on CPU")
     return b
 

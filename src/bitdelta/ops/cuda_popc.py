@@ -37,6 +37,8 @@ import torch
 from bitdelta.errors import BitDeltaError
 from bitdelta.scale_modes import ScaleMode
 
+from .launch import cdiv
+
 GROUP = 512  # columns per quantisation group and per warp step (bitplane.GROUP)
 DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 MAX_TOKENS = 128  # the tenant scan covers at most this many token slots (ops.DECODE_MAX_TOKENS)
@@ -443,9 +445,6 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
 
 def decode_delta(x, signs, scales, mode, ids, config: dict | None = None) -> torch.Tensor:
     """``Δ̂_{ids[t]} x[t]`` as fp32 ``[T, N]`` (0 where ids is -1), by the binary tensor cores.
@@ -492,7 +491,7 @@ def decode_delta_group(x, members, mode, ids, config: dict | None = None) -> tor
     if x.stride(1) != 1:
         x = x.contiguous()
     ids = ids.to(torch.int32).contiguous()
-    nch = _cdiv(k, GROUP)
+    nch = cdiv(k, GROUP)
     p = bits if mode == "col" else 1
     planes = torch.empty((t, p, nch, 128), dtype=torch.int32, device=x.device)
     qsx = torch.empty((t, p, nch, 2), dtype=torch.float32, device=x.device)
@@ -514,10 +513,10 @@ def decode_delta_group(x, members, mode, ids, config: dict | None = None) -> tor
                     stream)
         if n == 0:
             continue
-        nbx = _cdiv(n, 16 * nw)
-        split = max(1, min(nch, _cdiv(int(cfg["TARGET"]), nbx * t)))
-        cps = _cdiv(nch, split)
-        split = _cdiv(nch, cps)
+        nbx = cdiv(n, 16 * nw)
+        split = max(1, min(nch, cdiv(int(cfg["TARGET"]), nbx * t)))
+        cps = cdiv(nch, split)
+        split = cdiv(nch, cps)
         # this matrix's columns: the output pointer moved ``col`` floats along the row
         dst = ctypes.c_void_p(out.data_ptr() + 4 * col)
         _launch(delta, (nbx, t, split), (32 * nw, 1, 1),

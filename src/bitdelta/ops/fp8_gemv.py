@@ -30,10 +30,11 @@ is checked against.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
+
+from .launch import cdiv, interpreting
 
 MAX_ROWS = 16  # every row of x lives in one program's registers
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -79,9 +80,6 @@ def fp8_weight_only_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Ten
 
 # ---------------------------------------------------------------------------------- the kernels
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.cache
@@ -211,7 +209,7 @@ def fp8_weight_only_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor
         raise ValueError(f"the FP8 GEMV takes at most {MAX_ROWS} rows of x, got {m} (use a GEMM for more)")
     if q.stride(1) != 1 or q.stride(0) != k:
         raise ValueError("q must be contiguous (row-major [N, K], as stored): a copy per call would read it twice")
-    if not x.is_cuda and not _interpreting():
+    if not x.is_cuda and not interpreting():
         raise RuntimeError("the FP8 GEMV kernel needs CUDA tensors (or TRITON_INTERPRET=1)")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
@@ -225,28 +223,26 @@ def fp8_weight_only_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor
     gemv, split_sum = _kernels()
     # products taken exactly in float32: fp16/bf16 tensor-core inputs (an e4m3 value is exact in both);
     # the interpreter's 16-bit dot is not exact, so it multiplies in float32 as fp32 inputs do on a GPU
-    compute = torch.float32 if _interpreting() else x.dtype
+    compute = torch.float32 if interpreting() else x.dtype
     ct = getattr(tl, _TL_DTYPES[compute])
     prec = "ieee" if compute == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
     post = 256.0 if soft else 1.0
     bm = _rows_block(m, cfg.use_dot)
     q8 = q.view(torch.uint8)
     scale = scale.reshape(-1).contiguous()
-    steps = _cdiv(k, cfg.block_k)
-    steps_per_split = _cdiv(steps, max(1, min(cfg.split_k, steps)))  # whole K steps per slice
+    steps = cdiv(k, cfg.block_k)
+    steps_per_split = cdiv(steps, max(1, min(cfg.split_k, steps)))  # whole K steps per slice
     k_per_split = max(1, steps_per_split) * cfg.block_k
-    split_k = max(1, _cdiv(k, k_per_split))
+    split_k = max(1, cdiv(k, k_per_split))
     target = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
-    grid = (_cdiv(n, cfg.block_n), split_k)
+    grid = (cdiv(n, cfg.block_n), split_k)
     gemv[grid](x, q8, scale, target, m, n, k, x.stride(0), q.stride(0), n, m * n, k_per_split,
                BM=bm, BN=cfg.block_n, BK=cfg.block_k, USE_DOT=cfg.use_dot, SPLIT=split_k > 1, SOFT_FP8=soft,
                CT=ct, PREC=prec, POST=post, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split_k > 1:
         block = 1024
-        split_sum[(_cdiv(m * n, block),)](target, scale, out, m * n, n, SPLIT_K=split_k, POST=post,
+        split_sum[(cdiv(m * n, block),)](target, scale, out, m * n, n, SPLIT_K=split_k, POST=post,
                                                 BLOCK=block, num_warps=4)
     return out
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)

@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _interpreting
 from .fused_base_reference import ACTIVATIONS
-from .paged_attention import _next_pow2
+from .launch import interpreting, next_pow2
 
 __all__ = ["add_rms_norm", "rms_norm", "gated_activation", "rope_kv_write", "kernels_run"]
 
@@ -39,7 +38,7 @@ ACT_BLOCK = 1024
 
 def kernels_run(device: torch.device) -> bool:
     """Whether the fused kernels run for tensors on ``device`` (CUDA, or the CPU interpreter)."""
-    if device.type != "cuda" and not _interpreting():
+    if device.type != "cuda" and not interpreting():
         return False
     from . import triton_available
 
@@ -110,7 +109,7 @@ def _norm(x, residual, weight, eps, offset, out, weight_rows=None):
                   *([] if weight_rows is None else [weight_rows]))
     if t == 0:
         return y
-    block = max(16, _next_pow2(d))
+    block = max(16, next_pow2(d))
     warps = min(16, max(1, block // 512))
     res = x if residual is None else residual
     _kernels().rms_norm_kernel[(t,)](
@@ -276,6 +275,6 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), heads,
             q_weight if qk_norm else q, k_weight if qk_norm else q,
             weight_rows if weight_rows is not None else kv_index, stride_qw, stride_kw, float(eps), float(offset),
-            D=d, ROT=rot, D_PAD=max(16, _next_pow2(d)), K_OUT=return_k, QK_NORM=qk_norm,
+            D=d, ROT=rot, D_PAD=max(16, next_pow2(d)), K_OUT=return_k, QK_NORM=qk_norm,
             HAS_W_INDEX=weight_rows is not None, GEMMA=bool(offset), num_warps=1 if d <= 128 else 2)
     return (q_out, k_out) if return_k else q_out

@@ -34,9 +34,9 @@ captured in a CUDA graph and replayed with new lengths and tables.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .launch import cdiv, interpreting, next_pow2
 
 __all__ = ["paged_decode_attention", "paged_decode_attention_reference", "paged_decode_attention_triton",
            "choose_num_splits"]
@@ -52,16 +52,7 @@ PROGRAMS_PER_SM = 4
 _SM_COUNT: dict[int, int] = {}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 # ---------------------------------------------------------------------------------- input checks
@@ -177,7 +168,7 @@ def choose_num_splits(batch: int, kv_heads: int, max_seq_len: int, sm_count: int
     if programs * 2 >= want:
         return 1
     by_length = max(1, max_seq_len // MIN_TOKENS_PER_SPLIT)
-    return max(1, min(_cdiv(want, programs), by_length, MAX_SPLITS))
+    return max(1, min(cdiv(want, programs), by_length, MAX_SPLITS))
 
 
 def _launch_config(d: int, block_size: int, dtype: torch.dtype, q_rows: int = 16) -> dict:
@@ -189,7 +180,7 @@ def _launch_config(d: int, block_size: int, dtype: torch.dtype, q_rows: int = 16
     if dtype == torch.float32:
         per_step //= 2
     block_n = max(block_size, per_step // block_size * block_size)
-    warps = 8 if q_rows * _next_pow2(d) > 16 * 256 else 4
+    warps = 8 if q_rows * next_pow2(d) > 16 * 256 else 4
     return {"BLOCK_N": block_n, "num_warps": warps, "num_stages": 2}
 
 
@@ -222,18 +213,18 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, *
     num_splits = max(1, int(num_splits))
     # Query heads of a group as the rows of a dot with the key tile; tensor-core dots need 16 rows.
     # A group of one (no GQA) multiplies elementwise instead of padding 1 row to 16.
-    q_rows = 1 if group == 1 else max(16, _next_pow2(group))
+    q_rows = 1 if group == 1 else max(16, next_pow2(group))
     cfg = {**_launch_config(d, block_size, q.dtype, q_rows), **(config or {})}
     if cfg["BLOCK_N"] % block_size or cfg["BLOCK_N"] & (cfg["BLOCK_N"] - 1):
         raise ValueError(f"BLOCK_N must be a power of two and a multiple of the block size {block_size} "
                          f"(got {cfg['BLOCK_N']})")
     common = dict(
-        GROUP=group, Q_ROWS=q_rows, D=d, D_PAD=max(16, _next_pow2(d)), BLOCK_SIZE=block_size,
+        GROUP=group, Q_ROWS=q_rows, D=d, D_PAD=max(16, next_pow2(d)), BLOCK_SIZE=block_size,
         BLOCK_N=cfg["BLOCK_N"], SPLIT=num_splits > 1,
         HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         # float32 dots without TF32 for float32 inputs, and for bf16 ones in the interpreter (its bf16 dot
         # is wrong in triton 3.9); half-precision inputs go to the tensor cores as they are.
-        IEEE_DOT=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _interpreting()),
+        IEEE_DOT=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and interpreting()),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     scale = d ** -0.5 if scale is None else float(scale)
@@ -253,13 +244,13 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, *
         part_max.stride(0), part_max.stride(1), part_acc.stride(2), **common)
     kern.merge_splits_kernel[(b, h)](
         part_max, part_sum, part_acc, out, num_splits, part_max.stride(0), part_max.stride(1), part_acc.stride(2),
-        out.stride(0), out.stride(1), D=d, D_PAD=common["D_PAD"], SPLITS_PAD=_next_pow2(num_splits), num_warps=4)
+        out.stride(0), out.stride(1), D=d, D_PAD=common["D_PAD"], SPLITS_PAD=next_pow2(num_splits), num_warps=4)
     return out
 
 
 def triton_runs(device: torch.device) -> bool:
     """Whether the Triton kernel runs for tensors on ``device`` (CUDA, or the CPU interpreter)."""
-    if device.type != "cuda" and not _interpreting():
+    if device.type != "cuda" and not interpreting():
         return False
     from bitdelta.ops import triton_available
 

@@ -18,10 +18,12 @@ import os
 import torch
 import triton
 
-from bitdelta.ops import DECODE_MAX_TOKENS, _interpreting
+from bitdelta.ops import DECODE_MAX_TOKENS
 from bitdelta.ops import triton_kernels as K_
 from bitdelta.ops.segment_table import SegmentTable
 from bitdelta.scale_modes import MATRIX_MODES
+
+from .launch import cdiv, interpreting, next_pow2
 
 MODE_CODE = {m.value: m.code for m in MATRIX_MODES}  # the kernels' MODE constexpr
 TARGET_PROGRAMS = 1024
@@ -63,12 +65,6 @@ def get_config(op: str, override: dict | None = None) -> dict:
 # Plain-int forms of triton.cdiv / triton.next_power_of_2 for the decode launch: called on the
 # host, the triton helpers go through constexpr unwrapping and cost microseconds per call, several
 # calls per module per step.
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -77,7 +73,7 @@ def _prec(dtype: torch.dtype) -> str:
 
 def _upcast(dtype: torch.dtype) -> bool:
     """The CPU interpreter computes bf16 dots wrongly (triton 3.9); multiply in fp32 there."""
-    return dtype == torch.bfloat16 and _interpreting()
+    return dtype == torch.bfloat16 and interpreting()
 
 
 def _common_asserts(x, weight, bias, signs, scales, mode):
@@ -115,11 +111,11 @@ def decode_delta(x, signs, scales, mode, ids, config: dict | None = None) -> tor
     words, wb = _word_view(signs)
     scales = scales.contiguous().float()
     ids = ids.to(torch.int32).contiguous()
-    n_blocks = _cdiv(n, cfg["BN"])
+    n_blocks = cdiv(n, cfg["BN"])
     step = max(cfg["BKD"], cfg["BKW"] * wb)
     split = cfg["SPLIT_K"] or max(1, TARGET_PROGRAMS // (n_blocks * t))
-    k_split = _cdiv(_cdiv(k, split), step) * step
-    split = _cdiv(k, k_split)
+    k_split = cdiv(cdiv(k, split), step) * step
+    split = cdiv(k, k_split)
     K_.bitdelta_decode_kernel[(n_blocks, t, split)](
         x, signs, words, scales, ids, d32,
         t, n, k, signs.shape[-1], words.shape[-1], k_split,
@@ -128,9 +124,9 @@ def decode_delta(x, signs, scales, mode, ids, config: dict | None = None) -> tor
         words.stride(0), words.stride(1), words.stride(2),
         *_scale_strides(scales),
         MODE=MODE_CODE[mode], BITS=signs.shape[1],
-        BT=max(16, _next_pow2(t)), TG=cfg["TG"], BN=cfg["BN"], BKD=cfg["BKD"], BKW=cfg["BKW"],
+        BT=max(16, next_pow2(t)), TG=cfg["TG"], BN=cfg["BN"], BKD=cfg["BKD"], BKW=cfg["BKW"],
         WB=wb, DOT_MIN=cfg["DOT_MIN"], GEMV=cfg.get("GEMV", 0), PREC=_prec(x.dtype), UPCAST=_upcast(x.dtype),
-        INTERP=_interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        INTERP=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return d32
 
