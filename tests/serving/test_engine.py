@@ -142,16 +142,18 @@ def test_waiting_tenant_is_not_starved(tiny_models, tenants):
 
 # ---------------------------------------------------------------------------------- CUDA-graph decode
 
-def _mixed_workload(engine, names, seed=1, max_tokens=10):
-    """Requests of every tenant in ``names`` (None = base) arriving one per step; greedy outputs.
-    (test_cuda_mixed_batch's workload, whose float32 tokens equal the merged models'.)"""
+def _mixed_workload(engine, names, seed=1, max_tokens=10, at_once=False):
+    """Requests of every tenant in ``names`` (None = base) arriving one per step, or all before the
+    first step with ``at_once``; greedy outputs. (test_cuda_mixed_batch's workload, whose float32
+    tokens equal the merged models'.)"""
     g = torch.Generator().manual_seed(seed)
     reqs = []
     for i, tenant in enumerate(names):
-        prompt = torch.randint(3, engine.model.vocab_size, (4 + i,), generator=g).tolist()
+        prompt = torch.randint(3, engine.model.vocab_size, (4 + i % 16,), generator=g).tolist()
         reqs.append(engine.submit(Request(prompt=prompt, tenant=tenant,
                                           params=SamplingParams(max_tokens=max_tokens, temperature=0))))
-        engine.step()
+        if not at_once:
+            engine.step()
     for _ in range(400):
         if all(r.finish_reason for r in reqs):
             break
@@ -208,20 +210,6 @@ def _past_the_decode_ops_rows(tiny_models, tenants, device="cpu"):
     return model, slots, names
 
 
-def _many_sequences(engine, names):
-    """Every request submitted at once (short prompts, 4 greedy tokens); their outputs."""
-    g = torch.Generator().manual_seed(3)
-    reqs = [engine.submit(Request(prompt=torch.randint(3, engine.model.vocab_size, (3 + i % 4,), generator=g).tolist(),
-                                  tenant=t, params=SamplingParams(max_tokens=4, temperature=0)))
-            for i, t in enumerate(names)]
-    for _ in range(50):
-        if all(r.finish_reason for r in reqs):
-            break
-        engine.step()
-    assert all(r.finish_reason == "length" for r in reqs)
-    return [r.output for r in reqs]
-
-
 @pytest.mark.slow  # 130 sequences through the tiny model, eager and in the graph layout
 def test_graph_bucket_past_the_decode_ops_rows_matches_eager(tiny_models, tenants, monkeypatch):
     """A decode step of more sequences than the decode op takes in one call (130 > 128) replays the
@@ -232,7 +220,7 @@ def test_graph_bucket_past_the_decode_ops_rows_matches_eager(tiny_models, tenant
     model, slots, names = _past_the_decode_ops_rows(tiny_models, tenants)
     n = len(names)
     kw = dict(max_batch=n, max_queue=n, kv_cache_mb=64, max_step_tokens=1024)
-    want = _many_sequences(Engine(model, slots, **kw), names)
+    want = _mixed_workload(Engine(model, slots, **kw), names, 3, 4, at_once=True)
     engine = Engine(model, slots, **kw)
     graphs = emulate_graph_layout(engine)
     assert graphs.batches[-1] == n
@@ -242,7 +230,7 @@ def test_graph_bucket_past_the_decode_ops_rows_matches_eager(tiny_models, tenant
     for op in ("bitdelta_linear", "bitdelta_linear_group"):  # separate or stacked projections
         real = getattr(dispatch, op)
         monkeypatch.setattr(dispatch, op, lambda x, *a, real=real, **k: chunks.append(x.shape[0]) or real(x, *a, **k))
-    assert _many_sequences(engine, names) == want
+    assert _mixed_workload(engine, names, 3, 4, at_once=True) == want
     assert replayed.count(n) >= 2  # every decode step held all the sequences
     assert DECODE_MAX_TOKENS in chunks and 2 in chunks  # the delta ops ran in chunks of the bucket's rows
 
@@ -256,11 +244,11 @@ def test_cuda_graph_bucket_past_the_decode_ops_rows(tiny_models, tenants, monkey
     model, slots, names = _past_the_decode_ops_rows(tiny_models, tenants, device="cuda")
     n = len(names)
     kw = dict(max_batch=n, max_queue=n, kv_cache_mb=64, max_step_tokens=1024)
-    want = _many_sequences(Engine(model, slots, cuda_graphs=False, **kw), names)
+    want = _mixed_workload(Engine(model, slots, cuda_graphs=False, **kw), names, 3, 4, at_once=True)
     engine = Engine(model, slots, cuda_graphs=True, **kw)
     assert engine.graphs.batches[-1] == n and (n, engine.graphs.spans[0], True) in engine.graphs.graphs
     before = engine.graphs.replays
-    assert _many_sequences(engine, names) == want
+    assert _mixed_workload(engine, names, 3, 4, at_once=True) == want
     assert engine.graphs.replays - before >= 2
     real = DecodeGraphs._capture
 
@@ -273,7 +261,7 @@ def test_cuda_graph_bucket_past_the_decode_ops_rows(tiny_models, tenants, monkey
     engine = Engine(model, slots, cuda_graphs=True, **kw)
     assert engine.graphs.batches[-1] == 128 and all(k[0] <= 128 for k in engine.graphs.graphs)
     assert "run without a CUDA graph" in caplog.text
-    assert _many_sequences(engine, names) == want
+    assert _mixed_workload(engine, names, 3, 4, at_once=True) == want
 
 def test_engine_takes_lowest_free_kv_slot(tiny_models):
     model = DeltaLlama.from_hf(load_hf(tiny_models["base"]))
