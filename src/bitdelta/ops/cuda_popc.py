@@ -415,7 +415,9 @@ def _functions(device: torch.device, key: tuple):
 def _launch(fn, grid, block, args, stream: int) -> None:
     _, cuda = _libs()
     holders = [a if isinstance(a, ctypes._SimpleCData) else ctypes.c_int(a) for a in args]
-    params = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in holders])
+    # Each parameter's address, as cuLaunchKernel takes them; addressof gives the same pointers as
+    # cast(byref(h)) at a third of the host time (eager steps launch hundreds of these).
+    params = (ctypes.c_void_p * len(holders))(*map(ctypes.addressof, holders))
     _check_cu(cuda.cuLaunchKernel(fn, grid[0], grid[1], grid[2], block[0], block[1], block[2], 0,
                                   ctypes.c_void_p(stream), params, None), "cuLaunchKernel")
 
