@@ -80,7 +80,6 @@ def triton_available() -> bool:
     return _TRITON_OK
 
 
-
 def resolve_backend(backend: str | Backend, x: torch.Tensor) -> Backend:
     """The backend a call runs on: env ``BITDELTA_BACKEND`` > argument; ``auto`` -> Triton on CUDA."""
     choice = os.environ.get("BITDELTA_BACKEND") or backend

@@ -416,7 +416,7 @@ def _launch(fn, grid, block, args, stream: int) -> None:
     _, cuda = _libs()
     holders = [a if isinstance(a, ctypes._SimpleCData) else ctypes.c_int(a) for a in args]
     # Each parameter's address, as cuLaunchKernel takes them; addressof gives the same pointers as
-    # cast(byref(h)) at a third of the host time (eager steps launch hundreds of these).
+    # cast(byref(h)) for less host time (an eager step launches hundreds of these).
     params = (ctypes.c_void_p * len(holders))(*map(ctypes.addressof, holders))
     _check_cu(cuda.cuLaunchKernel(fn, grid[0], grid[1], grid[2], block[0], block[1], block[2], 0,
                                   ctypes.c_void_p(stream), params, None), "cuLaunchKernel")
@@ -445,7 +445,6 @@ def available(device: torch.device | str | None = None) -> bool:
 
 def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
-
 
 
 def decode_delta(x, signs, scales, mode, ids, config: dict | None = None) -> torch.Tensor:

@@ -81,7 +81,6 @@ def fp8_weight_only_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Ten
 # ---------------------------------------------------------------------------------- the kernels
 
 
-
 @functools.cache
 def _kernels():
     """The two Triton kernels, decorated on first use (so that a test can set TRITON_INTERPRET first)."""
@@ -242,7 +241,5 @@ def fp8_weight_only_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor
     if split_k > 1:
         block = 1024
         split_sum[(cdiv(m * n, block),)](target, scale, out, m * n, n, SPLIT_K=split_k, POST=post,
-                                                BLOCK=block, num_warps=4)
+                                         BLOCK=block, num_warps=4)
     return out
-
-

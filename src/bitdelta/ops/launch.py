@@ -1,5 +1,7 @@
 """What every kernel launcher in :mod:`bitdelta.ops` asks: whether Triton runs in its interpreter
-(``TRITON_INTERPRET=1``, the CPU tests' way of running the kernels) and the grid and tile arithmetic.
+(``TRITON_INTERPRET=1``, the CPU tests' way of running the kernels) and the grid and tile arithmetic,
+as plain ints: ``triton.cdiv`` / ``triton.next_power_of_2`` go through constexpr unwrapping on the
+host, several calls per module per decode step.
 
     if x.is_cuda or interpreting(): ...
     grid = (cdiv(n, block),); pad = next_pow2(d)

@@ -62,11 +62,6 @@ def get_config(op: str, override: dict | None = None) -> dict:
     return cfg
 
 
-# Plain-int forms of triton.cdiv / triton.next_power_of_2 for the decode launch: called on the
-# host, the triton helpers go through constexpr unwrapping and cost microseconds per call, several
-# calls per module per step.
-
-
 def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 

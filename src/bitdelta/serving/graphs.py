@@ -15,8 +15,8 @@ Layout (all shapes static, nothing read back on the host):
   such a bucket fail to capture, it is dropped with a warning and those steps run eagerly. Rows of
   slots no sequence holds are padding: token 0 at position 0, no delta, a context of one, whose key
   and value go to the paged cache's scratch block (never handed to a sequence) and whose logits are
-  dropped. The engine hands out the lowest free
-  slot first, which keeps the occupied slots, and so the bucket, small.
+  dropped. The engine hands out the lowest free slot first, which keeps the occupied slots, and so
+  the bucket, small.
 * Attention reads each row's keys through its block table
   (:func:`~bitdelta.serving.paged_decode.paged_decode_attention`) over the first ``S`` positions,
   ``S`` the span bucket (powers of two from :data:`MIN_SPAN`, the last one the cache length), masked
@@ -60,15 +60,12 @@ MIN_SPAN = 256
 
 
 def batch_buckets(max_batch: int) -> list[int]:
-    """Graph batch sizes: powers of two below ``max_batch``, then ``max_batch`` itself. (Up to 128 rows
-    they were once the only buckets: a larger step ran eagerly, which at 132 sequences of a 7B model
-    cost 150 ms of host time per step against 10 ms of GPU work.)"""
-    top = max_batch
+    """Graph batch sizes: powers of two below ``max_batch``, then ``max_batch`` itself."""
     out, b = [], 1
-    while b < top:
+    while b < max_batch:
         out.append(b)
         b *= 2
-    return out + [top]
+    return out + [max_batch]
 
 
 def span_buckets(max_len: int, min_span: int = MIN_SPAN) -> list[int]:
