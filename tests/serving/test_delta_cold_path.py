@@ -199,6 +199,31 @@ def test_on_the_cpu_an_install_is_ready_at_once(tiny_models, delta_dir):
     assert slots.entries["a"].ticket is None
 
 
+def test_an_install_copies_only_the_host_deltas_own_tensors(tiny_models, delta_dir):
+    """On CUDA an install must not block the host: every copy it makes is from the pinned tensors the
+    host delta holds. A value made on the fly (``table[slot] = n`` copies ``n`` from a fresh host
+    scalar) is pageable, and such a copy can wait for the whole delta's copy before it returns."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sources = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.copy_.default:
+                sources.append(args[1])
+            return func(*args, **(kwargs or {}))
+
+    slots = DeltaSlots(_model(tiny_models), max_gpu_deltas=1)
+    host = slots.prepare(load_delta(delta_dir / "gsm8k"))
+    held = [t for signs, scales, _ in host.modules.values() for t in (signs, scales)]
+    held += list(host.params1d.values()) + [t for t in (host.extra_embed, host.extra_head) if t is not None]
+    own = {t.untyped_storage().data_ptr() for t in held}
+    with Copies():
+        slots.pool.install(0, host)
+    assert len(sources) >= len(host.modules)
+    assert all(src.untyped_storage().data_ptr() in own for src in sources), [tuple(s.shape) for s in sources]
+
+
 def test_a_slot_in_flight_is_not_read_or_evicted_until_its_copy_lands(tiny_models, delta_dir, monkeypatch):
     slots = DeltaSlots(_model(tiny_models), max_gpu_deltas=1)
     held = _hold_installs(slots, monkeypatch)

@@ -126,7 +126,10 @@ class DevicePool:
         if n:
             self.extra_embed[delta_slot, :n].copy_(host.extra_embed, non_blocking=True)
             self.extra_head[delta_slot, :n].copy_(host.extra_head, non_blocking=True)
-        self.n_extra[delta_slot] = n
+        # fill_ takes n as a kernel argument; `n_extra[slot] = n` would copy it from pageable host memory,
+        # and such a copy may wait for the copy stream's earlier work: the host would block until the
+        # whole delta had landed
+        self.n_extra[delta_slot].fill_(n)
 
     @staticmethod
     def _install_lowrank(pool: dict, delta_slot: int, factors) -> None:
