@@ -111,7 +111,7 @@ class ProfileOnce:
         self.armed, self.steps, self.profile = armed, [], None
 
     def __call__(self, forward, batch):
-        prompt = any(n > 1 for _, _, n in batch.seqs)
+        prompt = batch.has_prompt
         torch.cuda.synchronize()
         t = time.perf_counter()
         host = None

@@ -24,7 +24,7 @@ class StepRecorder:
         self._by_batch: dict[int, dict] = {}  # id(batch) -> its record, until a step reads it
 
     def __call__(self, forward, batch):
-        decode = all(n == 1 for _, _, n in batch.seqs)
+        decode = not batch.has_prompt
         rec = {"tokens": sum(n for _, _, n in batch.seqs), "seqs": len(batch.seqs), "decode": decode,
                "tenants": len({s for s in batch.seq_delta_slots if s >= 0}),
                "ctx": sum(start for _, start, n in batch.seqs if n == 1)}  # cache rows read besides the new token

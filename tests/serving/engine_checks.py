@@ -58,11 +58,12 @@ def served_with_deltas(base_hf, deltas: dict, **slot_settings) -> tuple[DeltaMod
     return model, slots
 
 
-def emulate_graph_layout(engine) -> DecodeGraphs:
-    """Decode steps in the CUDA-graph layout (padding rows, span buckets, masks), run eagerly, so that
-    the layout is checked on a CPU."""
+def emulate_graph_layout(engine, prompts: bool = True) -> DecodeGraphs:
+    """Steps in the CUDA-graph layout (one-token rows, padding rows, span buckets, masks), run eagerly,
+    so that the layout is checked on a CPU; ``prompts``: steps with short prompts too, split into
+    one-token rows as the engine does on CUDA (else they run eagerly)."""
     engine.graphs = DecodeGraphs(engine.model, engine.kv, engine.slots, engine.max_batch, capture=False,
-                                 min_span=8)
+                                 min_span=8, max_tokens=engine._graph_tokens() if prompts else 0)
     return engine.graphs
 
 

@@ -67,28 +67,33 @@ def _family(arch, tmp):
     return base_hf, delta, merged_models(base_hf, {"row": delta})
 
 
-def _serve(base_hf, delta, plan, **engine_kw):
-    """Runs ``plan`` ((tenant, arrival step, prompt, new tokens) per request) to the end."""
+def _serve(base_hf, delta, plan, prompt_rows: bool = True, **engine_kw):
+    """Runs ``plan`` ((tenant, arrival step, prompt, new tokens) per request) to the end; ``prompt_rows``:
+    steps with prompt chunks in the graph layout too (as one-token rows), else eagerly."""
     model, slots = served_with_deltas(base_hf, {"row": delta}, max_gpu_deltas=2, max_cpu_deltas=2)
     log = StepLog()
     engine = Engine(model, slots, kv_cache_mb=16, wrap_forward=log, **engine_kw)
-    emulate_graph_layout(engine)
+    emulate_graph_layout(engine, prompts=prompt_rows)
     reqs = run_to_completion(engine, plan, max_steps=200)
     return engine, reqs, log
 
 
+@pytest.mark.parametrize("prompt_rows", [False, True], ids=["eager-prompts", "prompt-rows"])
 @pytest.mark.parametrize("arch", list(SLIDING))
-def test_chunked_greedy_equals_unchunked_and_merged(arch, tmp_path):
+def test_chunked_greedy_equals_unchunked_and_merged(arch, prompt_rows, tmp_path):
     base_hf, delta, merged = _family(arch, tmp_path)
     g = torch.Generator().manual_seed(0)
     vocab = base_hf.config.vocab_size
     plan = random_prompts([(None, 0, 14, 6), ("row", 0, 17, 5), ("row", 2, 13, 7), (None, 5, 11, 4)], vocab, g)
     budget = 4  # prompts of 11 to 17 tokens take 3 to 5 chunks, fewer tokens a step while others decode
-    chunked, chunked_reqs, log = _serve(base_hf, delta, plan, max_batch=4, max_step_tokens=budget)
-    _, whole_reqs, whole_log = _serve(base_hf, delta, plan, max_batch=4)
+    chunked, chunked_reqs, log = _serve(base_hf, delta, plan, prompt_rows, max_batch=4, max_step_tokens=budget)
+    _, whole_reqs, whole_log = _serve(base_hf, delta, plan, prompt_rows, max_batch=4)
     assert all(log.tokens(i) <= budget for i in range(len(log.steps)))
     assert max(whole_log.tokens(i) for i in range(len(whole_log.steps))) > budget  # the budget did split
-    assert log.continuing >= 3  # later chunks of several tokens went through the continuing path
+    if prompt_rows:  # later chunks replayed as one-token rows over the sequence's cache, across the window
+        assert chunked.prompt_graph_steps >= 5 and log.continuing == 0
+    else:
+        assert log.continuing >= 3  # later chunks of several tokens went through the continuing path
     assert any(log.replayed) and chunked.graphs.replays == sum(log.replayed)
     for r, w in zip(chunked_reqs, whole_reqs):
         assert r.finish_reason == w.finish_reason == "length"

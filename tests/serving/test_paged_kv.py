@@ -292,14 +292,17 @@ def test_graph_static_inputs_run_eagerly_equal_a_plain_eager_step(family):
                               params=SamplingParams(max_tokens=8, temperature=0)))
     for _ in range(3):  # prefill, then two decode steps in the graph layout
         engine.step()
-    entries = [(r.kv_slot, len(r.prompt) + len(r.output) - 1, [r.output[-1]], r.delta_slot) for r in engine.running]
+    # rows are entries in order, whatever their sequence slots (here the reverse of the slots' order)
+    entries = [(r.kv_slot, len(r.prompt) + len(r.output) - 1, [r.output[-1]], r.delta_slot)
+               for r in reversed(engine.running)]
+    assert [e[0] for e in entries] == [2, 1, 0]
     kv, model = engine.kv, engine.model
     assert all(kv.ensure(slot, pos + 1) for slot, pos, _, _ in entries)  # as the engine does before a step
     host = pack_step(entries, 4, kv)
     head, tables = host[:24].view(6, 4), host[24:].view(4, kv.max_blocks)
-    for slot, pos, _, _ in entries:
-        assert head[3, slot] == pos + 1 and head[5, slot] == kv.flat_index(slot, [pos])[0]
-        assert tables[slot].tolist() == kv.table_row(slot, kv.max_blocks)
+    for j, (slot, pos, _, _) in enumerate(entries):
+        assert head[3, j] == pos + 1 and head[5, j] == kv.flat_index(slot, [pos])[0]
+        assert tables[j].tolist() == kv.table_row(slot, kv.max_blocks)
     assert head[5, 3] == kv.pad_index and tables[3].tolist() == [kv.scratch] * kv.max_blocks  # the padding row
     # the same step, eagerly, on a copy of the cache (each path writes this step's keys)
     saved_k, saved_v = kv.k.clone(), kv.v.clone()
@@ -310,7 +313,7 @@ def test_graph_static_inputs_run_eagerly_equal_a_plain_eager_step(family):
     batch = engine.graphs.prepare(entries)
     assert batch is not None and batch.replay is not None
     graphed = model.forward(batch, kv, engine.slots)
-    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)  # one row per entry, in entry order
     # the scratch block took the padding row's key; no sequence's block did
     assert kv.k[:, kv.scratch].abs().sum() > 0
 

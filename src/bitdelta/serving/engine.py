@@ -17,13 +17,14 @@ keep decoding. The waiting queue is bounded (:class:`QueueFull` when it is full,
 Keys/values live in a paged cache (:mod:`bitdelta.serving.kv_cache`): a pool of fixed-size blocks,
 sized from free device memory (CUDA) or ``kv_cache_mb`` (CPU), from which each running sequence gets
 the blocks for its prompt when it is admitted and one more whenever its next token crosses a block
-boundary; a sequence also takes the lowest free *sequence slot* (its graph row and penalty row),
+boundary; a sequence also takes the lowest free *sequence slot* (its penalty row),
 ``max_batch`` of them. When a decode step finds the pool empty, the most recently admitted running
 sequence is preempted by recompute: its blocks are freed and it goes back to the front of the queue
 with its prompt and the tokens it already produced as the context to prefill again, after which it
 goes on where it stopped (its stream sees each token once). With ``cuda_graphs`` on (the default on
-CUDA), steps where every sequence decodes one token replay CUDA graphs captured when the engine is
-built (:mod:`bitdelta.serving.graphs`); other steps run the forward eagerly.
+CUDA), steps replay CUDA graphs captured when the engine is built (:mod:`bitdelta.serving.graphs`):
+decode steps, and steps of up to :data:`GRAPH_MAX_TOKENS` tokens whose prompt chunks are short
+enough to run as one-token rows; other steps run the forward eagerly.
 
 Sampling (:mod:`bitdelta.serving.sampling`) runs per request after the forward, outside any captured
 graph: penalties on the request's logits row, then greedy or seeded sampling, then log-probabilities
@@ -109,6 +110,11 @@ SCORED_PREFILL_POSITIONS = 1 << 17
 # speed on a GPU (a few hundred rows already do), small enough that a step holding a prompt chunk
 # next to the decode tokens is not much slower than a decode step, so streams keep their pace.
 DEFAULT_STEP_TOKENS = 512
+# Steps with prompt tokens replay CUDA graphs of up to this many rows (one per token; see
+# serving.graphs): short prompts and chunks arriving while others decode, whose eager launches would
+# stall every stream. Larger steps run eagerly, where prompt rows take the prefill ops.
+GRAPH_MAX_TOKENS = 256
+GRAPH_MAX_LOGITS_BYTES = 256 * 2**20  # a graph's logits for all its rows stay in its memory pool
 
 
 @dataclass
@@ -237,8 +243,7 @@ class Engine:
                           model.dtype, model.device, num_blocks=num_blocks, block_size=kv_block_size)
         self.kv_cache_bytes = self.kv.nbytes
         self.preemptions = 0
-        # Sequence slots (graph rows, penalty rows), a min-heap: the lowest free slot first keeps running
-        # sequences in low slots, and so decode steps in small graph buckets.
+        # Sequence slots (penalty rows), a min-heap: the lowest free slot first.
         self.free_kv = list(range(self.max_batch))
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -262,6 +267,7 @@ class Engine:
         self.lookahead = lookahead
         self.ahead: Ahead | None = None  # a decode step in flight, launched by the step before
         self.ahead_steps = 0  # steps launched ahead
+        self.prompt_graph_steps = 0  # steps with prompt tokens that replayed a graph
         self.read_batch = None  # the BatchMapping whose logits the last step read (for measurements)
         # rows are sequence slots; columns every token a step's logits can hold (the base's and added ones)
         self.penalties = PenaltyTable(self.max_batch, model.vocab_size + getattr(slots, "max_extra", 0), model.device)
@@ -272,7 +278,8 @@ class Engine:
         why = graphs_mod.unsupported(self.model, self.slots)
         if why is None:
             try:
-                g = graphs_mod.DecodeGraphs(self.model, self.kv, self.slots, self.max_batch).setup()
+                g = graphs_mod.DecodeGraphs(self.model, self.kv, self.slots, self.max_batch,
+                                            max_tokens=self._graph_tokens()).setup()
             except Exception as e:  # noqa: BLE001 (auto mode decodes eagerly instead)
                 if want:
                     raise
@@ -286,6 +293,14 @@ class Engine:
             raise ValueError(f"cuda_graphs=True but {why}")
         logger.info("CUDA graphs off: %s", why)
         return None
+
+    def _graph_tokens(self) -> int:
+        """The most rows of a step with prompt tokens that replays a graph: the step budget, at most
+        :data:`GRAPH_MAX_TOKENS`, and fewer for a vocabulary so large that a bucket's logits (one row
+        per token, float32) would pass :data:`GRAPH_MAX_LOGITS_BYTES`."""
+        width = self.model.vocab_size + getattr(self.slots, "max_extra", 0)
+        by_logits = GRAPH_MAX_LOGITS_BYTES // (4 * width)
+        return max(0, min(self.max_step_tokens, GRAPH_MAX_TOKENS, by_logits))
 
     # ------------------------------------------------------------------ public
 
@@ -353,6 +368,7 @@ class Engine:
                     "kv_block_size": self.kv.block_size, "preemptions": self.preemptions,
                     "max_step_tokens": self.max_step_tokens,
                     "graph_replays": self.graphs.replays if self.graphs else 0,
+                    "prompt_graph_steps": self.prompt_graph_steps,
                     "request_errors": self.request_errors, "restart_count": self.restart_count,
                     "restarting": self.restarting, "auto_restart": self.auto_restart, "last_error": self.last_error}
 
@@ -719,16 +735,20 @@ class Engine:
         return [(r, take) for r, take in plan if take > 0]
 
     def _forward(self, batch_reqs: list[Request], groups):
-        """The step's forward (a graph replay when it fits one). Returns the logits, the requests and
-        entry groups they cover, and (request, message) for those that failed on their own."""
-        entries = [e for g in groups for e in g]
-        # A scored prefill puts one sequence slot on several rows, which a graph (rows = slots) cannot hold.
-        scoring = any(not r.prefilled and r.scores_prompt for r in batch_reqs)
+        """The step's forward (a graph replay when it fits one: its prompt chunks then become one-token
+        rows, each with its logits). Returns the logits, the requests and entry groups they cover, and
+        (request, message) for those that failed on their own."""
         try:
-            graphable = self.graphs is not None and not scoring
-            batch = self.graphs.prepare(entries) if graphable else None
+            batch = None
+            rows = self.graphs.token_rows(groups) if self.graphs is not None else None
+            if rows is not None:
+                batch = self.graphs.prepare([e for g in rows for e in g])
             if batch is None:  # not graphable
-                batch = BatchMapping.build(entries, self.model.device, self.kv)
+                batch = BatchMapping.build([e for g in groups for e in g], self.model.device, self.kv)
+            else:
+                if rows is not groups:
+                    self.prompt_graph_steps += 1
+                groups = rows
             self.read_batch = batch
             return self._run(batch), batch_reqs, groups, []
         except Exception as e:  # noqa: BLE001 (find the request that caused it; the rest go on)

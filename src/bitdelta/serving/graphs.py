@@ -1,46 +1,53 @@
-"""CUDA-graph decode steps: a step where every sequence brings one token replays a captured forward.
+"""CUDA-graph steps: a step of one-token rows replays a captured forward.
 
 Why: a decode step of a 7B model moves a few GB of weights (about a millisecond of GPU time), but
 its forward launches some 30 kernels per layer from Python, which takes the host longer than the
 GPU needs to run them. A CUDA graph launches the whole step at once; the host only copies the
-step's inputs and replays.
+step's inputs and replays. The same holds for a step that carries a short prompt beside the
+decoding streams: run eagerly, its launches take several times its GPU time, and every stream
+waits for it.
 
 Layout (all shapes static, nothing read back on the host):
 
-* Graph row ``i`` is sequence slot ``i`` (the engine's ``kv_slot``). A step whose sequences sit in
-  slots below ``B`` replays a graph of batch bucket ``B`` (powers of two up to ``max_batch``, which is
-  the last bucket). A bucket of more rows than the decode op takes in one call
-  (``bitdelta.ops.DECODE_MAX_TOKENS``) runs the op in fixed chunks of that size
+* Graph row ``j`` is the step's ``j``-th token. A decode token is one row; a prompt chunk is one row
+  per token (:meth:`DecodeGraphs.token_rows`): every row writes its key and value before any row
+  attends, and each attends through its sequence's block table over the positions up to its own,
+  which is causal attention over the prompt. A step of ``T`` rows replays a graph of batch bucket
+  ``B >= T`` (powers of two and ``max_batch`` itself, and when prompt rows are graphed, powers of
+  two and ``max_tokens`` up to that). A bucket of more rows than the decode op takes in one
+  call (``bitdelta.ops.DECODE_MAX_TOKENS``) runs the op in fixed chunks of that size
   (:class:`~bitdelta.serving.dispatch.Dispatch`), static shapes that capture like the rest; should
-  such a bucket fail to capture, it is dropped with a warning and those steps run eagerly. Rows of
-  slots no sequence holds are padding: token 0 at position 0, no delta, a context of one, whose key
-  and value go to the paged cache's scratch block (never handed to a sequence) and whose logits are
-  dropped. The engine hands out the lowest free slot first, which keeps the occupied slots, and so
-  the bucket, small.
+  such a bucket (or one past ``max_batch``) fail to capture, it is dropped with a warning and those
+  steps run eagerly. Rows past the step's tokens are padding: token 0 at position 0, no delta, a
+  context of one, whose key and value go to the paged cache's scratch block (never handed to a
+  sequence) and whose logits are dropped.
 * Attention reads each row's keys through its block table
   (:func:`~bitdelta.serving.paged_decode.paged_decode_attention`) over the first ``S`` positions,
   ``S`` the span bucket (powers of two from :data:`MIN_SPAN`, the last one the cache length), masked
-  per row by its context length, so no host-known length is baked into the graph. Keys past a row's
-  length are read but masked; table entries past its blocks point at the scratch block.
+  per row by its context length, so no host-known length is baked into the graph. The kernel stops
+  at each row's length, so prompt rows cost the keys before them: a step is graphed only while its
+  prompt rows read at most :data:`MAX_PROMPT_ROW_KEYS` keys together (a long chunk deep into a long
+  prompt runs eagerly, where prefill attention reads each key once per chunk).
 * Inputs: per batch bucket one int32 buffer: ``[6, B]`` (token, position, delta slot, context length
-  per row, each sequence's row in the engine's order, the flat cache row each token writes) then the
-  block tables ``[B, max_blocks]`` (``max_blocks`` for a sequence of the cache's whole length),
-  filled by one host-to-device copy per step (:func:`pack_step`). Delta pools are written in place
-  by :class:`~bitdelta.serving.layers.DevicePool`, so a graph always reads the installed deltas.
+  per row, each entry's row in the engine's order, the flat cache row each token writes) then the
+  block tables ``[B, max_blocks]`` (each row its sequence's table; ``max_blocks`` for a sequence of
+  the cache's whole length), filled by one host-to-device copy per step (:func:`pack_step`). Delta
+  pools are written in place by :class:`~bitdelta.serving.layers.DevicePool`, so a graph always reads
+  the installed deltas.
 * One graph per (batch bucket, span bucket, variant): "delta" (per-token deltas via the Triton
   decode op) or "base" (no token in the step has a delta: plain GEMMs, as the eager path). All are
   captured when the engine starts, while no sequence runs (the warm-up runs write padding rows),
   into one shared memory pool (replays never overlap).
 
-Steps that run eagerly instead: any prompt or multi-token chunk (a prefill that sits out a step is
-no obstacle: padding rows write only the scratch block); sequences in slots at or above the
-largest bucket; a tenant whose delta is column-scaled on some module (its tokens take a separate
-call on a host-computed token set); a custom ``linear_fn`` (the unfused baseline); a delta backend
-other than Triton (the torch reference reads tenant ids on the host).
+Steps that run eagerly instead: more rows than the largest bucket; prompt rows past the key budget;
+a tenant whose delta is column-scaled on some module (its tokens take a separate call on a
+host-computed token set); a custom ``linear_fn`` (the unfused baseline); a delta backend other than
+Triton (the torch reference reads tenant ids on the host).
 
-    graphs = DecodeGraphs(model, kv, slots, max_batch).setup()    # captures (CUDA)
-    batch = graphs.prepare(entries)     # None: run this step eagerly
-    logits = model.forward(batch, kv, slots)                       # replays
+    graphs = DecodeGraphs(model, kv, slots, max_batch, max_tokens=256).setup()   # captures (CUDA)
+    rows = graphs.token_rows(groups)    # the step's entry groups as one-token rows (None: eager)
+    batch = graphs.prepare([e for g in rows for e in g])   # None: run this step eagerly
+    logits = model.forward(batch, kv, slots)                       # replays: one row per entry
     DecodeGraphs(model, kv, slots, max_batch, capture=False)       # same steps, run eagerly (CPU tests)
 """
 
@@ -57,6 +64,10 @@ from .mapping import AttentionPlan, BatchMapping
 logger = logging.getLogger(__name__)
 
 MIN_SPAN = 256
+# Prompt rows attend through the decode kernel, each over the keys before it: a fresh prompt of L
+# tokens reads about L^2/2 keys, a chunk of L tokens after P cached ones about L * P. Past this many
+# the step runs eagerly (prefill attention reads each key once per chunk).
+MAX_PROMPT_ROW_KEYS = 1 << 16
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -86,31 +97,35 @@ def pick(value: int, buckets: list[int]) -> int | None:
 
 
 def pack_inputs(entries, bucket: int) -> list[int]:
-    """The ``[5, bucket]`` input buffer of one decode step, flattened; row ``i`` is sequence slot ``i``.
+    """The ``[5, bucket]`` input buffer of one step, flattened; row ``j`` is ``entries[j]``.
 
-    ``entries``: ``(kv_slot, position, [token], delta_slot)`` per sequence, every ``kv_slot <
-    bucket``. Rows: token, position, delta slot (-1 = base), context length (position + 1, the new
-    token included); padding rows get ``0, 0, -1, 1``. The fifth row lists each sequence's slot in
-    ``entries`` order (where its logits are), then zeros.
+    ``entries``: ``(kv_slot, position, [token], delta_slot)`` per row, at most ``bucket`` of them.
+    Rows: token, position, delta slot (-1 = base), context length (position + 1, the new token
+    included); padding rows get ``0, 0, -1, 1``. The fifth row lists each entry's row (where its
+    logits are), then zeros.
     """
-    tokens, pos, ids, lens, order = [0] * bucket, [0] * bucket, [-1] * bucket, [1] * bucket, [0] * bucket
-    for j, (kv_slot, start, new, slot) in enumerate(entries):
-        tokens[kv_slot], pos[kv_slot], ids[kv_slot], lens[kv_slot] = new[0], start, slot, start + 1
-        order[j] = kv_slot
-    return tokens + pos + ids + lens + order
+    n = len(entries)
+    pad = bucket - n
+    tokens = [new[0] for _, _, new, _ in entries] + [0] * pad
+    pos = [start for _, start, _, _ in entries] + [0] * pad
+    ids = [slot for _, _, _, slot in entries] + [-1] * pad
+    lens = [start + 1 for _, start, _, _ in entries] + [1] * pad
+    return tokens + pos + ids + lens + list(range(n)) + [0] * pad
 
 
 def pack_step(entries, bucket: int, kv) -> torch.Tensor:
-    """A decode graph's whole input buffer for ``entries``, flattened, as an int32 host tensor: the
-    five rows of :func:`pack_inputs`, then each row's flat cache row, then the ``[bucket,
-    kv.max_blocks]`` block tables (rows ``0 .. bucket - 1`` of the cache's host tables: a slot no
-    sequence holds has only scratch entries). Padding rows write and read the scratch block. Every
-    entry's slot must already hold the blocks its position needs."""
-    index = [kv.pad_index] * bucket
-    for kv_slot, start, _, _ in entries:
-        index[kv_slot] = kv.flat_index(kv_slot, [start])[0]
+    """A graph's whole input buffer for ``entries``, flattened, as an int32 host tensor: the five
+    rows of :func:`pack_inputs`, then each row's flat cache row, then the ``[bucket, kv.max_blocks]``
+    block tables (row ``j`` the table of ``entries[j]``'s sequence slot, from the cache's host
+    tables; padding rows only the scratch block). Padding rows write and read the scratch block.
+    Every entry's slot must already hold the blocks its position needs."""
+    n = len(entries)
+    index = [kv.flat_index(kv_slot, [start])[0] for kv_slot, start, _, _ in entries] + [kv.pad_index] * (bucket - n)
     head = torch.tensor(pack_inputs(entries, bucket) + index, dtype=torch.int32)
-    return torch.cat((head, kv.host_tables[:bucket].flatten()))
+    tables = torch.full((bucket, kv.max_blocks), kv.scratch, dtype=torch.int32)
+    if n:  # (indexing by a tensor of slots: far faster than by a list)
+        tables[:n] = kv.host_tables.index_select(0, torch.tensor([e[0] for e in entries]))
+    return torch.cat((head, tables.flatten()))
 
 
 def unsupported(model, slots) -> str | None:
@@ -137,10 +152,18 @@ class DecodeGraphs:
     at each step: the CPU tests' way of checking everything except the capture itself.
     """
 
-    def __init__(self, model, kv, slots, max_batch: int, capture: bool = True, min_span: int = MIN_SPAN):
+    def __init__(self, model, kv, slots, max_batch: int, capture: bool = True, min_span: int = MIN_SPAN,
+                 max_tokens: int = 0):
+        """``max_batch``: the most sequences a step decodes; ``max_tokens``: the most rows of a step
+        with prompt tokens to replay (0: prompt steps run eagerly). The largest bucket is the larger."""
         self.model, self.kv, self.slots, self.capture = model, kv, slots, capture
         self.device = model.device
-        self.batches = batch_buckets(min(max_batch, kv.max_batch))
+        self.decode_rows = min(max_batch, kv.max_batch)
+        # every decode batch fits a bucket of at most its own rows' power of two or max_batch itself;
+        # prompt steps add buckets up to max_tokens
+        prompt_buckets = batch_buckets(max_tokens) if max_tokens else []
+        self.batches = sorted(set(batch_buckets(self.decode_rows)) | set(prompt_buckets))
+        self.max_tokens = max_tokens
         self.spans = span_buckets(kv.max_len, min_span)
         self.width = kv.max_blocks
         self.inputs = {b: torch.zeros(b * (6 + self.width), dtype=torch.int32, device=self.device)
@@ -167,10 +190,11 @@ class DecodeGraphs:
                     for delta in (True, False):
                         self.graphs[(b, span, delta)] = self._capture(b, span, delta, pool, stream)
             except RuntimeError as e:
-                if b <= DECODE_MAX_TOKENS:  # the buckets every engine has captured since graphs exist
+                if b <= min(DECODE_MAX_TOKENS, self.decode_rows):  # the buckets every engine has captured
                     raise
-                # A bucket of chunked op calls that does not capture here: its steps run eagerly.
-                logger.warning("decode steps of %d sequences run without a CUDA graph (capture failed: %s)", b, e)
+                # A bucket of chunked op calls, or one only prompt steps use, that does not capture
+                # here: its steps run eagerly.
+                logger.warning("steps of %d rows run without a CUDA graph (capture failed: %s)", b, e)
                 torch.cuda.synchronize(self.device)
                 self.graphs = {k: v for k, v in self.graphs.items() if k[0] != b}
                 self.batches.remove(b)
@@ -214,15 +238,38 @@ class DecodeGraphs:
 
     # ------------------------------------------------------------------ per step
 
+    def token_rows(self, groups):
+        """The step's entry groups (per request, ``(kv_slot, start, new_tokens, delta_slot)`` entries)
+        with every prompt chunk split into one-token rows, the layout :meth:`prepare` takes; None when
+        the step is to run eagerly: more tokens than the largest bucket, or prompt rows that would read
+        more than :data:`MAX_PROMPT_ROW_KEYS` cached keys together. A step of decode tokens only comes
+        back as it is."""
+        tokens = keys = 0
+        for g in groups:
+            for _, start, new, _ in g:
+                n = len(new)
+                tokens += n
+                if n > 1:
+                    keys += start * n + n * (n + 1) // 2
+        if tokens > self.batches[-1] or keys > MAX_PROMPT_ROW_KEYS:
+            return None
+        if tokens == sum(len(g) for g in groups):
+            return groups
+        if tokens > self.max_tokens:  # (0: prompt chunks never replay)
+            return None
+        return [[(slot, start + i, [tok], d) for slot, start, new, d in g for i, tok in enumerate(new)]
+                for g in groups]
+
     def prepare(self, entries, device_tokens: torch.Tensor | None = None) -> BatchMapping | None:
-        """This step as a graph replay (a batch whose ``replay`` computes the logits), or None when it
-        must run eagerly. ``entries`` as :meth:`BatchMapping.build` takes them. ``device_tokens``:
-        the step's input tokens as a device tensor in ``entries`` order, in place of the entries' own
-        (a step launched before the previous one's tokens reached the host: they go from the previous
-        step's sampling straight into this step's input buffer, on the device)."""
+        """This step as a graph replay (a batch whose ``replay`` computes one logits row per entry),
+        or None when it must run eagerly. ``entries`` as :meth:`BatchMapping.build` takes them, one
+        token each (:meth:`token_rows` splits prompt chunks). ``device_tokens``: the step's input
+        tokens as a device tensor in ``entries`` order, in place of the entries' own (a step launched
+        before the previous one's tokens reached the host: they go from the previous step's sampling
+        straight into this step's input buffer, on the device)."""
         if not entries or any(len(new) != 1 for _, _, new, _ in entries):
             return None
-        b = pick(max(e[0] for e in entries) + 1, self.batches)
+        b = pick(len(entries), self.batches)
         span = pick(max(e[1] for e in entries) + 1, self.spans)
         seq_slots = [e[3] for e in entries]
         if b is None or span is None or not self.slots.dispatch.graph_safe \

@@ -170,6 +170,12 @@ class BatchMapping:
         """Every sequence brings exactly one token (a decode step): its last tokens are all tokens."""
         return len(self.seqs) == self.tokens.shape[0]
 
+    @property
+    def has_prompt(self) -> bool:
+        """Whether the step holds prompt tokens: a sequence with several new tokens, or several one-token
+        rows of one sequence slot (a prompt split into rows, as graph replays and scored prefills take it)."""
+        return any(n > 1 for _, _, n in self.seqs) or len({k for k, _, _ in self.seqs}) < len(self.seqs)
+
     def take_last(self) -> "BatchMapping":
         """The mapping restricted to each sequence's last token (for the output head)."""
         if self.one_token_each:  # already is (no gathers)
