@@ -219,7 +219,7 @@ def test_graph_bucket_past_the_decode_ops_rows_matches_eager(tiny_models, tenant
 
     model, slots, names = _past_the_decode_ops_rows(tiny_models, tenants)
     n = len(names)
-    kw = dict(max_batch=n, max_queue=n, kv_cache_mb=64, max_step_tokens=1024)
+    kw = dict(max_batch=n, max_queue=n, kv_cache_mb=64, max_step_tokens=1024, max_len=48)  # one span bucket
     want = _mixed_workload(Engine(model, slots, **kw), names, 3, 4, at_once=True)
     engine = Engine(model, slots, **kw)
     graphs = emulate_graph_layout(engine)
@@ -243,7 +243,7 @@ def test_cuda_graph_bucket_past_the_decode_ops_rows(tiny_models, tenants, monkey
 
     model, slots, names = _past_the_decode_ops_rows(tiny_models, tenants, device="cuda")
     n = len(names)
-    kw = dict(max_batch=n, max_queue=n, kv_cache_mb=64, max_step_tokens=1024)
+    kw = dict(max_batch=n, max_queue=n, kv_cache_mb=64, max_step_tokens=1024, max_len=48)  # one span bucket
     want = _mixed_workload(Engine(model, slots, cuda_graphs=False, **kw), names, 3, 4, at_once=True)
     engine = Engine(model, slots, cuda_graphs=True, **kw)
     assert n in engine.graphs.batches and (n, engine.graphs.spans[0], True) in engine.graphs.graphs
