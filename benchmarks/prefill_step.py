@@ -26,6 +26,7 @@ Prints a table last and writes ``prefill_step.json`` to ``$OUT`` when set.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import tempfile
 import time
@@ -134,7 +135,8 @@ class ProfileOnce:
             host = (time.perf_counter() - t) * 1e3  # until the forward returned: the host's part of the step
         torch.cuda.synchronize()
         self.steps.append({"ms": (time.perf_counter() - t) * 1e3, "host_ms": host,
-                           "tokens": sum(n for _, _, n in batch.seqs), "prompt": prompt})
+                           "tokens": sum(n for _, _, n in batch.seqs), "prompt": prompt,
+                           "replayed": batch.replay is not None})
         return out
 
 
@@ -163,16 +165,19 @@ def engine_prefill(model, slots, tenants, length: int, budget: int | None, profi
             "profile": hook.profile}
 
 
-def engine_mixed(model, slots, tenants, decoding: int, length: int, profile: bool) -> dict:
+def engine_mixed(model, slots, tenants, decoding: int, length: int, profile: bool, prompt_graphs: bool) -> dict:
     """``decoding`` requests decoding (one token a step, each its own tenant) when one more request of
-    ``length`` prompt tokens arrives: the step that prefills it beside their decode tokens (eager,
-    since it holds a prompt), against the decode-only steps around it. What a stream sees when
-    another tenant's request arrives (the Poisson and Zipf runs' inter-token stalls)."""
+    ``length`` prompt tokens arrives: the step that prefills it beside their decode tokens (a graph
+    replay with its prompt as one-token rows, or with ``prompt_graphs`` off eager), against the
+    decode-only steps around it. What a stream sees when another tenant's request arrives (the
+    Poisson and Zipf runs' inter-token stalls)."""
     n = decoding + 1
     hook = ProfileOnce(profile)
     per_seq = kv_bytes_per_seq(model, length + 64)
     engine = Engine(model, slots, max_batch=n, max_queue=n + 1, max_len=length + 64,
                     kv_cache_mb=(per_seq * n + 2**20) / 2**20, cuda_graphs=True, wrap_forward=hook)
+    if not prompt_graphs:
+        engine.graphs.max_tokens = 0  # steps with prompt tokens run eagerly (decode steps still replay)
     g = torch.Generator().manual_seed(length + n)
 
     def request(tenant, plen, new):
@@ -192,7 +197,7 @@ def engine_mixed(model, slots, tenants, decoding: int, length: int, profile: boo
     del engine
     torch.cuda.empty_cache()
     return {"mixed_ms": step["ms"], "mixed_host_ms": step["host_ms"], "tokens": step["tokens"],
-            "decode_ms": min(others) if others else None, "profile": hook.profile}
+            "decode_ms": min(others) if others else None, "profile": hook.profile, "replayed": step["replayed"]}
 
 
 # ---------------------------------------------------------------------------------------- op level
@@ -314,15 +319,16 @@ def main(argv=None) -> dict:
                     log(f"    {ms_:8.2f} ms  {count:5d}x  {name}")
     result["mixed"] = []
     for decoding in mixed:
-        for mode in ("base", "bitdelta"):
+        for mode, graphed in itertools.product(("base", "bitdelta"), (True, False)):
             names = tenants if mode == "bitdelta" else [None] * len(tenants)
-            engine_mixed(model, slots, names, decoding, 128, False)  # compiles and captures
-            r = engine_mixed(model, slots, names, decoding, 128, False)
-            r["profile"] = engine_mixed(model, slots, names, decoding, 128, True)["profile"]
-            r.update(decoding=decoding, mode=mode)
+            engine_mixed(model, slots, names, decoding, 128, False, graphed)  # compiles and captures
+            r = engine_mixed(model, slots, names, decoding, 128, False, graphed)
+            r["profile"] = engine_mixed(model, slots, names, decoding, 128, True, graphed)["profile"]
+            r.update(decoding=decoding, mode=mode, step_as="graph" if r["replayed"] else "eager")
             result["mixed"].append(r)
             p = r["profile"] or {}
-            log(f"mixed {decoding:>3} decoding + 1 x 128 {mode:>8}: prompt step {r['mixed_ms']:.1f} ms "
+            log(f"mixed {decoding:>3} decoding + 1 x 128 {mode:>8} ({r['step_as']}): "
+                f"prompt step {r['mixed_ms']:.1f} ms "
                 f"(host {r['mixed_host_ms']:.1f} until the forward returned), decode step {r['decode_ms']:.1f} ms; "
                 f"profiled GPU {p.get('gpu_busy_ms', 0):.1f} ms in {p.get('kernels', 0)} kernels "
                 f"{ {g: round(v, 1) for g, v in p.get('by_group_ms', {}).items()} }")
@@ -345,11 +351,13 @@ def main(argv=None) -> dict:
               f"({p['prompt_ms'] / b['prompt_ms']:.2f}x) |")
     if result["mixed"]:
         print("\nA 128-token prompt arriving while others decode (ms; host = until the forward returned):")
-        print("| decoding | mode | prompt step | host | GPU busy (profiled) | kernels | decode-only step |")
-        print("|---|---|---|---|---|---|---|")
+        print("| decoding | mode | prompt step as | prompt step | host | GPU busy (profiled) | kernels "
+              "| decode-only step |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in result["mixed"]:
             p = r["profile"] or {}
-            print(f"| {r['decoding']} | {r['mode']} | {r['mixed_ms']:.1f} | {r['mixed_host_ms']:.1f} | "
+            print(f"| {r['decoding']} | {r['mode']} | {r['step_as']} | {r['mixed_ms']:.1f} | "
+                  f"{r['mixed_host_ms']:.1f} | "
                   f"{p.get('gpu_busy_ms', 0):.1f} | {p.get('kernels', 0)} | {r['decode_ms']:.1f} |")
     if result["ops"]:
         print("\nSegmented op alone, µs (scalar scales, 1 bit):")

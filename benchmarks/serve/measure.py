@@ -66,6 +66,7 @@ def run_workload(run, model, slots, tenants, *, arrivals=None, max_batch=None, n
     if graphs is not None:
         graphs["replays"] = engine.graphs.replays
         graphs["launched_ahead"] = engine.ahead_steps  # decode steps queued before the previous one was read
+        graphs["prompt_steps_replayed"] = engine.prompt_graph_steps  # steps with prompt tokens as graph rows
     peak = torch.cuda.max_memory_allocated() if run.dev.on_gpu else None
     slots.on_ready = None
     del engine  # its KV cache is freed now, before the next run sizes its own
