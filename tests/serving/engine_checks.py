@@ -41,6 +41,15 @@ def load_hf(path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+def base_and_row_deltas(tiny_models) -> tuple:
+    """The shipped tiny base (float32 Hugging Face model) and its two fine-tunes compressed with row
+    scales, as ``{"shk": ..., "gsm": ...}``."""
+    base = tiny_models["base"]
+    deltas = {"shk": bitdelta.compress(base, tiny_models["shakespeare"], scale="row", progress=False),
+              "gsm": bitdelta.compress(base, tiny_models["gsm8k"], scale="row", progress=False)}
+    return load_hf(base), deltas
+
+
 def merged_models(base_hf, deltas: dict) -> dict:
     """Tenant -> reference model: ``None`` the base itself, each delta merged into its own copy."""
     merged = {None: base_hf}

@@ -9,21 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-import bitdelta
 from bitdelta.serving.engine import Engine, Request, SamplingParams
 from bitdelta.serving.kv_cache import KVCache
 from bitdelta.serving.lookahead import LOOKAHEAD_ENV, lookahead_allowed, lookahead_choice
 from bitdelta.serving.model import DeltaLlama
 from bitdelta.serving.slots import DeltaSlots
-from serving.engine_checks import emulate_graph_layout, load_hf
+from serving.engine_checks import base_and_row_deltas, emulate_graph_layout
 
 
 @pytest.fixture(scope="module")
 def served(tiny_models):
-    base = tiny_models["base"]
-    deltas = {"shk": bitdelta.compress(base, tiny_models["shakespeare"], scale="row", progress=False),
-              "gsm": bitdelta.compress(base, tiny_models["gsm8k"], scale="row", progress=False)}
-    return load_hf(base), deltas
+    return base_and_row_deltas(tiny_models)
 
 
 def _engine(served, lookahead: bool, **kw):

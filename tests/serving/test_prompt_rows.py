@@ -8,21 +8,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-import bitdelta
 import bitdelta.serving.graphs as graphs_mod
 from bitdelta.serving.engine import Engine, Request, SamplingParams
 from bitdelta.serving.graphs import MAX_PROMPT_ROW_KEYS, DecodeGraphs
 from bitdelta.serving.model import DeltaLlama
 from bitdelta.serving.slots import DeltaSlots
-from serving.engine_checks import emulate_graph_layout, load_hf, random_prompts, run_to_completion
+from serving.engine_checks import base_and_row_deltas, emulate_graph_layout, random_prompts, run_to_completion
 
 
 @pytest.fixture(scope="module")
 def served(tiny_models):
-    base = tiny_models["base"]
-    deltas = {"shk": bitdelta.compress(base, tiny_models["shakespeare"], scale="row", progress=False),
-              "gsm": bitdelta.compress(base, tiny_models["gsm8k"], scale="row", progress=False)}
-    return load_hf(base), deltas
+    return base_and_row_deltas(tiny_models)
 
 
 class Steps:
