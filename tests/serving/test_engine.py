@@ -223,7 +223,7 @@ def test_graph_bucket_past_the_decode_ops_rows_matches_eager(tiny_models, tenant
     want = _mixed_workload(Engine(model, slots, **kw), names, 3, 4, at_once=True)
     engine = Engine(model, slots, **kw)
     graphs = emulate_graph_layout(engine)
-    assert n in graphs.batches and graphs.batches[-1] == 256  # max_batch's bucket, then prompt steps' ones
+    assert n in graphs.batches and graphs.batches[-1] == 512  # max_batch's bucket, then prompt steps' ones
     replayed, chunks = [], []
     real_forward = graphs._forward
     monkeypatch.setattr(graphs, "_forward", lambda b, span, delta: replayed.append(b) or real_forward(b, span, delta))
@@ -337,7 +337,7 @@ def test_cuda_graphs_match_eager(tiny_models, tenants, dtype):
     engine = Engine(model, slots, max_batch=8, max_queue=16, cuda_graphs=True)
     st = engine.graphs.stats()
     assert st["graphs"] == 2 * len(st["batch_buckets"]) * len(st["span_buckets"]) and 8 in st["batch_buckets"]
-    assert st["batch_buckets"][-1] == engine._graph_tokens() == 256  # steps with a prompt replay too
+    assert st["batch_buckets"][-1] == engine._graph_tokens() == 512  # steps with a prompt replay too
     graphed = _mixed_workload(engine, names)
     assert engine.graphs.replays >= 5 and engine.prompt_graph_steps >= 3
     if dtype == torch.float32:

@@ -50,13 +50,13 @@ def _engine(served, graphs: bool = True, **kw) -> Engine:
 
 def test_token_rows_split_prompt_chunks_and_keep_decode_steps(served):
     g = _engine(served, max_batch=4).graphs
-    assert g.max_tokens == 256 and g.batches == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert g.max_tokens == 512 and g.batches == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
     decode = [[(0, 7, [5], -1)], [(1, 3, [6], 0)]]
     assert g.token_rows(decode) is decode
     rows = g.token_rows([[(0, 7, [5], -1)], [(2, 4, [8, 9, 10], 1)]])
     assert rows == [[(0, 7, [5], -1)], [(2, 4, [8], 1), (2, 5, [9], 1), (2, 6, [10], 1)]]
     assert g.token_rows([[(0, 0, list(range(200)), -1)]]) is not None  # a fresh 200-token prompt: 20,100 keys
-    assert g.token_rows([[(0, 0, list(range(257)), -1)]]) is None  # more rows than the largest bucket
+    assert g.token_rows([[(0, 0, list(range(513)), -1)]]) is None  # more rows than the largest bucket
     # a chunk deep into a long prompt: each of its rows reads the whole context before it
     assert 100 * 1000 > MAX_PROMPT_ROW_KEYS and g.token_rows([[(0, 1000, list(range(100)), -1)]]) is None
     # without prompt buckets only decode steps replay

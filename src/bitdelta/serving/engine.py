@@ -113,8 +113,8 @@ DEFAULT_STEP_TOKENS = 512
 # Steps with prompt tokens replay CUDA graphs of up to this many rows (one per token; see
 # serving.graphs): short prompts and chunks arriving while others decode, whose eager launches would
 # stall every stream. Larger steps run eagerly, where prompt rows take the prefill ops.
-GRAPH_MAX_TOKENS = 256
-GRAPH_MAX_LOGITS_BYTES = 256 * 2**20  # a graph's logits for all its rows stay in its memory pool
+GRAPH_MAX_TOKENS = DEFAULT_STEP_TOKENS
+GRAPH_MAX_LOGITS_BYTES = 128 * 2**20  # a graph's logits for all its rows stay in its memory pool
 
 
 @dataclass

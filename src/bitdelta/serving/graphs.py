@@ -44,7 +44,7 @@ a tenant whose delta is column-scaled on some module (its tokens take a separate
 host-computed token set); a custom ``linear_fn`` (the unfused baseline); a delta backend other than
 Triton (the torch reference reads tenant ids on the host).
 
-    graphs = DecodeGraphs(model, kv, slots, max_batch, max_tokens=256).setup()   # captures (CUDA)
+    graphs = DecodeGraphs(model, kv, slots, max_batch, max_tokens=512).setup()   # captures (CUDA)
     rows = graphs.token_rows(groups)    # the step's entry groups as one-token rows (None: eager)
     batch = graphs.prepare([e for g in rows for e in g])   # None: run this step eagerly
     logits = model.forward(batch, kv, slots)                       # replays: one row per entry
