@@ -54,7 +54,7 @@ def run_workload(run, model, slots, tenants, *, arrivals=None, max_batch=None, n
     """
     wl = Workload(list(tenants), new_tokens or run.args.new_tokens, arrivals or [0.0] * len(tenants),
                   max_batch or len(tenants), label)
-    recorder = StepRecorder(run.dev, profile_step)
+    recorder = StepRecorder(run.dev, profile_step, full_batch=len(wl.tenants) if profile_step is not None else None)
     engine, graphs = open_engine(run, model, slots, wl, recorder)
     prompts = make_prompts(len(wl.tenants), run.args.prompt_len, model.vocab_size, seed=len(tenants) + len(label))
     trace = drive(engine, recorder, wl, prompts, deadline, max_decode_steps, classify)

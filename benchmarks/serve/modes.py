@@ -8,6 +8,7 @@ Poisson-arrival runs. Each appends its rows to the run's result; a failed one is
 
 from __future__ import annotations
 
+from bitdelta.serving.engine import DEFAULT_STEP_TOKENS
 from bitdelta.serving.unfused import unfused_linear
 
 from .cold import delta_cold_start
@@ -47,14 +48,18 @@ def per_n_runs(run, served, ns: list[int]) -> None:
 
 
 def one_mode(run, served, mode: str, n: int) -> None:
-    """A warm-up run (compiles every kernel shape; profiles its second full-batch decode step), then
-    the measured run of ``n`` requests, each its own tenant (``base``: the same batch, no deltas)."""
+    """A warm-up run (compiles every kernel shape; profiles its second decode step of all ``n``
+    sequences, so it runs until every prompt is in), then the measured run of ``n`` requests, each
+    its own tenant (``base``: the same batch, no deltas)."""
     args, slots = run.args, served.slots
     names = served.tenants[:n] if mode != "base" else [None] * n
     unfused = mode == "unfused"
     slots.linear_fn = unfused_linear if unfused else None
     try:
-        w = run_workload(run, served.model, slots, names, new_tokens=3 if unfused else 6, label="warm",
+        # about the steps of the default budget the burst's prompts take, then a few with all n decoding
+        prefill_steps = -(-n * args.prompt_len // DEFAULT_STEP_TOKENS)
+        w = run_workload(run, served.model, slots, names, new_tokens=3 if unfused else prefill_steps + 8,
+                         label="warm",
                          profile_step=1 if args.profile and not unfused else None, deadline=run.deadline)
         r = run_workload(run, served.model, slots, names, deadline=run.deadline - args.reserve_tail_s,
                          terms=served.terms, bw=served.bw, label=f"{mode}-{n}",

@@ -2,7 +2,7 @@
 sequences, decode or not, distinct tenants, cache rows read and host time of every forward; on a
 GPU, one chosen decode step is run under the torch profiler, its kernels grouped by part.
 
-    rec = StepRecorder(dev, profile_decode_step=1)
+    rec = StepRecorder(dev, profile_decode_step=1, full_batch=32)   # the 2nd decode step of all 32
     engine = Engine(model, slots, ..., wrap_forward=rec)
     engine.step(); rec.of(engine.read_batch)   # {"tokens", "seqs", "decode", "tenants", "ctx", "host_s"}
 
@@ -16,9 +16,12 @@ import time
 
 
 class StepRecorder:
-    def __init__(self, dev, profile_decode_step: int | None = None):
+    def __init__(self, dev, profile_decode_step: int | None = None, full_batch: int | None = None):
         self.dev = dev
         self.profile_decode_step = profile_decode_step  # the n-th decode step (0 = first) to profile
+        # with full_batch, only decode steps of that many sequences count: a profile "at batch N"
+        # is of a step that holds all N (in a burst, early requests decode beside later prompts)
+        self.full_batch = full_batch
         self.records: list[dict] = []
         self.profile: dict | None = None
         self._by_batch: dict[int, dict] = {}  # id(batch) -> its record, until a step reads it
@@ -28,9 +31,11 @@ class StepRecorder:
         rec = {"tokens": sum(n for _, _, n in batch.seqs), "seqs": len(batch.seqs), "decode": decode,
                "tenants": len({s for s in batch.seq_delta_slots if s >= 0}),
                "ctx": sum(start for _, start, n in batch.seqs if n == 1)}  # cache rows read besides the new token
-        n_dec = sum(r["decode"] for r in self.records)
+        counted = decode and (self.full_batch is None or rec["seqs"] == self.full_batch)
+        rec["counted"] = counted
+        n_dec = sum(r["counted"] for r in self.records)
         out = None
-        if decode and n_dec == self.profile_decode_step and self.dev.on_gpu:
+        if counted and n_dec == self.profile_decode_step and self.dev.on_gpu:
             try:
                 out = self._profiled(forward, batch)
             except Exception as e:  # noqa: BLE001 (the profile is optional; the step is re-run plainly)

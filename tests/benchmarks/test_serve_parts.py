@@ -39,6 +39,22 @@ def test_recorder_records_every_step_through_the_engine_hook(tmp_path):
     assert all(len(r.output) == 3 for r in reqs)
 
 
+def test_recorder_counts_only_decode_steps_of_the_full_batch(tmp_path):
+    """A burst whose prompts take several steps: the first requests decode beside later prompts and
+    alone; with ``full_batch`` only decode steps of every sequence count towards the profiled one."""
+    model = build_base({**SMOKE, "layers": 1}, torch.float32, "cpu")
+    slots = DeltaSlots(model, max_gpu_deltas=1)
+    recorder = StepRecorder(BenchDevice("cpu"), profile_decode_step=1, full_batch=3)
+    engine = Engine(model, slots, max_batch=3, max_len=24, kv_cache_mb=1, wrap_forward=recorder, max_step_tokens=6)
+    reqs = [engine.submit(Request(prompt=p, params=SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))
+            for p, n in zip(make_prompts(3, 5, model.vocab_size, seed=1), (9, 9, 2))]
+    while any(r.finish_reason is None for r in reqs):
+        engine.step()
+    recs = recorder.records
+    assert any(r["decode"] and r["seqs"] < 3 for r in recs)  # decode steps before the last prompt was in
+    assert all(r["counted"] == (r["decode"] and r["seqs"] == 3) for r in recs) and sum(r["counted"] for r in recs) >= 1
+
+
 def test_tenant_counts_and_poisson_arrivals():
     ns, skipped = tenant_counts("8,1,max,9,1", nmax=5)
     assert ns == [1, 5] and skipped == ["N=8: does not fit (largest N 5)", "N=9: does not fit (largest N 5)"]
