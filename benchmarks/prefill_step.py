@@ -176,8 +176,8 @@ def engine_mixed(model, slots, tenants, decoding: int, length: int, profile: boo
     per_seq = kv_bytes_per_seq(model, length + 64)
     engine = Engine(model, slots, max_batch=n, max_queue=n + 1, max_len=length + 64,
                     kv_cache_mb=(per_seq * n + 2**20) / 2**20, cuda_graphs=True, wrap_forward=hook)
-    if not prompt_graphs:
-        engine.graphs.max_tokens = 0  # steps with prompt tokens run eagerly (decode steps still replay)
+    if not prompt_graphs:  # as BITDELTA_PROMPT_GRAPHS=0: prompt steps eager, decode steps still replay
+        engine.graphs.max_tokens = 0
     g = torch.Generator().manual_seed(length + n)
 
     def request(tenant, plen, new):

@@ -65,6 +65,21 @@ def test_token_rows_split_prompt_chunks_and_keep_decode_steps(served):
     assert off.token_rows(decode) is decode
 
 
+def test_the_switch_keeps_prompt_steps_eager(served, monkeypatch):
+    monkeypatch.setenv("BITDELTA_PROMPT_GRAPHS", "0")
+    engine = _engine(served)
+    assert engine._graph_tokens() == 0 and engine.graphs.batches == [1, 2, 4, 6]
+    g = torch.Generator().manual_seed(6)
+    plan = random_prompts([(None, 0, 9, 5), ("shk", 1, 7, 5)], 2048, g, low=3)
+    run_to_completion(engine, plan, max_steps=50)
+    steps = engine.wrap_forward.steps
+    assert engine.prompt_graph_steps == 0 and all(not replayed for prompt, replayed in steps if prompt)
+    assert any(replayed for prompt, replayed in steps if not prompt)  # decode steps still replay
+    monkeypatch.setenv("BITDELTA_PROMPT_GRAPHS", "maybe")
+    with pytest.raises(ValueError, match="BITDELTA_PROMPT_GRAPHS must be 1 or 0"):
+        engine._graph_tokens()
+
+
 def test_prompts_arriving_while_others_decode_replay_with_the_eager_tokens(served):
     g = torch.Generator().manual_seed(3)
     plan = random_prompts([(None, 0, 9, 8), ("shk", 0, 23, 6), ("gsm", 1, 5, 9), ("shk", 2, 40, 5),

@@ -52,6 +52,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -115,6 +116,7 @@ DEFAULT_STEP_TOKENS = 512
 # stall every stream. Larger steps run eagerly, where prompt rows take the prefill ops.
 GRAPH_MAX_TOKENS = DEFAULT_STEP_TOKENS
 GRAPH_MAX_LOGITS_BYTES = 128 * 2**20  # a graph's logits for all its rows stay in its memory pool
+PROMPT_GRAPHS_ENV = "BITDELTA_PROMPT_GRAPHS"  # 0: steps with prompt tokens always run eagerly
 
 
 @dataclass
@@ -297,7 +299,13 @@ class Engine:
     def _graph_tokens(self) -> int:
         """The most rows of a step with prompt tokens that replays a graph: the step budget, at most
         :data:`GRAPH_MAX_TOKENS`, and fewer for a vocabulary so large that a bucket's logits (one row
-        per token, float32) would pass :data:`GRAPH_MAX_LOGITS_BYTES`."""
+        per token, float32) would pass :data:`GRAPH_MAX_LOGITS_BYTES`; 0 (prompt steps run eagerly)
+        with env ``BITDELTA_PROMPT_GRAPHS=0``."""
+        choice = os.environ.get(PROMPT_GRAPHS_ENV, "1").strip() or "1"
+        if choice not in ("0", "1"):
+            raise ValueError(f"{PROMPT_GRAPHS_ENV} must be 1 or 0 (got {choice!r})")
+        if choice == "0":
+            return 0
         width = self.model.vocab_size + getattr(self.slots, "max_extra", 0)
         by_logits = GRAPH_MAX_LOGITS_BYTES // (4 * width)
         return max(0, min(self.max_step_tokens, GRAPH_MAX_TOKENS, by_logits))
