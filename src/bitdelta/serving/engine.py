@@ -279,9 +279,10 @@ class Engine:
             return None
         why = graphs_mod.unsupported(self.model, self.slots)
         if why is None:
+            max_tokens = self._graph_tokens()  # (a bad BITDELTA_PROMPT_GRAPHS raises, not "capture failed")
             try:
                 g = graphs_mod.DecodeGraphs(self.model, self.kv, self.slots, self.max_batch,
-                                            max_tokens=self._graph_tokens()).setup()
+                                            max_tokens=max_tokens).setup()
             except Exception as e:  # noqa: BLE001 (auto mode decodes eagerly instead)
                 if want:
                     raise
