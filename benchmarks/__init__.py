@@ -12,3 +12,8 @@ from pathlib import Path
 _SRC = str(Path(__file__).resolve().parents[1] / "src")
 if _SRC not in sys.path:
     sys.path.insert(0, _SRC)
+# A script run as ``python benchmarks/NAME.py`` has this folder on the path, where its modules would
+# shadow installed packages of the same name (``kernels.py`` hides Hugging Face's ``kernels``, which
+# transformers imports when present); the benchmarks import each other through the package only.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != _HERE]

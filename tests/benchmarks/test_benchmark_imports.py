@@ -30,3 +30,23 @@ def test_scan_catches_a_test_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import sys\nfrom models import make_pair\nfrom tests.ops import _inputs\n")
     assert imported_modules(bad) & TEST_MODULES == {"models", "tests"}
+
+
+def test_a_script_run_as_a_file_does_not_shadow_installed_packages(tmp_path):
+    """``python benchmarks/NAME.py`` puts the benchmarks folder on the path; once the script imports the
+    package, a top-level ``import kernels`` (what transformers does when Hugging Face's kernels package
+    is installed) must not find ``benchmarks/kernels.py``."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"  # a stand-in script: what the benchmarks' own first lines do
+    script.write_text(
+        "import importlib.util, sys\n"
+        f"sys.path[:0] = [{str(BENCHMARKS)!r}, {str(BENCHMARKS.parent)!r}]  # as when run from that folder\n"
+        "assert importlib.util.find_spec('kernels').origin.endswith('benchmarks/kernels.py')\n"
+        "import benchmarks._common\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        f"print('shadowed' if spec is not None and spec.origin.startswith({str(BENCHMARKS)!r}) else 'clear')\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "clear"
