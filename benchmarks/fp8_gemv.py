@@ -7,10 +7,13 @@ quantized per output channel to e4m3 as ``compress --base-quant fp8`` does:
   1. checks the kernel (its default launch configuration and every configuration of the sweep)
      against the reference, ``(x @ qᵀ) · scale`` in float32: at most one bf16 unit of the largest
      output apart (a configuration that fails is reported and not timed);
-  2. times (``triton.testing.do_bench``, median, L2 flushed between calls) the kernel, the FP8 GEMM
-     way (``quant_linear.fp8_gemm``: the activations quantized per token, then ``torch._scaled_mm``),
+  2. times the kernel, the FP8 GEMM way (``quant_linear.fp8_gemm``: the activations quantized per
+     token, then ``torch._scaled_mm``),
      cuBLAS bf16 (``F.linear`` on the dequantized bf16 weight) and a small sweep of launch
-     configurations (``--no-sweep`` skips it: the fastest says what the defaults should be);
+     configurations (``--no-sweep`` skips it: the fastest says what the defaults should be), each as
+     calls on distinct copies of the weight (together several times the L2 cache, so every call reads
+     its weight from memory, as in a decode step) launched back to back in one CUDA graph, the median
+     over replays per call: no launch latency or host jitter in a figure (:func:`time_cold_us`);
   3. the memory roofline: the bytes the product must move (the weight at one byte per value, the
      float32 scales, x and the output in bf16) over the copy bandwidth of a 1 GiB device-to-device
      copy measured in the same run.
@@ -66,13 +69,51 @@ def fits(config, m: int) -> bool:
     return config.use_dot or m * config.block_n <= 64
 
 
-def time_us(fn, on_gpu: bool) -> float:
-    if on_gpu:
-        from triton.testing import do_bench
+COLD_BYTES = 256 * 2**20  # weight copies per timing add up to at least this: several times any L2 cache
+MAX_COPIES = 32
+REPLAYS = 25
 
-        return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+def copies_of(t: torch.Tensor, on_gpu: bool) -> list[torch.Tensor]:
+    """``t`` and clones of it, enough that their bytes reach :data:`COLD_BYTES` (on a GPU; one elsewhere)."""
+    if not on_gpu:
+        return [t]
+    n = max(2, min(MAX_COPIES, -(-COLD_BYTES // (t.numel() * t.element_size()))))
+    return [t] + [t.clone() for _ in range(n - 1)]
+
+
+def time_cold_us(calls, on_gpu: bool) -> float:
+    """Microseconds per call of ``calls`` (each on its own copy of the weight), launched back to back
+    in one captured CUDA graph; the median over :data:`REPLAYS` replays. Off a GPU, one call timed."""
+    if not on_gpu:
+        return time_us(calls[0])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles and allocates outside the capture
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
     times = []
-    for _ in range(3):  # the interpreter: proves the code runs, measures nothing
+    for _ in range(REPLAYS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    del graph
+    return pct(times, 50)
+
+
+def time_us(fn) -> float:
+    """One call timed on the host, the median of three: the interpreter proves the code runs, measures nothing."""
+    times = []
+    for _ in range(3):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
@@ -106,7 +147,9 @@ def run(args) -> dict:
     sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 4
     meta = {"device": torch.cuda.get_device_name(device) if on_gpu else "cpu (Triton interpreter)",
             "torch": torch.__version__, "bitdelta": __version__, "date": time.strftime("%Y-%m-%d"),
-            "multiprocessors": sms}
+            "multiprocessors": sms,
+            "timing": (f"per call, calls on distinct weight copies (>= {COLD_BYTES >> 20} MiB together) back to back "
+                       f"in one CUDA graph, median of {REPLAYS} replays" if on_gpu else "one call (interpreter)")}
     try:
         import triton
 
@@ -121,11 +164,13 @@ def run(args) -> dict:
     results = []
     for i, (n, k) in enumerate(shapes):
         q, scale, w_bf16 = fp8_matrix(n, k, device, seed=i)
+        ctx["q_copies"], ctx["w_copies"] = copies_of(q, on_gpu), copies_of(w_bf16, on_gpu)
         g = torch.Generator(device=device).manual_seed(100 + i)
         for m in rows:
             x = torch.randn(m, k, generator=g, device=device).to(dtype)
             results.append(measure(ctx, x, q, scale, w_bf16))
         del q, scale, w_bf16
+        ctx["q_copies"] = ctx["w_copies"] = None
         if on_gpu:
             torch.cuda.empty_cache()
     return {"meta": meta, "rows": results}
@@ -144,14 +189,16 @@ def measure(ctx: dict, x, q, scale, w_bf16) -> dict:
     row = {"n": n, "k": k, "m": m, "config": asdict(cfg), "check_bf16_units": check(y, x, q, scale)}
     if row["check_bf16_units"] > 1:
         log(f"FAIL {n}x{k} M={m}: the kernel is {row['check_bf16_units']:.1f} bf16 units from the reference")
-    row["gemv_us"] = time_us(lambda: fp8_weight_only_triton(x, q, scale), on_gpu)
+    qs = ctx["q_copies"]
+    row["gemv_us"] = time_cold_us([lambda q=q: fp8_weight_only_triton(x, q, scale) for q in qs], on_gpu)
 
-    def scaled_mm():
+    def scaled_mm(q):
         fp8_rows.forget()  # each call quantizes its activations, as a matrix with its own input does
         return fp8_gemm(x, q, scale)
 
-    row["scaled_mm_us"] = time_us(scaled_mm, on_gpu) if ctx["has_gemm"] else None
-    row["bf16_us"] = time_us(lambda: F.linear(x, w_bf16), on_gpu)
+    row["scaled_mm_us"] = (time_cold_us([lambda q=q: scaled_mm(q) for q in qs], on_gpu) if ctx["has_gemm"]
+                           else None)
+    row["bf16_us"] = time_cold_us([lambda w=w: F.linear(x, w) for w in ctx["w_copies"]], on_gpu)
     row["bytes"] = n * k + 4 * n + 2 * m * k + 2 * m * n  # weight, float32 scales, bf16 x and output
     row["roofline_us"] = roofline_us(row["bytes"], ctx["bw"])
     row["pct_roofline"] = 100 * row["roofline_us"] / row["gemv_us"]
@@ -168,7 +215,8 @@ def measure(ctx: dict, x, q, scale, w_bf16) -> dict:
             sweep.append(entry)
             continue
         if err <= 1:
-            entry["us"] = time_us(lambda c=c: fp8_weight_only_triton(x, q, scale, config=c), on_gpu)
+            entry["us"] = time_cold_us([lambda q=q, c=c: fp8_weight_only_triton(x, q, scale, config=c) for q in qs],
+                                       on_gpu)
         else:
             log(f"FAIL {n}x{k} M={m} {c}: {err:.1f} bf16 units from the reference")
         sweep.append(entry)
