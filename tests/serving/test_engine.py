@@ -339,7 +339,7 @@ def test_cuda_graphs_match_eager(tiny_models, tenants, dtype):
     assert st["graphs"] == 2 * len(st["batch_buckets"]) * len(st["span_buckets"]) and 8 in st["batch_buckets"]
     assert st["batch_buckets"][-1] == engine._graph_tokens() == 512  # steps with a prompt replay too
     graphed = _mixed_workload(engine, names)
-    assert engine.graphs.replays >= 5 and engine.prompt_graph_steps >= 3
+    assert engine.graphs.replays >= 5 and engine.prompt_graph_steps >= 2  # (steps with the col tenant run eagerly)
     if dtype == torch.float32:
         assert graphed == eager
     agree = sum(next((i for i, (a, b) in enumerate(zip(g, e)) if a != b), len(e)) for g, e in zip(graphed, eager))
