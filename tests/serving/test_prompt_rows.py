@@ -80,6 +80,23 @@ def test_the_switch_keeps_prompt_steps_eager(served, monkeypatch):
         engine._graph_tokens()
 
 
+def test_prompt_graph_rows_shrink_where_a_bucket_would_hold_too_much(served):
+    """A bucket's float32 logits (vocabulary x rows) and, in a pool with low-rank capacity, the factors
+    gathered per row stay within the engine's budget: the largest prompt bucket shrinks."""
+    from bitdelta.serving.engine import GRAPH_MAX_LOGITS_BYTES
+
+    base_hf, _ = served
+    model = DeltaLlama.from_hf(base_hf)
+    widest = max(max(n, k) for n, k in model.delta_modules().values())
+    rank = 64
+    slots = DeltaSlots(model, max_gpu_deltas=1, max_lowrank_rank=rank)
+    engine = Engine(model, slots, max_batch=4, kv_cache_mb=16)
+    want = GRAPH_MAX_LOGITS_BYTES // (2 * rank * widest * 4)  # float32 factors
+    assert want < 512 and engine._graph_tokens() == want
+    plain = Engine(model, DeltaSlots(model, max_gpu_deltas=1), max_batch=4, kv_cache_mb=16)
+    assert plain._graph_tokens() == min(512, GRAPH_MAX_LOGITS_BYTES // (4 * model.vocab_size))
+
+
 def test_prompts_arriving_while_others_decode_replay_with_the_eager_tokens(served):
     g = torch.Generator().manual_seed(3)
     plan = random_prompts([(None, 0, 9, 8), ("shk", 0, 23, 6), ("gsm", 1, 5, 9), ("shk", 2, 40, 5),

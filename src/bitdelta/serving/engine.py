@@ -300,8 +300,8 @@ class Engine:
     def _graph_tokens(self) -> int:
         """The most rows of a step with prompt tokens that replays a graph: the step budget, at most
         :data:`GRAPH_MAX_TOKENS`, and fewer for a vocabulary so large that a bucket's logits (one row
-        per token, float32) would pass :data:`GRAPH_MAX_LOGITS_BYTES`; 0 (prompt steps run eagerly)
-        with env ``BITDELTA_PROMPT_GRAPHS=0``."""
+        per token, float32) would pass :data:`GRAPH_MAX_LOGITS_BYTES` (or low-rank factors gathered per
+        row, their two temporaries); 0 (prompt steps run eagerly) with env ``BITDELTA_PROMPT_GRAPHS=0``."""
         choice = os.environ.get(PROMPT_GRAPHS_ENV, "1").strip() or "1"
         if choice not in ("0", "1"):
             raise ValueError(f"{PROMPT_GRAPHS_ENV} must be 1 or 0 (got {choice!r})")
@@ -309,6 +309,12 @@ class Engine:
             return 0
         width = self.model.vocab_size + getattr(self.slots, "max_extra", 0)
         by_logits = GRAPH_MAX_LOGITS_BYTES // (4 * width)
+        # Low-rank terms in a graph gather each row's factors ([rows, out, rank] and [rows, rank, in]): the
+        # same budget bounds those temporaries for the widest matrix.
+        rank = getattr(self.slots, "max_lowrank_rank", 0)
+        if rank:
+            widest = max(max(n, k) for n, k in self.model.delta_modules().values())
+            by_logits = min(by_logits, GRAPH_MAX_LOGITS_BYTES // (2 * rank * widest * self.model.dtype.itemsize))
         return max(0, min(self.max_step_tokens, GRAPH_MAX_TOKENS, by_logits))
 
     # ------------------------------------------------------------------ public
