@@ -83,8 +83,9 @@ class EngineConfig:
                                             "--base-quant`; FP8 GEMMs on Hopper/Ada, INT8 weight-only elsewhere); "
                                             "none: dense weights. Default: as the base directory stores them",
                                       lambda c: _base_quant_name)
-    cuda_graphs: bool = _setting(True, "on CUDA, decode steps replay CUDA graphs captured at start (default: on; "
-                                       "--no-cuda-graphs decodes eagerly)", optional_bool=True)
+    cuda_graphs: bool = _setting(True, "on CUDA, decode steps and steps where short prompts join them replay CUDA "
+                                       "graphs captured at start (default: on; --no-cuda-graphs runs every step "
+                                       "eagerly)", optional_bool=True)
     engine_restart: bool = _setting(True, "restart the engine automatically if it stops (fresh KV state; in-flight "
                                           "requests fail)", optional_bool=True)
 
