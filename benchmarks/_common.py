@@ -357,6 +357,35 @@ def replace_between(text: str, begin: str, end: str, body: str) -> str | None:
 KERNEL_TOLERANCES = {torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 2e-2), torch.float32: (1e-5, 1e-5)}
 
 
+def graph_time_us(calls, inner: int = 1, reps: int = 15) -> float:
+    """Median microseconds of GPU time per call, launch overhead excluded: the closures ``calls``
+    (e.g. over distinct input sets, together larger than L2, so each call reads from memory) are
+    captured ``inner`` times in turn into one CUDA graph, which is replayed ``reps`` times."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles and allocates outside the capture
+        for f in calls:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            for f in calls:
+                f()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (inner * len(calls)))
+    del graph
+    return statistics.median(times)
+
+
 def time_us(fn, dev: BenchDevice, reps: int) -> float:
     """Median microseconds of ``fn``: replayed from a CUDA graph on a GPU, wall clock on a CPU."""
     if dev.on_gpu:

@@ -40,7 +40,7 @@ if __package__ in (None, ""):
 import torch
 from torch.nn import functional as F
 
-from benchmarks._common import RunLog, copy_bandwidth, pct, roofline_us, run_and_save
+from benchmarks._common import RunLog, copy_bandwidth, graph_time_us, pct, roofline_us, run_and_save
 from bitdelta import __version__
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672)]  # (N out, K in)
@@ -87,27 +87,7 @@ def time_cold_us(calls, on_gpu: bool) -> float:
     in one captured CUDA graph; the median over :data:`REPLAYS` replays. Off a GPU, one call timed."""
     if not on_gpu:
         return time_us(calls[0])
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compiles and allocates outside the capture
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    times = []
-    for _ in range(REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    del graph
-    return pct(times, 50)
+    return graph_time_us(calls, inner=1, reps=REPLAYS)
 
 
 def time_us(fn) -> float:

@@ -37,7 +37,13 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from benchmarks._common import copy_bandwidth, decode_op_bytes, random_linear_inputs, roofline_us  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    copy_bandwidth,
+    decode_op_bytes,
+    graph_time_us,
+    random_linear_inputs,
+    roofline_us,
+)
 from bitdelta.ops import bitplane, triton_ops  # noqa: E402
 from bitdelta.ops import reference as ref  # noqa: E402
 
@@ -162,30 +168,7 @@ def bench_graph(make_calls, inner=8, reps=15):
     """Median µs per call of GPU time, launch overhead excluded: ``make_calls()`` returns ROTATE
     closures over distinct input sets (together larger than L2); one CUDA graph replays them
     ``inner`` times in turn, as a decode step inside a captured model forward would run."""
-    calls = make_calls()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for f in calls:
-            f()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            for f in calls:
-                f()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (inner * len(calls)))
-    del graph
-    return sorted(times)[len(times) // 2]
+    return graph_time_us(make_calls(), inner, reps)
 
 
 def decode_sets(n, k, b, dtype):
