@@ -38,7 +38,7 @@ import torch
 from bitdelta.ops import cuda_popc, triton_ops
 from bitdelta.ops import reference as ref
 from bitdelta.ops.segment_table import SegmentTable
-from bitdelta.serving.engine import Engine, Request
+from bitdelta.serving.engine import PROMPT_GRAPHS_ENV, Engine, Request
 from bitdelta.serving.sampling import SamplingParams
 
 from ._common import LLAMA2_7B, build_base, random_linear_inputs, synthetic_delta, write_json
@@ -83,6 +83,21 @@ def segment_tables(on: bool):
         yield
     finally:
         dispatch.bitdelta_linear_segmented = real
+
+
+@contextmanager
+def prompt_graphs(on: bool):
+    """The engine's switch ``BITDELTA_PROMPT_GRAPHS`` for engines built inside: with ``on`` False, steps
+    with prompt tokens run eagerly (decode steps still replay graphs)."""
+    real = os.environ.get(PROMPT_GRAPHS_ENV)
+    os.environ[PROMPT_GRAPHS_ENV] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if real is None:
+            del os.environ[PROMPT_GRAPHS_ENV]
+        else:
+            os.environ[PROMPT_GRAPHS_ENV] = real
 
 
 def parse_cases(text: str) -> list[tuple[int, int]]:
@@ -165,19 +180,18 @@ def engine_prefill(model, slots, tenants, length: int, budget: int | None, profi
             "profile": hook.profile}
 
 
-def engine_mixed(model, slots, tenants, decoding: int, length: int, profile: bool, prompt_graphs: bool) -> dict:
+def engine_mixed(model, slots, tenants, decoding: int, length: int, profile: bool, graphed: bool) -> dict:
     """``decoding`` requests decoding (one token a step, each its own tenant) when one more request of
     ``length`` prompt tokens arrives: the step that prefills it beside their decode tokens (a graph
-    replay with its prompt as one-token rows, or with ``prompt_graphs`` off eager), against the
+    replay with its prompt as one-token rows, or with ``graphed`` off eager), against the
     decode-only steps around it. What a stream sees when another tenant's request arrives (the
     Poisson and Zipf runs' inter-token stalls)."""
     n = decoding + 1
     hook = ProfileOnce(profile)
     per_seq = kv_bytes_per_seq(model, length + 64)
-    engine = Engine(model, slots, max_batch=n, max_queue=n + 1, max_len=length + 64,
-                    kv_cache_mb=(per_seq * n + 2**20) / 2**20, cuda_graphs=True, wrap_forward=hook)
-    if not prompt_graphs:  # as BITDELTA_PROMPT_GRAPHS=0: prompt steps eager, decode steps still replay
-        engine.graphs.max_tokens = 0
+    with prompt_graphs(graphed):
+        engine = Engine(model, slots, max_batch=n, max_queue=n + 1, max_len=length + 64,
+                        kv_cache_mb=(per_seq * n + 2**20) / 2**20, cuda_graphs=True, wrap_forward=hook)
     g = torch.Generator().manual_seed(length + n)
 
     def request(tenant, plen, new):
